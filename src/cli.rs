@@ -1,0 +1,176 @@
+//! The command line: parses arguments, wires settings to the import core, prints results.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+use crate::claim::ImportParameters;
+use crate::config::Settings;
+use crate::db::{self, DatasetName};
+use crate::fetch::SourceLocation;
+use crate::import::{ImportSummary, Importer};
+
+#[derive(Debug, Parser)]
+#[command(name = "dsa-ingest", version, about = "Imports CSV files into versioned datasets in PostgreSQL")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade the database schema (safe to run again).
+    Migrate,
+    /// Manage datasets.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// Import one CSV file in this process, from a local path or s3://bucket/key.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DatasetCommand {
+    /// Create a dataset (does nothing if it exists).
+    Create {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// The dataset to import into; created if it does not exist.
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    dataset: Option<String>,
+    /// A local path or s3://bucket/key.
+    #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+    source: Option<SourceLocation>,
+    /// Continue a run that was interrupted, from its last checkpoint.
+    #[arg(long, value_name = "RUN_ID")]
+    resume: Option<Uuid>,
+    /// Put rows that cannot be decoded into dsa_jobs.rejected_rows instead of failing.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// The commit message (default: "Import <source>").
+    #[arg(long)]
+    message: Option<String>,
+    /// Who asked for the import, recorded on the run.
+    #[arg(long)]
+    user: Option<String>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command; errors are printed here, once, and become the exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    let pool = db::connect(&settings.database_url, 4)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(&settings.database_url)))?;
+    match cli.command {
+        Command::Migrate => {
+            db::migrate(&pool).await.context("applying migrations")?;
+            println!("database schema is up to date");
+        }
+        Command::Dataset(DatasetCommand::Create { name, description }) => {
+            let name = DatasetName::parse(&name)?;
+            let (id, created) = db::ensure_dataset(&pool, &name, description.as_deref()).await?;
+            let verb = if created { "created" } else { "already exists" };
+            println!("dataset {:?} {verb} (id {id})", name.as_str());
+        }
+        Command::Import(args) => import(settings, pool, args).await?,
+    }
+    Ok(())
+}
+
+async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> anyhow::Result<()> {
+    let needs_s3 = match (&args.source, args.resume) {
+        (Some(SourceLocation::S3 { .. }), _) | (None, Some(_)) => true,
+        _ => false,
+    };
+    let s3 = if needs_s3 {
+        Some(crate::s3::client(&settings.s3).await)
+    } else {
+        None
+    };
+    let importer = Importer::new(pool, s3, settings.import.clone());
+    let run_id = match (args.resume, args.source, args.dataset) {
+        (Some(run_id), _, _) => run_id,
+        (None, Some(source), Some(dataset)) => {
+            let dataset = DatasetName::parse(&dataset)?;
+            let parameters = ImportParameters {
+                source,
+                skip_bad_rows: args.skip_bad_rows,
+                message: args.message,
+            };
+            let (run_id, _) = importer
+                .create_run(&dataset, args.user.as_deref(), &parameters)
+                .await?;
+            run_id
+        }
+        _ => anyhow::bail!("give --dataset NAME and SOURCE, or --resume RUN_ID"),
+    };
+    let summary = importer
+        .run(run_id)
+        .await
+        .with_context(|| format!("import run {run_id}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+fn print_summary(summary: &ImportSummary) {
+    println!("run        {}", summary.run_id);
+    println!("commit     {}", summary.commit_id);
+    println!(
+        "parent     {}",
+        summary.parent_commit_id.as_deref().unwrap_or("(none: first commit)")
+    );
+    println!(
+        "rows       {} ({} newly stored, {} rejected)",
+        summary.rows, summary.new_rows, summary.rejected_rows
+    );
+    println!("bytes      {} ({} read by this attempt)", summary.bytes, summary.bytes_read);
+    println!(
+        "seconds    {:.2} ({:.0} rows/s)",
+        summary.seconds, summary.rows_per_second
+    );
+    println!("tree hash  {}", summary.tree_hash);
+    for change in &summary.header_changes {
+        println!(
+            "header     column {} {:?} renamed to {:?} ({:?})",
+            change.column, change.original, change.name, change.reason
+        );
+    }
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

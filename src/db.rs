@@ -1,0 +1,91 @@
+//! The PostgreSQL edge: the pool, the migrations, and dataset look-ups.
+
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use thiserror::Error;
+
+/// The schema, embedded in the binary so `dsa-ingest migrate` needs no files beside it.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Opens a small pool; an import holds one connection for its whole run.
+pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = database_url.parse()?;
+    // Statement logging at INFO would print every batch's SQL; keep it for debugging.
+    let options = options
+        .log_statements(log::LevelFilter::Debug)
+        .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(10));
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await
+}
+
+/// Applies the migrations that are not yet applied; safe to run again and concurrently
+/// (sqlx holds an advisory lock while it migrates).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+#[derive(Debug, Error)]
+pub enum DatasetError {
+    #[error("dataset name {0:?} is not valid: use 1 to 200 characters, no control characters")]
+    InvalidName(String),
+    #[error("dataset {0:?} does not exist")]
+    NotFound(String),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A dataset name that is safe to store, print and put in a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetName(String);
+
+impl DatasetName {
+    pub fn parse(name: &str) -> Result<Self, DatasetError> {
+        let valid = !name.trim().is_empty()
+            && name.chars().count() <= 200
+            && !name.chars().any(char::is_control);
+        if valid {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(DatasetError::InvalidName(name.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Creates the dataset unless it exists; returns its id and whether it was created.
+pub async fn ensure_dataset(
+    pool: &PgPool,
+    name: &DatasetName,
+    description: Option<&str>,
+) -> Result<(i64, bool), DatasetError> {
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO dsa_core.datasets (name, description) VALUES ($1, $2)
+         ON CONFLICT (name) DO NOTHING RETURNING id",
+    )
+    .bind(name.as_str())
+    .bind(description)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(id) = inserted {
+        return Ok((id, true));
+    }
+    let id = find_dataset(pool, name).await?;
+    Ok((id, false))
+}
+
+pub async fn find_dataset(pool: &PgPool, name: &DatasetName) -> Result<i64, DatasetError> {
+    sqlx::query_scalar("SELECT id FROM dsa_core.datasets WHERE name = $1")
+        .bind(name.as_str())
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| DatasetError::NotFound(name.as_str().to_owned()))
+}

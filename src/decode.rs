@@ -1,0 +1,521 @@
+//! Stage `decode`: CSV bytes become rows of canonical JSON, with the header resolved once.
+//!
+//! Reading is async (csv-async over the fetch stream); turning a record into canonical
+//! JSON is plain CPU work done by [`RowEncoder`] off the async executor. Positions are
+//! kept absolute (bytes from the start of the object, lines from its first line) so
+//! errors and checkpoints mean the same thing whether or not the run was resumed.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead};
+
+use crate::fetch::FetchError;
+use crate::hash::{jcs_key_cmp, write_json_string};
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    #[error("{file}: line {line}, byte {byte}: {problem}")]
+    BadRow {
+        file: String,
+        line: u64,
+        byte: u64,
+        problem: RowProblem,
+    },
+    #[error("{file}: the file is empty; a CSV needs a header row")]
+    MissingHeader { file: String },
+    #[error("{file}: header (line 1): {problem}")]
+    BadHeader { file: String, problem: RowProblem },
+    #[error(transparent)]
+    Source(#[from] FetchError),
+    #[error("{file}: reading CSV near byte {byte}: {message}")]
+    Read {
+        file: String,
+        byte: u64,
+        message: String,
+    },
+}
+
+/// What is wrong with one record; also stored with rows a run chose to skip.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum RowProblem {
+    #[error("expected {expected} fields as in the header, found {found}")]
+    Ragged { expected: usize, found: usize },
+    #[error("column {column} is not valid UTF-8 (at byte {byte} of the file)")]
+    InvalidUtf8 { column: usize, byte: u64 },
+    #[error("column {column} contains a NUL character, which PostgreSQL cannot store in JSON")]
+    NulCharacter { column: usize },
+}
+
+impl RowProblem {
+    /// The 1-based column the problem is in, when it is in one.
+    pub fn column(&self) -> Option<usize> {
+        match self {
+            RowProblem::Ragged { .. } => None,
+            RowProblem::InvalidUtf8 { column, .. } | RowProblem::NulCharacter { column } => {
+                Some(*column)
+            }
+        }
+    }
+}
+
+/// The header after empty and duplicate names were made unique, deterministically.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Column names in file order, as they appear as JSON keys in every row.
+    pub columns: Vec<String>,
+    /// Every name that differs from the file, for the run's summary.
+    pub changes: Vec<HeaderChange>,
+    /// Whether the header line ends in CRLF; a resumed read needs it to number lines.
+    #[serde(default)]
+    pub crlf: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderChange {
+    /// 1-based column number.
+    pub column: usize,
+    pub original: String,
+    pub name: String,
+    pub reason: HeaderChangeReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderChangeReason {
+    Empty,
+    Duplicate,
+}
+
+impl Header {
+    /// Names an empty header cell `column_N` (its 1-based position) and a repeated name
+    /// `name_2`, `name_3`, ... in file order, skipping any candidate that is already taken,
+    /// so the same header always gives the same names.
+    pub fn resolve(raw: &[String]) -> Self {
+        let mut taken: HashSet<String> = raw
+            .iter()
+            .filter(|name| !name.trim().is_empty())
+            .cloned()
+            .collect();
+        let mut seen = HashSet::new();
+        let mut columns = Vec::with_capacity(raw.len());
+        let mut changes = Vec::new();
+        for (index, original) in raw.iter().enumerate() {
+            let column = index + 1;
+            let (name, reason) = if original.trim().is_empty() {
+                let base = format!("column_{column}");
+                (unique_name(&base, &mut taken, 1), Some(HeaderChangeReason::Empty))
+            } else if !seen.insert(original.clone()) {
+                (
+                    unique_name(original, &mut taken, 2),
+                    Some(HeaderChangeReason::Duplicate),
+                )
+            } else {
+                (original.clone(), None)
+            };
+            if let Some(reason) = reason {
+                seen.insert(name.clone());
+                changes.push(HeaderChange {
+                    column,
+                    original: original.clone(),
+                    name: name.clone(),
+                    reason,
+                });
+            }
+            columns.push(name);
+        }
+        Self {
+            columns,
+            changes,
+            crlf: false,
+        }
+    }
+}
+
+/// `base` itself when free (for `first_suffix` 1), else `base_2`, `base_3`, ...
+fn unique_name(base: &str, taken: &mut HashSet<String>, first_suffix: usize) -> String {
+    let mut suffix = first_suffix;
+    loop {
+        let candidate = if suffix == 1 {
+            base.to_owned()
+        } else {
+            format!("{base}_{suffix}")
+        };
+        if taken.insert(candidate.clone()) {
+            return candidate;
+        }
+        suffix += 1;
+    }
+}
+
+/// The `{sheet}` of a CSV object's logical row ids: its base name up to the first dot.
+pub fn sheet_name(file_name: &str) -> String {
+    match file_name.split('.').next() {
+        Some(stem) if !stem.is_empty() => stem.to_owned(),
+        _ => file_name.to_owned(),
+    }
+}
+
+/// Turns records into canonical JSON objects (RFC 8785) with the header's names as keys.
+///
+/// Keys are sorted once, here, so each row is written straight into canonical order
+/// without building a map per row.
+#[derive(Clone, Debug)]
+pub struct RowEncoder {
+    /// File column index for each key, in canonical key order.
+    order: Vec<usize>,
+    /// `{"key":` for the first key and `,"key":` for the others, already escaped.
+    prefixes: Vec<Vec<u8>>,
+}
+
+impl RowEncoder {
+    pub fn new(header: &Header) -> Self {
+        let mut order: Vec<usize> = (0..header.columns.len()).collect();
+        order.sort_by(|&a, &b| jcs_key_cmp(&header.columns[a], &header.columns[b]));
+        let prefixes = order
+            .iter()
+            .enumerate()
+            .map(|(position, &column)| {
+                let mut prefix = Vec::new();
+                prefix.push(if position == 0 { b'{' } else { b',' });
+                write_json_string(&header.columns[column], &mut prefix);
+                prefix.push(b':');
+                prefix
+            })
+            .collect();
+        Self { order, prefixes }
+    }
+
+    /// Appends the record's canonical JSON to `out`; on error `out` is left as it was.
+    /// `record_byte` is the record's absolute byte offset, used to place a UTF-8 error.
+    pub fn encode(
+        &self,
+        record: &ByteRecord,
+        record_byte: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), RowProblem> {
+        if record.len() != self.order.len() {
+            return Err(RowProblem::Ragged {
+                expected: self.order.len(),
+                found: record.len(),
+            });
+        }
+        let start = out.len();
+        if self.order.is_empty() {
+            out.extend_from_slice(b"{}");
+            return Ok(());
+        }
+        for (prefix, &column) in self.prefixes.iter().zip(&self.order) {
+            let field = &record[column];
+            let text = match std::str::from_utf8(field) {
+                Ok(text) => text,
+                Err(error) => {
+                    out.truncate(start);
+                    return Err(RowProblem::InvalidUtf8 {
+                        column: column + 1,
+                        byte: record_byte + field_offset(record, column) + error.valid_up_to() as u64,
+                    });
+                }
+            };
+            if field.contains(&0) {
+                out.truncate(start);
+                return Err(RowProblem::NulCharacter { column: column + 1 });
+            }
+            out.extend_from_slice(prefix);
+            write_json_string(text, out);
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// Approximate offset of a field inside its record: the lengths of the fields before it
+/// plus their delimiters. Quoting makes the true offset larger; the line and the record's
+/// own byte offset stay exact, which is what a person needs to find the field.
+fn field_offset(record: &ByteRecord, column: usize) -> u64 {
+    (0..column).map(|index| record[index].len() as u64 + 1).sum()
+}
+
+/// Where a CSV read starts: the top of the object, or a checkpoint after the header.
+///
+/// The CSV parser ends a CRLF record after its `\r` and consumes the `\n` as the start
+/// of the next record, counting lines at each `\n`. Checkpoints keep the parser's own
+/// positions (resuming there reads the same records), while [`Self::position_of`]
+/// corrects them for people when the file's lines end in CRLF.
+#[derive(Clone, Copy, Debug)]
+pub struct CsvStart {
+    pub byte: u64,
+    /// The parser's line number at `byte`.
+    pub line: u64,
+    /// Whether the file's first line ends in CRLF.
+    pub crlf: bool,
+}
+
+impl CsvStart {
+    /// Absolute byte offset and line number of the first character of `record`, read
+    /// from here, as a person opening the file would count them.
+    pub fn position_of(&self, record: &ByteRecord) -> (u64, u64) {
+        let (byte, line) = match record.position() {
+            Some(position) => (self.byte + position.byte(), self.line + position.line() - 1),
+            None => (self.byte, self.line),
+        };
+        if self.crlf && byte > 0 {
+            (byte + 1, line + 1)
+        } else {
+            (byte, line)
+        }
+    }
+}
+
+/// Whether the first line of `input` ends in CRLF; looks without consuming.
+pub async fn first_line_ends_in_crlf<R: AsyncBufRead + Unpin>(input: &mut R) -> bool {
+    match input.fill_buf().await {
+        Ok(buffer) => buffer
+            .iter()
+            .position(|&byte| byte == b'\n')
+            .is_some_and(|newline| newline > 0 && buffer[newline - 1] == b'\r'),
+        Err(_) => false,
+    }
+}
+
+/// One record with its absolute position.
+pub struct PositionedRecord {
+    pub record: ByteRecord,
+    pub byte: u64,
+    pub line: u64,
+}
+
+/// Reads CSV records with RFC 4180 quoting, embedded newlines and CRLF line ends.
+pub struct CsvDecoder {
+    reader: AsyncReader<Pin<Box<dyn AsyncRead + Send>>>,
+    file: String,
+    start: CsvStart,
+}
+
+impl CsvDecoder {
+    /// `input` must deliver the object's bytes from `start.byte` on.
+    /// `input` must deliver the object's bytes from `start.byte` on. At the top of the
+    /// object `start.crlf` is found out here; a resumed read takes it from the header.
+    pub async fn open(input: Pin<Box<dyn AsyncRead + Send>>, file: &str, mut start: CsvStart) -> Self {
+        let mut input = tokio::io::BufReader::with_capacity(256 * 1024, input);
+        if start.byte == 0 {
+            start.crlf = first_line_ends_in_crlf(&mut input).await;
+        }
+        Self::new(Box::pin(input), file, start)
+    }
+
+    fn new(input: Pin<Box<dyn AsyncRead + Send>>, file: &str, start: CsvStart) -> Self {
+        let reader = AsyncReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .buffer_capacity(256 * 1024)
+            .create_reader(input);
+        Self {
+            reader,
+            file: file.to_owned(),
+            start,
+        }
+    }
+
+    /// Reads the header row; only valid at the top of the object.
+    pub async fn read_header(&mut self) -> Result<Header, DecodeError> {
+        let Some(first) = self.next_record().await? else {
+            return Err(DecodeError::MissingHeader {
+                file: self.file.clone(),
+            });
+        };
+        let mut names = Vec::with_capacity(first.record.len());
+        for (index, field) in first.record.iter().enumerate() {
+            let field = if index == 0 {
+                field.strip_prefix(UTF8_BOM).unwrap_or(field)
+            } else {
+                field
+            };
+            let name = std::str::from_utf8(field).map_err(|error| DecodeError::BadHeader {
+                file: self.file.clone(),
+                problem: RowProblem::InvalidUtf8 {
+                    column: index + 1,
+                    byte: first.byte + field_offset(&first.record, index) + error.valid_up_to() as u64,
+                },
+            })?;
+            names.push(name.to_owned());
+        }
+        let mut header = Header::resolve(&names);
+        header.crlf = self.start.crlf;
+        Ok(header)
+    }
+
+    /// The next record, or `None` at the end of the object.
+    pub async fn next_record(&mut self) -> Result<Option<PositionedRecord>, DecodeError> {
+        let mut record = ByteRecord::new();
+        if !self.read_record(&mut record).await? {
+            return Ok(None);
+        }
+        let (byte, line) = self.start.position_of(&record);
+        Ok(Some(PositionedRecord { record, byte, line }))
+    }
+
+    /// Reads the next record into `record`, reusing its allocation; `false` at the end.
+    pub async fn read_record(&mut self, record: &mut ByteRecord) -> Result<bool, DecodeError> {
+        match self.reader.read_byte_record(record).await {
+            Ok(more) => Ok(more),
+            Err(error) => {
+                let message = error.to_string();
+                // A failed ranged GET reaches us wrapped in the reader's I/O error; unwrap
+                // it so the caller still sees whether the object changed or the store is down.
+                if let csv_async::ErrorKind::Io(io) = error.into_kind() {
+                    if let Some(inner) = io.into_inner() {
+                        if let Ok(fetch) = inner.downcast::<FetchError>() {
+                            return Err(DecodeError::Source(*fetch));
+                        }
+                    }
+                }
+                Err(DecodeError::Read {
+                    file: self.file.clone(),
+                    byte: self.next_byte(),
+                    message,
+                })
+            }
+        }
+    }
+
+    /// Where this decoder started reading; positions in records are relative to it.
+    pub fn start(&self) -> CsvStart {
+        self.start
+    }
+
+    /// Absolute offset of the first byte not yet consumed: where a resume would start.
+    pub fn next_byte(&self) -> u64 {
+        self.start.byte + self.reader.position().byte()
+    }
+
+    /// Absolute line number at [`Self::next_byte`].
+    pub fn next_line(&self) -> u64 {
+        self.start.line + self.reader.position().line() - 1
+    }
+
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(raw: &[&str]) -> Vec<String> {
+        Header::resolve(&raw.iter().map(|s| s.to_string()).collect::<Vec<_>>()).columns
+    }
+
+    #[test]
+    fn empty_and_duplicate_header_names_are_made_unique_deterministically() {
+        assert_eq!(
+            names(&["a", "", "a", "a_2", "b", "a"]),
+            vec!["a", "column_2", "a_3", "a_2", "b", "a_4"]
+        );
+        assert_eq!(names(&["column_2", ""]), vec!["column_2", "column_2_2"]);
+        let header = Header::resolve(&["x".into(), "x".into()]);
+        assert_eq!(header.changes.len(), 1);
+        assert_eq!(header.changes[0].reason, HeaderChangeReason::Duplicate);
+    }
+
+    #[test]
+    fn sheet_is_the_base_name_up_to_the_first_dot() {
+        assert_eq!(sheet_name("data.csv.gz"), "data");
+        assert_eq!(sheet_name("data"), "data");
+        assert_eq!(sheet_name(".hidden"), ".hidden");
+    }
+
+    #[test]
+    fn rows_are_written_in_canonical_key_order() {
+        let header = Header::resolve(&["b".into(), "a".into(), "\u{20ac}".into()]);
+        let encoder = RowEncoder::new(&header);
+        let mut out = Vec::new();
+        let record = ByteRecord::from(vec!["1", "x\"y\n", "€"]);
+        encoder.encode(&record, 0, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"a\":\"x\\\"y\\n\",\"b\":\"1\",\"€\":\"€\"}"
+        );
+    }
+
+    #[test]
+    fn ragged_and_invalid_rows_are_refused_without_output() {
+        let header = Header::resolve(&["a".into(), "b".into()]);
+        let encoder = RowEncoder::new(&header);
+        let mut out = b"keep".to_vec();
+        let ragged = ByteRecord::from(vec!["1"]);
+        assert_eq!(
+            encoder.encode(&ragged, 0, &mut out),
+            Err(RowProblem::Ragged {
+                expected: 2,
+                found: 1
+            })
+        );
+        let invalid = ByteRecord::from(vec![&b"ok"[..], &b"\xff"[..]]);
+        assert_eq!(
+            encoder.encode(&invalid, 100, &mut out),
+            Err(RowProblem::InvalidUtf8 {
+                column: 2,
+                byte: 103
+            })
+        );
+        assert_eq!(out, b"keep");
+    }
+
+    async fn read_all(data: &'static [u8], start: CsvStart) -> (Vec<PositionedRecord>, u64) {
+        let mut decoder =
+            CsvDecoder::open(Box::pin(&data[start.byte as usize..]), "t.csv", start).await;
+        let mut records = Vec::new();
+        while let Some(record) = decoder.next_record().await.unwrap() {
+            records.push(record);
+        }
+        let end = decoder.next_byte();
+        (records, end)
+    }
+
+    fn top() -> CsvStart {
+        CsvStart {
+            byte: 0,
+            line: 1,
+            crlf: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn positions_are_absolute_and_resumable_with_bom_crlf_and_embedded_newlines() {
+        let data: &'static [u8] = b"\xEF\xBB\xBFh1,h2\r\n\"a\nb\",c\r\nd,e\r\n";
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top()).await;
+        let header = decoder.read_header().await.unwrap();
+        assert_eq!(header.columns, vec!["h1", "h2"]);
+        assert!(header.crlf);
+        let first = decoder.next_record().await.unwrap().unwrap();
+        // People count the record's first character: byte 10 (after BOM, header, CRLF), line 2.
+        assert_eq!((first.byte, first.line), (10, 2));
+        assert_eq!(&first.record[0], b"a\nb");
+        let resume = CsvStart {
+            byte: decoder.next_byte(),
+            line: decoder.next_line(),
+            crlf: header.crlf,
+        };
+        let (rest, end) = read_all(data, resume).await;
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].byte, rest[0].line), (19, 4));
+        assert_eq!(&rest[0].record[1], b"e");
+        assert_eq!(end, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn lf_files_number_lines_as_they_are() {
+        let data: &'static [u8] = b"h1,h2\n\"a\nb\",c\nd,e";
+        let (records, end) = read_all(data, top()).await;
+        let positions: Vec<_> = records.iter().map(|r| (r.byte, r.line)).collect();
+        assert_eq!(positions, vec![(0, 1), (6, 2), (14, 4)]);
+        assert_eq!(end, data.len() as u64);
+    }
+}

@@ -1,0 +1,439 @@
+//! Stage `fetch`: find out what the object is (HEAD), then stream its bytes from a given
+//! offset with ranged GETs that are pinned to the ETag seen by HEAD.
+//!
+//! Several ranges are in flight at once so that the network hides behind decoding and
+//! loading; each range is retried from the last byte it delivered when its body breaks,
+//! so a flaky connection costs only the bytes lost, never a restart of the import.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
+
+use crate::config::ImportSettings;
+
+/// How often one range is tried before the import gives up on the store.
+const RANGE_ATTEMPTS: u32 = 5;
+
+/// What the import reads: a file on this machine or an object in a bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceLocation {
+    Local { path: PathBuf },
+    S3 { bucket: String, key: String },
+}
+
+impl SourceLocation {
+    /// The object's base name, used for the `{sheet}` part of logical row ids.
+    pub fn file_name(&self) -> &str {
+        match self {
+            SourceLocation::Local { path } => path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or_default(),
+            SourceLocation::S3 { key, .. } => key.rsplit('/').next().unwrap_or(key),
+        }
+    }
+}
+
+impl fmt::Display for SourceLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceLocation::Local { path } => write!(f, "{}", path.display()),
+            SourceLocation::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+        }
+    }
+}
+
+impl FromStr for SourceLocation {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix("s3://") {
+            Some(rest) => match rest.split_once('/') {
+                Some((bucket, key)) if !bucket.is_empty() && !key.is_empty() => {
+                    Ok(SourceLocation::S3 {
+                        bucket: bucket.to_owned(),
+                        key: key.to_owned(),
+                    })
+                }
+                _ => Err(format!("{text:?} is not of the form s3://bucket/key")),
+            },
+            None if text.is_empty() => Err("the source is empty".to_owned()),
+            None => Ok(SourceLocation::Local {
+                path: PathBuf::from(text),
+            }),
+        }
+    }
+}
+
+/// What HEAD tells about the object; recorded in the commit's lineage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// Every ranged GET carries `If-Match` with this value, so a replaced object fails
+    /// the import instead of mixing two files into one commit.
+    pub etag: Option<String>,
+    pub version_id: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum FetchError {
+    #[error("{source_location} not found")]
+    NotFound { source_location: String },
+    #[error(
+        "{source_location} is {size} bytes, larger than the limit of {limit} bytes \
+         (IMPORT_MAX_FILE_SIZE)"
+    )]
+    TooLarge {
+        source_location: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error(
+        "{source_location} changed while it was being imported (expected ETag {expected}); \
+         import the new object with a new run"
+    )]
+    ObjectChanged {
+        source_location: String,
+        expected: String,
+    },
+    #[error("reading {source_location} failed: {message}")]
+    Io {
+        source_location: String,
+        message: String,
+    },
+    #[error("an s3:// source needs S3 settings (S3_ENDPOINT, S3_REGION, credentials)")]
+    NoS3Client,
+}
+
+impl FetchError {
+    /// Transport failures may heal on a retry; everything else is a property of the object.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Io { .. })
+    }
+}
+
+/// Reads one source; cheap to clone into the ranged-GET tasks.
+#[derive(Clone)]
+pub struct Fetcher {
+    location: SourceLocation,
+    s3: Option<aws_sdk_s3::Client>,
+    chunk_size: u64,
+    concurrency: usize,
+    /// Bytes delivered by the source in this attempt, for the summary and metrics.
+    bytes_read: Arc<AtomicU64>,
+}
+
+impl Fetcher {
+    pub fn new(
+        location: SourceLocation,
+        s3: Option<aws_sdk_s3::Client>,
+        settings: &ImportSettings,
+    ) -> Self {
+        Self {
+            location,
+            s3,
+            chunk_size: settings.chunk_size,
+            concurrency: settings.fetch_concurrency,
+            bytes_read: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn location(&self) -> &SourceLocation {
+        &self.location
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// HEAD (or `stat`) the source and refuse it when it is over `max_file_size`.
+    pub async fn head(&self, max_file_size: u64) -> Result<ObjectInfo, FetchError> {
+        let info = match &self.location {
+            SourceLocation::Local { path } => {
+                let metadata = tokio::fs::metadata(path).await.map_err(|error| {
+                    if error.kind() == std::io::ErrorKind::NotFound {
+                        FetchError::NotFound {
+                            source_location: self.location.to_string(),
+                        }
+                    } else {
+                        self.io_error(error)
+                    }
+                })?;
+                ObjectInfo {
+                    size: metadata.len(),
+                    etag: None,
+                    version_id: None,
+                }
+            }
+            SourceLocation::S3 { bucket, key } => {
+                let client = self.s3.as_ref().ok_or(FetchError::NoS3Client)?;
+                let head = client
+                    .head_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|error| {
+                        let not_found = error
+                            .as_service_error()
+                            .map(|service| service.is_not_found())
+                            .unwrap_or(false);
+                        if not_found {
+                            FetchError::NotFound {
+                                source_location: self.location.to_string(),
+                            }
+                        } else {
+                            self.io_error(DisplayErrorChain(&error))
+                        }
+                    })?;
+                ObjectInfo {
+                    size: head.content_length().unwrap_or(0).max(0) as u64,
+                    etag: head.e_tag().map(str::to_owned),
+                    version_id: head.version_id().map(str::to_owned),
+                }
+            }
+        };
+        if info.size > max_file_size {
+            return Err(FetchError::TooLarge {
+                source_location: self.location.to_string(),
+                size: info.size,
+                limit: max_file_size,
+            });
+        }
+        Ok(info)
+    }
+
+    /// A reader over the object's bytes from `offset` to its end as HEAD saw it.
+    pub async fn reader_from(
+        &self,
+        info: &ObjectInfo,
+        offset: u64,
+    ) -> Result<Pin<Box<dyn AsyncRead + Send>>, FetchError> {
+        match &self.location {
+            SourceLocation::Local { path } => {
+                let mut file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|error| self.io_error(error))?;
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(|error| self.io_error(error))?;
+                Ok(Box::pin(CountingReader {
+                    inner: tokio::io::BufReader::with_capacity(256 * 1024, file),
+                    counter: self.bytes_read.clone(),
+                }))
+            }
+            SourceLocation::S3 { .. } => {
+                let fetcher = self.clone();
+                let etag = info.etag.clone();
+                let ranges = chunk_ranges(offset, info.size, self.chunk_size);
+                let chunks = futures::stream::iter(ranges)
+                    .map(move |(start, end)| {
+                        let fetcher = fetcher.clone();
+                        let etag = etag.clone();
+                        async move { fetcher.fetch_range(start, end, etag.as_deref()).await }
+                    })
+                    .buffered(self.concurrency.max(1))
+                    .map_err(std::io::Error::other);
+                Ok(Box::pin(tokio_util::io::StreamReader::new(chunks)))
+            }
+        }
+    }
+
+    /// Fetches bytes `start..end` whole, resuming a broken body from the last byte it
+    /// delivered. `If-Match` turns a replaced object into a 412, which we report as
+    /// [`FetchError::ObjectChanged`] rather than retry.
+    async fn fetch_range(
+        &self,
+        start: u64,
+        end: u64,
+        etag: Option<&str>,
+    ) -> Result<Bytes, FetchError> {
+        let (bucket, key) = match &self.location {
+            SourceLocation::S3 { bucket, key } => (bucket, key),
+            SourceLocation::Local { .. } => unreachable!("ranged GETs are for S3 sources"),
+        };
+        let client = self.s3.as_ref().ok_or(FetchError::NoS3Client)?;
+        let mut buffer = BytesMut::with_capacity((end - start) as usize);
+        let mut attempt = 0;
+        loop {
+            let from = start + buffer.len() as u64;
+            if from >= end {
+                return Ok(buffer.freeze());
+            }
+            attempt += 1;
+            let mut request = client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .range(format!("bytes={from}-{}", end - 1));
+            if let Some(etag) = etag {
+                request = request.if_match(etag);
+            }
+            let failure = match request.send().await {
+                Ok(response) => {
+                    let mut body = response.body;
+                    let mut failure = None;
+                    loop {
+                        match body.try_next().await {
+                            Ok(Some(bytes)) => {
+                                self.bytes_read
+                                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                                buffer.extend_from_slice(&bytes);
+                            }
+                            Ok(None) => break,
+                            Err(error) => {
+                                failure = Some(error.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    match failure {
+                        None if start + buffer.len() as u64 >= end => {
+                            buffer.truncate((end - start) as usize);
+                            return Ok(buffer.freeze());
+                        }
+                        None => format!(
+                            "body ended at byte {} of range {start}-{}",
+                            start + buffer.len() as u64,
+                            end - 1
+                        ),
+                        Some(message) => message,
+                    }
+                }
+                Err(error) => {
+                    if is_precondition_failed(&error) {
+                        return Err(FetchError::ObjectChanged {
+                            source_location: self.location.to_string(),
+                            expected: etag.unwrap_or_default().to_owned(),
+                        });
+                    }
+                    if error
+                        .as_service_error()
+                        .map(|service| service.code() == Some("NoSuchKey"))
+                        .unwrap_or(false)
+                    {
+                        return Err(FetchError::ObjectChanged {
+                            source_location: self.location.to_string(),
+                            expected: etag.unwrap_or_default().to_owned(),
+                        });
+                    }
+                    DisplayErrorChain(&error).to_string()
+                }
+            };
+            if attempt >= RANGE_ATTEMPTS {
+                return Err(FetchError::Io {
+                    source_location: self.location.to_string(),
+                    message: format!("range starting at byte {from}: {failure}"),
+                });
+            }
+            tracing::warn!(
+                source = %self.location,
+                byte = from,
+                attempt,
+                error = %failure,
+                "ranged GET broke; resuming from the last byte received"
+            );
+            tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
+        }
+    }
+
+    fn io_error(&self, error: impl fmt::Display) -> FetchError {
+        FetchError::Io {
+            source_location: self.location.to_string(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Splits `offset..size` into consecutive `[start, end)` ranges of `chunk` bytes.
+fn chunk_ranges(offset: u64, size: u64, chunk: u64) -> Vec<(u64, u64)> {
+    let chunk = chunk.max(1);
+    (offset..size)
+        .step_by(chunk as usize)
+        .map(|start| (start, (start + chunk).min(size)))
+        .collect()
+}
+
+fn is_precondition_failed<E>(error: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    error.raw_response().map(|response| response.status().as_u16()) == Some(412)
+        || error.code() == Some("PreconditionFailed")
+}
+
+/// The SDK's errors print only their outermost layer; the cause is what a person needs.
+struct DisplayErrorChain<'a>(&'a dyn std::error::Error);
+
+impl fmt::Display for DisplayErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// Counts the bytes a local file delivers, like the S3 path counts its ranges.
+struct CountingReader<R> {
+    inner: R,
+    counter: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for CountingReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let added = buf.filled().len() - before;
+        self.counter.fetch_add(added as u64, Ordering::Relaxed);
+        poll
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_s3_and_local_sources() {
+        assert_eq!(
+            "s3://bucket/dir/data.csv".parse::<SourceLocation>().unwrap(),
+            SourceLocation::S3 {
+                bucket: "bucket".into(),
+                key: "dir/data.csv".into()
+            }
+        );
+        assert!("s3://bucket".parse::<SourceLocation>().is_err());
+        assert!("s3:///key".parse::<SourceLocation>().is_err());
+        let local: SourceLocation = "./x/data.csv.gz".parse().unwrap();
+        assert_eq!(local.file_name(), "data.csv.gz");
+    }
+
+    #[test]
+    fn ranges_cover_the_tail_exactly() {
+        assert_eq!(chunk_ranges(0, 10, 4), vec![(0, 4), (4, 8), (8, 10)]);
+        assert_eq!(chunk_ranges(5, 10, 4), vec![(5, 9), (9, 10)]);
+        assert!(chunk_ranges(10, 10, 4).is_empty());
+    }
+}

@@ -1,0 +1,526 @@
+//! The import core: claim → fetch → decode → hash → load → finalise, for one run.
+//!
+//! It takes plain inputs (a pool, an optional S3 client, settings) and knows nothing of
+//! AMQP, so the CLI, a queue consumer and the tests all drive it the same way.
+//!
+//! Two tasks run side by side: a producer reads and decodes the object and hands each
+//! batch's CPU work (canonical JSON, sha256, COPY encoding) to the blocking pool, while
+//! the loader writes the previous batch to PostgreSQL. A bounded channel between them
+//! keeps memory constant whatever the file's size.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use csv_async::ByteRecord;
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::claim::{self, Checkpoint, ClaimError, ClaimedRun, ImportParameters};
+use crate::config::ImportSettings;
+use crate::db::{self, DatasetError, DatasetName};
+use crate::decode::{self, CsvDecoder, CsvStart, DecodeError, Header, HeaderChange, RowEncoder};
+use crate::fetch::{FetchError, Fetcher, ObjectInfo};
+use crate::finalise::{self, CommitFacts};
+use crate::hash::{self, TreeHasher};
+use crate::load::{Batch, BatchWriter, LoadError, Loader, Progress, RejectedRow};
+
+/// Batches decoded ahead of the loader; two keep both sides busy without piling up.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Resume(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for ImportError {
+    fn from(error: sqlx::Error) -> Self {
+        ImportError::Load(LoadError::Database(error))
+    }
+}
+
+impl ImportError {
+    /// Whether the run itself should be marked failed. Claim problems and a lost lease
+    /// belong to someone else's run state, so they leave the run alone.
+    pub fn fails_the_run(&self) -> bool {
+        !matches!(
+            self,
+            ImportError::Claim(_) | ImportError::Load(LoadError::LeaseLost { .. })
+        )
+    }
+
+    /// Whether trying again later may succeed (the store or the database was away).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ImportError::Fetch(error) | ImportError::Decode(DecodeError::Source(error)) => {
+                error.is_transient()
+            }
+            ImportError::Load(LoadError::Database(_)) => true,
+            ImportError::Claim(ClaimError::Database(_) | ClaimError::Held { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Time spent per stage in this attempt, from the service's own clocks.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageTimings {
+    /// Loader waiting for the next batch: fetch and decode not keeping up.
+    pub wait_for_batch_ms: u64,
+    /// Canonical JSON, sha256 and COPY encoding, on the blocking pool.
+    pub decode_hash_ms: u64,
+    pub copy_ms: u64,
+    pub insert_rows_ms: u64,
+    pub commit_rows_ms: u64,
+    pub checkpoint_commit_ms: u64,
+    pub finalise_ms: u64,
+}
+
+/// What an import did; printed by the CLI and stored as the run's `output_summary`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImportSummary {
+    pub run_id: Uuid,
+    pub dataset_id: i64,
+    pub commit_id: String,
+    pub parent_commit_id: Option<String>,
+    /// Rows in the commit.
+    pub rows: u64,
+    /// Rows stored for the first time by this run.
+    pub new_rows: u64,
+    pub rejected_rows: u64,
+    /// Size of the object.
+    pub bytes: u64,
+    /// Bytes read from the source by this attempt (less than `bytes` after a resume).
+    pub bytes_read: u64,
+    /// Where this attempt started reading (0 unless resumed).
+    pub resumed_from_byte: u64,
+    pub seconds: f64,
+    pub rows_per_second: f64,
+    pub tree_hash: String,
+    pub columns: Vec<String>,
+    pub header_changes: Vec<HeaderChange>,
+    pub source: serde_json::Value,
+    pub timings: StageTimings,
+    /// Peak resident memory of this process so far.
+    pub peak_rss_bytes: u64,
+}
+
+/// Runs imports; one per process or many, sharing the pool.
+#[derive(Clone)]
+pub struct Importer {
+    pool: PgPool,
+    s3: Option<aws_sdk_s3::Client>,
+    settings: ImportSettings,
+    owner: String,
+}
+
+impl Importer {
+    pub fn new(pool: PgPool, s3: Option<aws_sdk_s3::Client>, settings: ImportSettings) -> Self {
+        Self {
+            pool,
+            s3,
+            settings,
+            owner: claim::worker_identity(),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the dataset when missing and a pending run importing `parameters.source`.
+    pub async fn create_run(
+        &self,
+        dataset: &DatasetName,
+        user_id: Option<&str>,
+        parameters: &ImportParameters,
+    ) -> Result<(Uuid, i64), ImportError> {
+        let (dataset_id, _) = db::ensure_dataset(&self.pool, dataset, None).await?;
+        let run_id = claim::create_import_run(&self.pool, dataset_id, user_id, parameters).await?;
+        Ok((run_id, dataset_id))
+    }
+
+    /// Claims the run and imports it (from its checkpoint, if it has one). On an error
+    /// that belongs to the run, the run is marked failed before the error is returned.
+    pub async fn run(&self, run_id: Uuid) -> Result<ImportSummary, ImportError> {
+        let claimed = claim::claim(&self.pool, run_id, &self.owner, self.settings.lease_duration)
+            .await?;
+        let token = claimed.lease.token;
+        let span = tracing::info_span!(
+            "import",
+            run.id = %run_id,
+            dataset.id = claimed.dataset_id,
+            source = %claimed.parameters.source,
+        );
+        let result = self.execute(claimed).instrument(span).await;
+        if let Err(error) = &result {
+            if error.fails_the_run() {
+                tracing::error!(run.id = %run_id, error = %error, "import failed");
+                claim::fail_run(&self.pool, run_id, Some(token), &error.to_string()).await?;
+            }
+        }
+        result
+    }
+
+    async fn execute(&self, claimed: ClaimedRun) -> Result<ImportSummary, ImportError> {
+        let started = Instant::now();
+        let ClaimedRun {
+            lease,
+            dataset_id,
+            parameters,
+            checkpoint,
+            ..
+        } = claimed;
+        let fetcher = Fetcher::new(parameters.source.clone(), self.s3.clone(), &self.settings);
+        let info = fetcher.head(self.settings.max_file_size).await?;
+        let mut loader = Loader::new(&self.pool, lease.clone()).await?;
+
+        let mut checkpoint = match checkpoint {
+            Some(checkpoint) => {
+                if checkpoint.etag != info.etag {
+                    return Err(FetchError::ObjectChanged {
+                        source_location: parameters.source.to_string(),
+                        expected: checkpoint.etag.clone().unwrap_or_default(),
+                    }
+                    .into());
+                }
+                tracing::info!(byte = checkpoint.byte_offset, rows = checkpoint.loaded_rows, "resuming from checkpoint");
+                checkpoint
+            }
+            None => {
+                let commit_id = Uuid::new_v4().simple().to_string();
+                let sheet = decode::sheet_name(parameters.source.file_name());
+                let checkpoint = Checkpoint::start(commit_id, info.etag.clone(), sheet);
+                let message = parameters
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("Import {}", parameters.source));
+                loader
+                    .begin_commit(dataset_id, &message, None, &checkpoint)
+                    .await?;
+                checkpoint
+            }
+        };
+        let resumed_from_byte = checkpoint.byte_offset;
+
+        let input = fetcher.reader_from(&info, checkpoint.byte_offset).await?;
+        let start = CsvStart {
+            byte: checkpoint.byte_offset,
+            line: checkpoint.line,
+            crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
+        };
+        let mut decoder = CsvDecoder::open(input, parameters.source.file_name(), start).await;
+        let header = match checkpoint.header.clone() {
+            Some(header) => header,
+            None => {
+                let header = decoder.read_header().await?;
+                checkpoint.byte_offset = decoder.next_byte();
+                checkpoint.line = decoder.next_line();
+                checkpoint.header = Some(header.clone());
+                header
+            }
+        };
+
+        let (sender, mut receiver) = mpsc::channel(BATCHES_IN_FLIGHT);
+        let producer = tokio::spawn(
+            produce_batches(
+                decoder,
+                Arc::new(RowEncoder::new(&header)),
+                checkpoint.clone(),
+                self.settings.batch_size,
+                parameters.skip_bad_rows,
+                sender,
+            )
+            .in_current_span(),
+        );
+        // Dropping the guard aborts the producer on every way out of this function.
+        let _producer_guard = AbortOnDrop(producer);
+
+        let mut timings = StageTimings::default();
+        let mut rows_this_attempt = 0u64;
+        let mut batches = 0u64;
+        loop {
+            let waited = Instant::now();
+            let Some(next) = receiver.recv().await else {
+                break;
+            };
+            timings.wait_for_batch_ms += waited.elapsed().as_millis() as u64;
+            let mut batch = next?;
+            batch.checkpoint.new_rows = checkpoint.new_rows;
+            batches += 1;
+            let progress = (batches % self.settings.progress_update_interval == 0).then(|| {
+                Progress::new(&batch.checkpoint, info.size, rows_this_attempt + batch.rows, started.elapsed())
+            });
+            let outcome = loader.load(&batch, progress.as_ref()).await?;
+            rows_this_attempt += batch.rows;
+            timings.decode_hash_ms += batch.encode_duration.as_millis() as u64;
+            timings.copy_ms += outcome.copy_duration.as_millis() as u64;
+            timings.insert_rows_ms += outcome.insert_duration.as_millis() as u64;
+            timings.commit_rows_ms += outcome.commit_rows_duration.as_millis() as u64;
+            timings.checkpoint_commit_ms += outcome.commit_duration.as_millis() as u64;
+            checkpoint = batch.checkpoint;
+            checkpoint.new_rows += outcome.new_rows;
+            tracing::debug!(
+                rows = checkpoint.loaded_rows,
+                byte = checkpoint.byte_offset,
+                new_rows = outcome.new_rows,
+                "batch committed"
+            );
+        }
+
+        let finalise_started = Instant::now();
+        let source = lineage(&parameters, &info, &header);
+        let elapsed = started.elapsed();
+        let mut summary = ImportSummary {
+            run_id: lease.run_id,
+            dataset_id,
+            commit_id: checkpoint.commit_id.clone(),
+            parent_commit_id: None,
+            rows: checkpoint.loaded_rows,
+            new_rows: checkpoint.new_rows,
+            rejected_rows: checkpoint.rejected_rows,
+            bytes: info.size,
+            bytes_read: fetcher.bytes_read(),
+            resumed_from_byte,
+            seconds: elapsed.as_secs_f64(),
+            rows_per_second: rows_this_attempt as f64 / elapsed.as_secs_f64().max(1e-9),
+            tree_hash: checkpoint.tree_state.clone(),
+            columns: header.columns.clone(),
+            header_changes: header.changes.clone(),
+            source: source.clone(),
+            timings,
+            peak_rss_bytes: peak_rss_bytes(),
+        };
+        let facts = CommitFacts {
+            dataset_id,
+            commit_id: &checkpoint.commit_id,
+            row_count: checkpoint.loaded_rows,
+            tree_hash: &checkpoint.tree_state,
+            source,
+        };
+        let parent = finalise::finalise(loader.connection(), &lease, facts, |parent| {
+            let mut output = summary.clone();
+            output.parent_commit_id = parent.map(str::to_owned);
+            serde_json::to_value(output).unwrap_or_else(|_| json!({}))
+        })
+        .await?;
+        summary.parent_commit_id = parent;
+        summary.timings.finalise_ms = finalise_started.elapsed().as_millis() as u64;
+        summary.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            commit.id = %summary.commit_id,
+            rows = summary.rows,
+            new_rows = summary.new_rows,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "import completed"
+        );
+        Ok(summary)
+    }
+}
+
+/// The commit's `source`: where the bytes came from and how they were read.
+fn lineage(parameters: &ImportParameters, info: &ObjectInfo, header: &Header) -> serde_json::Value {
+    let mut source = serde_json::to_value(&parameters.source).unwrap_or_else(|_| json!({}));
+    if let Some(object) = source.as_object_mut() {
+        object.insert("etag".into(), json!(info.etag));
+        object.insert("version_id".into(), json!(info.version_id));
+        object.insert("size".into(), json!(info.size));
+        object.insert("format".into(), json!("csv"));
+        object.insert(
+            "dialect".into(),
+            json!({"delimiter": ",", "quote": "\"", "header": true, "encoding": "utf-8"}),
+        );
+        object.insert("columns".into(), json!(header.columns));
+        object.insert(
+            "parser".into(),
+            json!(format!("dsa-ingest {} (csv-async)", env!("CARGO_PKG_VERSION"))),
+        );
+    }
+    source
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads records into batches and encodes each on the blocking pool, in file order.
+/// Errors are sent down the channel so the loader reports them after the batches before.
+async fn produce_batches(
+    mut decoder: CsvDecoder,
+    encoder: Arc<RowEncoder>,
+    mut cursor: Checkpoint,
+    batch_size: usize,
+    skip_bad_rows: bool,
+    sender: mpsc::Sender<Result<Batch, ImportError>>,
+) {
+    // Record buffers travel to the blocking pool and back, so their allocations are
+    // reused batch after batch.
+    let mut records: Vec<ByteRecord> = Vec::new();
+    loop {
+        records.resize_with(batch_size, ByteRecord::new);
+        let mut filled = 0;
+        let mut failure = None;
+        while filled < batch_size {
+            match decoder.read_record(&mut records[filled]).await {
+                Ok(true) => filled += 1,
+                Ok(false) => break,
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        let at_end = filled < batch_size;
+        if filled > 0 {
+            records.truncate(filled);
+            let start = decoder.start();
+            let file = decoder.file().to_owned();
+            let mut next = cursor.clone();
+            next.byte_offset = decoder.next_byte();
+            next.line = decoder.next_line();
+            let encoder = Arc::clone(&encoder);
+            let encoded = tokio::task::spawn_blocking(move || {
+                let result = encode_batch(&records, start, &encoder, &file, skip_bad_rows, next);
+                (result, records)
+            })
+            .await;
+            let result = match encoded {
+                Ok((result, returned)) => {
+                    records = returned;
+                    result
+                }
+                Err(panic) => {
+                    let message = format!("batch encoding panicked: {panic}");
+                    let _ = sender.send(Err(ImportError::Internal(message))).await;
+                    return;
+                }
+            };
+            match result {
+                Ok(batch) => {
+                    cursor = batch.checkpoint.clone();
+                    if sender.send(Ok(batch)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            }
+        }
+        if let Some(error) = failure {
+            let _ = sender.send(Err(error.into())).await;
+            return;
+        }
+        if at_end {
+            return;
+        }
+    }
+}
+
+/// The CPU part of a batch: canonical JSON, row hash, tree hash and COPY encoding for
+/// each record, or the record's rejection. `next` is the checkpoint before the batch with
+/// the reader's position after it; it comes back complete.
+fn encode_batch(
+    records: &[ByteRecord],
+    start: CsvStart,
+    encoder: &RowEncoder,
+    file: &str,
+    skip_bad_rows: bool,
+    mut next: Checkpoint,
+) -> Result<Batch, ImportError> {
+    let started = Instant::now();
+    let mut tree = TreeHasher::from_hex(&next.tree_state)
+        .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
+    let mut writer = BatchWriter::new(&next.sheet, records.len() * 192);
+    let mut rejected = Vec::new();
+    let mut json = Vec::with_capacity(512);
+    let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
+    for record in records {
+        next.records += 1;
+        let n = next.records;
+        let (byte, line) = start.position_of(record);
+        json.clear();
+        match encoder.encode(record, byte, &mut json) {
+            Ok(()) => {
+                let row_hash = hash::row_hash(&json);
+                logical_row_id.clear();
+                let _ = write!(logical_row_id, "{}:{n}", next.sheet);
+                tree.push(&logical_row_id, &row_hash);
+                writer.push(n, &row_hash, &json);
+            }
+            Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
+                line,
+                byte,
+                raw: raw_record(record),
+                problem,
+            }),
+            Err(problem) => {
+                return Err(DecodeError::BadRow {
+                    file: file.to_owned(),
+                    line,
+                    byte,
+                    problem,
+                }
+                .into())
+            }
+        }
+    }
+    next.loaded_rows += writer.rows();
+    next.rejected_rows += rejected.len() as u64;
+    next.tree_state = tree.to_hex();
+    Ok(Batch {
+        rows: writer.rows(),
+        copy_data: writer.into_copy_data(),
+        rejected,
+        checkpoint: next,
+        encode_duration: started.elapsed(),
+    })
+}
+
+/// A rejected record's fields joined back with commas, for a person to inspect.
+fn raw_record(record: &ByteRecord) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for (index, field) in record.iter().enumerate() {
+        if index > 0 {
+            raw.push(b',');
+        }
+        raw.extend_from_slice(field);
+    }
+    raw
+}
+
+/// Peak resident set size of this process, from the kernel's own accounting.
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage only writes into the struct we pass, which is zeroed and owned.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let status = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if status == 0 {
+        usage.ru_maxrss.max(0) as u64 * 1024
+    } else {
+        0
+    }
+}
+

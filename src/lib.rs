@@ -1,0 +1,15 @@
+//! dsa-ingest: streams CSV files from S3-compatible storage (or a local path) into a
+//! git-like versioned dataset in PostgreSQL. See ARCHITECTURE.md for the map.
+
+pub mod claim;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod decode;
+pub mod fetch;
+pub mod finalise;
+pub mod hash;
+pub mod import;
+pub mod load;
+pub mod s3;
+pub mod telemetry;
