@@ -133,7 +133,9 @@ pub fn owner_is_dead_local_process(owner: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return false;
     };
-    host == hostname() && pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    host == hostname()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Creates a pending import run for a dataset.
@@ -182,9 +184,14 @@ pub async fn claim(
         .as_deref()
         .filter(|holder| live && owner_is_dead_local_process(holder));
 
-    let claimed: Option<(i64, i64, sqlx::types::Json<serde_json::Value>, Option<sqlx::types::Json<serde_json::Value>>, i32)> =
-        sqlx::query_as(
-            "UPDATE dsa_jobs.analysis_runs
+    let claimed: Option<(
+        i64,
+        i64,
+        sqlx::types::Json<serde_json::Value>,
+        Option<sqlx::types::Json<serde_json::Value>>,
+        i32,
+    )> = sqlx::query_as(
+        "UPDATE dsa_jobs.analysis_runs
                 SET status = 'running',
                     lease_owner = $2,
                     lease_token = lease_token + 1,
@@ -195,13 +202,13 @@ pub async fn claim(
                 AND status IN ('pending', 'running')
                 AND (lease_expires_at IS NULL OR lease_expires_at <= now() OR lease_owner = $4)
               RETURNING lease_token, dataset_id, run_parameters, checkpoint, attempts",
-        )
-        .bind(run_id)
-        .bind(owner)
-        .bind(duration.as_secs_f64())
-        .bind(takeover)
-        .fetch_optional(pool)
-        .await?;
+    )
+    .bind(run_id)
+    .bind(owner)
+    .bind(duration.as_secs_f64())
+    .bind(takeover)
+    .fetch_optional(pool)
+    .await?;
 
     let Some((token, dataset_id, parameters, checkpoint, attempts)) = claimed else {
         // Someone else moved the run between our read and our update; report who.
@@ -214,9 +221,11 @@ pub async fn claim(
             .fetch_one(pool)
             .await?;
         return Err(match (status.as_str(), holder, until) {
-            ("pending" | "running", Some(owner), Some(until)) => {
-                ClaimError::Held { run_id, owner, until }
-            }
+            ("pending" | "running", Some(owner), Some(until)) => ClaimError::Held {
+                run_id,
+                owner,
+                until,
+            },
             _ => ClaimError::Finished { run_id, status },
         });
     };
@@ -282,7 +291,9 @@ mod tests {
     #[test]
     fn a_live_or_foreign_owner_is_not_taken_over() {
         assert!(!owner_is_dead_local_process(&worker_identity()));
-        assert!(!owner_is_dead_local_process("dsa-ingest@elsewhere.example:1"));
+        assert!(!owner_is_dead_local_process(
+            "dsa-ingest@elsewhere.example:1"
+        ));
         assert!(!owner_is_dead_local_process("someone"));
         let dead = format!("dsa-ingest@{}:{}", hostname(), u32::MAX - 1);
         assert!(owner_is_dead_local_process(&dead));

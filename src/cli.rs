@@ -13,7 +13,11 @@ use crate::fetch::SourceLocation;
 use crate::import::{ImportSummary, Importer};
 
 #[derive(Debug, Parser)]
-#[command(name = "dsa-ingest", version, about = "Imports CSV files into versioned datasets in PostgreSQL")]
+#[command(
+    name = "dsa-ingest",
+    version,
+    about = "Imports CSV files into versioned datasets in PostgreSQL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,7 +84,12 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
     let pool = db::connect(&settings.database_url, 4)
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", redact(&settings.database_url)))?;
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                redact(&settings.database_url)
+            )
+        })?;
     match cli.command {
         Command::Migrate => {
             db::migrate(&pool).await.context("applying migrations")?;
@@ -141,13 +150,19 @@ fn print_summary(summary: &ImportSummary) {
     println!("commit     {}", summary.commit_id);
     println!(
         "parent     {}",
-        summary.parent_commit_id.as_deref().unwrap_or("(none: first commit)")
+        summary
+            .parent_commit_id
+            .as_deref()
+            .unwrap_or("(none: first commit)")
     );
     println!(
         "rows       {} ({} newly stored, {} rejected)",
         summary.rows, summary.new_rows, summary.rejected_rows
     );
-    println!("bytes      {} ({} read by this attempt)", summary.bytes, summary.bytes_read);
+    println!(
+        "bytes      {} ({} read by this attempt)",
+        summary.bytes, summary.bytes_read
+    );
     println!(
         "seconds    {:.2} ({:.0} rows/s)",
         summary.seconds, summary.rows_per_second

@@ -109,7 +109,10 @@ impl Header {
             let column = index + 1;
             let (name, reason) = if original.trim().is_empty() {
                 let base = format!("column_{column}");
-                (unique_name(&base, &mut taken, 1), Some(HeaderChangeReason::Empty))
+                (
+                    unique_name(&base, &mut taken, 1),
+                    Some(HeaderChangeReason::Empty),
+                )
             } else if !seen.insert(original.clone()) {
                 (
                     unique_name(original, &mut taken, 2),
@@ -218,7 +221,9 @@ impl RowEncoder {
                     out.truncate(start);
                     return Err(RowProblem::InvalidUtf8 {
                         column: column + 1,
-                        byte: record_byte + field_offset(record, column) + error.valid_up_to() as u64,
+                        byte: record_byte
+                            + field_offset(record, column)
+                            + error.valid_up_to() as u64,
                     });
                 }
             };
@@ -238,7 +243,9 @@ impl RowEncoder {
 /// plus their delimiters. Quoting makes the true offset larger; the line and the record's
 /// own byte offset stay exact, which is what a person needs to find the field.
 fn field_offset(record: &ByteRecord, column: usize) -> u64 {
-    (0..column).map(|index| record[index].len() as u64 + 1).sum()
+    (0..column)
+        .map(|index| record[index].len() as u64 + 1)
+        .sum()
 }
 
 /// Where a CSV read starts: the top of the object, or a checkpoint after the header.
@@ -301,7 +308,11 @@ impl CsvDecoder {
     /// `input` must deliver the object's bytes from `start.byte` on.
     /// `input` must deliver the object's bytes from `start.byte` on. At the top of the
     /// object `start.crlf` is found out here; a resumed read takes it from the header.
-    pub async fn open(input: Pin<Box<dyn AsyncRead + Send>>, file: &str, mut start: CsvStart) -> Self {
+    pub async fn open(
+        input: Pin<Box<dyn AsyncRead + Send>>,
+        file: &str,
+        mut start: CsvStart,
+    ) -> Self {
         let mut input = tokio::io::BufReader::with_capacity(256 * 1024, input);
         if start.byte == 0 {
             start.crlf = first_line_ends_in_crlf(&mut input).await;
@@ -340,7 +351,9 @@ impl CsvDecoder {
                 file: self.file.clone(),
                 problem: RowProblem::InvalidUtf8 {
                     column: index + 1,
-                    byte: first.byte + field_offset(&first.record, index) + error.valid_up_to() as u64,
+                    byte: first.byte
+                        + field_offset(&first.record, index)
+                        + error.valid_up_to() as u64,
                 },
             })?;
             names.push(name.to_owned());

@@ -372,7 +372,10 @@ fn is_precondition_failed<E>(error: &SdkError<E, HttpResponse>) -> bool
 where
     E: ProvideErrorMetadata,
 {
-    error.raw_response().map(|response| response.status().as_u16()) == Some(412)
+    error
+        .raw_response()
+        .map(|response| response.status().as_u16())
+        == Some(412)
         || error.code() == Some("PreconditionFailed")
 }
 
@@ -418,7 +421,9 @@ mod tests {
     #[test]
     fn parses_s3_and_local_sources() {
         assert_eq!(
-            "s3://bucket/dir/data.csv".parse::<SourceLocation>().unwrap(),
+            "s3://bucket/dir/data.csv"
+                .parse::<SourceLocation>()
+                .unwrap(),
             SourceLocation::S3 {
                 bucket: "bucket".into(),
                 key: "dir/data.csv".into()

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use csv_async::ByteRecord;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 use thiserror::Error;
@@ -81,7 +81,7 @@ impl ImportError {
 }
 
 /// Time spent per stage in this attempt, from the service's own clocks.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StageTimings {
     /// Loader waiting for the next batch: fetch and decode not keeping up.
     pub wait_for_batch_ms: u64,
@@ -95,7 +95,7 @@ pub struct StageTimings {
 }
 
 /// What an import did; printed by the CLI and stored as the run's `output_summary`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImportSummary {
     pub run_id: Uuid,
     pub dataset_id: i64,
@@ -161,8 +161,13 @@ impl Importer {
     /// Claims the run and imports it (from its checkpoint, if it has one). On an error
     /// that belongs to the run, the run is marked failed before the error is returned.
     pub async fn run(&self, run_id: Uuid) -> Result<ImportSummary, ImportError> {
-        let claimed = claim::claim(&self.pool, run_id, &self.owner, self.settings.lease_duration)
-            .await?;
+        let claimed = claim::claim(
+            &self.pool,
+            run_id,
+            &self.owner,
+            self.settings.lease_duration,
+        )
+        .await?;
         let token = claimed.lease.token;
         let span = tracing::info_span!(
             "import",
@@ -202,7 +207,11 @@ impl Importer {
                     }
                     .into());
                 }
-                tracing::info!(byte = checkpoint.byte_offset, rows = checkpoint.loaded_rows, "resuming from checkpoint");
+                tracing::info!(
+                    byte = checkpoint.byte_offset,
+                    rows = checkpoint.loaded_rows,
+                    "resuming from checkpoint"
+                );
                 checkpoint
             }
             None => {
@@ -267,7 +276,12 @@ impl Importer {
             batch.checkpoint.new_rows = checkpoint.new_rows;
             batches += 1;
             let progress = (batches % self.settings.progress_update_interval == 0).then(|| {
-                Progress::new(&batch.checkpoint, info.size, rows_this_attempt + batch.rows, started.elapsed())
+                Progress::new(
+                    &batch.checkpoint,
+                    info.size,
+                    rows_this_attempt + batch.rows,
+                    started.elapsed(),
+                )
             });
             let outcome = loader.load(&batch, progress.as_ref()).await?;
             rows_this_attempt += batch.rows;
@@ -351,7 +365,10 @@ fn lineage(parameters: &ImportParameters, info: &ObjectInfo, header: &Header) ->
         object.insert("columns".into(), json!(header.columns));
         object.insert(
             "parser".into(),
-            json!(format!("dsa-ingest {} (csv-async)", env!("CARGO_PKG_VERSION"))),
+            json!(format!(
+                "dsa-ingest {} (csv-async)",
+                env!("CARGO_PKG_VERSION")
+            )),
         );
     }
     source
@@ -523,4 +540,3 @@ pub fn peak_rss_bytes() -> u64 {
         0
     }
 }
-

@@ -141,7 +141,12 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(checkpoint: &Checkpoint, total_bytes: u64, rows_this_attempt: u64, elapsed: Duration) -> Self {
+    pub fn new(
+        checkpoint: &Checkpoint,
+        total_bytes: u64,
+        rows_this_attempt: u64,
+        elapsed: Duration,
+    ) -> Self {
         let percentage = if total_bytes == 0 {
             100.0
         } else {
@@ -245,7 +250,13 @@ impl Loader {
         }
 
         if !batch.rejected.is_empty() {
-            insert_rejected(&mut tx, self.lease.run_id, &batch.checkpoint, &batch.rejected).await?;
+            insert_rejected(
+                &mut tx,
+                self.lease.run_id,
+                &batch.checkpoint,
+                &batch.rejected,
+            )
+            .await?;
         }
 
         // The producer cannot know how many rows were new; that is counted here.

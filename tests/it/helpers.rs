@@ -1,0 +1,304 @@
+//! Test scaffolding: every test gets its own database and its own bucket on the real
+//! local services, so tests run in parallel and leave nothing behind.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use dsa_ingest::claim::ImportParameters;
+use dsa_ingest::config::{ImportSettings, S3Settings};
+use dsa_ingest::db::DatasetName;
+use dsa_ingest::fetch::SourceLocation;
+use dsa_ingest::import::{ImportError, ImportSummary, Importer};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Connection settings: the environment first, then the file `scripts/services` writes.
+pub fn service_settings() -> HashMap<String, String> {
+    let home = std::env::var("DSA_DEV_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME is set"))
+                .join(".local/share/dsa-ingest-dev")
+        });
+    let path = home.join("services.env");
+    let mut settings: HashMap<String, String> = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| {
+            panic!(
+                "{} is missing ({error}): run scripts/services first",
+                path.display()
+            )
+        })
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    for key in [
+        "DATABASE_ADMIN_URL",
+        "S3_ENDPOINT",
+        "S3_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ] {
+        if let Ok(value) = std::env::var(key) {
+            settings.insert(key.to_owned(), value);
+        }
+    }
+    settings
+}
+
+/// One test's world: a fresh database with the schema, a fresh bucket, and the
+/// settings a child `dsa-ingest` process needs to reach both.
+pub struct TestApp {
+    pub pool: PgPool,
+    pub s3: aws_sdk_s3::Client,
+    pub bucket: String,
+    pub database_url: String,
+    database_name: String,
+    admin_url: String,
+    services: HashMap<String, String>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    let services = service_settings();
+    let admin_url = services["DATABASE_ADMIN_URL"].clone();
+    let database_name = format!("dsa_test_{}", Uuid::new_v4().simple());
+    let admin = PgPool::connect(&admin_url).await.expect("connect as admin");
+    sqlx::query(&format!("CREATE DATABASE {database_name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("admin URL ends in a database name");
+    let database_url = format!("{base}/{database_name}");
+    let pool = dsa_ingest::db::connect(&database_url, 8)
+        .await
+        .expect("connect to test db");
+    dsa_ingest::db::migrate(&pool)
+        .await
+        .expect("migrate test db");
+
+    for (key, value) in &services {
+        if key.starts_with("AWS_") {
+            // SAFETY: set before any S3 client reads them; every test sets the same values.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
+    let s3 = dsa_ingest::s3::client(&s3_settings(&services)).await;
+    let bucket = format!("dsa-test-{}", &Uuid::new_v4().simple().to_string()[..16]);
+    s3.create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create test bucket");
+
+    TestApp {
+        pool,
+        s3,
+        bucket,
+        database_url,
+        database_name,
+        admin_url,
+        services,
+    }
+}
+
+fn s3_settings(services: &HashMap<String, String>) -> S3Settings {
+    S3Settings {
+        endpoint: services.get("S3_ENDPOINT").cloned(),
+        region: services
+            .get("S3_REGION")
+            .cloned()
+            .unwrap_or_else(|| "garage".into()),
+        bucket: None,
+    }
+}
+
+/// Small batches and ranges, so that even small test files cross many of each.
+pub fn test_settings() -> ImportSettings {
+    ImportSettings {
+        batch_size: 100,
+        chunk_size: 4096,
+        fetch_concurrency: 3,
+        progress_update_interval: 2,
+        max_file_size: 1 << 30,
+        lease_duration: Duration::from_secs(30),
+    }
+}
+
+impl TestApp {
+    pub fn importer(&self, settings: ImportSettings) -> Importer {
+        Importer::new(self.pool.clone(), Some(self.s3.clone()), settings)
+    }
+
+    pub async fn put(&self, key: &str, body: Vec<u8>) {
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .expect("put object");
+    }
+
+    pub fn location(&self, key: &str) -> SourceLocation {
+        SourceLocation::S3 {
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// Creates a run for `key` in `dataset` and imports it with `settings`.
+    pub async fn import_with(
+        &self,
+        settings: ImportSettings,
+        dataset: &str,
+        key: &str,
+        skip_bad_rows: bool,
+    ) -> (Uuid, Result<ImportSummary, ImportError>) {
+        let importer = self.importer(settings);
+        let parameters = ImportParameters {
+            source: self.location(key),
+            skip_bad_rows,
+            message: None,
+        };
+        let (run_id, _) = importer
+            .create_run(
+                &DatasetName::parse(dataset).unwrap(),
+                Some("tester"),
+                &parameters,
+            )
+            .await
+            .expect("create run");
+        (run_id, importer.run(run_id).await)
+    }
+
+    pub async fn import(&self, dataset: &str, key: &str) -> ImportSummary {
+        let (_, result) = self.import_with(test_settings(), dataset, key, false).await;
+        result.expect("import succeeds")
+    }
+
+    /// Environment for a child `dsa-ingest` process pointed at this test's services.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![("DATABASE_URL".to_owned(), self.database_url.clone())];
+        for key in [
+            "S3_ENDPOINT",
+            "S3_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ] {
+            if let Some(value) = self.services.get(key) {
+                env.push((key.to_owned(), value.clone()));
+            }
+        }
+        env
+    }
+
+    /// The run's status, error message and whether `completed_at` is set.
+    pub async fn run_state(&self, run_id: Uuid) -> (String, Option<String>, bool) {
+        sqlx::query_as(
+            "SELECT status::text, error_message, completed_at IS NOT NULL
+               FROM dsa_jobs.analysis_runs WHERE id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(&self.pool)
+        .await
+        .expect("run exists")
+    }
+
+    /// The commit's rows as (logical_row_id, data) in row order.
+    pub async fn commit_rows(&self, commit_id: &str) -> Vec<(String, serde_json::Value)> {
+        sqlx::query_as(
+            "SELECT cr.logical_row_id, r.data
+               FROM dsa_core.commit_rows cr JOIN dsa_core.rows r USING (row_hash)
+              WHERE cr.commit_id = $1
+              ORDER BY split_part(cr.logical_row_id, ':', 1),
+                       split_part(cr.logical_row_id, ':', 2)::bigint",
+        )
+        .bind(commit_id)
+        .fetch_all(&self.pool)
+        .await
+        .expect("commit rows")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let database_name = self.database_name.clone();
+        let s3_settings = s3_settings(&self.services);
+        let bucket = self.bucket.clone();
+        // Drop cannot await, so clean up on a thread with a runtime of its own. The pool
+        // is not closed from there (its connections belong to the test's runtime, which
+        // is blocked here); FORCE ends them instead.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                if let Ok(admin) = PgPool::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!(
+                        "DROP DATABASE IF EXISTS {database_name} WITH (FORCE)"
+                    ))
+                    .execute(&admin)
+                    .await;
+                }
+                // A client of this runtime's own: the test's client has its connection
+                // tasks on the blocked runtime.
+                let s3 = dsa_ingest::s3::client(&s3_settings).await;
+                if let Ok(listing) = s3.list_objects_v2().bucket(&bucket).send().await {
+                    for object in listing.contents() {
+                        if let Some(key) = object.key() {
+                            let _ = s3.delete_object().bucket(&bucket).key(key).send().await;
+                        }
+                    }
+                }
+                let _ = s3.delete_bucket().bucket(&bucket).send().await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Polls `condition` until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A deterministic CSV of `rows` rows with mixed text, about 100 bytes a row.
+pub fn generated_csv(rows: usize, seed: u64) -> Vec<u8> {
+    let mut out = String::from("id,name,city,amount,flag,note\n");
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    for id in 1..=rows {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let value = state >> 33;
+        out.push_str(&format!(
+            "{id},name-{},city-{},{}.{:02},{},\"note {} with, comma\"\n",
+            value % 10_007,
+            value % 97,
+            value % 100_000,
+            value % 100,
+            value % 2 == 0,
+            value
+        ));
+    }
+    out.into_bytes()
+}

@@ -1,0 +1,310 @@
+use std::time::Duration;
+
+use dsa_ingest::decode::DecodeError;
+use dsa_ingest::fetch::FetchError;
+use dsa_ingest::import::ImportError;
+use serde_json::json;
+
+use crate::helpers::{generated_csv, spawn_app, test_settings, wait_until};
+
+#[tokio::test]
+async fn values_round_trip_exactly() {
+    let app = spawn_app().await;
+    // BOM, CRLF, quotes, embedded newlines (LF and CRLF), unicode, empty fields.
+    let csv = "\u{feff}name,quote,empty,text\r\n\
+               plain,\"say \"\"hi\"\"\",,\"line one\nline two\"\r\n\
+               \"ünïcødé ✓ 😀\",\"a,b\",\"\",\"crlf\r\ninside\"\r\n\
+               tab\there,\\backslash\\,x,\"\"\r\n";
+    app.put("dir/values.csv", csv.as_bytes().to_vec()).await;
+
+    let summary = app.import("values", "dir/values.csv").await;
+
+    assert_eq!(summary.rows, 3);
+    assert_eq!(summary.new_rows, 3);
+    assert_eq!(summary.bytes, csv.len() as u64);
+    let rows = app.commit_rows(&summary.commit_id).await;
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "values:1".to_owned(),
+                json!({"name": "plain", "quote": "say \"hi\"", "empty": "", "text": "line one\nline two"})
+            ),
+            (
+                "values:2".to_owned(),
+                json!({"name": "ünïcødé ✓ 😀", "quote": "a,b", "empty": "", "text": "crlf\r\ninside"})
+            ),
+            (
+                "values:3".to_owned(),
+                json!({"name": "tab\there", "quote": "\\backslash\\", "empty": "x", "text": ""})
+            ),
+        ]
+    );
+    // The stored hash is sha256 of the row's canonical JSON, reproducible outside.
+    let (hash,): (Vec<u8>,) = sqlx::query_as(
+        "SELECT row_hash FROM dsa_core.commit_rows WHERE commit_id = $1 AND logical_row_id = 'values:1'",
+    )
+    .bind(&summary.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let canonical = dsa_ingest::hash::canonical_json(&rows[0].1).unwrap();
+    assert_eq!(hash, dsa_ingest::hash::row_hash(&canonical).to_vec());
+}
+
+#[tokio::test]
+async fn a_second_import_stores_nothing_new_and_continues_history() {
+    let app = spawn_app().await;
+    app.put("data.csv", generated_csv(1_000, 1)).await;
+
+    let first = app.import("history", "data.csv").await;
+    let second = app.import("history", "data.csv").await;
+
+    assert_eq!((first.rows, first.new_rows), (1_000, 1_000));
+    assert_eq!((second.rows, second.new_rows), (1_000, 0));
+    assert_eq!(first.parent_commit_id, None);
+    assert_eq!(
+        second.parent_commit_id.as_deref(),
+        Some(first.commit_id.as_str())
+    );
+    assert_eq!(second.tree_hash, first.tree_hash);
+    let head: String = sqlx::query_scalar(
+        "SELECT commit_id FROM dsa_core.refs WHERE dataset_id = $1 AND name = 'main'",
+    )
+    .bind(second.dataset_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(head, second.commit_id);
+    let (status, output): (String, serde_json::Value) = sqlx::query_as(
+        "SELECT status::text, output_summary FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(second.run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "completed");
+    assert_eq!(output["parent_commit_id"], json!(first.commit_id));
+}
+
+#[tokio::test]
+async fn the_tree_hash_does_not_depend_on_the_batch_size() {
+    let app = spawn_app().await;
+    app.put("data.csv", generated_csv(777, 2)).await;
+    let mut small = test_settings();
+    small.batch_size = 10;
+    let mut large = test_settings();
+    large.batch_size = 10_000;
+
+    let (_, a) = app.import_with(small, "a", "data.csv", false).await;
+    let (_, b) = app.import_with(large, "b", "data.csv", false).await;
+
+    assert_eq!(a.unwrap().tree_hash, b.unwrap().tree_hash);
+}
+
+#[tokio::test]
+async fn two_imports_racing_into_one_dataset_both_commit_in_a_line() {
+    let app = spawn_app().await;
+    app.put("one.csv", generated_csv(2_000, 3)).await;
+    app.put("two.csv", generated_csv(2_000, 4)).await;
+
+    let (one, two) = tokio::join!(
+        app.import_with(test_settings(), "raced", "one.csv", false),
+        app.import_with(test_settings(), "raced", "two.csv", false),
+    );
+    let (one, two) = (one.1.unwrap(), two.1.unwrap());
+
+    // Exactly one of them saw the other as its parent; main points at the later one.
+    let (first, second) = if two.parent_commit_id.as_deref() == Some(one.commit_id.as_str()) {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    assert_eq!(first.parent_commit_id, None);
+    assert_eq!(
+        second.parent_commit_id.as_deref(),
+        Some(first.commit_id.as_str())
+    );
+    let head: String = sqlx::query_scalar(
+        "SELECT commit_id FROM dsa_core.refs WHERE dataset_id = $1 AND name = 'main'",
+    )
+    .bind(first.dataset_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(head, second.commit_id);
+    let finalised: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dsa_core.commits WHERE committed_at IS NOT NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(finalised, 2);
+}
+
+#[tokio::test]
+async fn a_file_over_the_size_limit_fails_before_a_byte_is_read() {
+    let app = spawn_app().await;
+    let csv = generated_csv(100, 5);
+    let size = csv.len();
+    app.put("big.csv", csv).await;
+    let mut settings = test_settings();
+    settings.max_file_size = 1_000;
+
+    let (run_id, result) = app.import_with(settings, "limited", "big.csv", false).await;
+
+    let error = result.unwrap_err();
+    assert!(
+        matches!(error, ImportError::Fetch(FetchError::TooLarge { .. })),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&size.to_string()) && message.contains("1000"),
+        "{message}"
+    );
+    let (status, stored, completed) = app.run_state(run_id).await;
+    assert_eq!(status, "failed");
+    assert_eq!(stored.as_deref(), Some(message.as_str()));
+    assert!(completed);
+    let commits: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.commits")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(commits, 0);
+}
+
+#[tokio::test]
+async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
+    let app = spawn_app().await;
+    app.put("moving.csv", generated_csv(20_000, 6)).await;
+    let mut settings = test_settings();
+    settings.batch_size = 50;
+    settings.chunk_size = 16 * 1024;
+    settings.fetch_concurrency = 1;
+
+    let importer = app.importer(settings);
+    let parameters = dsa_ingest::claim::ImportParameters {
+        source: app.location("moving.csv"),
+        skip_bad_rows: false,
+        message: None,
+    };
+    let dataset = dsa_ingest::db::DatasetName::parse("moving").unwrap();
+    let (run_id, _) = importer
+        .create_run(&dataset, None, &parameters)
+        .await
+        .unwrap();
+    let running = tokio::spawn(async move { importer.run(run_id).await });
+    let pool = app.pool.clone();
+    wait_until(Duration::from_secs(60), "the first batches to commit", || {
+        let pool = pool.clone();
+        async move {
+            let rows: Option<i64> = sqlx::query_scalar(
+                "SELECT (checkpoint->>'loaded_rows')::bigint FROM dsa_jobs.analysis_runs WHERE id = $1",
+            )
+            .bind(run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            rows.unwrap_or(0) >= 100
+        }
+    })
+    .await;
+    app.put("moving.csv", generated_csv(20_000, 7)).await;
+
+    let error = running.await.unwrap().unwrap_err();
+
+    let changed = matches!(
+        error,
+        ImportError::Fetch(FetchError::ObjectChanged { .. })
+            | ImportError::Decode(DecodeError::Source(FetchError::ObjectChanged { .. }))
+    );
+    assert!(changed, "{error}");
+    let (status, message, completed) = app.run_state(run_id).await;
+    assert_eq!(status, "failed");
+    assert!(message
+        .unwrap()
+        .contains("changed while it was being imported"));
+    assert!(completed);
+    let (commits, commit_rows, refs): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM dsa_core.commits), (SELECT count(*) FROM dsa_core.commit_rows),
+                (SELECT count(*) FROM dsa_core.refs)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((commits, commit_rows, refs), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_ragged_row_fails_the_run_naming_its_line_and_byte() {
+    let app = spawn_app().await;
+    let csv = b"a,b\n1,2\n\"multi\nline\",3\n4,5,6\n7,8\n".to_vec();
+    app.put("ragged.csv", csv).await;
+
+    let (run_id, result) = app
+        .import_with(test_settings(), "ragged", "ragged.csv", false)
+        .await;
+
+    let message = result.unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "ragged.csv: line 5, byte 23: expected 2 fields as in the header, found 3"
+    );
+    let (status, stored, _) = app.run_state(run_id).await;
+    assert_eq!(
+        (status.as_str(), stored.as_deref()),
+        ("failed", Some(message.as_str()))
+    );
+}
+
+#[tokio::test]
+async fn invalid_utf8_names_its_line_and_byte() {
+    let app = spawn_app().await;
+    let mut csv = b"a,b\n1,2\nok,bad".to_vec();
+    csv.push(0xff);
+    csv.extend_from_slice(b"\n");
+    app.put("latin1.csv", csv).await;
+
+    let (_, result) = app
+        .import_with(test_settings(), "utf8", "latin1.csv", false)
+        .await;
+
+    assert_eq!(
+        result.unwrap_err().to_string(),
+        "latin1.csv: line 3, byte 8: column 2 is not valid UTF-8 (at byte 14 of the file)"
+    );
+}
+
+#[tokio::test]
+async fn bad_rows_can_be_skipped_into_the_rejected_rows_table() {
+    let app = spawn_app().await;
+    let mut csv = b"a,b\n1,2\n3\n".to_vec();
+    csv.extend_from_slice(b"x,\xff\n5,6\n");
+    app.put("mixed.csv", csv).await;
+
+    let (run_id, result) = app
+        .import_with(test_settings(), "mixed", "mixed.csv", true)
+        .await;
+
+    let summary = result.unwrap();
+    assert_eq!((summary.rows, summary.rejected_rows), (2, 2));
+    let rows = app.commit_rows(&summary.commit_id).await;
+    let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+    // Row numbers follow the file, so a skipped row leaves a gap a person can find.
+    assert_eq!(ids, vec!["mixed:1", "mixed:4"]);
+    let rejected: Vec<(i64, i64, Option<i32>, String)> = sqlx::query_as(
+        "SELECT line, byte_offset, \"column\", error FROM dsa_jobs.rejected_rows
+          WHERE run_id = $1 ORDER BY line",
+    )
+    .bind(run_id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rejected.len(), 2);
+    assert_eq!((rejected[0].0, rejected[0].1, rejected[0].2), (3, 8, None));
+    assert_eq!(
+        (rejected[1].0, rejected[1].1, rejected[1].2),
+        (4, 10, Some(2))
+    );
+    assert!(rejected[1].3.contains("not valid UTF-8"));
+}

@@ -1,0 +1,5 @@
+//! Integration tests: the real PostgreSQL and S3 store, one database and bucket per test.
+
+mod helpers;
+mod import;
+mod resume;

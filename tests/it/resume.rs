@@ -1,0 +1,152 @@
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use dsa_ingest::import::ImportSummary;
+
+use crate::helpers::{generated_csv, spawn_app, wait_until};
+
+fn dsa_ingest(app: &crate::helpers::TestApp) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
+    command
+        .envs(app.child_env())
+        .env("IMPORT_BATCH_SIZE", "200")
+        .env("IMPORT_CHUNK_SIZE", "65536")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    command
+}
+
+#[tokio::test]
+async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
+    let app = spawn_app().await;
+    app.put("big.csv", generated_csv(60_000, 11)).await;
+    let source = format!("s3://{}/big.csv", app.bucket);
+
+    // The uninterrupted import that the resumed one must equal.
+    let reference = dsa_ingest(&app)
+        .args(["import", "--dataset", "reference", &source, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        reference.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let reference: ImportSummary = serde_json::from_slice(&reference.stdout).unwrap();
+
+    let mut child = dsa_ingest(&app)
+        .args(["import", "--dataset", "killed", &source, "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pool = app.pool.clone();
+    wait_until(
+        Duration::from_secs(60),
+        "the child to commit some batches",
+        || {
+            let pool = pool.clone();
+            async move {
+                let loaded: Option<i64> = sqlx::query_scalar(
+                    "SELECT max((a.checkpoint->>'loaded_rows')::bigint)
+                   FROM dsa_jobs.analysis_runs a JOIN dsa_core.datasets d ON d.id = a.dataset_id
+                  WHERE d.name = 'killed'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                loaded.unwrap_or(0) >= 2_000
+            }
+        },
+    )
+    .await;
+    child.kill().unwrap(); // SIGKILL: no chance to clean up.
+    child.wait().unwrap();
+
+    let (run_id, status, checkpoint_byte): (uuid::Uuid, String, i64) = sqlx::query_as(
+        "SELECT a.id, a.status::text, (a.checkpoint->>'byte_offset')::bigint
+           FROM dsa_jobs.analysis_runs a JOIN dsa_core.datasets d ON d.id = a.dataset_id
+          WHERE d.name = 'killed'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "running", "the child finished before it was killed");
+
+    let resumed = dsa_ingest(&app)
+        .args(["import", "--resume", &run_id.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let resumed: ImportSummary = serde_json::from_slice(&resumed.stdout).unwrap();
+
+    assert_eq!(resumed.run_id, run_id);
+    assert_eq!(resumed.rows, reference.rows);
+    assert_eq!(resumed.tree_hash, reference.tree_hash);
+    // The checkpoint the resume started from is at least the one seen after the kill
+    // (the child may have committed one more batch before it died).
+    assert!(resumed.resumed_from_byte >= checkpoint_byte as u64 && resumed.resumed_from_byte > 0);
+    assert_eq!(
+        resumed.bytes_read,
+        resumed.bytes - resumed.resumed_from_byte
+    );
+    // Same rows under the same logical ids, each exactly once.
+    let (differences, duplicates): (i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM (
+              (SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1
+               EXCEPT SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $2)
+              UNION ALL
+              (SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $2
+               EXCEPT SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1)) d),
+           (SELECT count(*) - count(DISTINCT logical_row_id) FROM dsa_core.commit_rows WHERE commit_id = $2)",
+    )
+    .bind(&reference.commit_id)
+    .bind(&resumed.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((differences, duplicates), (0, 0));
+    let (status, row_count): (String, i64) = sqlx::query_as(
+        "SELECT a.status::text, c.row_count FROM dsa_jobs.analysis_runs a
+           JOIN dsa_core.commits c ON c.run_id = a.id WHERE a.id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), row_count), ("completed", 60_000));
+}
+
+#[tokio::test]
+async fn the_cli_reports_a_failed_import_and_marks_the_run() {
+    let app = spawn_app().await;
+    app.put("large.csv", generated_csv(200, 12)).await;
+    let source = format!("s3://{}/large.csv", app.bucket);
+
+    let output = dsa_ingest(&app)
+        .env("IMPORT_MAX_FILE_SIZE", "500")
+        .args(["import", "--dataset", "limited", &source])
+        .output()
+        .unwrap();
+
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("larger than the limit of 500 bytes"),
+        "{stderr}"
+    );
+    let (status, message, completed): (String, Option<String>, bool) = sqlx::query_as(
+        "SELECT status::text, error_message, completed_at IS NOT NULL FROM dsa_jobs.analysis_runs",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "failed");
+    assert!(message.unwrap().contains("IMPORT_MAX_FILE_SIZE"));
+    assert!(completed);
+}
