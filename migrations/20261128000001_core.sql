@@ -19,7 +19,7 @@ CREATE TABLE dsa_core.rows (
 -- committed_at stays NULL while an import is still loading the commit's rows; a
 -- commit is visible history only once it is finalised and a ref points at it.
 CREATE TABLE dsa_core.commits (
-    commit_id        text PRIMARY KEY,
+    commit_id        text COLLATE "C" PRIMARY KEY,
     dataset_id       bigint NOT NULL REFERENCES dsa_core.datasets (id),
     parent_commit_id text REFERENCES dsa_core.commits (commit_id),
     message          text NOT NULL,
@@ -35,11 +35,14 @@ CREATE TABLE dsa_core.commits (
 -- History walks (`log`) follow the parent link per dataset, newest first.
 CREATE INDEX commits_dataset_committed_idx ON dsa_core.commits (dataset_id, committed_at DESC);
 
--- No foreign key to rows on purpose: the row and its commit_rows entry are written in
--- the same batch transaction, and a key check per row would cost a second index probe.
+-- No foreign keys on purpose: this is the table every imported row lands in, and a
+-- per-row key check (to commits or to rows) costs more than the insert itself. The
+-- import writes a batch's rows and its commit_rows in one transaction, and removes an
+-- unfinalised commit's entries itself when a run fails. Byte-wise ("C") collation keeps
+-- the primary key's comparisons to memcmp.
 CREATE TABLE dsa_core.commit_rows (
-    commit_id      text NOT NULL REFERENCES dsa_core.commits (commit_id) ON DELETE CASCADE,
-    logical_row_id text NOT NULL,
+    commit_id      text COLLATE "C" NOT NULL,
+    logical_row_id text COLLATE "C" NOT NULL,
     row_hash       bytea NOT NULL,
     PRIMARY KEY (commit_id, logical_row_id)
 );

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
 use sqlx::PgPool;
 use thiserror::Error;
 use uuid::Uuid;
@@ -159,6 +160,15 @@ pub async fn create_import_run(
     Ok(run_id)
 }
 
+/// lease_token, dataset_id, run_parameters, checkpoint, attempts.
+type ClaimedColumns = (
+    i64,
+    i64,
+    Json<serde_json::Value>,
+    Option<Json<serde_json::Value>>,
+    i32,
+);
+
 /// Takes the run if it is pending, or running under a lease that expired or whose
 /// holder is a dead process on this host; increments the fencing token.
 pub async fn claim(
@@ -184,13 +194,7 @@ pub async fn claim(
         .as_deref()
         .filter(|holder| live && owner_is_dead_local_process(holder));
 
-    let claimed: Option<(
-        i64,
-        i64,
-        sqlx::types::Json<serde_json::Value>,
-        Option<sqlx::types::Json<serde_json::Value>>,
-        i32,
-    )> = sqlx::query_as(
+    let claimed: Option<ClaimedColumns> = sqlx::query_as(
         "UPDATE dsa_jobs.analysis_runs
                 SET status = 'running',
                     lease_owner = $2,
@@ -275,6 +279,13 @@ pub async fn fail_run(
     .await?
     .rows_affected();
     if updated == 1 {
+        sqlx::query(
+            "DELETE FROM dsa_core.commit_rows WHERE commit_id IN
+               (SELECT commit_id FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL)",
+        )
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL")
             .bind(run_id)
             .execute(&mut *tx)

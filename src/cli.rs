@@ -107,10 +107,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> anyhow::Result<()> {
-    let needs_s3 = match (&args.source, args.resume) {
-        (Some(SourceLocation::S3 { .. }), _) | (None, Some(_)) => true,
-        _ => false,
-    };
+    // A resumed run's source is only known once it is claimed, so it may need S3.
+    let needs_s3 = matches!(
+        (&args.source, args.resume),
+        (Some(SourceLocation::S3 { .. }), _) | (None, Some(_))
+    );
     let s3 = if needs_s3 {
         Some(crate::s3::client(&settings.s3).await)
     } else {

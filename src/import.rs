@@ -275,14 +275,16 @@ impl Importer {
             let mut batch = next?;
             batch.checkpoint.new_rows = checkpoint.new_rows;
             batches += 1;
-            let progress = (batches % self.settings.progress_update_interval == 0).then(|| {
-                Progress::new(
-                    &batch.checkpoint,
-                    info.size,
-                    rows_this_attempt + batch.rows,
-                    started.elapsed(),
-                )
-            });
+            let progress = batches
+                .is_multiple_of(self.settings.progress_update_interval)
+                .then(|| {
+                    Progress::new(
+                        &batch.checkpoint,
+                        info.size,
+                        rows_this_attempt + batch.rows,
+                        started.elapsed(),
+                    )
+                });
             let outcome = loader.load(&batch, progress.as_ref()).await?;
             rows_this_attempt += batch.rows;
             timings.decode_hash_ms += batch.encode_duration.as_millis() as u64;
@@ -321,7 +323,7 @@ impl Importer {
             header_changes: header.changes.clone(),
             source: source.clone(),
             timings,
-            peak_rss_bytes: peak_rss_bytes(),
+            peak_rss_bytes: crate::memory::peak_rss_bytes(),
         };
         let facts = CommitFacts {
             dataset_id,
@@ -527,16 +529,4 @@ fn raw_record(record: &ByteRecord) -> Vec<u8> {
         raw.extend_from_slice(field);
     }
     raw
-}
-
-/// Peak resident set size of this process, from the kernel's own accounting.
-pub fn peak_rss_bytes() -> u64 {
-    // SAFETY: getrusage only writes into the struct we pass, which is zeroed and owned.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let status = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if status == 0 {
-        usage.ru_maxrss.max(0) as u64 * 1024
-    } else {
-        0
-    }
 }

@@ -11,5 +11,7 @@ pub mod finalise;
 pub mod hash;
 pub mod import;
 pub mod load;
+pub mod memory;
 pub mod s3;
+pub mod sample;
 pub mod telemetry;

@@ -2,8 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    dsa_ingest::memory::keep_allocator_footprint_flat();
     dsa_ingest::telemetry::init();
-    dsa_ingest::cli::run(dsa_ingest::cli::Cli::parse()).await
+    let cli = dsa_ingest::cli::Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+    runtime.block_on(dsa_ingest::cli::run(cli))
 }

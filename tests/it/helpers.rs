@@ -278,27 +278,3 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
-
-/// A deterministic CSV of `rows` rows with mixed text, about 100 bytes a row.
-pub fn generated_csv(rows: usize, seed: u64) -> Vec<u8> {
-    let mut out = String::from("id,name,city,amount,flag,note\n");
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    for id in 1..=rows {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let value = state >> 33;
-        out.push_str(&format!(
-            "{id},name-{},city-{},{}.{:02},{},\"note {} with, comma\"\n",
-            value % 10_007,
-            value % 97,
-            value % 100_000,
-            value % 100,
-            value % 2 == 0,
-            value
-        ));
-    }
-    out.into_bytes()
-}

@@ -5,7 +5,9 @@ use dsa_ingest::fetch::FetchError;
 use dsa_ingest::import::ImportError;
 use serde_json::json;
 
-use crate::helpers::{generated_csv, spawn_app, test_settings, wait_until};
+use dsa_ingest::sample::sample_csv;
+
+use crate::helpers::{spawn_app, test_settings, wait_until};
 
 #[tokio::test]
 async fn values_round_trip_exactly() {
@@ -55,7 +57,7 @@ async fn values_round_trip_exactly() {
 #[tokio::test]
 async fn a_second_import_stores_nothing_new_and_continues_history() {
     let app = spawn_app().await;
-    app.put("data.csv", generated_csv(1_000, 1)).await;
+    app.put("data.csv", sample_csv(1_000, 1)).await;
 
     let first = app.import("history", "data.csv").await;
     let second = app.import("history", "data.csv").await;
@@ -90,7 +92,7 @@ async fn a_second_import_stores_nothing_new_and_continues_history() {
 #[tokio::test]
 async fn the_tree_hash_does_not_depend_on_the_batch_size() {
     let app = spawn_app().await;
-    app.put("data.csv", generated_csv(777, 2)).await;
+    app.put("data.csv", sample_csv(777, 2)).await;
     let mut small = test_settings();
     small.batch_size = 10;
     let mut large = test_settings();
@@ -105,8 +107,8 @@ async fn the_tree_hash_does_not_depend_on_the_batch_size() {
 #[tokio::test]
 async fn two_imports_racing_into_one_dataset_both_commit_in_a_line() {
     let app = spawn_app().await;
-    app.put("one.csv", generated_csv(2_000, 3)).await;
-    app.put("two.csv", generated_csv(2_000, 4)).await;
+    app.put("one.csv", sample_csv(2_000, 3)).await;
+    app.put("two.csv", sample_csv(2_000, 4)).await;
 
     let (one, two) = tokio::join!(
         app.import_with(test_settings(), "raced", "one.csv", false),
@@ -144,7 +146,7 @@ async fn two_imports_racing_into_one_dataset_both_commit_in_a_line() {
 #[tokio::test]
 async fn a_file_over_the_size_limit_fails_before_a_byte_is_read() {
     let app = spawn_app().await;
-    let csv = generated_csv(100, 5);
+    let csv = sample_csv(100, 5);
     let size = csv.len();
     app.put("big.csv", csv).await;
     let mut settings = test_settings();
@@ -176,7 +178,7 @@ async fn a_file_over_the_size_limit_fails_before_a_byte_is_read() {
 #[tokio::test]
 async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
     let app = spawn_app().await;
-    app.put("moving.csv", generated_csv(20_000, 6)).await;
+    app.put("moving.csv", sample_csv(20_000, 6)).await;
     let mut settings = test_settings();
     settings.batch_size = 50;
     settings.chunk_size = 16 * 1024;
@@ -209,7 +211,7 @@ async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
         }
     })
     .await;
-    app.put("moving.csv", generated_csv(20_000, 7)).await;
+    app.put("moving.csv", sample_csv(20_000, 7)).await;
 
     let error = running.await.unwrap().unwrap_err();
 

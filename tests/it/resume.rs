@@ -3,7 +3,9 @@ use std::time::Duration;
 
 use dsa_ingest::import::ImportSummary;
 
-use crate::helpers::{generated_csv, spawn_app, wait_until};
+use dsa_ingest::sample::sample_csv;
+
+use crate::helpers::{spawn_app, wait_until};
 
 fn dsa_ingest(app: &crate::helpers::TestApp) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
@@ -19,7 +21,7 @@ fn dsa_ingest(app: &crate::helpers::TestApp) -> Command {
 #[tokio::test]
 async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
     let app = spawn_app().await;
-    app.put("big.csv", generated_csv(60_000, 11)).await;
+    app.put("big.csv", sample_csv(60_000, 11)).await;
     let source = format!("s3://{}/big.csv", app.bucket);
 
     // The uninterrupted import that the resumed one must equal.
@@ -125,7 +127,7 @@ async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
 #[tokio::test]
 async fn the_cli_reports_a_failed_import_and_marks_the_run() {
     let app = spawn_app().await;
-    app.put("large.csv", generated_csv(200, 12)).await;
+    app.put("large.csv", sample_csv(200, 12)).await;
     let source = format!("s3://{}/large.csv", app.bucket);
 
     let output = dsa_ingest(&app)

@@ -1,0 +1,266 @@
+//! The import benchmark: for each row count, in one run on the local services,
+//! - `psql \copy` of the file into a plain ten-text-column table (the baseline),
+//! - the first import of the file into an empty store (every row new),
+//! - a second import of the same file (every row already stored),
+//!
+//! each timed as a whole process, the median of `--repeat` runs, with the import's peak
+//! RSS and its own per-stage timings. Run it with `scripts/bench`.
+//!
+//! `cargo run --release --example bench -- [--rows N]... [--repeat R]`
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use aws_sdk_s3::primitives::ByteStream;
+use dsa_ingest::config::Settings;
+use dsa_ingest::import::ImportSummary;
+
+const BENCH_DATABASE: &str = "dsa_bench";
+
+struct Measurement {
+    seconds: f64,
+    summary: Option<ImportSummary>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut row_counts = Vec::new();
+    let mut repeat = 3usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rows" => row_counts.push(value.replace('_', "").parse::<u64>()?),
+            "--repeat" => repeat = value.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if row_counts.is_empty() {
+        row_counts.push(1_000_000);
+    }
+    let settings = Settings::from_env()?;
+    let bucket = settings
+        .s3
+        .bucket
+        .clone()
+        .context("S3_BUCKET must name the bench bucket")?;
+    let binary = sibling_binary("dsa-ingest")?;
+    let database_url = recreate_database(&settings.database_url).await?;
+    run(&binary, &database_url, &["migrate"])?;
+    let s3 = dsa_ingest::s3::client(&settings.s3).await;
+
+    println!(
+        "{:>10} {:<14} {:>9} {:>11} {:>8} {:>10} {:>11}",
+        "rows", "case", "seconds", "rows/s", "MB/s", "peak RSS", "x baseline"
+    );
+    let mut stage_lines = Vec::new();
+    for rows in row_counts {
+        let path = PathBuf::from(format!("target/bench/sample-{rows}.csv"));
+        let bytes = ensure_sample(&path, rows)?;
+        let key = format!("bench/sample-{rows}.csv");
+        upload(&s3, &bucket, &key, &path, bytes).await?;
+        let source = format!("s3://{bucket}/{key}");
+
+        let mut baseline = Vec::new();
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        for round in 0..repeat {
+            reset_store(&database_url).await?;
+            baseline.push(time_psql_copy(&database_url, &path)?);
+            let dataset = format!("bench-{rows}-{round}");
+            first.push(time_import(&binary, &database_url, &dataset, &source)?);
+            second.push(time_import(&binary, &database_url, &dataset, &source)?);
+        }
+        let baseline = median(baseline);
+        let base_seconds = baseline.seconds;
+        for (case, measurement) in [
+            ("psql \\copy", baseline),
+            ("first import", median(first)),
+            ("second import", median(second)),
+        ] {
+            let rss = measurement
+                .summary
+                .as_ref()
+                .map(|summary| format!("{:.1} MB", summary.peak_rss_bytes as f64 / 1e6))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{:>10} {:<14} {:>9.2} {:>11.0} {:>8.1} {:>10} {:>10.2}x",
+                rows,
+                case,
+                measurement.seconds,
+                rows as f64 / measurement.seconds,
+                bytes as f64 / 1e6 / measurement.seconds,
+                rss,
+                measurement.seconds / base_seconds
+            );
+            if let Some(summary) = &measurement.summary {
+                stage_lines.push(format!(
+                    "{rows:>10} {case:<14} {}",
+                    serde_json::to_string(&summary.timings)?
+                ));
+            }
+        }
+    }
+    println!("\nwhere the time goes (milliseconds, from the import's own clocks):");
+    for line in stage_lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The `dsa-ingest` binary built beside this example (target/<profile>/).
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let example = std::env::current_exe()?;
+    let profile_dir = example
+        .parent()
+        .and_then(Path::parent)
+        .context("the example runs from target/<profile>/examples")?;
+    let binary = profile_dir.join(name);
+    if !binary.exists() {
+        bail!(
+            "{} is missing: build it with cargo build --release --bins",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// A fresh database beside the configured one, so the benchmark never touches real data.
+async fn recreate_database(database_url: &str) -> anyhow::Result<String> {
+    let (base, _) = database_url
+        .rsplit_once('/')
+        .context("DATABASE_URL names a database")?;
+    let admin = sqlx::PgPool::connect(&format!("{base}/postgres")).await?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)"
+    ))
+    .execute(&admin)
+    .await?;
+    sqlx::query(&format!("CREATE DATABASE {BENCH_DATABASE}"))
+        .execute(&admin)
+        .await?;
+    Ok(format!("{base}/{BENCH_DATABASE}"))
+}
+
+/// Empties the store and the baseline table, so each round's first import stores every row.
+async fn reset_store(database_url: &str) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    sqlx::query(
+        "TRUNCATE dsa_core.rows, dsa_core.commit_rows, dsa_core.refs, dsa_core.commits,
+                  dsa_jobs.analysis_runs, dsa_jobs.outbox CASCADE",
+    )
+    .execute(&pool)
+    .await?;
+    let columns: Vec<String> = dsa_ingest::sample::SAMPLE_HEADER
+        .split(',')
+        .map(|name| format!("{name} text"))
+        .collect();
+    sqlx::query("DROP TABLE IF EXISTS public.baseline")
+        .execute(&pool)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE TABLE public.baseline ({})",
+        columns.join(", ")
+    ))
+    .execute(&pool)
+    .await?;
+    sqlx::query("CHECKPOINT").execute(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+fn ensure_sample(path: &Path, rows: u64) -> anyhow::Result<u64> {
+    if !path.exists() {
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+        let partial = path.with_extension("partial");
+        let mut writer =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&partial)?);
+        dsa_ingest::sample::write_sample_csv(&mut writer, rows, 1)?;
+        writer.into_inner()?.sync_all()?;
+        std::fs::rename(&partial, path)?;
+    }
+    Ok(std::fs::metadata(path)?.len())
+}
+
+async fn upload(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    path: &Path,
+    bytes: u64,
+) -> anyhow::Result<()> {
+    let existing = s3.head_object().bucket(bucket).key(key).send().await;
+    if existing.is_ok_and(|head| head.content_length() == Some(bytes as i64)) {
+        return Ok(());
+    }
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from_path(path).await?)
+        .send()
+        .await
+        .with_context(|| format!("uploading s3://{bucket}/{key}"))?;
+    Ok(())
+}
+
+fn time_psql_copy(database_url: &str, path: &Path) -> anyhow::Result<Measurement> {
+    let copy = format!(
+        "\\copy public.baseline FROM '{}' WITH (FORMAT csv, HEADER true)",
+        path.display()
+    );
+    let started = Instant::now();
+    let output = Command::new("psql")
+        .args([database_url, "-v", "ON_ERROR_STOP=1", "-q", "-c", &copy])
+        .output()?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(Measurement {
+        seconds,
+        summary: None,
+    })
+}
+
+fn time_import(
+    binary: &Path,
+    database_url: &str,
+    dataset: &str,
+    source: &str,
+) -> anyhow::Result<Measurement> {
+    let started = Instant::now();
+    let stdout = run(
+        binary,
+        database_url,
+        &["import", "--dataset", dataset, source, "--json"],
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Measurement {
+        seconds,
+        summary: Some(serde_json::from_slice(&stdout)?),
+    })
+}
+
+fn run(binary: &Path, database_url: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let output = Command::new(binary)
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "dsa-ingest {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output.stdout)
+}
+
+fn median(mut measurements: Vec<Measurement>) -> Measurement {
+    measurements.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    measurements.swap_remove(measurements.len() / 2)
+}

@@ -1,0 +1,72 @@
+//! Writes a deterministic sample CSV to a file and optionally uploads it to S3.
+//!
+//! `cargo run --release --example sample_csv -- --rows 10000 --out target/sample.csv \
+//!      [--upload s3://bucket/key] [--seed 1]`
+
+use std::io::BufWriter;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use aws_sdk_s3::primitives::ByteStream;
+use dsa_ingest::config::Settings;
+use dsa_ingest::fetch::SourceLocation;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut rows = 10_000u64;
+    let mut seed = 1u64;
+    let mut out = PathBuf::from("target/sample.csv");
+    let mut upload = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rows" => rows = value.parse()?,
+            "--seed" => seed = value.parse()?,
+            "--out" => out = PathBuf::from(value),
+            "--upload" => {
+                upload = Some(
+                    value
+                        .parse::<SourceLocation>()
+                        .map_err(anyhow::Error::msg)?,
+                )
+            }
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let file =
+        std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut writer = BufWriter::with_capacity(1 << 20, file);
+    dsa_ingest::sample::write_sample_csv(&mut writer, rows, seed)?;
+    writer.into_inner()?.sync_all()?;
+    let size = std::fs::metadata(&out)?.len();
+    eprintln!("wrote {} ({rows} rows, {size} bytes)", out.display());
+
+    if let Some(SourceLocation::S3 { bucket, key }) = upload {
+        let settings = Settings::from_env()?;
+        let client = dsa_ingest::s3::client(&settings.s3).await;
+        if client.head_bucket().bucket(&bucket).send().await.is_err() {
+            client
+                .create_bucket()
+                .bucket(&bucket)
+                .send()
+                .await
+                .context("creating bucket")?;
+        }
+        client
+            .put_object()
+            .bucket(&bucket)
+            .key(&key)
+            .body(ByteStream::from_path(&out).await?)
+            .send()
+            .await
+            .with_context(|| format!("uploading to s3://{bucket}/{key}"))?;
+        eprintln!("uploaded s3://{bucket}/{key}");
+    }
+    Ok(())
+}
