@@ -90,6 +90,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 redact(&settings.database_url)
             )
         })?;
+    if !matches!(cli.command, Command::Migrate) {
+        db::check_schema(&pool).await?;
+    }
     match cli.command {
         Command::Migrate => {
             db::migrate(&pool).await.context("applying migrations")?;

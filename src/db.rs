@@ -30,6 +30,37 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Fails with a message that says what to do when the schema is missing or older than
+/// this binary, instead of letting the first query fail on a missing table.
+pub async fn check_schema(pool: &PgPool) -> Result<(), SchemaError> {
+    let latest = MIGRATOR
+        .iter()
+        .map(|migration| migration.version)
+        .max()
+        .unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .or_else(|error| match &error {
+                // undefined_table: never migrated.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(None),
+                _ => Err(error),
+            })?;
+    if applied.unwrap_or(0) < latest {
+        return Err(SchemaError::NotMigrated);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Error)]
+pub enum SchemaError {
+    #[error("the database schema is missing or older than this binary: run `dsa-ingest migrate`")]
+    NotMigrated,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
 #[derive(Debug, Error)]
 pub enum DatasetError {
     #[error("dataset name {0:?} is not valid: use 1 to 200 characters, no control characters")]

@@ -24,7 +24,8 @@ use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 
 use crate::config::ImportSettings;
 
-/// How often one range is tried before the import gives up on the store.
+/// How many attempts in a row may deliver no byte before the import gives up on the
+/// store; an attempt that delivered something resets the count.
 const RANGE_ATTEMPTS: u32 = 5;
 
 /// What the import reads: a file on this machine or an object in a bucket.
@@ -274,6 +275,7 @@ impl Fetcher {
             if from >= end {
                 return Ok(buffer.freeze());
             }
+            let received_before = buffer.len();
             attempt += 1;
             let mut request = client
                 .get_object()
@@ -334,6 +336,17 @@ impl Fetcher {
                     DisplayErrorChain(&error).to_string()
                 }
             };
+            if buffer.len() > received_before {
+                // The body broke after making progress: ask for the rest at once.
+                attempt = 0;
+                tracing::debug!(
+                    source = %self.location,
+                    byte = start + buffer.len() as u64,
+                    error = %failure,
+                    "ranged GET broke; resuming from the last byte received"
+                );
+                continue;
+            }
             if attempt >= RANGE_ATTEMPTS {
                 return Err(FetchError::Io {
                     source_location: self.location.to_string(),
@@ -345,7 +358,7 @@ impl Fetcher {
                 byte = from,
                 attempt,
                 error = %failure,
-                "ranged GET broke; resuming from the last byte received"
+                "ranged GET failed; retrying"
             );
             tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
         }
