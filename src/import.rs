@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use csv_async::ByteRecord;
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,7 @@ use crate::decode::{self, CsvDecoder, CsvStart, DecodeError, Header, HeaderChang
 use crate::fetch::{FetchError, Fetcher, ObjectInfo};
 use crate::finalise::{self, CommitFacts};
 use crate::hash::{self, TreeHasher};
-use crate::load::{Batch, BatchWriter, LoadError, Loader, Progress, RejectedRow};
+use crate::load::{Batch, BatchWriter, LoadError, Loader, Lookup, Progress, RejectedRow};
 
 /// Batches decoded ahead of the loader; two keep both sides busy without piling up.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -87,6 +87,9 @@ pub struct StageTimings {
     pub wait_for_batch_ms: u64,
     /// Canonical JSON, sha256 and COPY encoding, on the blocking pool.
     pub decode_hash_ms: u64,
+    /// Looking up which rows are stored already (batches of mostly known rows).
+    pub lookup_ms: u64,
+    /// COPY of new rows' content into the staging table.
     pub copy_ms: u64,
     pub insert_rows_ms: u64,
     pub commit_rows_ms: u64,
@@ -248,7 +251,7 @@ impl Importer {
             }
         };
 
-        let (sender, mut receiver) = mpsc::channel(BATCHES_IN_FLIGHT);
+        let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
         let producer = tokio::spawn(
             produce_batches(
                 decoder,
@@ -260,8 +263,11 @@ impl Importer {
             )
             .in_current_span(),
         );
-        // Dropping the guard aborts the producer on every way out of this function.
-        let _producer_guard = AbortOnDrop(producer);
+        let (sender, mut receiver) = mpsc::channel(1);
+        let lookup = Lookup::new(&self.pool).await?;
+        let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+        // Dropping the guards aborts both tasks on every way out of this function.
+        let _guards = (AbortOnDrop(producer), AbortOnDrop(looker));
 
         let mut timings = StageTimings::default();
         let mut rows_this_attempt = 0u64;
@@ -281,13 +287,14 @@ impl Importer {
                     Progress::new(
                         &batch.checkpoint,
                         info.size,
-                        rows_this_attempt + batch.rows,
+                        rows_this_attempt + batch.rows.len(),
                         started.elapsed(),
                     )
                 });
             let outcome = loader.load(&batch, progress.as_ref()).await?;
-            rows_this_attempt += batch.rows;
+            rows_this_attempt += batch.rows.len();
             timings.decode_hash_ms += batch.encode_duration.as_millis() as u64;
+            timings.lookup_ms += batch.lookup_duration.as_millis() as u64;
             timings.copy_ms += outcome.copy_duration.as_millis() as u64;
             timings.insert_rows_ms += outcome.insert_duration.as_millis() as u64;
             timings.commit_rows_ms += outcome.commit_rows_duration.as_millis() as u64;
@@ -459,6 +466,31 @@ async fn produce_batches(
     }
 }
 
+/// The look-up stage: drops the content of rows already stored from each batch, one
+/// batch ahead of the loader, on a second connection.
+async fn drop_known_rows(
+    mut lookup: Lookup,
+    mut encoded: mpsc::Receiver<Result<Batch, ImportError>>,
+    sender: mpsc::Sender<Result<Batch, ImportError>>,
+) {
+    while let Some(next) = encoded.recv().await {
+        let forwarded = match next {
+            Ok(mut batch) => match lookup.drop_known(&mut batch.rows).await {
+                Ok(duration) => {
+                    batch.lookup_duration = duration;
+                    Ok(batch)
+                }
+                Err(error) => Err(error.into()),
+            },
+            Err(error) => Err(error),
+        };
+        let failed = forwarded.is_err();
+        if sender.send(forwarded).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
 /// The CPU part of a batch: canonical JSON, row hash, tree hash and COPY encoding for
 /// each record, or the record's rejection. `next` is the checkpoint before the batch with
 /// the reader's position after it; it comes back complete.
@@ -473,7 +505,7 @@ fn encode_batch(
     let started = Instant::now();
     let mut tree = TreeHasher::from_hex(&next.tree_state)
         .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
-    let mut writer = BatchWriter::new(&next.sheet, records.len() * 192);
+    let mut writer = BatchWriter::new(&next.commit_id, &next.sheet, records.len());
     let mut rejected = Vec::new();
     let mut json = Vec::with_capacity(512);
     let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
@@ -511,11 +543,11 @@ fn encode_batch(
     next.rejected_rows += rejected.len() as u64;
     next.tree_state = tree.to_hex();
     Ok(Batch {
-        rows: writer.rows(),
-        copy_data: writer.into_copy_data(),
+        rows: writer.finish(),
         rejected,
         checkpoint: next,
         encode_duration: started.elapsed(),
+        lookup_duration: Duration::ZERO,
     })
 }
 

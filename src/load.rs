@@ -5,6 +5,7 @@
 //! Because data and checkpoint commit together, a crash loses at most the batch in flight
 //! and a resumed run never loads a row twice.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -33,66 +34,135 @@ pub struct RejectedRow {
     pub raw: Vec<u8>,
 }
 
-/// Rows of one batch in COPY text format, ready to send, plus what the batch moves the
-/// checkpoint to.
+/// One batch, encoded for COPY, plus what the batch moves the checkpoint to.
 pub struct Batch {
-    /// `logical_row_id \t \\x<row_hash hex> \t <canonical JSON>` lines.
-    pub copy_data: Vec<u8>,
-    pub rows: u64,
+    pub rows: RowsCopy,
     pub rejected: Vec<RejectedRow>,
     /// The checkpoint once this batch is durable, except `new_rows`, which holds the
     /// count before this batch: only the load learns how many of its rows were new.
     pub checkpoint: Checkpoint,
     /// Time spent decoding and hashing this batch (CPU, off the executor).
     pub encode_duration: Duration,
+    /// Time spent finding which of its rows are stored already.
+    pub lookup_duration: Duration,
 }
 
-/// Appends rows to a batch's COPY buffer.
+/// A batch's rows as two COPY text streams: the content for `dsa_core.rows` (only the
+/// rows not stored yet are sent) and the snapshot entries for `dsa_core.commit_rows`.
+#[derive(Default)]
+pub struct RowsCopy {
+    /// `\\x<row_hash hex> \t <canonical JSON>` lines.
+    content: Vec<u8>,
+    /// Where each row's line in `content` ends, to send a subset of them.
+    content_ends: Vec<usize>,
+    hashes: Vec<RowHash>,
+    /// `commit_id \t logical_row_id \t \\x<row_hash hex>` lines.
+    commit_rows: Vec<u8>,
+}
+
+impl RowsCopy {
+    pub fn len(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Drops the content lines of rows whose hash is in `known`, keeping the others
+    /// in order; the commit_rows entries of all rows stay.
+    fn drop_content_of(&mut self, known: &HashSet<RowHash>) {
+        let mut kept = 0;
+        let mut start = 0;
+        for (hash, &end) in self.hashes.iter().zip(&self.content_ends) {
+            if !known.contains(hash) {
+                self.content.copy_within(start..end, kept);
+                kept += end - start;
+            }
+            start = end;
+        }
+        self.content.truncate(kept);
+        self.content_ends.clear();
+    }
+}
+
+/// Appends rows to a batch's COPY streams.
 pub struct BatchWriter {
-    /// `sheet:` escaped for COPY text once, since every row repeats it.
-    sheet_prefix: Vec<u8>,
-    copy_data: Vec<u8>,
-    rows: u64,
+    /// `commit_id\tsheet:` escaped for COPY text once, since every row repeats it.
+    row_id_prefix: Vec<u8>,
+    copy: RowsCopy,
 }
 
 impl BatchWriter {
-    pub fn new(sheet: &str, capacity: usize) -> Self {
-        let mut sheet_prefix = Vec::with_capacity(sheet.len() + 1);
-        push_copy_escaped(sheet.as_bytes(), &mut sheet_prefix);
-        sheet_prefix.push(b':');
+    pub fn new(commit_id: &str, sheet: &str, rows: usize) -> Self {
+        let mut row_id_prefix = Vec::with_capacity(commit_id.len() + sheet.len() + 2);
+        push_copy_escaped(commit_id.as_bytes(), &mut row_id_prefix);
+        row_id_prefix.push(b'\t');
+        push_copy_escaped(sheet.as_bytes(), &mut row_id_prefix);
+        row_id_prefix.push(b':');
         Self {
-            sheet_prefix,
-            copy_data: Vec::with_capacity(capacity),
-            rows: 0,
+            copy: RowsCopy {
+                content: Vec::with_capacity(rows * 192),
+                content_ends: Vec::with_capacity(rows),
+                hashes: Vec::with_capacity(rows),
+                commit_rows: Vec::with_capacity(rows * (row_id_prefix.len() + 80)),
+            },
+            row_id_prefix,
         }
     }
 
     /// Adds row `n` of the sheet. `canonical_json` comes from the encoder, which escapes
     /// every control character, so only backslashes need doubling for COPY text.
     pub fn push(&mut self, n: u64, row_hash: &RowHash, canonical_json: &[u8]) {
-        let out = &mut self.copy_data;
-        out.extend_from_slice(&self.sheet_prefix);
-        push_decimal(n, out);
-        out.extend_from_slice(b"\t\\\\x");
         let mut hex = [0u8; 64];
         hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
-        out.extend_from_slice(&hex);
-        out.push(b'\t');
-        push_copy_escaped(canonical_json, out);
-        out.push(b'\n');
-        self.rows += 1;
+
+        let content = &mut self.copy.content;
+        content.extend_from_slice(b"\\\\x");
+        content.extend_from_slice(&hex);
+        content.push(b'\t');
+        push_copy_escaped(canonical_json, content);
+        content.push(b'\n');
+        self.copy.content_ends.push(content.len());
+        self.copy.hashes.push(*row_hash);
+
+        let entries = &mut self.copy.commit_rows;
+        entries.extend_from_slice(&self.row_id_prefix);
+        push_decimal(n, entries);
+        entries.extend_from_slice(b"\t\\\\x");
+        entries.extend_from_slice(&hex);
+        entries.push(b'\n');
     }
 
     pub fn rows(&self) -> u64 {
-        self.rows
+        self.copy.len()
     }
 
-    pub fn bytes(&self) -> usize {
-        self.copy_data.len()
-    }
-
-    pub fn into_copy_data(self) -> Vec<u8> {
-        self.copy_data
+    /// The batch's streams, with the content lines in row-hash order: the insert sorts
+    /// by hash (see [`Loader::load`]) and PostgreSQL's sort returns at once on input that
+    /// is already in order, so the sorting is done here, off the database's core.
+    pub fn finish(self) -> RowsCopy {
+        let RowsCopy {
+            content,
+            content_ends,
+            hashes,
+            commit_rows,
+        } = self.copy;
+        let mut order: Vec<usize> = (0..hashes.len()).collect();
+        order.sort_unstable_by_key(|&index| hashes[index]);
+        let mut sorted = RowsCopy {
+            content: Vec::with_capacity(content.len()),
+            content_ends: Vec::with_capacity(content_ends.len()),
+            hashes: Vec::with_capacity(hashes.len()),
+            commit_rows,
+        };
+        for index in order {
+            let start = if index == 0 { 0 } else { content_ends[index - 1] };
+            sorted.content.extend_from_slice(&content[start..content_ends[index]]);
+            sorted.content_ends.push(sorted.content.len());
+            sorted.hashes.push(hashes[index]);
+        }
+        sorted
     }
 }
 
@@ -175,9 +245,13 @@ impl Progress {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BatchOutcome {
     pub new_rows: u64,
+    /// COPY of new rows' content into the staging table.
     pub copy_duration: Duration,
+    /// Insert from the staging table into `dsa_core.rows`.
     pub insert_duration: Duration,
+    /// COPY of the batch's entries into `dsa_core.commit_rows`.
     pub commit_rows_duration: Duration,
+    /// Checkpoint update and COMMIT.
     pub commit_duration: Duration,
 }
 
@@ -185,9 +259,6 @@ pub struct BatchOutcome {
 pub struct Loader {
     conn: PoolConnection<Postgres>,
     lease: Lease,
-    /// Whether the next batch is expected to be mostly rows not stored yet, which picks
-    /// the cheaper of the two ways to insert them.
-    expect_new_rows: bool,
 }
 
 impl Loader {
@@ -197,19 +268,14 @@ impl Loader {
         // each other's batches; ON COMMIT DELETE ROWS empties it after every batch.
         // The data column stays text: only rows that are new get parsed into jsonb.
         sqlx::query(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS import_batch (
-                 logical_row_id text NOT NULL,
+            "CREATE TEMPORARY TABLE IF NOT EXISTS import_rows (
                  row_hash bytea NOT NULL,
                  data text NOT NULL
              ) ON COMMIT DELETE ROWS",
         )
         .execute(&mut *conn)
         .await?;
-        Ok(Self {
-            conn,
-            lease,
-            expect_new_rows: false,
-        })
+        Ok(Self { conn, lease })
     }
 
     /// Loads one batch and moves the checkpoint, atomically.
@@ -226,63 +292,42 @@ impl Loader {
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
-        // The look-up of a batch's hashes must probe the rows index once per row. The
-        // statistics of a table that grows by a batch at a time lag behind it, and with
-        // them the planner picks merge or hash anti-joins that read the whole table for
-        // every batch, making an import quadratic; these two settings rule those out.
-        sqlx::query("SET LOCAL enable_mergejoin = off")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SET LOCAL enable_hashjoin = off")
-            .execute(&mut *tx)
-            .await?;
-        let commit_id = &batch.checkpoint.commit_id;
 
-        if batch.rows > 0 {
-            let started = Instant::now();
-            let mut copy = tx
-                .copy_in_raw("COPY import_batch (logical_row_id, row_hash, data) FROM STDIN")
-                .await?;
-            copy.send(batch.copy_data.as_slice()).await?;
-            copy.finish().await?;
-            outcome.copy_duration = started.elapsed();
+        if !batch.rows.is_empty() {
+            let rows = &batch.rows;
+            let content = rows.content.as_slice();
+            if !content.is_empty() {
+                let started = Instant::now();
+                let mut copy = tx
+                    .copy_in_raw("COPY import_rows (row_hash, data) FROM STDIN")
+                    .await?;
+                copy.send(content).await?;
+                copy.finish().await?;
+                outcome.copy_duration = started.elapsed();
 
-            // Sorted inserts make two imports of overlapping rows take index locks in
-            // the same order, so they wait for each other instead of deadlocking.
-            let started = Instant::now();
-            let statement = if self.expect_new_rows {
-                // Mostly new rows: parse every row and let the primary key turn away the
-                // few already stored.
-                "INSERT INTO dsa_core.rows (row_hash, data)
-                 SELECT DISTINCT ON (row_hash) row_hash, data::jsonb
-                   FROM import_batch ORDER BY row_hash
-                 ON CONFLICT (row_hash) DO NOTHING"
-            } else {
-                // Mostly known rows: filter them out before their text is parsed into
-                // jsonb; ON CONFLICT still covers a concurrent import storing a row first.
-                "INSERT INTO dsa_core.rows (row_hash, data)
-                 SELECT DISTINCT ON (b.row_hash) b.row_hash, b.data::jsonb
-                   FROM import_batch b
-                  WHERE NOT EXISTS (SELECT 1 FROM dsa_core.rows r WHERE r.row_hash = b.row_hash)
-                  ORDER BY b.row_hash
-                 ON CONFLICT (row_hash) DO NOTHING"
-            };
-            outcome.new_rows = sqlx::query(statement)
+                // ON CONFLICT covers rows stored meanwhile by a concurrent import and
+                // repeats within the batch. Sorted inserts make two imports of the same
+                // rows take index locks in one order, so they wait instead of deadlocking.
+                let started = Instant::now();
+                outcome.new_rows = sqlx::query(
+                    "INSERT INTO dsa_core.rows (row_hash, data)
+                     SELECT row_hash, data::jsonb FROM import_rows ORDER BY row_hash
+                     ON CONFLICT (row_hash) DO NOTHING",
+                )
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            // Files are rarely half new, half known; the last batch predicts the next.
-            self.expect_new_rows = outcome.new_rows * 2 > batch.rows;
-            outcome.insert_duration = started.elapsed();
+                outcome.insert_duration = started.elapsed();
+            }
 
             let started = Instant::now();
-            sqlx::query(
-                "INSERT INTO dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
-                 SELECT $1, logical_row_id, row_hash FROM import_batch",
-            )
-            .bind(commit_id)
-            .execute(&mut *tx)
-            .await?;
+            let mut copy = tx
+                .copy_in_raw(
+                    "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash) FROM STDIN",
+                )
+                .await?;
+            copy.send(rows.commit_rows.as_slice()).await?;
+            copy.finish().await?;
             outcome.commit_rows_duration = started.elapsed();
         }
 
@@ -338,6 +383,68 @@ impl Loader {
 
     pub fn lease(&self) -> &Lease {
         &self.lease
+    }
+}
+
+/// Hashes looked up to guess whether a batch is mostly new or mostly stored.
+const LOOKUP_SAMPLE: usize = 64;
+
+/// Finds which rows of a batch are stored already, on a connection of its own, so the
+/// look-up of one batch runs while the previous one is loading. Only the content of
+/// rows not found is then sent; a row stored between the look-up and the load is
+/// caught by the insert's ON CONFLICT, so a stale answer costs bytes, never correctness.
+pub struct Lookup {
+    conn: PoolConnection<Postgres>,
+}
+
+impl Lookup {
+    pub async fn new(pool: &PgPool) -> Result<Self, LoadError> {
+        let mut conn = pool.acquire().await?;
+        // The statistics of a table that grows a batch at a time lag behind it; with
+        // them the planner may prefer reading the whole table to probing its index once
+        // per hash, which would make an import quadratic. Only index probes are allowed.
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut *conn)
+            .await?;
+        Ok(Self { conn })
+    }
+
+    /// Removes the content of rows already stored from `rows`; returns how long it took.
+    ///
+    /// A sample of the batch is looked up first: when most of it is new (a first
+    /// import), a full look-up would miss almost every time and only take CPU from the
+    /// load, so the whole batch is sent and the insert's ON CONFLICT sorts it out.
+    pub async fn drop_known(&mut self, rows: &mut RowsCopy) -> Result<Duration, LoadError> {
+        let started = Instant::now();
+        let step = (rows.hashes.len() / LOOKUP_SAMPLE).max(1);
+        let sample: Vec<&[u8]> = rows
+            .hashes
+            .iter()
+            .step_by(step)
+            .take(LOOKUP_SAMPLE)
+            .map(|hash| hash.as_slice())
+            .collect();
+        let sampled_known: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM dsa_core.rows WHERE row_hash = ANY($1)",
+        )
+        .bind(&sample)
+        .fetch_one(&mut *self.conn)
+        .await?;
+        if (sampled_known as usize) * 2 < sample.len() {
+            return Ok(started.elapsed());
+        }
+        let wanted: Vec<&[u8]> = rows.hashes.iter().map(|hash| hash.as_slice()).collect();
+        let found: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT row_hash FROM dsa_core.rows WHERE row_hash = ANY($1)")
+                .bind(wanted)
+                .fetch_all(&mut *self.conn)
+                .await?;
+        let known: HashSet<RowHash> = found
+            .into_iter()
+            .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
+            .collect();
+        rows.drop_content_of(&known);
+        Ok(started.elapsed())
     }
 }
 
@@ -408,16 +515,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn copy_lines_escape_the_sheet_and_backslashes() {
-        let mut writer = BatchWriter::new("my\tsheet", 0);
+    fn copy_lines_escape_ids_and_backslashes() {
+        let mut writer = BatchWriter::new("c1", "my\tsheet", 0);
         writer.push(7, &[0xab; 32], br#"{"a":"x\ny\\"}"#);
-        let line = String::from_utf8(writer.into_copy_data()).unwrap();
+        writer.push(8, &[0xcd; 32], b"{}");
+        let copy = writer.finish();
+        let hex_ab = "ab".repeat(32);
+        let hex_cd = "cd".repeat(32);
         assert_eq!(
-            line,
-            format!(
-                "my\\tsheet:7\t\\\\x{}\t{{\"a\":\"x\\\\ny\\\\\\\\\"}}\n",
-                "ab".repeat(32)
-            )
+            String::from_utf8(copy.commit_rows.clone()).unwrap(),
+            format!("c1\tmy\\tsheet:7\t\\\\x{hex_ab}\nc1\tmy\\tsheet:8\t\\\\x{hex_cd}\n")
         );
+        let content = String::from_utf8(copy.content.clone()).unwrap();
+        let first = format!("\\\\x{hex_ab}\t{{\"a\":\"x\\\\ny\\\\\\\\\"}}\n");
+        assert_eq!(content, format!("{first}\\\\x{hex_cd}\t{{}}\n"));
+        let mut copy = copy;
+        copy.drop_content_of(&HashSet::from([[0xcd; 32]]));
+        assert_eq!(String::from_utf8(copy.content).unwrap(), first);
     }
 }
