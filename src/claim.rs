@@ -234,13 +234,24 @@ pub async fn claim(
         });
     };
 
-    let bad = |message: String| ClaimError::BadParameters { run_id, message };
-    let parameters: ImportParameters =
-        serde_json::from_value(parameters.0).map_err(|error| bad(error.to_string()))?;
-    let checkpoint = checkpoint
-        .map(|json| serde_json::from_value::<Checkpoint>(json.0))
-        .transpose()
-        .map_err(|error| bad(format!("checkpoint: {error}")))?;
+    let parsed = serde_json::from_value::<ImportParameters>(parameters.0)
+        .map_err(|error| error.to_string())
+        .and_then(|parameters| {
+            let checkpoint = checkpoint
+                .map(|json| serde_json::from_value::<Checkpoint>(json.0))
+                .transpose()
+                .map_err(|error| format!("checkpoint: {error}"))?;
+            Ok((parameters, checkpoint))
+        });
+    let (parameters, checkpoint) = match parsed {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            // Claimed but unreadable: fail it now, or every attempt would claim it again.
+            let error = ClaimError::BadParameters { run_id, message };
+            fail_run(pool, run_id, Some(token), &error.to_string()).await?;
+            return Err(error);
+        }
+    };
     Ok(ClaimedRun {
         lease: Lease {
             run_id,

@@ -7,11 +7,13 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead};
+use tokio::io::{AsyncBufReadExt, AsyncRead};
 
 use crate::fetch::FetchError;
 use crate::hash::{jcs_key_cmp, write_json_string};
@@ -33,6 +35,11 @@ pub enum DecodeError {
     BadHeader { file: String, problem: RowProblem },
     #[error(transparent)]
     Source(#[from] FetchError),
+    #[error(
+        "{file}: the record starting at byte {byte} is longer than 64 MiB; \
+         is a quote left open there?"
+    )]
+    RecordTooLong { file: String, byte: u64 },
     #[error("{file}: reading CSV near byte {byte}: {message}")]
     Read {
         file: String,
@@ -261,17 +268,24 @@ pub struct CsvStart {
     pub line: u64,
     /// Whether the file's first line ends in CRLF.
     pub crlf: bool,
+    /// Whether `byte` is the top of the object (after a byte order mark, if any), where
+    /// the first record starts on its own first byte rather than on a pending `\n`.
+    pub at_top: bool,
 }
 
 impl CsvStart {
     /// Absolute byte offset and line number of the first character of `record`, read
     /// from here, as a person opening the file would count them.
     pub fn position_of(&self, record: &ByteRecord) -> (u64, u64) {
+        let relative = record
+            .position()
+            .map(|position| position.byte())
+            .unwrap_or(0);
         let (byte, line) = match record.position() {
             Some(position) => (self.byte + position.byte(), self.line + position.line() - 1),
             None => (self.byte, self.line),
         };
-        if self.crlf && byte > 0 {
+        if self.crlf && !(self.at_top && relative == 0) {
             (byte + 1, line + 1)
         } else {
             (byte, line)
@@ -279,14 +293,67 @@ impl CsvStart {
     }
 }
 
-/// Whether the first line of `input` ends in CRLF; looks without consuming.
-pub async fn first_line_ends_in_crlf<R: AsyncBufRead + Unpin>(input: &mut R) -> bool {
-    match input.fill_buf().await {
-        Ok(buffer) => buffer
-            .iter()
-            .position(|&byte| byte == b'\n')
-            .is_some_and(|newline| newline > 0 && buffer[newline - 1] == b'\r'),
-        Err(_) => false,
+/// Whether the first line in `buffer` ends in CRLF.
+fn first_line_ends_in_crlf(buffer: &[u8]) -> bool {
+    buffer
+        .iter()
+        .position(|&byte| byte == b'\n')
+        .is_some_and(|newline| newline > 0 && buffer[newline - 1] == b'\r')
+}
+
+/// A record longer than this is refused: almost always an unterminated quote, which
+/// would otherwise make the parser read the rest of the file into one record.
+pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Fails the read once more than [`MAX_RECORD_BYTES`] were delivered without a record
+/// completing; the decoder resets the count after each record.
+struct RecordLimit {
+    inner: Pin<Box<dyn AsyncRead + Send>>,
+    since_record: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Error)]
+#[error("record too long")]
+struct RecordTooLong;
+
+impl AsyncRead for RecordLimit {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.since_record.load(Ordering::Relaxed) > MAX_RECORD_BYTES {
+            return std::task::Poll::Ready(Err(std::io::Error::other(RecordTooLong)));
+        }
+        let before = buf.filled().len();
+        let poll = self.inner.as_mut().poll_read(cx, buf);
+        let added = (buf.filled().len() - before) as u64;
+        self.since_record.fetch_add(added, Ordering::Relaxed);
+        poll
+    }
+}
+
+/// Turns an I/O error under the parser into a decode error, keeping a failed fetch
+/// (object changed, store down) visible as what it is.
+fn read_error(file: &str, byte: u64, error: std::io::Error) -> DecodeError {
+    let message = error.to_string();
+    if let Some(inner) = error.into_inner() {
+        match inner.downcast::<FetchError>() {
+            Ok(fetch) => return DecodeError::Source(*fetch),
+            Err(inner) => {
+                if inner.is::<RecordTooLong>() {
+                    return DecodeError::RecordTooLong {
+                        file: file.to_owned(),
+                        byte,
+                    };
+                }
+            }
+        }
+    }
+    DecodeError::Read {
+        file: file.to_owned(),
+        byte,
+        message,
     }
 }
 
@@ -302,22 +369,45 @@ pub struct CsvDecoder {
     reader: AsyncReader<Pin<Box<dyn AsyncRead + Send>>>,
     file: String,
     start: CsvStart,
+    /// Bytes delivered to the parser since the last complete record (see [`RecordLimit`]).
+    since_record: Arc<AtomicU64>,
 }
 
 impl CsvDecoder {
-    /// `input` must deliver the object's bytes from `start.byte` on.
     /// `input` must deliver the object's bytes from `start.byte` on. At the top of the
-    /// object `start.crlf` is found out here; a resumed read takes it from the header.
+    /// object a UTF-8 byte order mark is skipped (before the parser sees it, so a quoted
+    /// first header cell stays quoted) and `start.crlf` is found out; a resumed read
+    /// takes it from the header.
     pub async fn open(
         input: Pin<Box<dyn AsyncRead + Send>>,
         file: &str,
         mut start: CsvStart,
-    ) -> Self {
-        let mut input = tokio::io::BufReader::with_capacity(256 * 1024, input);
+    ) -> Result<Self, DecodeError> {
+        let since_record = Arc::new(AtomicU64::new(0));
+        let limited = RecordLimit {
+            inner: input,
+            since_record: since_record.clone(),
+        };
+        let mut input = tokio::io::BufReader::with_capacity(256 * 1024, limited);
         if start.byte == 0 {
-            start.crlf = first_line_ends_in_crlf(&mut input).await;
+            start.at_top = true;
+            let buffer = input
+                .fill_buf()
+                .await
+                .map_err(|error| read_error(file, 0, error))?;
+            if buffer.starts_with(UTF8_BOM) {
+                input.consume(UTF8_BOM.len());
+                start.byte = UTF8_BOM.len() as u64;
+            }
+            let buffer = input
+                .fill_buf()
+                .await
+                .map_err(|error| read_error(file, start.byte, error))?;
+            start.crlf = first_line_ends_in_crlf(buffer);
         }
-        Self::new(Box::pin(input), file, start)
+        let mut decoder = Self::new(Box::pin(input), file, start);
+        decoder.since_record = since_record;
+        Ok(decoder)
     }
 
     fn new(input: Pin<Box<dyn AsyncRead + Send>>, file: &str, start: CsvStart) -> Self {
@@ -330,6 +420,7 @@ impl CsvDecoder {
             reader,
             file: file.to_owned(),
             start,
+            since_record: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -342,11 +433,12 @@ impl CsvDecoder {
         };
         let mut names = Vec::with_capacity(first.record.len());
         for (index, field) in first.record.iter().enumerate() {
-            let field = if index == 0 {
-                field.strip_prefix(UTF8_BOM).unwrap_or(field)
-            } else {
-                field
-            };
+            if field.contains(&0) {
+                return Err(DecodeError::BadHeader {
+                    file: self.file.clone(),
+                    problem: RowProblem::NulCharacter { column: index + 1 },
+                });
+            }
             let name = std::str::from_utf8(field).map_err(|error| DecodeError::BadHeader {
                 file: self.file.clone(),
                 problem: RowProblem::InvalidUtf8 {
@@ -375,25 +467,22 @@ impl CsvDecoder {
 
     /// Reads the next record into `record`, reusing its allocation; `false` at the end.
     pub async fn read_record(&mut self, record: &mut ByteRecord) -> Result<bool, DecodeError> {
+        let record_start = self.next_byte();
         match self.reader.read_byte_record(record).await {
-            Ok(more) => Ok(more),
-            Err(error) => {
-                let message = error.to_string();
-                // A failed ranged GET reaches us wrapped in the reader's I/O error; unwrap
-                // it so the caller still sees whether the object changed or the store is down.
-                if let csv_async::ErrorKind::Io(io) = error.into_kind() {
-                    if let Some(inner) = io.into_inner() {
-                        if let Ok(fetch) = inner.downcast::<FetchError>() {
-                            return Err(DecodeError::Source(*fetch));
-                        }
-                    }
-                }
-                Err(DecodeError::Read {
-                    file: self.file.clone(),
-                    byte: self.next_byte(),
-                    message,
-                })
+            Ok(more) => {
+                // The parser reads ahead by at most its buffer, so counting from here on
+                // bounds the next record's length.
+                self.since_record.store(0, Ordering::Relaxed);
+                Ok(more)
             }
+            Err(error) => Err(match error.into_kind() {
+                csv_async::ErrorKind::Io(io) => read_error(&self.file, record_start, io),
+                other => DecodeError::Read {
+                    file: self.file.clone(),
+                    byte: record_start,
+                    message: format!("{other:?}"),
+                },
+            }),
         }
     }
 
@@ -482,8 +571,9 @@ mod tests {
     }
 
     async fn read_all(data: &'static [u8], start: CsvStart) -> (Vec<PositionedRecord>, u64) {
-        let mut decoder =
-            CsvDecoder::open(Box::pin(&data[start.byte as usize..]), "t.csv", start).await;
+        let mut decoder = CsvDecoder::open(Box::pin(&data[start.byte as usize..]), "t.csv", start)
+            .await
+            .unwrap();
         let mut records = Vec::new();
         while let Some(record) = decoder.next_record().await.unwrap() {
             records.push(record);
@@ -497,13 +587,16 @@ mod tests {
             byte: 0,
             line: 1,
             crlf: false,
+            at_top: false,
         }
     }
 
     #[tokio::test]
     async fn positions_are_absolute_and_resumable_with_bom_crlf_and_embedded_newlines() {
         let data: &'static [u8] = b"\xEF\xBB\xBFh1,h2\r\n\"a\nb\",c\r\nd,e\r\n";
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top()).await;
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top())
+            .await
+            .unwrap();
         let header = decoder.read_header().await.unwrap();
         assert_eq!(header.columns, vec!["h1", "h2"]);
         assert!(header.crlf);
@@ -515,12 +608,38 @@ mod tests {
             byte: decoder.next_byte(),
             line: decoder.next_line(),
             crlf: header.crlf,
+            at_top: false,
         };
         let (rest, end) = read_all(data, resume).await;
         assert_eq!(rest.len(), 1);
         assert_eq!((rest[0].byte, rest[0].line), (19, 4));
         assert_eq!(&rest[0].record[1], b"e");
         assert_eq!(end, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_byte_order_mark_before_a_quoted_header_cell_is_not_part_of_it() {
+        let data: &'static [u8] = b"\xEF\xBB\xBF\"id, with comma\",b\r\n1,2\r\n";
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top())
+            .await
+            .unwrap();
+        let header = decoder.read_header().await.unwrap();
+        assert_eq!(header.columns, vec!["id, with comma", "b"]);
+        let first = decoder.next_record().await.unwrap().unwrap();
+        assert_eq!((first.byte, first.line), (23, 2));
+    }
+
+    #[tokio::test]
+    async fn a_nul_in_a_header_name_is_refused_naming_the_column() {
+        let data: &'static [u8] = b"a,b\x00\n1,2\n";
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top())
+            .await
+            .unwrap();
+        let error = decoder.read_header().await.unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "t.csv: header (line 1): column 2 contains a NUL character, which PostgreSQL cannot store in JSON"
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, ReadBuf};
 
 use crate::config::ImportSettings;
 
@@ -111,6 +111,11 @@ pub enum FetchError {
         source_location: String,
         expected: String,
     },
+    #[error("the object store refused {source_location}: {message}")]
+    Refused {
+        source_location: String,
+        message: String,
+    },
     #[error("reading {source_location} failed: {message}")]
     Io {
         source_location: String,
@@ -174,9 +179,17 @@ impl Fetcher {
                         self.io_error(error)
                     }
                 })?;
+                // A local file has no ETag; its size and modification time stand in for
+                // one, so a resume notices a file that was replaced meanwhile.
+                let modified = metadata
+                    .modified()
+                    .ok()
+                    .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|since| since.as_nanos())
+                    .unwrap_or(0);
                 ObjectInfo {
                     size: metadata.len(),
-                    etag: None,
+                    etag: Some(format!("local:{}:{modified}", metadata.len())),
                     version_id: None,
                 }
             }
@@ -198,7 +211,7 @@ impl Fetcher {
                                 source_location: self.location.to_string(),
                             }
                         } else {
-                            self.io_error(DisplayErrorChain(&error))
+                            self.classify(&error)
                         }
                     })?;
                 ObjectInfo {
@@ -232,6 +245,8 @@ impl Fetcher {
                 file.seek(std::io::SeekFrom::Start(offset))
                     .await
                     .map_err(|error| self.io_error(error))?;
+                // Read only as far as the size taken at the start, like the S3 ranges.
+                let file = file.take(info.size.saturating_sub(offset));
                 Ok(Box::pin(CountingReader {
                     inner: tokio::io::BufReader::with_capacity(256 * 1024, file),
                     counter: self.bytes_read.clone(),
@@ -249,6 +264,13 @@ impl Fetcher {
                     })
                     .buffered(self.concurrency.max(1))
                     .map_err(std::io::Error::other);
+                // Nothing may be read past a failed range: the stream ends with its error.
+                let mut failed = false;
+                let chunks = chunks.take_while(move |chunk| {
+                    let go_on = !failed;
+                    failed = chunk.is_err();
+                    futures::future::ready(go_on)
+                });
                 Ok(Box::pin(tokio_util::io::StreamReader::new(chunks)))
             }
         }
@@ -287,6 +309,19 @@ impl Fetcher {
             }
             let failure = match request.send().await {
                 Ok(response) => {
+                    let expected = format!("bytes {from}-{}/", end - 1);
+                    if !response
+                        .content_range()
+                        .is_some_and(|range| range.starts_with(&expected))
+                    {
+                        return Err(FetchError::Refused {
+                            source_location: self.location.to_string(),
+                            message: format!(
+                                "asked for {expected}*, got Content-Range {:?}: the store does not honour ranged reads",
+                                response.content_range()
+                            ),
+                        });
+                    }
                     let mut body = response.body;
                     let mut failure = None;
                     loop {
@@ -333,7 +368,10 @@ impl Fetcher {
                             expected: etag.unwrap_or_default().to_owned(),
                         });
                     }
-                    DisplayErrorChain(&error).to_string()
+                    match self.classify(&error) {
+                        refused @ FetchError::Refused { .. } => return Err(refused),
+                        other => other.to_string(),
+                    }
                 }
             };
             if buffer.len() > received_before {
@@ -361,6 +399,26 @@ impl Fetcher {
                 "ranged GET failed; retrying"
             );
             tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
+        }
+    }
+
+    /// A 4xx answer (other than timeouts and throttling) will not change on a retry:
+    /// bad credentials, no permission, wrong region. Everything else might.
+    fn classify<E>(&self, error: &SdkError<E, HttpResponse>) -> FetchError
+    where
+        E: std::error::Error + 'static,
+    {
+        let status = error
+            .raw_response()
+            .map(|response| response.status().as_u16());
+        match status {
+            Some(status) if (400..500).contains(&status) && status != 408 && status != 429 => {
+                FetchError::Refused {
+                    source_location: self.location.to_string(),
+                    message: format!("HTTP {status}: {}", DisplayErrorChain(error)),
+                }
+            }
+            _ => self.io_error(DisplayErrorChain(error)),
         }
     }
 

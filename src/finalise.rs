@@ -38,7 +38,9 @@ pub async fn finalise(
     sqlx::query("SET LOCAL synchronous_commit = on")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("SELECT 1 FROM dsa_core.datasets WHERE id = $1 FOR UPDATE")
+    // NO KEY UPDATE serialises finalisers without blocking the key-share locks that
+    // other imports' inserts (their commits and runs) take on the dataset row.
+    sqlx::query("SELECT 1 FROM dsa_core.datasets WHERE id = $1 FOR NO KEY UPDATE")
         .bind(facts.dataset_id)
         .execute(&mut *tx)
         .await?;

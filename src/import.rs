@@ -182,7 +182,13 @@ impl Importer {
         if let Err(error) = &result {
             if error.fails_the_run() {
                 tracing::error!(run.id = %run_id, error = %error, "import failed");
-                claim::fail_run(&self.pool, run_id, Some(token), &error.to_string()).await?;
+                // The import's own error is what a person needs; a failure to record it
+                // (often the same database outage) is logged, not put in its place.
+                if let Err(record) =
+                    claim::fail_run(&self.pool, run_id, Some(token), &error.to_string()).await
+                {
+                    tracing::error!(run.id = %run_id, error = %record, "could not mark the run failed");
+                }
             }
         }
         result
@@ -238,8 +244,9 @@ impl Importer {
             byte: checkpoint.byte_offset,
             line: checkpoint.line,
             crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
+            at_top: false,
         };
-        let mut decoder = CsvDecoder::open(input, parameters.source.file_name(), start).await;
+        let mut decoder = CsvDecoder::open(input, parameters.source.file_name(), start).await?;
         let header = match checkpoint.header.clone() {
             Some(header) => header,
             None => {
@@ -275,10 +282,15 @@ impl Importer {
         loop {
             let waited = Instant::now();
             let Some(next) = receiver.recv().await else {
-                break;
+                return Err(ImportError::Internal(
+                    "the decoding pipeline stopped before the end of the file".to_owned(),
+                ));
             };
             timings.wait_for_batch_ms += waited.elapsed().as_millis() as u64;
-            let mut batch = next?;
+            let mut batch = match next? {
+                Produced::Batch(batch) => batch,
+                Produced::End => break,
+            };
             batch.checkpoint.new_rows = checkpoint.new_rows;
             batches += 1;
             let progress = batches
@@ -391,15 +403,30 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What flows from the producer through the look-up stage to the loader. The end of
+/// the file is said explicitly, so a stage that stops for any other reason (a panic)
+/// can never pass for a complete file.
+enum Produced {
+    Batch(Batch),
+    End,
+}
+
+type Pipe = mpsc::Sender<Result<Produced, ImportError>>;
+
+/// A batch is cut at this many bytes of records even before `IMPORT_BATCH_SIZE` rows,
+/// so memory is bounded for wide rows too.
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
 /// Reads records into batches and encodes each on the blocking pool, in file order.
-/// Errors are sent down the channel so the loader reports them after the batches before.
+/// An error ends the stream: the batch it interrupted is not sent, so every checkpoint
+/// that reaches the loader sits on a record boundary.
 async fn produce_batches(
     mut decoder: CsvDecoder,
     encoder: Arc<RowEncoder>,
     mut cursor: Checkpoint,
     batch_size: usize,
     skip_bad_rows: bool,
-    sender: mpsc::Sender<Result<Batch, ImportError>>,
+    sender: Pipe,
 ) {
     // Record buffers travel to the blocking pool and back, so their allocations are
     // reused batch after batch.
@@ -407,61 +434,58 @@ async fn produce_batches(
     loop {
         records.resize_with(batch_size, ByteRecord::new);
         let mut filled = 0;
-        let mut failure = None;
-        while filled < batch_size {
+        let mut bytes = 0;
+        while filled < batch_size && bytes < MAX_BATCH_BYTES {
             match decoder.read_record(&mut records[filled]).await {
-                Ok(true) => filled += 1,
+                Ok(true) => {
+                    bytes += records[filled].as_slice().len();
+                    filled += 1;
+                }
                 Ok(false) => break,
                 Err(error) => {
-                    failure = Some(error);
-                    break;
-                }
-            }
-        }
-        let at_end = filled < batch_size;
-        if filled > 0 {
-            records.truncate(filled);
-            let start = decoder.start();
-            let file = decoder.file().to_owned();
-            let mut next = cursor.clone();
-            next.byte_offset = decoder.next_byte();
-            next.line = decoder.next_line();
-            let encoder = Arc::clone(&encoder);
-            let encoded = tokio::task::spawn_blocking(move || {
-                let result = encode_batch(&records, start, &encoder, &file, skip_bad_rows, next);
-                (result, records)
-            })
-            .await;
-            let result = match encoded {
-                Ok((result, returned)) => {
-                    records = returned;
-                    result
-                }
-                Err(panic) => {
-                    let message = format!("batch encoding panicked: {panic}");
-                    let _ = sender.send(Err(ImportError::Internal(message))).await;
-                    return;
-                }
-            };
-            match result {
-                Ok(batch) => {
-                    cursor = batch.checkpoint.clone();
-                    if sender.send(Ok(batch)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(error) => {
-                    let _ = sender.send(Err(error)).await;
+                    let _ = sender.send(Err(error.into())).await;
                     return;
                 }
             }
         }
-        if let Some(error) = failure {
-            let _ = sender.send(Err(error.into())).await;
+        if filled == 0 {
+            let _ = sender.send(Ok(Produced::End)).await;
             return;
         }
-        if at_end {
-            return;
+        records.truncate(filled);
+        let start = decoder.start();
+        let file = decoder.file().to_owned();
+        let mut next = cursor.clone();
+        next.byte_offset = decoder.next_byte();
+        next.line = decoder.next_line();
+        let encoder = Arc::clone(&encoder);
+        let encoded = tokio::task::spawn_blocking(move || {
+            let result = encode_batch(&records, start, &encoder, &file, skip_bad_rows, next);
+            (result, records)
+        })
+        .await;
+        let batch = match encoded {
+            Ok((result, returned)) => {
+                records = returned;
+                result
+            }
+            Err(panic) => {
+                let message = format!("batch encoding panicked: {panic}");
+                let _ = sender.send(Err(ImportError::Internal(message))).await;
+                return;
+            }
+        };
+        match batch {
+            Ok(batch) => {
+                cursor = batch.checkpoint.clone();
+                if sender.send(Ok(Produced::Batch(batch))).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                let _ = sender.send(Err(error)).await;
+                return;
+            }
         }
     }
 }
@@ -470,22 +494,22 @@ async fn produce_batches(
 /// batch ahead of the loader, on a second connection.
 async fn drop_known_rows(
     mut lookup: Lookup,
-    mut encoded: mpsc::Receiver<Result<Batch, ImportError>>,
-    sender: mpsc::Sender<Result<Batch, ImportError>>,
+    mut encoded: mpsc::Receiver<Result<Produced, ImportError>>,
+    sender: Pipe,
 ) {
     while let Some(next) = encoded.recv().await {
         let forwarded = match next {
-            Ok(mut batch) => match lookup.drop_known(&mut batch.rows).await {
+            Ok(Produced::Batch(mut batch)) => match lookup.drop_known(&mut batch.rows).await {
                 Ok(duration) => {
                     batch.lookup_duration = duration;
-                    Ok(batch)
+                    Ok(Produced::Batch(batch))
                 }
                 Err(error) => Err(error.into()),
             },
-            Err(error) => Err(error),
+            other => other,
         };
-        let failed = forwarded.is_err();
-        if sender.send(forwarded).await.is_err() || failed {
+        let last = !matches!(forwarded, Ok(Produced::Batch(_)));
+        if sender.send(forwarded).await.is_err() || last {
             return;
         }
     }

@@ -157,8 +157,14 @@ impl BatchWriter {
             commit_rows,
         };
         for index in order {
-            let start = if index == 0 { 0 } else { content_ends[index - 1] };
-            sorted.content.extend_from_slice(&content[start..content_ends[index]]);
+            let start = if index == 0 {
+                0
+            } else {
+                content_ends[index - 1]
+            };
+            sorted
+                .content
+                .extend_from_slice(&content[start..content_ends[index]]);
             sorted.content_ends.push(sorted.content.len());
             sorted.hashes.push(hashes[index]);
         }
@@ -399,14 +405,9 @@ pub struct Lookup {
 
 impl Lookup {
     pub async fn new(pool: &PgPool) -> Result<Self, LoadError> {
-        let mut conn = pool.acquire().await?;
-        // The statistics of a table that grows a batch at a time lag behind it; with
-        // them the planner may prefer reading the whole table to probing its index once
-        // per hash, which would make an import quadratic. Only index probes are allowed.
-        sqlx::query("SET enable_seqscan = off")
-            .execute(&mut *conn)
-            .await?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn: pool.acquire().await?,
+        })
     }
 
     /// Removes the content of rows already stored from `rows`; returns how long it took.
@@ -416,6 +417,14 @@ impl Lookup {
     /// load, so the whole batch is sent and the insert's ON CONFLICT sorts it out.
     pub async fn drop_known(&mut self, rows: &mut RowsCopy) -> Result<Duration, LoadError> {
         let started = Instant::now();
+        let mut tx = self.conn.begin().await?;
+        // The statistics of a table that grows a batch at a time lag behind it; with
+        // them the planner may prefer reading the whole table to probing its index once
+        // per hash, which would make an import quadratic. Only index probes are allowed
+        // (LOCAL: the connection goes back to the pool with its settings intact).
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
         let step = (rows.hashes.len() / LOOKUP_SAMPLE).max(1);
         let sample: Vec<&[u8]> = rows
             .hashes
@@ -424,21 +433,22 @@ impl Lookup {
             .take(LOOKUP_SAMPLE)
             .map(|hash| hash.as_slice())
             .collect();
-        let sampled_known: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM dsa_core.rows WHERE row_hash = ANY($1)",
-        )
-        .bind(&sample)
-        .fetch_one(&mut *self.conn)
-        .await?;
+        let sampled_known: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows WHERE row_hash = ANY($1)")
+                .bind(&sample)
+                .fetch_one(&mut *tx)
+                .await?;
         if (sampled_known as usize) * 2 < sample.len() {
+            tx.commit().await?;
             return Ok(started.elapsed());
         }
         let wanted: Vec<&[u8]> = rows.hashes.iter().map(|hash| hash.as_slice()).collect();
         let found: Vec<Vec<u8>> =
             sqlx::query_scalar("SELECT row_hash FROM dsa_core.rows WHERE row_hash = ANY($1)")
                 .bind(wanted)
-                .fetch_all(&mut *self.conn)
+                .fetch_all(&mut *tx)
                 .await?;
+        tx.commit().await?;
         let known: HashSet<RowHash> = found
             .into_iter()
             .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())

@@ -1,5 +1,8 @@
 //! The S3 client, configured to work alike against AWS S3, Garage, MinIO and LocalStack.
 
+use std::time::Duration;
+
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -18,7 +21,15 @@ pub async fn client(settings: &S3Settings) -> aws_sdk_s3::Client {
         loader = loader.endpoint_url(endpoint);
     }
     let shared = loader.load().await;
+    // Without these a store that accepts a connection and never answers would hang
+    // an import for ever; a range that stalls is retried from its last byte instead.
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .operation_attempt_timeout(Duration::from_secs(300))
+        .build();
     let config = aws_sdk_s3::config::Builder::from(&shared)
+        .timeout_config(timeouts)
         .force_path_style(true)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)

@@ -82,12 +82,7 @@ pub async fn spawn_app() -> TestApp {
         .await
         .expect("migrate test db");
 
-    for (key, value) in &services {
-        if key.starts_with("AWS_") {
-            // SAFETY: set before any S3 client reads them; every test sets the same values.
-            unsafe { std::env::set_var(key, value) };
-        }
-    }
+    export_credentials(&services);
     let s3 = dsa_ingest::s3::client(&s3_settings(&services)).await;
     let bucket = format!("dsa-test-{}", &Uuid::new_v4().simple().to_string()[..16]);
     s3.create_bucket()
@@ -105,6 +100,22 @@ pub async fn spawn_app() -> TestApp {
         admin_url,
         services,
     }
+}
+
+/// The S3 SDK reads credentials from the environment. They are set once, before any
+/// test reads the environment, since setting variables while other threads read them
+/// is undefined behaviour.
+fn export_credentials(services: &HashMap<String, String>) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (key, value) in services {
+            if key.starts_with("AWS_") {
+                // SAFETY: inside call_once, every other test waits here before it
+                // builds a client; nothing else in the tests writes the environment.
+                unsafe { std::env::set_var(key, value) };
+            }
+        }
+    });
 }
 
 fn s3_settings(services: &HashMap<String, String>) -> S3Settings {

@@ -104,15 +104,62 @@ async fn the_tree_hash_does_not_depend_on_the_batch_size() {
     assert_eq!(a.unwrap().tree_hash, b.unwrap().tree_hash);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_imports_racing_into_one_dataset_both_commit_in_a_line() {
     let app = spawn_app().await;
     app.put("one.csv", sample_csv(2_000, 3)).await;
     app.put("two.csv", sample_csv(2_000, 4)).await;
+    let dataset = dsa_ingest::db::DatasetName::parse("raced").unwrap();
+    let (dataset_id, _) = dsa_ingest::db::ensure_dataset(&app.pool, &dataset, None)
+        .await
+        .unwrap();
+    // Hold the dataset row as a finaliser would, so both imports load everything and
+    // then meet at finalise at the same time.
+    let mut blocker = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM dsa_core.datasets WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(dataset_id)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let pool = app.pool.clone();
+    let release = async move {
+        wait_until(
+            Duration::from_secs(60),
+            "both imports to load all rows",
+            || {
+                let pool = pool.clone();
+                async move {
+                    let loaded: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM dsa_jobs.analysis_runs
+                      WHERE dataset_id = $1 AND (checkpoint->>'loaded_rows')::bigint = 2000",
+                    )
+                    .bind(dataset_id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    loaded == 2
+                }
+            },
+        )
+        .await;
+        // Both are now queued behind the dataset lock, unfinalised.
+        let finalised: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM dsa_core.commits WHERE committed_at IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            finalised, 0,
+            "finalise did not wait for the dataset row lock"
+        );
+        blocker.commit().await.unwrap();
+    };
 
-    let (one, two) = tokio::join!(
+    let (one, two, ()) = tokio::join!(
         app.import_with(test_settings(), "raced", "one.csv", false),
         app.import_with(test_settings(), "raced", "two.csv", false),
+        release,
     );
     let (one, two) = (one.1.unwrap(), two.1.unwrap());
 
