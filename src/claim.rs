@@ -109,10 +109,18 @@ pub enum ClaimError {
     Database(#[from] sqlx::Error),
 }
 
-/// `dsa-ingest@host:pid`: who holds a lease, readable by a person and by
-/// [`owner_is_dead_local_process`].
+/// `dsa-ingest@host/boot:pid`: who holds a lease, readable by a person and by
+/// [`owner_is_dead_local_process`]. The boot id tells apart machines or containers
+/// that share a host name, and a host before and after a restart.
 pub fn worker_identity() -> String {
-    format!("dsa-ingest@{}:{}", hostname(), std::process::id())
+    format!("dsa-ingest@{}:{}", this_host(), std::process::id())
+}
+
+fn this_host() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().chars().take(8).collect::<String>())
+        .unwrap_or_default();
+    format!("{}/{boot}", hostname())
 }
 
 fn hostname() -> String {
@@ -134,7 +142,7 @@ pub fn owner_is_dead_local_process(owner: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return false;
     };
-    host == hostname()
+    host == this_host()
         && pid != std::process::id()
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -317,7 +325,7 @@ mod tests {
             "dsa-ingest@elsewhere.example:1"
         ));
         assert!(!owner_is_dead_local_process("someone"));
-        let dead = format!("dsa-ingest@{}:{}", hostname(), u32::MAX - 1);
+        let dead = format!("dsa-ingest@{}:{}", this_host(), u32::MAX - 1);
         assert!(owner_is_dead_local_process(&dead));
     }
 }

@@ -288,7 +288,7 @@ impl Importer {
             };
             timings.wait_for_batch_ms += waited.elapsed().as_millis() as u64;
             let mut batch = match next? {
-                Produced::Batch(batch) => batch,
+                Produced::Batch(batch) => *batch,
                 Produced::End => break,
             };
             batch.checkpoint.new_rows = checkpoint.new_rows;
@@ -407,7 +407,7 @@ impl Drop for AbortOnDrop {
 /// the file is said explicitly, so a stage that stops for any other reason (a panic)
 /// can never pass for a complete file.
 enum Produced {
-    Batch(Batch),
+    Batch(Box<Batch>),
     End,
 }
 
@@ -478,7 +478,7 @@ async fn produce_batches(
         match batch {
             Ok(batch) => {
                 cursor = batch.checkpoint.clone();
-                if sender.send(Ok(Produced::Batch(batch))).await.is_err() {
+                if sender.send(Ok(Produced::Batch(Box::new(batch)))).await.is_err() {
                     return;
                 }
             }

@@ -357,3 +357,46 @@ async fn bad_rows_can_be_skipped_into_the_rejected_rows_table() {
     );
     assert!(rejected[1].3.contains("not valid UTF-8"));
 }
+
+#[tokio::test]
+async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    let parameters = dsa_ingest::claim::ImportParameters {
+        source: app.location("data.csv"),
+        skip_bad_rows: false,
+        message: None,
+    };
+    let dataset = dsa_ingest::db::DatasetName::parse("leased").unwrap();
+    let (run_id, dataset_id) = importer.create_run(&dataset, None, &parameters).await.unwrap();
+    let lease = Duration::from_secs(30);
+    let stale = dsa_ingest::claim::claim(&app.pool, run_id, "worker-a", lease).await.unwrap();
+    // A live lease is not taken.
+    let refused = dsa_ingest::claim::claim(&app.pool, run_id, "worker-b", lease).await;
+    assert!(matches!(refused, Err(dsa_ingest::claim::ClaimError::Held { .. })));
+    // Worker A goes quiet, its lease runs out, and worker B takes the run over.
+    sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(run_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let current = dsa_ingest::claim::claim(&app.pool, run_id, "worker-b", lease).await.unwrap();
+    assert!(current.lease.token > stale.lease.token);
+
+    let mut loader = dsa_ingest::load::Loader::new(&app.pool, stale.lease.clone()).await.unwrap();
+    let checkpoint =
+        dsa_ingest::claim::Checkpoint::start("stale-commit".into(), None, "data".into());
+    let error = loader
+        .begin_commit(dataset_id, "written by a stale worker", None, &checkpoint)
+        .await
+        .unwrap_err();
+
+    assert!(matches!(error, dsa_ingest::load::LoadError::LeaseLost { .. }), "{error}");
+    let commits: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.commits")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(commits, 0, "the stale worker's transaction must roll back");
+}
