@@ -6,7 +6,10 @@
 //! each timed as a whole process, the median of `--repeat` runs, with the import's peak
 //! RSS and its own per-stage timings. Run it with `scripts/bench`.
 //!
-//! `cargo run --release --example bench -- [--rows N]... [--repeat R]`
+//! and, with `--parallel-rows N`, four files of N rows imported in one process one after
+//! another and then `IMPORT_PARALLEL_WORKERS` at a time.
+//!
+//! `cargo run --release --example bench -- [--rows N]... [--repeat R] [--parallel-rows N]`
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,8 +17,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use aws_sdk_s3::primitives::ByteStream;
+use dsa_ingest::claim::ImportParameters;
 use dsa_ingest::config::Settings;
-use dsa_ingest::import::ImportSummary;
+use dsa_ingest::db::DatasetName;
+use dsa_ingest::fetch::SourceLocation;
+use dsa_ingest::import::{ImportSummary, Importer};
+use futures::StreamExt;
 
 const BENCH_DATABASE: &str = "dsa_bench";
 
@@ -28,6 +35,7 @@ struct Measurement {
 async fn main() -> anyhow::Result<()> {
     let mut row_counts = Vec::new();
     let mut repeat = 3usize;
+    let mut parallel_rows = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
@@ -36,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
         match flag.as_str() {
             "--rows" => row_counts.push(value.replace('_', "").parse::<u64>()?),
             "--repeat" => repeat = value.parse()?,
+            "--parallel-rows" => parallel_rows = value.replace('_', "").parse()?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -60,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let mut stage_lines = Vec::new();
     for rows in row_counts {
         let path = PathBuf::from(format!("target/bench/sample-{rows}.csv"));
-        let bytes = ensure_sample(&path, rows)?;
+        let bytes = ensure_sample(&path, rows, 1)?;
         let key = format!("bench/sample-{rows}.csv");
         upload(&s3, &bucket, &key, &path, bytes).await?;
         let source = format!("s3://{bucket}/{key}");
@@ -108,6 +117,65 @@ async fn main() -> anyhow::Result<()> {
     println!("\nwhere the time goes (milliseconds, from the import's own clocks):");
     for line in stage_lines {
         println!("{line}");
+    }
+
+    if parallel_rows > 0 {
+        job_parallelism(&settings, &s3, &bucket, &database_url, parallel_rows).await?;
+    }
+    Ok(())
+}
+
+/// Four files imported in one process, one after another and then
+/// `IMPORT_PARALLEL_WORKERS` at a time, each into an empty store.
+async fn job_parallelism(
+    settings: &Settings,
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    database_url: &str,
+    rows: u64,
+) -> anyhow::Result<()> {
+    let mut sources = Vec::new();
+    for seed in 1..=4 {
+        let path = PathBuf::from(format!("target/bench/sample-{rows}-seed{seed}.csv"));
+        let bytes = ensure_sample(&path, rows, seed)?;
+        let key = format!("bench/sample-{rows}-seed{seed}.csv");
+        upload(s3, bucket, &key, &path, bytes).await?;
+        sources.push(SourceLocation::S3 {
+            bucket: bucket.to_owned(),
+            key,
+        });
+    }
+    let workers = settings.parallel_workers;
+    println!("\njob-level parallelism: 4 files of {rows} rows in one process");
+    println!("{:>8} {:>9} {:>11}", "workers", "seconds", "rows/s");
+    for concurrency in [1, workers] {
+        reset_store(database_url).await?;
+        let pool = dsa_ingest::db::connect(database_url, 2 * concurrency as u32 + 2).await?;
+        let importer = Importer::new(pool, Some(s3.clone()), settings.import.clone());
+        let mut runs = Vec::new();
+        for (index, source) in sources.iter().enumerate() {
+            let parameters = ImportParameters {
+                source: source.clone(),
+                skip_bad_rows: false,
+                message: None,
+            };
+            let dataset = DatasetName::parse(&format!("parallel-{index}"))?;
+            runs.push(importer.create_run(&dataset, None, &parameters).await?.0);
+        }
+        let started = Instant::now();
+        let results: Vec<_> = futures::stream::iter(runs)
+            .map(|run_id| {
+                let importer = importer.clone();
+                async move { importer.run(run_id).await }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let seconds = started.elapsed().as_secs_f64();
+        for result in results {
+            result?;
+        }
+        println!("{concurrency:>8} {seconds:>9.2} {:>11.0}", 4.0 * rows as f64 / seconds);
     }
     Ok(())
 }
@@ -173,13 +241,13 @@ async fn reset_store(database_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_sample(path: &Path, rows: u64) -> anyhow::Result<u64> {
+fn ensure_sample(path: &Path, rows: u64, seed: u64) -> anyhow::Result<u64> {
     if !path.exists() {
         std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
         let partial = path.with_extension("partial");
         let mut writer =
             std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&partial)?);
-        dsa_ingest::sample::write_sample_csv(&mut writer, rows, 1)?;
+        dsa_ingest::sample::write_sample_csv(&mut writer, rows, seed)?;
         writer.into_inner()?.sync_all()?;
         std::fs::rename(&partial, path)?;
     }

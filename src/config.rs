@@ -23,6 +23,8 @@ pub struct Settings {
     pub s3: S3Settings,
     /// How one import streams, batches and checkpoints.
     pub import: ImportSettings,
+    /// Imports one process runs at once.
+    pub parallel_workers: usize,
 }
 
 /// Where the S3-compatible store is. Credentials come from the standard AWS variables,
@@ -81,6 +83,7 @@ impl Settings {
                 region: non_empty("S3_REGION").unwrap_or_else(|| "us-east-1".to_owned()),
                 bucket: non_empty("S3_BUCKET"),
             },
+            parallel_workers: positive("IMPORT_PARALLEL_WORKERS", 4)? as usize,
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,
