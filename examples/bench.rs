@@ -175,7 +175,10 @@ async fn job_parallelism(
         for result in results {
             result?;
         }
-        println!("{concurrency:>8} {seconds:>9.2} {:>11.0}", 4.0 * rows as f64 / seconds);
+        println!(
+            "{concurrency:>8} {seconds:>9.2} {:>11.0}",
+            4.0 * rows as f64 / seconds
+        );
     }
     Ok(())
 }

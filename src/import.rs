@@ -87,12 +87,14 @@ pub struct StageTimings {
     pub wait_for_batch_ms: u64,
     /// Canonical JSON, sha256 and COPY encoding, on the blocking pool.
     pub decode_hash_ms: u64,
-    /// Looking up which rows are stored already (batches of mostly known rows).
+    /// Looking up which rows are stored already, on the second connection (overlaps
+    /// the load of the batch before).
     pub lookup_ms: u64,
-    /// COPY of new rows' content into the staging table.
-    pub copy_ms: u64,
+    /// COPY of the rows not found into `dsa_core.rows` (the dedup insert).
     pub insert_rows_ms: u64,
+    /// COPY of the batch's entries into `dsa_core.commit_rows`.
     pub commit_rows_ms: u64,
+    /// Checkpoint update and COMMIT of each batch.
     pub checkpoint_commit_ms: u64,
     pub finalise_ms: u64,
 }
@@ -307,7 +309,6 @@ impl Importer {
             rows_this_attempt += batch.rows.len();
             timings.decode_hash_ms += batch.encode_duration.as_millis() as u64;
             timings.lookup_ms += batch.lookup_duration.as_millis() as u64;
-            timings.copy_ms += outcome.copy_duration.as_millis() as u64;
             timings.insert_rows_ms += outcome.insert_duration.as_millis() as u64;
             timings.commit_rows_ms += outcome.commit_rows_duration.as_millis() as u64;
             timings.checkpoint_commit_ms += outcome.commit_duration.as_millis() as u64;
@@ -478,7 +479,11 @@ async fn produce_batches(
         match batch {
             Ok(batch) => {
                 cursor = batch.checkpoint.clone();
-                if sender.send(Ok(Produced::Batch(Box::new(batch)))).await.is_err() {
+                if sender
+                    .send(Ok(Produced::Batch(Box::new(batch))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

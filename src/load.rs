@@ -251,9 +251,7 @@ impl Progress {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BatchOutcome {
     pub new_rows: u64,
-    /// COPY of new rows' content into the staging table.
-    pub copy_duration: Duration,
-    /// Insert from the staging table into `dsa_core.rows`.
+    /// Storing the rows the look-up did not find (see [`store_new_rows`]).
     pub insert_duration: Duration,
     /// COPY of the batch's entries into `dsa_core.commit_rows`.
     pub commit_rows_duration: Duration,
@@ -304,25 +302,7 @@ impl Loader {
             let content = rows.content.as_slice();
             if !content.is_empty() {
                 let started = Instant::now();
-                let mut copy = tx
-                    .copy_in_raw("COPY import_rows (row_hash, data) FROM STDIN")
-                    .await?;
-                copy.send(content).await?;
-                copy.finish().await?;
-                outcome.copy_duration = started.elapsed();
-
-                // ON CONFLICT covers rows stored meanwhile by a concurrent import and
-                // repeats within the batch. Sorted inserts make two imports of the same
-                // rows take index locks in one order, so they wait instead of deadlocking.
-                let started = Instant::now();
-                outcome.new_rows = sqlx::query(
-                    "INSERT INTO dsa_core.rows (row_hash, data)
-                     SELECT row_hash, data::jsonb FROM import_rows ORDER BY row_hash
-                     ON CONFLICT (row_hash) DO NOTHING",
-                )
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                outcome.new_rows = store_new_rows(&mut tx, content).await?;
                 outcome.insert_duration = started.elapsed();
             }
 
@@ -389,6 +369,59 @@ impl Loader {
 
     pub fn lease(&self) -> &Lease {
         &self.lease
+    }
+}
+
+/// Stores rows that the look-up did not find; returns how many were new.
+///
+/// The fast way is a COPY straight into `dsa_core.rows`, which works whenever none of
+/// the rows is stored by now. A row stored meanwhile (by the batch before, which the
+/// look-up ran too early to see, or by a concurrent import) makes the COPY fail on the
+/// primary key; the savepoint undoes it and the rows go through the staging table and
+/// `ON CONFLICT DO NOTHING` instead. Content arrives sorted by hash and without repeats,
+/// so two imports of the same rows take index locks in one order and never deadlock.
+async fn store_new_rows(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    content: &[u8],
+) -> Result<u64, sqlx::Error> {
+    sqlx::query("SAVEPOINT direct_rows")
+        .execute(&mut **tx)
+        .await?;
+    let direct = async {
+        let mut copy = tx
+            .copy_in_raw("COPY dsa_core.rows (row_hash, data) FROM STDIN")
+            .await?;
+        copy.send(content).await?;
+        copy.finish().await
+    }
+    .await;
+    match direct {
+        Ok(stored) => {
+            sqlx::query("RELEASE SAVEPOINT direct_rows")
+                .execute(&mut **tx)
+                .await?;
+            Ok(stored)
+        }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT direct_rows")
+                .execute(&mut **tx)
+                .await?;
+            let mut copy = tx
+                .copy_in_raw("COPY import_rows (row_hash, data) FROM STDIN")
+                .await?;
+            copy.send(content).await?;
+            copy.finish().await?;
+            let stored = sqlx::query(
+                "INSERT INTO dsa_core.rows (row_hash, data)
+                 SELECT row_hash, data::jsonb FROM import_rows ORDER BY row_hash
+                 ON CONFLICT (row_hash) DO NOTHING",
+            )
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            Ok(stored)
+        }
+        Err(error) => Err(error),
     }
 }
 

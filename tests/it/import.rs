@@ -368,12 +368,20 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
         message: None,
     };
     let dataset = dsa_ingest::db::DatasetName::parse("leased").unwrap();
-    let (run_id, dataset_id) = importer.create_run(&dataset, None, &parameters).await.unwrap();
+    let (run_id, dataset_id) = importer
+        .create_run(&dataset, None, &parameters)
+        .await
+        .unwrap();
     let lease = Duration::from_secs(30);
-    let stale = dsa_ingest::claim::claim(&app.pool, run_id, "worker-a", lease).await.unwrap();
+    let stale = dsa_ingest::claim::claim(&app.pool, run_id, "worker-a", lease)
+        .await
+        .unwrap();
     // A live lease is not taken.
     let refused = dsa_ingest::claim::claim(&app.pool, run_id, "worker-b", lease).await;
-    assert!(matches!(refused, Err(dsa_ingest::claim::ClaimError::Held { .. })));
+    assert!(matches!(
+        refused,
+        Err(dsa_ingest::claim::ClaimError::Held { .. })
+    ));
     // Worker A goes quiet, its lease runs out, and worker B takes the run over.
     sqlx::query(
         "UPDATE dsa_jobs.analysis_runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
@@ -382,10 +390,14 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let current = dsa_ingest::claim::claim(&app.pool, run_id, "worker-b", lease).await.unwrap();
+    let current = dsa_ingest::claim::claim(&app.pool, run_id, "worker-b", lease)
+        .await
+        .unwrap();
     assert!(current.lease.token > stale.lease.token);
 
-    let mut loader = dsa_ingest::load::Loader::new(&app.pool, stale.lease.clone()).await.unwrap();
+    let mut loader = dsa_ingest::load::Loader::new(&app.pool, stale.lease.clone())
+        .await
+        .unwrap();
     let checkpoint =
         dsa_ingest::claim::Checkpoint::start("stale-commit".into(), None, "data".into());
     let error = loader
@@ -393,10 +405,40 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
         .await
         .unwrap_err();
 
-    assert!(matches!(error, dsa_ingest::load::LoadError::LeaseLost { .. }), "{error}");
+    assert!(
+        matches!(error, dsa_ingest::load::LoadError::LeaseLost { .. }),
+        "{error}"
+    );
     let commits: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.commits")
         .fetch_one(&app.pool)
         .await
         .unwrap();
     assert_eq!(commits, 0, "the stale worker's transaction must roll back");
+}
+
+#[tokio::test]
+async fn rows_repeated_within_and_across_batches_are_stored_once() {
+    let app = spawn_app().await;
+    let mut csv = String::from("kind,value\n");
+    for n in 0..350 {
+        csv.push_str(&format!("k{},same\n", n % 3));
+    }
+    app.put("repeats.csv", csv.into_bytes()).await;
+
+    let summary = app.import("repeats", "repeats.csv").await;
+
+    assert_eq!((summary.rows, summary.new_rows), (350, 3));
+    let (entries, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT row_hash) FROM dsa_core.commit_rows WHERE commit_id = $1",
+    )
+    .bind(&summary.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((entries, distinct), (350, 3));
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 3);
 }
