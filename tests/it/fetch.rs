@@ -1,9 +1,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use dsa_ingest::claim::ImportParameters;
 use dsa_ingest::config::S3Settings;
-use dsa_ingest::db::DatasetName;
 use dsa_ingest::import::Importer;
 use dsa_ingest::sample::sample_csv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,15 +75,7 @@ async fn a_body_broken_mid_stream_is_resumed_from_the_last_byte_received() {
     settings.chunk_size = 16 * 1024;
     settings.fetch_concurrency = 2;
     let importer = Importer::new(app.pool.clone(), Some(flaky_s3), settings);
-    let parameters = ImportParameters {
-        source: app.location("flaky.csv"),
-        skip_bad_rows: false,
-        message: None,
-    };
-    let (run_id, _) = importer
-        .create_run(&DatasetName::parse("flaky").unwrap(), None, &parameters)
-        .await
-        .unwrap();
+    let (run_id, _) = app.create_run(&importer, "flaky", "flaky.csv", false).await;
 
     let summary = importer
         .run(run_id)

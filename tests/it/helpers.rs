@@ -164,6 +164,30 @@ impl TestApp {
         }
     }
 
+    /// Creates a pending run importing `key` of this test's bucket into `dataset`;
+    /// returns the run and dataset ids.
+    pub async fn create_run(
+        &self,
+        importer: &Importer,
+        dataset: &str,
+        key: &str,
+        skip_bad_rows: bool,
+    ) -> (Uuid, i64) {
+        let parameters = ImportParameters {
+            source: self.location(key),
+            skip_bad_rows,
+            message: None,
+        };
+        importer
+            .create_run(
+                &DatasetName::parse(dataset).unwrap(),
+                Some("tester"),
+                &parameters,
+            )
+            .await
+            .expect("create run")
+    }
+
     /// Creates a run for `key` in `dataset` and imports it with `settings`.
     pub async fn import_with(
         &self,
@@ -173,19 +197,9 @@ impl TestApp {
         skip_bad_rows: bool,
     ) -> (Uuid, Result<ImportSummary, ImportError>) {
         let importer = self.importer(settings);
-        let parameters = ImportParameters {
-            source: self.location(key),
-            skip_bad_rows,
-            message: None,
-        };
-        let (run_id, _) = importer
-            .create_run(
-                &DatasetName::parse(dataset).unwrap(),
-                Some("tester"),
-                &parameters,
-            )
-            .await
-            .expect("create run");
+        let (run_id, _) = self
+            .create_run(&importer, dataset, key, skip_bad_rows)
+            .await;
         (run_id, importer.run(run_id).await)
     }
 
