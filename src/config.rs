@@ -51,6 +51,8 @@ pub struct ImportSettings {
     pub progress_update_interval: u64,
     /// Objects larger than this fail before a byte of them is read.
     pub max_file_size: u64,
+    /// A CSV record longer than this fails the import (an unterminated quote, mostly).
+    pub max_record_bytes: u64,
     /// How long a claimed run stays ours without a new batch committing.
     pub lease_duration: Duration,
 }
@@ -63,6 +65,7 @@ impl Default for ImportSettings {
             fetch_concurrency: 3,
             progress_update_interval: 10,
             max_file_size: 5 * 1024 * 1024 * 1024,
+            max_record_bytes: 64 * 1024 * 1024,
             lease_duration: Duration::from_secs(60),
         }
     }
@@ -96,6 +99,7 @@ impl Settings {
                     defaults.progress_update_interval,
                 )?,
                 max_file_size: positive("IMPORT_MAX_FILE_SIZE", defaults.max_file_size)?,
+                max_record_bytes: positive("IMPORT_MAX_RECORD_BYTES", defaults.max_record_bytes)?,
                 lease_duration: Duration::from_secs(positive(
                     "IMPORT_LEASE_SECONDS",
                     defaults.lease_duration.as_secs(),

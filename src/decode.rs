@@ -36,10 +36,10 @@ pub enum DecodeError {
     #[error(transparent)]
     Source(#[from] FetchError),
     #[error(
-        "{file}: the record starting at byte {byte} is longer than 64 MiB; \
-         is a quote left open there?"
+        "{file}: the record starting at byte {byte} is longer than {limit} bytes \
+         (IMPORT_MAX_RECORD_BYTES); is a quote left open there?"
     )]
-    RecordTooLong { file: String, byte: u64 },
+    RecordTooLong { file: String, byte: u64, limit: u64 },
     #[error("{file}: reading CSV near byte {byte}: {message}")]
     Read {
         file: String,
@@ -301,20 +301,19 @@ fn first_line_ends_in_crlf(buffer: &[u8]) -> bool {
         .is_some_and(|newline| newline > 0 && buffer[newline - 1] == b'\r')
 }
 
-/// A record longer than this is refused: almost always an unterminated quote, which
-/// would otherwise make the parser read the rest of the file into one record.
-pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
-
-/// Fails the read once more than [`MAX_RECORD_BYTES`] were delivered without a record
-/// completing; the decoder resets the count after each record.
+/// Fails the read once more than `limit` bytes were delivered without a record
+/// completing; the decoder resets the count after each record. A record that long is
+/// almost always an unterminated quote, which would otherwise make the parser read the
+/// rest of the file into one record.
 struct RecordLimit {
     inner: Pin<Box<dyn AsyncRead + Send>>,
     since_record: Arc<AtomicU64>,
+    limit: u64,
 }
 
 #[derive(Debug, Error)]
-#[error("record too long")]
-struct RecordTooLong;
+#[error("record longer than {0} bytes")]
+struct RecordTooLong(u64);
 
 impl AsyncRead for RecordLimit {
     fn poll_read(
@@ -322,8 +321,9 @@ impl AsyncRead for RecordLimit {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if self.since_record.load(Ordering::Relaxed) > MAX_RECORD_BYTES {
-            return std::task::Poll::Ready(Err(std::io::Error::other(RecordTooLong)));
+        if self.since_record.load(Ordering::Relaxed) > self.limit {
+            let limit = self.limit;
+            return std::task::Poll::Ready(Err(std::io::Error::other(RecordTooLong(limit))));
         }
         let before = buf.filled().len();
         let poll = self.inner.as_mut().poll_read(cx, buf);
@@ -341,10 +341,11 @@ fn read_error(file: &str, byte: u64, error: std::io::Error) -> DecodeError {
         match inner.downcast::<FetchError>() {
             Ok(fetch) => return DecodeError::Source(*fetch),
             Err(inner) => {
-                if inner.is::<RecordTooLong>() {
+                if let Some(RecordTooLong(limit)) = inner.downcast_ref::<RecordTooLong>() {
                     return DecodeError::RecordTooLong {
                         file: file.to_owned(),
                         byte,
+                        limit: *limit,
                     };
                 }
             }
@@ -378,15 +379,18 @@ impl CsvDecoder {
     /// object a UTF-8 byte order mark is skipped (before the parser sees it, so a quoted
     /// first header cell stays quoted) and `start.crlf` is found out; a resumed read
     /// takes it from the header.
+    /// Records longer than `max_record_bytes` are refused.
     pub async fn open(
         input: Pin<Box<dyn AsyncRead + Send>>,
         file: &str,
         mut start: CsvStart,
+        max_record_bytes: u64,
     ) -> Result<Self, DecodeError> {
         let since_record = Arc::new(AtomicU64::new(0));
         let limited = RecordLimit {
             inner: input,
             since_record: since_record.clone(),
+            limit: max_record_bytes,
         };
         let mut input = tokio::io::BufReader::with_capacity(256 * 1024, limited);
         if start.byte == 0 {
@@ -571,9 +575,14 @@ mod tests {
     }
 
     async fn read_all(data: &'static [u8], start: CsvStart) -> (Vec<PositionedRecord>, u64) {
-        let mut decoder = CsvDecoder::open(Box::pin(&data[start.byte as usize..]), "t.csv", start)
-            .await
-            .unwrap();
+        let mut decoder = CsvDecoder::open(
+            Box::pin(&data[start.byte as usize..]),
+            "t.csv",
+            start,
+            1 << 20,
+        )
+        .await
+        .unwrap();
         let mut records = Vec::new();
         while let Some(record) = decoder.next_record().await.unwrap() {
             records.push(record);
@@ -594,7 +603,7 @@ mod tests {
     #[tokio::test]
     async fn positions_are_absolute_and_resumable_with_bom_crlf_and_embedded_newlines() {
         let data: &'static [u8] = b"\xEF\xBB\xBFh1,h2\r\n\"a\nb\",c\r\nd,e\r\n";
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top())
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
             .await
             .unwrap();
         let header = decoder.read_header().await.unwrap();
@@ -620,7 +629,7 @@ mod tests {
     #[tokio::test]
     async fn a_byte_order_mark_before_a_quoted_header_cell_is_not_part_of_it() {
         let data: &'static [u8] = b"\xEF\xBB\xBF\"id, with comma\",b\r\n1,2\r\n";
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top())
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
             .await
             .unwrap();
         let header = decoder.read_header().await.unwrap();
@@ -632,13 +641,31 @@ mod tests {
     #[tokio::test]
     async fn a_nul_in_a_header_name_is_refused_naming_the_column() {
         let data: &'static [u8] = b"a,b\x00\n1,2\n";
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top())
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
             .await
             .unwrap();
         let error = decoder.read_header().await.unwrap_err().to_string();
         assert_eq!(
             error,
             "t.csv: header (line 1): column 2 contains a NUL character, which PostgreSQL cannot store in JSON"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unterminated_quote_is_refused_once_the_record_passes_the_limit() {
+        let mut data = b"a,b\n1,2\n3,\"open".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 4 << 20));
+        let data: &'static [u8] = Box::leak(data.into_boxed_slice());
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
+            .await
+            .unwrap();
+        decoder.read_header().await.unwrap();
+        let mut record = ByteRecord::new();
+        assert!(decoder.read_record(&mut record).await.unwrap());
+        let error = decoder.read_record(&mut record).await.unwrap_err();
+        assert!(
+            matches!(error, DecodeError::RecordTooLong { byte: 8, .. }),
+            "{error}"
         );
     }
 

@@ -248,7 +248,13 @@ impl Importer {
             crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
             at_top: false,
         };
-        let mut decoder = CsvDecoder::open(input, parameters.source.file_name(), start).await?;
+        let mut decoder = CsvDecoder::open(
+            input,
+            parameters.source.file_name(),
+            start,
+            self.settings.max_record_bytes,
+        )
+        .await?;
         let header = match checkpoint.header.clone() {
             Some(header) => header,
             None => {

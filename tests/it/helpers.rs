@@ -137,6 +137,7 @@ pub fn test_settings() -> ImportSettings {
         fetch_concurrency: 3,
         progress_update_interval: 2,
         max_file_size: 1 << 30,
+        max_record_bytes: 1 << 20,
         lease_duration: Duration::from_secs(30),
     }
 }

@@ -442,3 +442,27 @@ async fn rows_repeated_within_and_across_batches_are_stored_once() {
         .unwrap();
     assert_eq!(stored, 3);
 }
+
+#[tokio::test]
+async fn an_unterminated_quote_fails_the_run_before_memory_runs_away() {
+    let app = spawn_app().await;
+    let mut csv = b"a,b\n1,2\n3,\"never closed ".to_vec();
+    csv.extend(std::iter::repeat_n(b'x', 3 << 20));
+    app.put("open-quote.csv", csv).await;
+
+    let (run_id, result) = app
+        .import_with(test_settings(), "open-quote", "open-quote.csv", false)
+        .await;
+
+    let message = result.unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "open-quote.csv: the record starting at byte 8 is longer than 1048576 bytes \
+         (IMPORT_MAX_RECORD_BYTES); is a quote left open there?"
+    );
+    let (status, stored, _) = app.run_state(run_id).await;
+    assert_eq!(
+        (status.as_str(), stored.as_deref()),
+        ("failed", Some(message.as_str()))
+    );
+}
