@@ -36,6 +36,10 @@ pub enum DecodeError {
     #[error(transparent)]
     Source(#[from] FetchError),
     #[error(
+        "{file}: the data ended at byte {read} of {size}; was the file changed while it was read?"
+    )]
+    Truncated { file: String, read: u64, size: u64 },
+    #[error(
         "{file}: the record starting at byte {byte} is longer than {limit} bytes \
          (IMPORT_MAX_RECORD_BYTES); is a quote left open there?"
     )]
@@ -416,6 +420,9 @@ impl CsvDecoder {
 
     fn new(input: Pin<Box<dyn AsyncRead + Send>>, file: &str, start: CsvStart) -> Self {
         let reader = AsyncReaderBuilder::new()
+            // After an I/O error every further read must fail too, never look like the
+            // end of the file.
+            .end_on_io_error(false)
             .has_headers(false)
             .flexible(true)
             .buffer_capacity(256 * 1024)
@@ -667,6 +674,28 @@ mod tests {
             matches!(error, DecodeError::RecordTooLong { byte: 8, .. }),
             "{error}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_end_position_is_the_size_whatever_the_file_ends_with() {
+        for data in [
+            &b"a,b\n1,2"[..],
+            b"a,b\n1,2\n",
+            b"a,b\n1,2\n\n\n",
+            b"a,b\r\n1,2\r\n",
+            b"a,b\r\n1,2\r\n\r\n",
+            b"a,b\n1,\"2\"",
+            b"\xEF\xBB\xBFa,b\n",
+        ] {
+            let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
+            let (_, end) = read_all(data, top()).await;
+            assert_eq!(
+                end,
+                data.len() as u64,
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
     }
 
     #[tokio::test]

@@ -266,6 +266,9 @@ impl Importer {
             }
         };
 
+        // Both connections are taken before any task starts, so a pool that cannot give
+        // the second fails here, with nothing left running.
+        let lookup = Lookup::new(&self.pool).await?;
         let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
         let producer = tokio::spawn(
             produce_batches(
@@ -274,12 +277,12 @@ impl Importer {
                 checkpoint.clone(),
                 self.settings.batch_size,
                 parameters.skip_bad_rows,
+                info.size,
                 sender,
             )
             .in_current_span(),
         );
         let (sender, mut receiver) = mpsc::channel(1);
-        let lookup = Lookup::new(&self.pool).await?;
         let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
         // Dropping the guards aborts both tasks on every way out of this function.
         let _guards = (AbortOnDrop(producer), AbortOnDrop(looker));
@@ -420,6 +423,9 @@ enum Produced {
 
 type Pipe = mpsc::Sender<Result<Produced, ImportError>>;
 
+/// Record buffers larger than this are not kept for reuse.
+const LARGE_RECORD_BYTES: usize = 1024 * 1024;
+
 /// A batch is cut at this many bytes of records even before `IMPORT_BATCH_SIZE` rows,
 /// so memory is bounded for wide rows too.
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
@@ -433,6 +439,7 @@ async fn produce_batches(
     mut cursor: Checkpoint,
     batch_size: usize,
     skip_bad_rows: bool,
+    size: u64,
     sender: Pipe,
 ) {
     // Record buffers travel to the blocking pool and back, so their allocations are
@@ -456,7 +463,19 @@ async fn produce_batches(
             }
         }
         if filled == 0 {
-            let _ = sender.send(Ok(Produced::End)).await;
+            // The parser ends exactly at the object's last byte; anywhere else, the
+            // source delivered less than HEAD promised (a local file cut short).
+            let end = if decoder.next_byte() == size {
+                Ok(Produced::End)
+            } else {
+                Err(DecodeError::Truncated {
+                    file: decoder.file().to_owned(),
+                    read: decoder.next_byte(),
+                    size,
+                }
+                .into())
+            };
+            let _ = sender.send(end).await;
             return;
         }
         records.truncate(filled);
@@ -474,6 +493,13 @@ async fn produce_batches(
         let batch = match encoded {
             Ok((result, returned)) => {
                 records = returned;
+                // A slot that once held a huge record would keep its allocation for the
+                // rest of the import; let it go.
+                for record in records.iter_mut() {
+                    if record.as_slice().len() > LARGE_RECORD_BYTES {
+                        *record = ByteRecord::new();
+                    }
+                }
                 result
             }
             Err(panic) => {

@@ -138,7 +138,8 @@ impl BatchWriter {
         self.copy.len()
     }
 
-    /// The batch's streams, with the content lines in row-hash order: the insert sorts
+    /// The batch's streams, with the content lines in row-hash order and each hash once:
+    /// the insert sorts
     /// by hash (see [`Loader::load`]) and PostgreSQL's sort returns at once on input that
     /// is already in order, so the sorting is done here, off the database's core.
     pub fn finish(self) -> RowsCopy {
@@ -156,7 +157,14 @@ impl BatchWriter {
             hashes: Vec::with_capacity(hashes.len()),
             commit_rows,
         };
+        let mut previous: Option<RowHash> = None;
         for index in order {
+            // A row repeated within the batch is sent once (its commit_rows entries all
+            // stay), so the COPY into dsa_core.rows never meets its own duplicate.
+            if previous == Some(hashes[index]) {
+                continue;
+            }
+            previous = Some(hashes[index]);
             let start = if index == 0 {
                 0
             } else {
@@ -434,20 +442,26 @@ const LOOKUP_SAMPLE: usize = 64;
 /// caught by the insert's ON CONFLICT, so a stale answer costs bytes, never correctness.
 pub struct Lookup {
     conn: PoolConnection<Postgres>,
+    /// The hashes of the batch before, which the database may not show yet (it is
+    /// loading while this look-up runs) but which are stored before this batch is:
+    /// batches commit in order, or the import fails.
+    previous_batch: HashSet<RowHash>,
 }
 
 impl Lookup {
     pub async fn new(pool: &PgPool) -> Result<Self, LoadError> {
         Ok(Self {
             conn: pool.acquire().await?,
+            previous_batch: HashSet::new(),
         })
     }
 
     /// Removes the content of rows already stored from `rows`; returns how long it took.
     ///
-    /// A sample of the batch is looked up first: when most of it is new (a first
+    /// A sample of the batch is looked up first: when none of it is stored (a first
     /// import), a full look-up would miss almost every time and only take CPU from the
-    /// load, so the whole batch is sent and the insert's ON CONFLICT sorts it out.
+    /// load, so the batch is sent as it is and a rare stored row is caught by the
+    /// fallback in [`store_new_rows`].
     pub async fn drop_known(&mut self, rows: &mut RowsCopy) -> Result<Duration, LoadError> {
         let started = Instant::now();
         let mut tx = self.conn.begin().await?;
@@ -471,8 +485,10 @@ impl Lookup {
                 .bind(&sample)
                 .fetch_one(&mut *tx)
                 .await?;
-        if (sampled_known as usize) * 2 < sample.len() {
+        if sampled_known == 0 {
             tx.commit().await?;
+            rows.drop_content_of(&self.previous_batch);
+            self.previous_batch = rows.hashes.iter().copied().collect();
             return Ok(started.elapsed());
         }
         let wanted: Vec<&[u8]> = rows.hashes.iter().map(|hash| hash.as_slice()).collect();
@@ -482,10 +498,12 @@ impl Lookup {
                 .fetch_all(&mut *tx)
                 .await?;
         tx.commit().await?;
-        let known: HashSet<RowHash> = found
+        let mut known: HashSet<RowHash> = found
             .into_iter()
             .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
             .collect();
+        known.extend(self.previous_batch.drain());
+        self.previous_batch = rows.hashes.iter().copied().collect();
         rows.drop_content_of(&known);
         Ok(started.elapsed())
     }

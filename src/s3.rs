@@ -21,8 +21,9 @@ pub async fn client(settings: &S3Settings) -> aws_sdk_s3::Client {
         loader = loader.endpoint_url(endpoint);
     }
     let shared = loader.load().await;
-    // Without these a store that accepts a connection and never answers would hang
-    // an import for ever; a range that stalls is retried from its last byte instead.
+    // Without these a store that accepts a connection and never sends a response would
+    // hang an import for ever. A body that stalls midway is caught by the SDK's stalled
+    // stream protection (on by default), and the range is resumed from its last byte.
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(60))
