@@ -158,10 +158,6 @@ impl Fetcher {
         }
     }
 
-    pub fn location(&self) -> &SourceLocation {
-        &self.location
-    }
-
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(Ordering::Relaxed)
     }

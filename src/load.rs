@@ -371,12 +371,9 @@ impl Loader {
         Ok(())
     }
 
+    /// The import's connection, for the finalising transaction.
     pub fn connection(&mut self) -> &mut PoolConnection<Postgres> {
         &mut self.conn
-    }
-
-    pub fn lease(&self) -> &Lease {
-        &self.lease
     }
 }
 
