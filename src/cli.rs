@@ -32,6 +32,13 @@ enum Command {
     Dataset(DatasetCommand),
     /// Import one CSV file in this process, from a local path or s3://bucket/key.
     Import(ImportArgs),
+    /// Show a run's status, progress, checkpoint and result.
+    Status {
+        run_id: Uuid,
+        /// Print the run as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +112,16 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("dataset {:?} {verb} (id {id})", name.as_str());
         }
         Command::Import(args) => import(settings, pool, args).await?,
+        Command::Status { run_id, json } => {
+            let Some(run) = crate::status::run_status(&pool, run_id).await? else {
+                anyhow::bail!("run {run_id} does not exist");
+            };
+            if json {
+                println!("{}", serde_json::to_string(&run)?);
+            } else {
+                print_status(&run);
+            }
+        }
     }
     Ok(())
 }
@@ -177,6 +194,47 @@ fn print_summary(summary: &ImportSummary) {
             "header     column {} {:?} renamed to {:?} ({:?})",
             change.column, change.original, change.name, change.reason
         );
+    }
+}
+
+fn print_status(run: &crate::status::RunStatus) {
+    println!("run        {} ({})", run.run_id, run.run_type);
+    println!("status     {}", run.status);
+    if let Some(dataset) = &run.dataset {
+        println!("dataset    {dataset}");
+    }
+    let line = |key: &str| {
+        run.progress
+            .as_ref()
+            .and_then(|progress| progress.get(key))
+            .and_then(|value| value.as_str().map(str::to_owned))
+    };
+    if let Some(status_line) = line("status") {
+        println!("progress   {status_line}");
+    }
+    if let Some(checkpoint) = &run.checkpoint {
+        println!(
+            "checkpoint byte {} ({} rows loaded)",
+            checkpoint["byte_offset"], checkpoint["loaded_rows"]
+        );
+    }
+    if let Some(owner) = &run.lease_owner {
+        let until = run
+            .lease_expires_at
+            .map(|until| until.to_rfc3339())
+            .unwrap_or_default();
+        println!("held by    {owner} until {until}");
+    }
+    if let Some(summary) = &run.output_summary {
+        println!(
+            "commit     {} ({} rows, {} newly stored)",
+            summary["commit_id"].as_str().unwrap_or("?"),
+            summary["rows"],
+            summary["new_rows"]
+        );
+    }
+    if let Some(error) = &run.error_message {
+        println!("error      {error}");
     }
 }
 

@@ -14,4 +14,5 @@ pub mod load;
 pub mod memory;
 pub mod s3;
 pub mod sample;
+pub mod status;
 pub mod telemetry;

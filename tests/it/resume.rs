@@ -130,6 +130,25 @@ async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
     .await
     .unwrap();
     assert_eq!((status.as_str(), row_count), ("completed", 60_000));
+
+    let shown = dsa_ingest(&app)
+        .args(["status", &run_id.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["status"], "completed");
+    assert_eq!(shown["dataset"], "killed");
+    assert_eq!(shown["attempts"], 2);
+    assert_eq!(
+        shown["output_summary"]["commit_id"],
+        resumed.commit_id.as_str()
+    );
+    assert_eq!(shown["progress"]["percentage"], 100);
 }
 
 #[tokio::test]
@@ -157,6 +176,31 @@ async fn the_cli_reports_a_failed_import_and_marks_the_run() {
     .await
     .unwrap();
     assert_eq!(status, "failed");
-    assert!(message.unwrap().contains("IMPORT_MAX_FILE_SIZE"));
+    assert!(message.as_deref().unwrap().contains("IMPORT_MAX_FILE_SIZE"));
     assert!(completed);
+
+    let run_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let shown = dsa_ingest(&app)
+        .args(["status", &run_id.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let shown = String::from_utf8(shown.stdout).unwrap();
+    assert!(shown.contains("status     failed"), "{shown}");
+    assert!(
+        shown.contains(&format!("error      {}", message.unwrap())),
+        "{shown}"
+    );
+    let unknown = dsa_ingest(&app)
+        .args(["status", &uuid::Uuid::new_v4().to_string()])
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
 }
