@@ -18,6 +18,17 @@ fn dsa_ingest(app: &crate::helpers::TestApp) -> Command {
     command
 }
 
+/// Runs `dsa-ingest ARGS` to success and parses its stdout as JSON.
+fn run_json<T: serde::de::DeserializeOwned>(app: &crate::helpers::TestApp, args: &[&str]) -> T {
+    let output = dsa_ingest(app).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "dsa-ingest {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 #[tokio::test]
 async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
     let app = spawn_app().await;
@@ -67,29 +78,15 @@ async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
     .unwrap();
     assert_eq!(status, "running", "the child finished before it was killed");
 
-    let resumed = dsa_ingest(&app)
-        .args(["import", "--resume", &run_id.to_string(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
-    let resumed: ImportSummary = serde_json::from_slice(&resumed.stdout).unwrap();
+    let resumed: ImportSummary =
+        run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
 
     // The uninterrupted import that the resumed one must equal; run after it, so the
     // killed run stored its rows as new ones, as a first import does.
-    let reference = dsa_ingest(&app)
-        .args(["import", "--dataset", "reference", &source, "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        reference.status.success(),
-        "{}",
-        String::from_utf8_lossy(&reference.stderr)
+    let reference: ImportSummary = run_json(
+        &app,
+        &["import", "--dataset", "reference", &source, "--json"],
     );
-    let reference: ImportSummary = serde_json::from_slice(&reference.stdout).unwrap();
 
     assert_eq!(resumed.run_id, run_id);
     assert_eq!(resumed.rows, reference.rows);
