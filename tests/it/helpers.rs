@@ -225,6 +225,14 @@ impl TestApp {
         env
     }
 
+    /// `SELECT count(*) FROM {from_where}`: how many rows a table (and condition) holds.
+    pub async fn count(&self, from_where: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {from_where}"))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count")
+    }
+
     /// The run's status, error message and whether `completed_at` is set.
     pub async fn run_state(&self, run_id: Uuid) -> (String, Option<String>, bool) {
         sqlx::query_as(

@@ -182,11 +182,9 @@ async fn two_imports_racing_into_one_dataset_both_commit_in_a_line() {
     .await
     .unwrap();
     assert_eq!(head, second.commit_id);
-    let finalised: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM dsa_core.commits WHERE committed_at IS NOT NULL")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let finalised = app
+        .count("dsa_core.commits WHERE committed_at IS NOT NULL")
+        .await;
     assert_eq!(finalised, 2);
 }
 
@@ -215,10 +213,7 @@ async fn a_file_over_the_size_limit_fails_before_a_byte_is_read() {
     assert_eq!(status, "failed");
     assert_eq!(stored.as_deref(), Some(message.as_str()));
     assert!(completed);
-    let commits: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.commits")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let commits = app.count("dsa_core.commits").await;
     assert_eq!(commits, 0);
 }
 
@@ -409,10 +404,7 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
         matches!(error, dsa_ingest::load::LoadError::LeaseLost { .. }),
         "{error}"
     );
-    let commits: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.commits")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let commits = app.count("dsa_core.commits").await;
     assert_eq!(commits, 0, "the stale worker's transaction must roll back");
 }
 
@@ -436,10 +428,7 @@ async fn rows_repeated_within_and_across_batches_are_stored_once() {
     .await
     .unwrap();
     assert_eq!((entries, distinct), (350, 3));
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let stored = app.count("dsa_core.rows").await;
     assert_eq!(stored, 3);
 }
 

@@ -18,15 +18,20 @@ fn dsa_ingest(app: &crate::helpers::TestApp) -> Command {
     command
 }
 
-/// Runs `dsa-ingest ARGS` to success and parses its stdout as JSON.
-fn run_json<T: serde::de::DeserializeOwned>(app: &crate::helpers::TestApp, args: &[&str]) -> T {
+/// Runs `dsa-ingest ARGS` to success and returns its stdout.
+fn run_ok(app: &crate::helpers::TestApp, args: &[&str]) -> Vec<u8> {
     let output = dsa_ingest(app).args(args).output().unwrap();
     assert!(
         output.status.success(),
         "dsa-ingest {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).unwrap()
+    output.stdout
+}
+
+/// Runs `dsa-ingest ARGS` to success and parses its stdout as JSON.
+fn run_json<T: serde::de::DeserializeOwned>(app: &crate::helpers::TestApp, args: &[&str]) -> T {
+    serde_json::from_slice(&run_ok(app, args)).unwrap()
 }
 
 #[tokio::test]
@@ -128,16 +133,7 @@ async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
     .unwrap();
     assert_eq!((status.as_str(), row_count), ("completed", 60_000));
 
-    let shown = dsa_ingest(&app)
-        .args(["status", &run_id.to_string(), "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        shown.status.success(),
-        "{}",
-        String::from_utf8_lossy(&shown.stderr)
-    );
-    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let shown: serde_json::Value = run_json(&app, &["status", &run_id.to_string(), "--json"]);
     assert_eq!(shown["status"], "completed");
     assert_eq!(shown["dataset"], "killed");
     assert_eq!(shown["attempts"], 2);
@@ -180,16 +176,7 @@ async fn the_cli_reports_a_failed_import_and_marks_the_run() {
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    let shown = dsa_ingest(&app)
-        .args(["status", &run_id.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        shown.status.success(),
-        "{}",
-        String::from_utf8_lossy(&shown.stderr)
-    );
-    let shown = String::from_utf8(shown.stdout).unwrap();
+    let shown = String::from_utf8(run_ok(&app, &["status", &run_id.to_string()])).unwrap();
     assert!(shown.contains("status     failed"), "{shown}");
     assert!(
         shown.contains(&format!("error      {}", message.unwrap())),
