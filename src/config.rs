@@ -25,7 +25,64 @@ pub struct Settings {
     pub import: ImportSettings,
     /// Imports one process runs at once.
     pub parallel_workers: usize,
+    /// The broker and the names of everything declared on it.
+    pub amqp: AmqpSettings,
+    /// Where `consume` and `maintain` serve `/healthz`, `/readyz` and `/metrics`.
+    pub metrics_addr: String,
 }
+
+/// The broker connection and the topology `consume`, `maintain` and `submit` declare.
+/// Every name is a setting so that several deployments (or tests) can share a broker.
+#[derive(Clone, Debug)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost`; the vhost `/` is written `%2f`.
+    pub url: String,
+    /// Direct exchange that import messages are published to.
+    pub import_exchange: String,
+    /// Quorum queue the import consumers share; bound with `import_routing_key`.
+    pub import_queue: String,
+    pub import_routing_key: String,
+    /// Where the import queue dead-letters messages (fanout exchange and its queue).
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Deliveries of one message before the broker dead-letters it (`x-delivery-limit`).
+    pub delivery_limit: u32,
+    /// Direct exchange for maintenance requests (the outbox publishes here).
+    pub maintenance_exchange: String,
+    /// Single-active-consumer queue `maintain` reads.
+    pub maintenance_queue: String,
+    pub maintenance_routing_key: String,
+    /// How long a transient failure is retried in-process before the message is
+    /// dead-lettered.
+    pub retry_budget: Duration,
+    /// Time a shutting-down consumer gives imports in flight to commit their batch.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_AMQP_URL.to_owned(),
+            import_exchange: "dsa.imports".to_owned(),
+            import_queue: "dsa.imports".to_owned(),
+            import_routing_key: "import".to_owned(),
+            dead_letter_exchange: "dsa.imports.dead".to_owned(),
+            dead_letter_queue: "dsa.imports.dead".to_owned(),
+            delivery_limit: 5,
+            maintenance_exchange: "dsa.maintenance".to_owned(),
+            maintenance_queue: "dsa.maintenance".to_owned(),
+            maintenance_routing_key: "refresh_search_index".to_owned(),
+            retry_budget: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The local development broker.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Where health and metrics are served by default.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// Where the S3-compatible store is. Credentials come from the standard AWS variables,
 /// which the SDK reads itself, so they never pass through our own structs or logs.
@@ -87,6 +144,9 @@ impl Settings {
                 bucket: non_empty("S3_BUCKET"),
             },
             parallel_workers: positive("IMPORT_PARALLEL_WORKERS", 4)? as usize,
+            amqp: AmqpSettings::from_env()?,
+            metrics_addr: non_empty("METRICS_ADDR")
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned()),
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,
@@ -105,6 +165,38 @@ impl Settings {
                     defaults.lease_duration.as_secs(),
                 )?),
             },
+        })
+    }
+}
+
+impl AmqpSettings {
+    /// Reads the `AMQP_*` variables, each falling back to its default.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let name = |variable: &str, default: String| non_empty(variable).unwrap_or(default);
+        Ok(Self {
+            url: name("AMQP_URL", defaults.url),
+            import_exchange: name("AMQP_IMPORT_EXCHANGE", defaults.import_exchange),
+            import_queue: name("AMQP_IMPORT_QUEUE", defaults.import_queue),
+            import_routing_key: name("AMQP_IMPORT_ROUTING_KEY", defaults.import_routing_key),
+            dead_letter_exchange: name("AMQP_DEAD_LETTER_EXCHANGE", defaults.dead_letter_exchange),
+            dead_letter_queue: name("AMQP_DEAD_LETTER_QUEUE", defaults.dead_letter_queue),
+            delivery_limit: positive("AMQP_DELIVERY_LIMIT", defaults.delivery_limit as u64)?
+                .min(u32::MAX as u64) as u32,
+            maintenance_exchange: name("AMQP_MAINTENANCE_EXCHANGE", defaults.maintenance_exchange),
+            maintenance_queue: name("AMQP_MAINTENANCE_QUEUE", defaults.maintenance_queue),
+            maintenance_routing_key: name(
+                "AMQP_MAINTENANCE_ROUTING_KEY",
+                defaults.maintenance_routing_key,
+            ),
+            retry_budget: Duration::from_secs(positive(
+                "AMQP_RETRY_SECONDS",
+                defaults.retry_budget.as_secs(),
+            )?),
+            shutdown_grace: Duration::from_secs(positive(
+                "SHUTDOWN_GRACE_SECONDS",
+                defaults.shutdown_grace.as_secs(),
+            )?),
         })
     }
 }
