@@ -25,6 +25,9 @@ pub struct ImportParameters {
     /// The commit message; a default naming the source is used when absent.
     #[serde(default)]
     pub message: Option<String>,
+    /// The ETag the requester saw; the run fails if the object has another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_etag: Option<String>,
 }
 
 /// Where a run continues after a crash; written in the same transaction as each batch.
@@ -272,6 +275,45 @@ pub async fn claim(
         checkpoint,
         attempts,
     })
+}
+
+/// Gives up the lease without ending the run, so a retry (here or in another process)
+/// can claim it at once and resume from its checkpoint. `note` says why, for `status`.
+pub async fn release(
+    pool: &PgPool,
+    run_id: Uuid,
+    lease_token: i64,
+    note: &str,
+) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs
+            SET lease_expires_at = now(), error_message = $3
+          WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+    )
+    .bind(run_id)
+    .bind(lease_token)
+    .bind(note)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(updated == 1)
+}
+
+/// Puts a run that could not finish back to `pending` with a note, so it waits for a
+/// replayed message instead of looking busy (used when retries run out).
+pub async fn park(pool: &PgPool, run_id: Uuid, note: &str) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs
+            SET status = 'pending', error_message = $2, lease_owner = NULL, lease_expires_at = NULL
+          WHERE id = $1 AND status IN ('pending', 'running')
+            AND (lease_expires_at IS NULL OR lease_expires_at <= now())",
+    )
+    .bind(run_id)
+    .bind(note)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(updated == 1)
 }
 
 /// Marks a run failed with a message a person can act on, and drops its unfinished

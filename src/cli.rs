@@ -32,6 +32,9 @@ enum Command {
     Dataset(DatasetCommand),
     /// Import one CSV file in this process, from a local path or s3://bucket/key.
     Import(ImportArgs),
+    /// Consume import messages from the broker until SIGTERM or Ctrl-C
+    /// (IMPORT_PARALLEL_WORKERS imports at once).
+    Consume,
     /// Show a run's status, progress, checkpoint and result.
     Status {
         run_id: Uuid,
@@ -89,7 +92,13 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
-    let pool = db::connect(&settings.database_url, 4)
+    // An import holds two connections (loader and look-up); the consumer's own
+    // queries and the relay need a few more.
+    let connections = match cli.command {
+        Command::Consume => 2 * settings.parallel_workers as u32 + 4,
+        _ => 4,
+    };
+    let pool = db::connect(&settings.database_url, connections)
         .await
         .with_context(|| {
             format!(
@@ -112,6 +121,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             println!("dataset {:?} {verb} (id {id})", name.as_str());
         }
         Command::Import(args) => import(settings, pool, args).await?,
+        Command::Consume => consume(settings, pool).await?,
         Command::Status { run_id, json } => {
             let Some(run) = crate::status::run_status(&pool, run_id).await? else {
                 anyhow::bail!("run {run_id} does not exist");
@@ -146,6 +156,7 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
                 source,
                 skip_bad_rows: args.skip_bad_rows,
                 message: args.message,
+                expected_etag: None,
             };
             let (run_id, _) = importer
                 .create_run(&dataset, args.user.as_deref(), &parameters)
@@ -163,6 +174,30 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
     } else {
         print_summary(&summary);
     }
+    Ok(())
+}
+
+async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    let event_dataset = match std::env::var("S3_EVENT_DATASET") {
+        Ok(name) if !name.trim().is_empty() => Some(
+            DatasetName::parse(name.trim()).context("S3_EVENT_DATASET is not a valid dataset name")?,
+        ),
+        _ => None,
+    };
+    let s3 = crate::s3::client(&settings.s3).await;
+    let stop = crate::shutdown::on_signals();
+    let (broker_connected, _) = tokio::sync::watch::channel(false);
+    let setup = crate::consume::ConsumerSetup {
+        importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
+        pool,
+        s3: Some(s3),
+        amqp: settings.amqp.clone(),
+        workers: settings.parallel_workers,
+        event_dataset,
+        broker_connected,
+        committed: None,
+    };
+    crate::consume::run(setup, stop).await?;
     Ok(())
 }
 

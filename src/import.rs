@@ -47,6 +47,10 @@ pub enum ImportError {
     Load(#[from] LoadError),
     #[error("{0}")]
     Resume(String),
+    /// Shutdown asked the import to stop after its last committed batch; the run stays
+    /// resumable from that checkpoint.
+    #[error("the import was stopped by shutdown; it resumes from its last checkpoint")]
+    Interrupted,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,7 +67,9 @@ impl ImportError {
     pub fn fails_the_run(&self) -> bool {
         !matches!(
             self,
-            ImportError::Claim(_) | ImportError::Load(LoadError::LeaseLost { .. })
+            ImportError::Claim(_)
+                | ImportError::Load(LoadError::LeaseLost { .. })
+                | ImportError::Interrupted
         )
     }
 
@@ -135,6 +141,11 @@ pub struct Importer {
     s3: Option<aws_sdk_s3::Client>,
     settings: ImportSettings,
     owner: String,
+    /// Whether a transient failure (database or store away) leaves the run resumable
+    /// for a retry instead of failing it; the queue consumer retries, the CLI does not.
+    keep_runs_on_transient_failure: bool,
+    /// Cancelled at shutdown: the import stops after the batch it is committing.
+    stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Importer {
@@ -144,11 +155,31 @@ impl Importer {
             s3,
             settings,
             owner: claim::worker_identity(),
+            keep_runs_on_transient_failure: false,
+            stop: None,
         }
+    }
+
+    /// For callers that retry: a transient failure releases the lease and leaves the
+    /// run resumable from its checkpoint instead of failing it.
+    pub fn keep_runs_on_transient_failure(mut self) -> Self {
+        self.keep_runs_on_transient_failure = true;
+        self
+    }
+
+    /// Imports stop between batches once `stop` is cancelled.
+    pub fn stop_on(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Whether the stop signal given to [`Importer::stop_on`] has fired.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|stop| stop.is_cancelled())
     }
 
     /// Creates the dataset when missing and a pending run importing `parameters.source`.
@@ -182,7 +213,16 @@ impl Importer {
         );
         let result = self.execute(claimed).instrument(span).await;
         if let Err(error) = &result {
-            if error.fails_the_run() {
+            let retry_later = matches!(error, ImportError::Interrupted)
+                || (self.keep_runs_on_transient_failure && error.is_transient());
+            if retry_later && !matches!(error, ImportError::Claim(_)) {
+                tracing::warn!(run.id = %run_id, error = %error, "import paused; the run stays resumable");
+                if let Err(release) =
+                    claim::release(&self.pool, run_id, token, &error.to_string()).await
+                {
+                    tracing::warn!(run.id = %run_id, error = %release, "could not release the lease; it expires on its own");
+                }
+            } else if error.fails_the_run() {
                 tracing::error!(run.id = %run_id, error = %error, "import failed");
                 // The import's own error is what a person needs; a failure to record it
                 // (often the same database outage) is logged, not put in its place.
@@ -207,6 +247,15 @@ impl Importer {
         } = claimed;
         let fetcher = Fetcher::new(parameters.source.clone(), self.s3.clone(), &self.settings);
         let info = fetcher.head(self.settings.max_file_size).await?;
+        if let Some(expected) = &parameters.expected_etag {
+            if info.etag.as_deref().map(|etag| etag.trim_matches('"')) != Some(expected.trim_matches('"')) {
+                return Err(FetchError::ObjectChanged {
+                    source_location: parameters.source.to_string(),
+                    expected: expected.clone(),
+                }
+                .into());
+            }
+        }
         let mut loader = Loader::new(&self.pool, lease.clone()).await?;
 
         let mut checkpoint = match checkpoint {
@@ -291,6 +340,9 @@ impl Importer {
         let mut rows_this_attempt = 0u64;
         let mut batches = 0u64;
         loop {
+            if self.is_stopping() {
+                return Err(ImportError::Interrupted);
+            }
             let waited = Instant::now();
             let Some(next) = receiver.recv().await else {
                 return Err(ImportError::Internal(

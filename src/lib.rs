@@ -1,9 +1,11 @@
 //! dsa-ingest: streams CSV files from S3-compatible storage (or a local path) into a
 //! git-like versioned dataset in PostgreSQL. See ARCHITECTURE.md for the map.
 
+pub mod amqp;
 pub mod claim;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod db;
 pub mod decode;
 pub mod fetch;
@@ -11,8 +13,10 @@ pub mod finalise;
 pub mod hash;
 pub mod import;
 pub mod load;
+pub mod messages;
 pub mod memory;
 pub mod s3;
 pub mod sample;
+pub mod shutdown;
 pub mod status;
 pub mod telemetry;

@@ -178,6 +178,7 @@ impl TestApp {
             source: self.location(key),
             skip_bad_rows,
             message: None,
+            expected_etag: None,
         };
         importer
             .create_run(

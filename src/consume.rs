@@ -1,0 +1,604 @@
+//! `dsa-ingest consume`: import messages in, commits out, exactly once in effect.
+//!
+//! One replica holds one broker connection with one consuming channel, takes up to
+//! `IMPORT_PARALLEL_WORKERS` deliveries at once (the prefetch and a semaphore agree),
+//! and runs each with the import core. Exactly-once comes from the database, not the
+//! broker: a run is claimed under a lease with a fencing token, a delivery for a
+//! finished run is acknowledged without work, and the acknowledgement goes out only
+//! after the finalising transaction committed. A redelivery therefore never imports
+//! twice, and a lost acknowledgement costs one cheap look at the run.
+//!
+//! When the connection or channel goes away (broker restart, `consumer_timeout`, a
+//! network cut), imports in flight keep running against the database; their
+//! deliveries belong to the dead channel and are never acknowledged on the new one.
+//! The broker redelivers them, and whoever receives one waits for the run (or resumes
+//! it when its worker died) before acknowledging.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use sqlx::PgPool;
+use thiserror::Error;
+use tracing::Instrument;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::amqp::{self, AmqpError};
+use crate::claim::{self, ClaimError, ImportParameters};
+use crate::config::AmqpSettings;
+use crate::db::{self, DatasetError, DatasetName};
+use crate::fetch::SourceLocation;
+use crate::import::{ImportError, ImportSummary, Importer};
+use crate::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
+
+#[derive(Debug, Error)]
+pub enum ConsumeError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// What the consumer needs besides the broker: the import core and its settings.
+#[derive(Clone)]
+pub struct ConsumerSetup {
+    pub importer: Importer,
+    pub pool: PgPool,
+    pub s3: Option<aws_sdk_s3::Client>,
+    pub amqp: AmqpSettings,
+    /// Imports at once in this process (prefetch and concurrency).
+    pub workers: usize,
+    /// `S3_EVENT_DATASET`: one dataset for every S3 event, overriding key and metadata.
+    pub event_dataset: Option<DatasetName>,
+    /// Told when the broker connection comes and goes (for `/readyz`).
+    pub broker_connected: watch::Sender<bool>,
+    /// Told after each completed import, so the outbox relay publishes at once.
+    pub committed: Option<tokio::sync::mpsc::Sender<()>>,
+}
+
+/// How a delivery is settled once its work is done.
+#[derive(Debug)]
+enum Settle {
+    /// Done, or nothing to do: the run is completed or failed for good.
+    Ack,
+    /// Refused for good (unreadable, names nothing, retries exhausted): the broker
+    /// moves it to the dead-letter queue.
+    DeadLetter(String),
+    /// Not finished because this process is stopping; another consumer resumes it.
+    Requeue,
+}
+
+/// Runs the consumer until `stop` is cancelled, then drains: no new deliveries, imports
+/// in flight stop after their current batch (or at `shutdown_grace`), unacknowledged
+/// deliveries go back to the queue when the connection closes.
+pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), ConsumeError> {
+    let setup = Arc::new(setup);
+    let permits = Arc::new(Semaphore::new(setup.workers));
+    let tasks = TaskTracker::new();
+    let mut reconnect = reconnect_backoff();
+    // Imports must not notice the stop before the consumer stops taking deliveries,
+    // so they get their own token, cancelled once the subscription is gone.
+    let stop_imports = CancellationToken::new();
+    let importer = setup
+        .importer
+        .clone()
+        .keep_runs_on_transient_failure()
+        .stop_on(stop_imports.clone());
+    let mut last_connection: Option<Connection> = None;
+
+    while !stop.is_cancelled() {
+        let session = tokio::select! {
+            session = subscribe(&setup) => session,
+            _ = stop.cancelled() => break,
+        };
+        let (connection, channel, mut deliveries) = match session {
+            Ok(session) => session,
+            Err(error) => {
+                let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "broker unavailable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = stop.cancelled() => break,
+                }
+            }
+        };
+        reconnect.reset();
+        setup.broker_connected.send_replace(true);
+        tracing::info!(
+            queue = %setup.amqp.import_queue,
+            workers = setup.workers,
+            "consuming import messages"
+        );
+
+        loop {
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = stop.cancelled() => break,
+            };
+            let next = tokio::select! {
+                next = deliveries.next() => next,
+                _ = stop.cancelled() => break,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let setup = Arc::clone(&setup);
+                    let importer = importer.clone();
+                    tasks.spawn(async move {
+                        handle(&setup, &importer, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(error = %error, "lost the broker channel; reconnecting");
+                    break;
+                }
+                None => {
+                    tracing::warn!("the broker ended the subscription; reconnecting");
+                    break;
+                }
+            }
+        }
+        setup.broker_connected.send_replace(false);
+        if stop.is_cancelled() {
+            // Stop the flow first, so the broker sends nothing more while imports wind
+            // down; what it already sent and we did not start goes back with the close.
+            let tag = deliveries.tag();
+            if let Err(error) = channel
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
+            {
+                tracing::debug!(error = %error, "cancelling the subscription");
+            }
+            last_connection = Some(connection);
+            break;
+        }
+        // The connection is dropped (closed) here; imports in flight continue.
+        let _ = connection.close(200, "reconnecting".into()).await;
+    }
+
+    stop_imports.cancel();
+    tasks.close();
+    let grace = setup.amqp.shutdown_grace;
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "imports did not stop within the grace period; their runs resume from their last checkpoint"
+        );
+    }
+    if let Some(connection) = last_connection {
+        if let Err(error) = connection.close(200, "shutting down".into()).await {
+            tracing::debug!(error = %error, "closing the broker connection");
+        }
+    }
+    tracing::info!("consumer stopped");
+    Ok(())
+}
+
+fn reconnect_backoff() -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_millis(200),
+        max_interval: Duration::from_secs(15),
+        max_elapsed_time: None,
+        ..ExponentialBackoff::default()
+    }
+}
+
+/// Connects, declares the topology, and subscribes with a prefetch of `workers`.
+async fn subscribe(
+    setup: &ConsumerSetup,
+) -> Result<(Connection, Channel, lapin::Consumer), AmqpError> {
+    let connection = amqp::connect(&setup.amqp, "consume").await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| AmqpError::Broker {
+            action: "opening a channel",
+            source,
+        })?;
+    amqp::declare_import_topology(&channel, &setup.amqp).await?;
+    amqp::declare_maintenance_topology(&channel, &setup.amqp).await?;
+    channel
+        .basic_qos(
+            setup.workers.min(u16::MAX as usize) as u16,
+            BasicQosOptions::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Broker {
+            action: "setting the prefetch",
+            source,
+        })?;
+    let consumer = channel
+        .basic_consume(
+            setup.amqp.import_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Broker {
+            action: "subscribing to the import queue",
+            source,
+        })?;
+    Ok((connection, channel, consumer))
+}
+
+/// Works one delivery to its end and settles it on the channel it came from.
+async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) {
+    let span = tracing::info_span!(
+        "delivery",
+        delivery.tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered
+    );
+    let settle = process(setup, importer, &delivery.data)
+        .instrument(span.clone())
+        .await;
+    let acker = &delivery.acker;
+    let settled = match &settle {
+        Settle::Ack => acker.ack(BasicAckOptions::default()).await,
+        Settle::DeadLetter(reason) => {
+            tracing::error!(parent: &span, reason = %reason, "message dead-lettered");
+            acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+        }
+        Settle::Requeue => {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    match settled {
+        Ok(true) => tracing::debug!(parent: &span, outcome = ?settle, "delivery settled"),
+        // The channel the delivery came on is gone; its tag means nothing on any other
+        // channel. The broker redelivers the message and the run's state settles it.
+        Ok(false) => tracing::info!(
+            parent: &span,
+            outcome = ?settle,
+            "the delivery's channel closed before it was settled; the broker redelivers it"
+        ),
+        Err(error) => tracing::warn!(parent: &span, error = %error, "could not settle the delivery"),
+    }
+}
+
+async fn process(setup: &ConsumerSetup, importer: &Importer, body: &[u8]) -> Settle {
+    let message = match messages::parse(body) {
+        Ok(message) => message,
+        Err(error) => return Settle::DeadLetter(error.to_string()),
+    };
+    let runs = match runs_for(setup, &message).await {
+        Ok(runs) => runs,
+        Err(Refusal::DeadLetter(reason)) => return Settle::DeadLetter(reason),
+        Err(Refusal::Transient(error)) => {
+            // Nothing was created or changed; the broker tries again (and counts it
+            // toward the delivery limit, which dead-letters it in the end).
+            tracing::warn!(error = %error, "cannot resolve the message's runs yet");
+            return Settle::Requeue;
+        }
+    };
+    for run_id in runs {
+        match import_to_end(setup, importer, run_id).await {
+            Settle::Ack => {}
+            other => return other,
+        }
+    }
+    Settle::Ack
+}
+
+enum Refusal {
+    DeadLetter(String),
+    Transient(String),
+}
+
+impl From<sqlx::Error> for Refusal {
+    fn from(error: sqlx::Error) -> Self {
+        Refusal::Transient(error.to_string())
+    }
+}
+
+/// The runs a message stands for, created where the message asks for them.
+async fn runs_for(setup: &ConsumerSetup, message: &ImportMessage) -> Result<Vec<Uuid>, Refusal> {
+    match message {
+        ImportMessage::Run(run_id) => {
+            let exists: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM dsa_jobs.analysis_runs WHERE id = $1")
+                    .bind(run_id)
+                    .fetch_optional(&setup.pool)
+                    .await?;
+            match exists {
+                Some(_) => Ok(vec![*run_id]),
+                None => Err(Refusal::DeadLetter(format!(
+                    "run {run_id} does not exist in this database"
+                ))),
+            }
+        }
+        ImportMessage::Request(request) => Ok(vec![run_for_request(setup, request).await?]),
+        ImportMessage::ObjectsCreated(objects) => {
+            let mut runs = Vec::with_capacity(objects.len());
+            for object in objects {
+                runs.push(run_for_object(setup, object).await?);
+            }
+            Ok(runs)
+        }
+    }
+}
+
+async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Result<Uuid, Refusal> {
+    if let Some(run_id) = run_by_key(&setup.pool, &request.idempotency_key).await? {
+        return Ok(run_id);
+    }
+    let parameters = ImportParameters {
+        source: SourceLocation::S3 {
+            bucket: request.source.bucket.clone(),
+            key: request.source.key.clone(),
+        },
+        skip_bad_rows: request.options.skip_bad_rows,
+        message: request.options.message.clone(),
+        expected_etag: request.source.etag.clone(),
+    };
+    let dataset_id = match request.dataset_ref() {
+        DatasetRef::Name(name) => {
+            let name = DatasetName::parse(&name).map_err(|error| Refusal::DeadLetter(error.to_string()))?;
+            db::ensure_dataset(&setup.pool, &name, None)
+                .await
+                .map_err(dataset_refusal)?
+                .0
+        }
+        DatasetRef::Id(id) => {
+            let known: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM dsa_core.datasets WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&setup.pool)
+                    .await?;
+            match known {
+                Some(id) => id,
+                None => {
+                    // A run a person can find (by its idempotency key) says why nothing
+                    // was imported, and a redelivery finds it failed and stops there.
+                    let run_id = create_keyed_run(
+                        &setup.pool,
+                        None,
+                        request.user.as_deref(),
+                        &parameters,
+                        &request.idempotency_key,
+                    )
+                    .await?;
+                    claim::fail_run(
+                        &setup.pool,
+                        run_id,
+                        None,
+                        &format!("dataset {id} does not exist; create it or name the dataset instead"),
+                    )
+                    .await?;
+                    return Ok(run_id);
+                }
+            }
+        }
+    };
+    Ok(create_keyed_run(
+        &setup.pool,
+        Some(dataset_id),
+        request.user.as_deref(),
+        &parameters,
+        &request.idempotency_key,
+    )
+    .await?)
+}
+
+async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result<Uuid, Refusal> {
+    let key = object.idempotency_key();
+    if let Some(run_id) = run_by_key(&setup.pool, &key).await? {
+        return Ok(run_id);
+    }
+    let name = match &setup.event_dataset {
+        Some(name) => name.clone(),
+        None => {
+            let from_metadata = match &setup.s3 {
+                Some(s3) => dataset_metadata(s3, object).await,
+                None => None,
+            };
+            let name = from_metadata.unwrap_or_else(|| object.dataset_from_key());
+            DatasetName::parse(&name).map_err(|error| {
+                Refusal::DeadLetter(format!(
+                    "s3://{}/{}: cannot take a dataset name from it: {error}",
+                    object.bucket, object.key
+                ))
+            })?
+        }
+    };
+    let dataset_id = db::ensure_dataset(&setup.pool, &name, None)
+        .await
+        .map_err(dataset_refusal)?
+        .0;
+    let parameters = ImportParameters {
+        source: SourceLocation::S3 {
+            bucket: object.bucket.clone(),
+            key: object.key.clone(),
+        },
+        skip_bad_rows: false,
+        message: Some(format!(
+            "Import s3://{}/{} ({})",
+            object.bucket,
+            object.key,
+            object.event_name.as_deref().unwrap_or("S3 event")
+        )),
+        expected_etag: None,
+    };
+    Ok(create_keyed_run(&setup.pool, Some(dataset_id), None, &parameters, &key).await?)
+}
+
+/// The object's user metadata `dataset` (`x-amz-meta-dataset`), when it has one. A
+/// failed HEAD is not fatal here: the import's own HEAD reports a missing object.
+async fn dataset_metadata(s3: &aws_sdk_s3::Client, object: &CreatedObject) -> Option<String> {
+    let head = s3
+        .head_object()
+        .bucket(&object.bucket)
+        .key(&object.key)
+        .send()
+        .await
+        .ok()?;
+    head.metadata()?
+        .get("dataset")
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+}
+
+fn dataset_refusal(error: DatasetError) -> Refusal {
+    match error {
+        DatasetError::Database(error) => Refusal::Transient(error.to_string()),
+        other => Refusal::DeadLetter(other.to_string()),
+    }
+}
+
+async fn run_by_key(pool: &PgPool, key: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Creates the run for `key`, or returns the one a concurrent delivery created first.
+async fn create_keyed_run(
+    pool: &PgPool,
+    dataset_id: Option<i64>,
+    user_id: Option<&str>,
+    parameters: &ImportParameters,
+    key: &str,
+) -> Result<Uuid, sqlx::Error> {
+    let created: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO dsa_jobs.analysis_runs
+                (id, run_type, status, dataset_id, user_id, run_parameters, idempotency_key)
+         VALUES ($1, 'import', 'pending', $2, $3, $4, $5)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(Uuid::new_v4())
+    .bind(dataset_id)
+    .bind(user_id)
+    .bind(sqlx::types::Json(parameters))
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    match created {
+        Some(run_id) => Ok(run_id),
+        None => sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_one(pool)
+            .await,
+    }
+}
+
+/// How often a delivery whose run another worker holds looks at the run again.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Imports the run, resuming it if needed, until it is completed or failed for good.
+async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid) -> Settle {
+    let mut retries = ExponentialBackoff {
+        initial_interval: Duration::from_millis(500),
+        max_interval: Duration::from_secs(30),
+        max_elapsed_time: Some(setup.amqp.retry_budget),
+        ..ExponentialBackoff::default()
+    };
+    loop {
+        match importer.run(run_id).await {
+            Ok(summary) => {
+                log_completed(&summary);
+                if let Some(committed) = &setup.committed {
+                    let _ = committed.try_send(());
+                }
+                return Settle::Ack;
+            }
+            Err(ImportError::Claim(ClaimError::Finished { status, .. })) => {
+                tracing::info!(run.id = %run_id, status = %status, "run already finished; nothing to do");
+                return Settle::Ack;
+            }
+            Err(ImportError::Claim(ClaimError::NotFound(_))) => {
+                return Settle::DeadLetter(format!("run {run_id} does not exist"));
+            }
+            Err(ImportError::Claim(ClaimError::Held { owner, until, .. })) => {
+                // Another worker (or another task of ours whose delivery was lost with
+                // its channel) is importing this run. Starting a second import would be
+                // wrong; holding the message until the run ends keeps someone
+                // responsible for it should that worker die.
+                tracing::info!(run.id = %run_id, holder = %owner, lease_until = %until, "run is held by a live worker; waiting for it");
+                match wait_while_held(&setup.pool, run_id, importer).await {
+                    Ok(()) => continue,
+                    Err(settle) => return settle,
+                }
+            }
+            Err(ImportError::Interrupted) => return Settle::Requeue,
+            Err(error) if error.is_transient() => match retries.next_backoff() {
+                Some(wait) => {
+                    tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    let note = format!(
+                        "stopped after retrying for {} s: {error}; the message is in the dead-letter queue, replay it to resume",
+                        setup.amqp.retry_budget.as_secs()
+                    );
+                    if let Err(park) = claim::park(&setup.pool, run_id, &note).await {
+                        tracing::warn!(run.id = %run_id, error = %park, "could not record the pause on the run");
+                    }
+                    return Settle::DeadLetter(note);
+                }
+            },
+            // The import core marked the run failed with the reason; the message has
+            // been handled.
+            Err(error) => {
+                tracing::warn!(run.id = %run_id, error = %error, "run failed");
+                return Settle::Ack;
+            }
+        }
+    }
+}
+
+/// Waits until the run is no longer held by a live lease. Gives up (requeueing) when
+/// this process is stopping.
+async fn wait_while_held(pool: &PgPool, run_id: Uuid, importer: &Importer) -> Result<(), Settle> {
+    loop {
+        if importer.is_stopping() {
+            return Err(Settle::Requeue);
+        }
+        let state: Result<Option<(String, bool)>, sqlx::Error> = sqlx::query_as(
+            "SELECT status::text, coalesce(lease_expires_at > now(), false)
+               FROM dsa_jobs.analysis_runs WHERE id = $1",
+        )
+        .bind(run_id)
+        .fetch_optional(pool)
+        .await;
+        match state {
+            Ok(Some((status, live))) if matches!(status.as_str(), "pending" | "running") && live => {}
+            Ok(_) => return Ok(()),
+            Err(error) => tracing::debug!(run.id = %run_id, error = %error, "looking at a held run"),
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+fn log_completed(summary: &ImportSummary) {
+    tracing::info!(
+        run.id = %summary.run_id,
+        dataset.id = summary.dataset_id,
+        commit.id = %summary.commit_id,
+        rows = summary.rows,
+        new_rows = summary.new_rows,
+        bytes = summary.bytes,
+        duration_ms = (summary.seconds * 1000.0) as u64,
+        "import message handled"
+    );
+}
