@@ -180,7 +180,8 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
 async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let event_dataset = match std::env::var("S3_EVENT_DATASET") {
         Ok(name) if !name.trim().is_empty() => Some(
-            DatasetName::parse(name.trim()).context("S3_EVENT_DATASET is not a valid dataset name")?,
+            DatasetName::parse(name.trim())
+                .context("S3_EVENT_DATASET is not a valid dataset name")?,
         ),
         _ => None,
     };

@@ -29,10 +29,10 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use thiserror::Error;
-use tracing::Instrument;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::amqp::{self, AmqpError};
@@ -249,9 +249,7 @@ async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) 
         Settle::Ack => acker.ack(BasicAckOptions::default()).await,
         Settle::DeadLetter(reason) => {
             tracing::error!(parent: &span, reason = %reason, "message dead-lettered");
-            acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
+            acker.reject(BasicRejectOptions { requeue: false }).await
         }
         Settle::Requeue => {
             acker
@@ -271,7 +269,9 @@ async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) 
             outcome = ?settle,
             "the delivery's channel closed before it was settled; the broker redelivers it"
         ),
-        Err(error) => tracing::warn!(parent: &span, error = %error, "could not settle the delivery"),
+        Err(error) => {
+            tracing::warn!(parent: &span, error = %error, "could not settle the delivery")
+        }
     }
 }
 
@@ -352,7 +352,8 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
     };
     let dataset_id = match request.dataset_ref() {
         DatasetRef::Name(name) => {
-            let name = DatasetName::parse(&name).map_err(|error| Refusal::DeadLetter(error.to_string()))?;
+            let name = DatasetName::parse(&name)
+                .map_err(|error| Refusal::DeadLetter(error.to_string()))?;
             db::ensure_dataset(&setup.pool, &name, None)
                 .await
                 .map_err(dataset_refusal)?
@@ -381,7 +382,9 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
                         &setup.pool,
                         run_id,
                         None,
-                        &format!("dataset {id} does not exist; create it or name the dataset instead"),
+                        &format!(
+                            "dataset {id} does not exist; create it or name the dataset instead"
+                        ),
                     )
                     .await?;
                     return Ok(run_id);
@@ -495,10 +498,12 @@ async fn create_keyed_run(
     .await?;
     match created {
         Some(run_id) => Ok(run_id),
-        None => sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_one(pool)
-            .await,
+        None => {
+            sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(pool)
+                .await
+        }
     }
 }
 
@@ -582,9 +587,12 @@ async fn wait_while_held(pool: &PgPool, run_id: Uuid, importer: &Importer) -> Re
         .fetch_optional(pool)
         .await;
         match state {
-            Ok(Some((status, live))) if matches!(status.as_str(), "pending" | "running") && live => {}
+            Ok(Some((status, live)))
+                if matches!(status.as_str(), "pending" | "running") && live => {}
             Ok(_) => return Ok(()),
-            Err(error) => tracing::debug!(run.id = %run_id, error = %error, "looking at a held run"),
+            Err(error) => {
+                tracing::debug!(run.id = %run_id, error = %error, "looking at a held run")
+            }
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
     }

@@ -248,7 +248,9 @@ impl Importer {
         let fetcher = Fetcher::new(parameters.source.clone(), self.s3.clone(), &self.settings);
         let info = fetcher.head(self.settings.max_file_size).await?;
         if let Some(expected) = &parameters.expected_etag {
-            if info.etag.as_deref().map(|etag| etag.trim_matches('"')) != Some(expected.trim_matches('"')) {
+            if info.etag.as_deref().map(|etag| etag.trim_matches('"'))
+                != Some(expected.trim_matches('"'))
+            {
                 return Err(FetchError::ObjectChanged {
                     source_location: parameters.source.to_string(),
                     expected: expected.clone(),

@@ -122,7 +122,12 @@ impl CreatedObject {
             .or(self.etag.as_deref())
             .or(self.sequencer.as_deref())
             .unwrap_or("");
-        format!("s3:{}/{}@{}", self.bucket, self.key, version.trim_matches('"'))
+        format!(
+            "s3:{}/{}@{}",
+            self.bucket,
+            self.key,
+            version.trim_matches('"')
+        )
     }
 
     /// The dataset an event's object goes to when neither the object's metadata nor
@@ -206,16 +211,22 @@ pub fn parse(body: &[u8]) -> Result<ImportMessage, MessageError> {
         }
         match (&request.dataset, request.dataset_id) {
             (Some(_), Some(_)) => {
-                return Err(invalid("give `dataset` or `dataset_id`, not both".to_owned()))
+                return Err(invalid(
+                    "give `dataset` or `dataset_id`, not both".to_owned(),
+                ))
             }
-            (None, None) => return Err(invalid("`dataset` or `dataset_id` is required".to_owned())),
+            (None, None) => {
+                return Err(invalid("`dataset` or `dataset_id` is required".to_owned()))
+            }
             (None, Some(id)) if id <= 0 => {
                 return Err(invalid(format!("dataset_id {id} is not a valid id")))
             }
             _ => {}
         }
         if request.source.bucket.is_empty() || request.source.key.is_empty() {
-            return Err(invalid("source.bucket and source.key must not be empty".to_owned()));
+            return Err(invalid(
+                "source.bucket and source.key must not be empty".to_owned(),
+            ));
         }
         return Ok(ImportMessage::Request(Box::new(request)));
     }
@@ -332,7 +343,10 @@ mod tests {
         assert_eq!(objects.len(), 2);
         assert_eq!(objects[0].key, "orders/2026 11/café.csv");
         assert_eq!(objects[0].dataset_from_key(), "orders");
-        assert_eq!(objects[0].idempotency_key(), "s3:in/orders/2026 11/café.csv@abc");
+        assert_eq!(
+            objects[0].idempotency_key(),
+            "s3:in/orders/2026 11/café.csv@abc"
+        );
         assert_eq!(objects[1].dataset_from_key(), "top");
     }
 

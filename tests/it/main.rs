@@ -1,7 +1,10 @@
 //! Integration tests: the real PostgreSQL and S3 store, one database and bucket per test.
 
+mod broker;
+mod consume;
 mod fetch;
 mod helpers;
 mod import;
+mod proxy;
 mod resume;
 mod schemas;
