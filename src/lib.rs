@@ -12,6 +12,7 @@ pub mod hash;
 pub mod import;
 pub mod load;
 pub mod memory;
+pub mod metrics;
 pub mod s3;
 pub mod sample;
 pub mod status;

@@ -3,11 +3,13 @@ use std::sync::Arc;
 
 use dsa_ingest::config::S3Settings;
 use dsa_ingest::import::Importer;
+use dsa_ingest::metrics::metrics;
 use dsa_ingest::sample::sample_csv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::helpers::{service_settings, spawn_app, test_settings};
+use crate::metrics::sample;
 
 /// A TCP proxy in front of the S3 store that cuts every connection after it has sent
 /// `budget` bytes of response: a network that breaks bodies mid-stream.
@@ -76,6 +78,8 @@ async fn a_body_broken_mid_stream_is_resumed_from_the_last_byte_received() {
     settings.fetch_concurrency = 2;
     let importer = Importer::new(app.pool.clone(), Some(flaky_s3), settings);
     let (run_id, _) = app.create_run(&importer, "flaky", "flaky.csv", false).await;
+    let retries = || sample(&metrics().encode().unwrap(), "dsa_s3_retries_total");
+    let retries_before = retries();
 
     let summary = importer
         .run(run_id)
@@ -90,4 +94,9 @@ async fn a_body_broken_mid_stream_is_resumed_from_the_last_byte_received() {
     assert_eq!(summary.rows, 3_000);
     // Each retry asked only for the bytes not yet received: nothing was read twice.
     assert_eq!(summary.bytes_read, summary.bytes);
+    // The metrics are process-wide, so only a rise is certain, not its size.
+    assert!(
+        retries() > retries_before,
+        "resumed ranges were not counted"
+    );
 }
