@@ -187,7 +187,13 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     };
     let s3 = crate::s3::client(&settings.s3).await;
     let stop = crate::shutdown::on_signals();
-    let (broker_connected, _) = tokio::sync::watch::channel(false);
+    let health = crate::metrics::Health::new(pool.clone());
+    let server = crate::metrics::spawn_server(
+        &settings.metrics_addr,
+        health.clone(),
+        stop.clone().cancelled_owned(),
+    )
+    .await?;
     let setup = crate::consume::ConsumerSetup {
         importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
         pool,
@@ -195,10 +201,11 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         amqp: settings.amqp.clone(),
         workers: settings.parallel_workers,
         event_dataset,
-        broker_connected,
+        health,
         committed: None,
     };
     crate::consume::run(setup, stop).await?;
+    let _ = server.task.await;
     Ok(())
 }
 

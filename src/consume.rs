@@ -29,7 +29,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use thiserror::Error;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -42,6 +42,7 @@ use crate::db::{self, DatasetError, DatasetName};
 use crate::fetch::SourceLocation;
 use crate::import::{ImportError, ImportSummary, Importer};
 use crate::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
+use crate::metrics::{metrics, AmqpOutcome, Health};
 
 #[derive(Debug, Error)]
 pub enum ConsumeError {
@@ -63,7 +64,7 @@ pub struct ConsumerSetup {
     /// `S3_EVENT_DATASET`: one dataset for every S3 event, overriding key and metadata.
     pub event_dataset: Option<DatasetName>,
     /// Told when the broker connection comes and goes (for `/readyz`).
-    pub broker_connected: watch::Sender<bool>,
+    pub health: Health,
     /// Told after each completed import, so the outbox relay publishes at once.
     pub committed: Option<tokio::sync::mpsc::Sender<()>>,
 }
@@ -115,7 +116,7 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
             }
         };
         reconnect.reset();
-        setup.broker_connected.send_replace(true);
+        setup.health.set_broker_connected(true);
         tracing::info!(
             queue = %setup.amqp.import_queue,
             workers = setup.workers,
@@ -150,7 +151,7 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
                 }
             }
         }
-        setup.broker_connected.send_replace(false);
+        setup.health.set_broker_connected(false);
         if stop.is_cancelled() {
             // Stop the flow first, so the broker sends nothing more while imports wind
             // down; what it already sent and we did not start goes back with the close.
@@ -244,6 +245,11 @@ async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) 
     let settle = process(setup, importer, &delivery.data)
         .instrument(span.clone())
         .await;
+    metrics().amqp_outcome(match &settle {
+        Settle::Ack => AmqpOutcome::Ack,
+        Settle::DeadLetter(_) => AmqpOutcome::DeadLetter,
+        Settle::Requeue => AmqpOutcome::Requeue,
+    });
     let acker = &delivery.acker;
     let settled = match &settle {
         Settle::Ack => acker.ack(BasicAckOptions::default()).await,
@@ -519,9 +525,14 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
         ..ExponentialBackoff::default()
     };
     loop {
-        match importer.run(run_id).await {
+        let in_flight = metrics().import_in_flight();
+        let result = importer.run(run_id).await;
+        drop(in_flight);
+        match result {
             Ok(summary) => {
                 log_completed(&summary);
+                let format = summary.source["format"].as_str().unwrap_or("csv");
+                metrics().record_import_finished(&summary, format);
                 if let Some(committed) = &setup.committed {
                     let _ = committed.try_send(());
                 }
@@ -548,6 +559,7 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
             Err(ImportError::Interrupted) => return Settle::Requeue,
             Err(error) if error.is_transient() => match retries.next_backoff() {
                 Some(wait) => {
+                    metrics().record_import_retried("other");
                     tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -565,6 +577,7 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
             // The import core marked the run failed with the reason; the message has
             // been handled.
             Err(error) => {
+                metrics().record_import_failed("other");
                 tracing::warn!(run.id = %run_id, error = %error, "run failed");
                 return Settle::Ack;
             }

@@ -23,6 +23,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, ReadBuf};
 
 use crate::config::ImportSettings;
+use crate::metrics::{metrics, S3Operation};
 
 /// How many attempts in a row may deliver no byte before the import gives up on the
 /// store; an attempt that delivered something resets the count.
@@ -191,6 +192,7 @@ impl Fetcher {
             }
             SourceLocation::S3 { bucket, key } => {
                 let client = self.s3.as_ref().ok_or(FetchError::NoS3Client)?;
+                metrics().s3_request(S3Operation::Head);
                 let head = client
                     .head_object()
                     .bucket(bucket)
@@ -303,6 +305,7 @@ impl Fetcher {
             if let Some(etag) = etag {
                 request = request.if_match(etag);
             }
+            metrics().s3_request(S3Operation::GetRange);
             let failure = match request.send().await {
                 Ok(response) => {
                     let expected = format!("bytes {from}-{}/", end - 1);
@@ -373,6 +376,7 @@ impl Fetcher {
             if buffer.len() > received_before {
                 // The body broke after making progress: ask for the rest at once.
                 attempt = 0;
+                metrics().s3_retry();
                 tracing::debug!(
                     source = %self.location,
                     byte = start + buffer.len() as u64,
@@ -394,6 +398,7 @@ impl Fetcher {
                 error = %failure,
                 "ranged GET failed; retrying"
             );
+            metrics().s3_retry();
             tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
         }
     }

@@ -15,6 +15,7 @@ pub mod import;
 pub mod load;
 pub mod memory;
 pub mod messages;
+pub mod metrics;
 pub mod s3;
 pub mod sample;
 pub mod shutdown;

@@ -296,6 +296,7 @@ impl Loader {
         batch: &Batch,
         progress: Option<&Progress>,
     ) -> Result<BatchOutcome, LoadError> {
+        let batch_started = Instant::now();
         let mut outcome = BatchOutcome::default();
         let mut tx = self.conn.begin().await?;
         // A batch is safe without waiting for its WAL flush: data and checkpoint commit
@@ -342,6 +343,7 @@ impl Loader {
         save_checkpoint(&mut tx, &self.lease, &checkpoint, progress).await?;
         tx.commit().await?;
         outcome.commit_duration = started.elapsed();
+        crate::metrics::metrics().observe_batch(batch_started.elapsed());
         Ok(outcome)
     }
 

@@ -41,6 +41,11 @@ impl TestBroker {
             maintenance_queue: name("maintenance"),
             ..AmqpSettings::default()
         };
+        Self::attach(settings).await
+    }
+
+    /// Connects to (and declares, again if need be) the topology `settings` names.
+    pub async fn attach(settings: AmqpSettings) -> Self {
         let connection = amqp::connect(&settings, "test")
             .await
             .expect("connect to RabbitMQ");

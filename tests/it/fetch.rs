@@ -1,9 +1,11 @@
 use std::sync::atomic::Ordering;
 
 use crate::helpers::{service_settings, spawn_app, test_settings};
+use crate::metrics::sample;
 use crate::proxy::cutting_proxy;
 use dsa_ingest::config::S3Settings;
 use dsa_ingest::import::Importer;
+use dsa_ingest::metrics::metrics;
 use dsa_ingest::sample::sample_csv;
 
 #[tokio::test]
@@ -28,6 +30,8 @@ async fn a_body_broken_mid_stream_is_resumed_from_the_last_byte_received() {
     settings.fetch_concurrency = 2;
     let importer = Importer::new(app.pool.clone(), Some(flaky_s3), settings);
     let (run_id, _) = app.create_run(&importer, "flaky", "flaky.csv", false).await;
+    let retries = || sample(&metrics().encode().unwrap(), "dsa_s3_retries_total");
+    let retries_before = retries();
 
     let summary = importer
         .run(run_id)
@@ -42,4 +46,9 @@ async fn a_body_broken_mid_stream_is_resumed_from_the_last_byte_received() {
     assert_eq!(summary.rows, 3_000);
     // Each retry asked only for the bytes not yet received: nothing was read twice.
     assert_eq!(summary.bytes_read, summary.bytes);
+    // The metrics are process-wide, so only a rise is certain, not its size.
+    assert!(
+        retries() > retries_before,
+        "resumed ranges were not counted"
+    );
 }

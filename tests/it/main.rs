@@ -5,6 +5,8 @@ mod consume;
 mod fetch;
 mod helpers;
 mod import;
+mod metrics;
+mod process;
 mod proxy;
 mod resume;
 mod schemas;

@@ -1,0 +1,1009 @@
+//! The metrics edge: Prometheus metrics for the whole process, and the small HTTP server
+//! that `consume` and `maintain` run for `/healthz`, `/readyz` and `/metrics`.
+//!
+//! The metrics live in one process-wide [`Metrics`] (see [`metrics()`]) with a registry
+//! of its own. The import core records only what nobody else can see (each batch
+//! transaction, each S3 request); whoever runs an import records the run as a whole
+//! from its [`ImportSummary`]. Every label takes its value from an enum or a fixed list,
+//! so no input can make the number of series grow.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use sqlx::PgPool;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::import::ImportSummary;
+
+/// How long `/readyz` waits for `SELECT 1` before it calls the database down. A probe
+/// must answer well within the orchestrator's own timeout (often a few seconds).
+pub const READY_DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Import durations range from a fraction of a second (a small CSV) to hours (a 5 GiB
+/// file on a slow store), so the buckets grow by about 2 to 3 times up to 4 hours.
+const IMPORT_DURATION_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+    7200.0, 14400.0,
+];
+
+/// A batch transaction (10,000 rows by default) takes tens to hundreds of milliseconds;
+/// the upper buckets catch lock waits and a struggling database.
+const BATCH_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// `REFRESH MATERIALIZED VIEW CONCURRENTLY` grows with the number of datasets.
+const SEARCH_REFRESH_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+];
+
+/// Source formats as they appear in the `format` label; anything else is `other`.
+pub const FORMATS: [&str; 6] = ["csv", "xlsx", "xls", "xlsb", "ods", "other"];
+
+/// The `format` label for a source format, from a closed set.
+pub fn format_label(format: &str) -> &'static str {
+    FORMATS
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(format))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Defines a label enum with its label values, so that each label is a closed set the
+/// compiler checks and every series can be created (at zero) up front.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $value:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $value),+
+                }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// How an import run ended, for `dsa_import_runs_total{status}`.
+    ImportStatus {
+        Completed => "completed",
+        /// The run was marked failed (a permanent error).
+        Failed => "failed",
+        /// A transient error; the run will be tried again.
+        Retried => "retried",
+    }
+}
+
+label_enum! {
+    /// The size of an imported object, for `dsa_import_duration_seconds{size_class}`.
+    /// The bounds are binary: `lt_1mb` is under 1 MiB.
+    SizeClass {
+        Lt1Mb => "lt_1mb",
+        Lt100Mb => "lt_100mb",
+        Lt1Gb => "lt_1gb",
+        Ge1Gb => "ge_1gb",
+    }
+}
+
+impl SizeClass {
+    pub fn of(bytes: u64) -> Self {
+        const MIB: u64 = 1 << 20;
+        match bytes {
+            bytes if bytes < MIB => SizeClass::Lt1Mb,
+            bytes if bytes < 100 * MIB => SizeClass::Lt100Mb,
+            bytes if bytes < 1024 * MIB => SizeClass::Lt1Gb,
+            _ => SizeClass::Ge1Gb,
+        }
+    }
+}
+
+label_enum! {
+    /// What the consumer did with a delivery, for `dsa_amqp_messages_total{outcome}`.
+    AmqpOutcome {
+        /// Done (imported, or failed for good and recorded on the run).
+        Ack => "ack",
+        /// A transient failure, retried with backoff.
+        Retry => "retry",
+        /// Given up on and sent to the dead-letter exchange.
+        DeadLetter => "dead_letter",
+        /// Acknowledged without work: the run was finished already or is held elsewhere.
+        Skipped => "skipped",
+        /// Handed back to the broker unprocessed, as on shutdown.
+        Requeue => "requeue",
+    }
+}
+
+label_enum! {
+    /// What the broker said to a publish, for `dsa_amqp_published_total{result}`.
+    PublishResult {
+        Confirmed => "confirmed",
+        /// Unroutable: returned by the broker (mandatory flag).
+        Returned => "returned",
+        Nacked => "nacked",
+    }
+}
+
+label_enum! {
+    /// The S3 request made, for `dsa_s3_requests_total{operation}`.
+    S3Operation {
+        Head => "head",
+        /// One ranged GET, including one that resumes a broken body.
+        GetRange => "get_range",
+        Put => "put",
+        MultipartCreate => "multipart_create",
+        MultipartUploadPart => "multipart_upload_part",
+        MultipartComplete => "multipart_complete",
+        MultipartAbort => "multipart_abort",
+    }
+}
+
+label_enum! {
+    /// How a search index refresh ended, for `dsa_search_refreshes_total{result}`.
+    RefreshResult {
+        Completed => "completed",
+        Failed => "failed",
+    }
+}
+
+label_enum! {
+    /// Connection states, for `dsa_db_pool_connections{state}`.
+    PoolState {
+        InUse => "in_use",
+        Idle => "idle",
+    }
+}
+
+/// Every metric the process exports, with the registry that holds them.
+pub struct Metrics {
+    /// A registry of our own rather than the crate's default one, so unit tests can
+    /// build a fresh `Metrics` and assert exact values.
+    registry: Registry,
+    import_runs: IntCounterVec,
+    import_duration: HistogramVec,
+    rows_processed: IntCounter,
+    bytes_processed: IntCounter,
+    rows_deduplicated: IntCounter,
+    rows_rejected: IntCounter,
+    batch_duration: prometheus::Histogram,
+    imports_in_flight: IntGauge,
+    amqp_messages: IntCounterVec,
+    amqp_published: IntCounterVec,
+    s3_requests: IntCounterVec,
+    s3_retries: IntCounter,
+    search_refreshes: IntCounterVec,
+    search_refresh_duration: prometheus::Histogram,
+    /// The gauges that are read from their source when the registry is gathered.
+    scrape_time: ScrapeTimeGauges,
+}
+
+/// The process-wide metrics; created on first use.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics in a registry of its own. The process uses [`metrics()`];
+    /// a second instance is for tests.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let import_runs = IntCounterVec::new(
+            Opts::new(
+                "dsa_import_runs_total",
+                "Import runs that ended, by how they ended and the source's format.",
+            ),
+            &["status", "format"],
+        )
+        .expect("valid metric");
+        let import_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "dsa_import_duration_seconds",
+                "Wall time of completed imports, by the object's size class.",
+            )
+            .buckets(IMPORT_DURATION_BUCKETS.to_vec()),
+            &["size_class"],
+        )
+        .expect("valid metric");
+        let rows_processed = IntCounter::new(
+            "dsa_rows_processed_total",
+            "Rows in the commits of completed imports.",
+        )
+        .expect("valid metric");
+        let bytes_processed = IntCounter::new(
+            "dsa_bytes_processed_total",
+            "Bytes read from sources by completed imports.",
+        )
+        .expect("valid metric");
+        let rows_deduplicated = IntCounter::new(
+            "dsa_rows_deduplicated_total",
+            "Rows of completed imports whose content was stored already.",
+        )
+        .expect("valid metric");
+        let rows_rejected = IntCounter::new(
+            "dsa_rows_rejected_total",
+            "Bad rows skipped and recorded by completed imports.",
+        )
+        .expect("valid metric");
+        let batch_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "dsa_batch_duration_seconds",
+                "Time of one committed batch transaction (COPY, commit_rows, checkpoint).",
+            )
+            .buckets(BATCH_DURATION_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let imports_in_flight = IntGauge::new(
+            "dsa_imports_in_flight",
+            "Imports running in this process now.",
+        )
+        .expect("valid metric");
+        let amqp_messages = IntCounterVec::new(
+            Opts::new(
+                "dsa_amqp_messages_total",
+                "Deliveries handled by the consumer, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let amqp_published = IntCounterVec::new(
+            Opts::new(
+                "dsa_amqp_published_total",
+                "Messages published, by what the broker answered.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let s3_requests = IntCounterVec::new(
+            Opts::new(
+                "dsa_s3_requests_total",
+                "Requests sent to the object store, by operation.",
+            ),
+            &["operation"],
+        )
+        .expect("valid metric");
+        let s3_retries = IntCounter::new(
+            "dsa_s3_retries_total",
+            "Ranged GETs sent again after a failure or a broken body.",
+        )
+        .expect("valid metric");
+        let search_refreshes = IntCounterVec::new(
+            Opts::new(
+                "dsa_search_refreshes_total",
+                "Refreshes of the search index (dsa_search.datasets_summary), by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let search_refresh_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "dsa_search_refresh_duration_seconds",
+                "Time of one search index refresh.",
+            )
+            .buckets(SEARCH_REFRESH_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let scrape_time = ScrapeTimeGauges::new();
+
+        // Every series of a closed label set exists from the start, at zero, so that a
+        // rate() over the first failure sees it rise from 0 instead of appear.
+        for status in ImportStatus::ALL {
+            for format in FORMATS {
+                import_runs.with_label_values(&[status.as_str(), format]);
+            }
+        }
+        for size_class in SizeClass::ALL {
+            import_duration.with_label_values(&[size_class.as_str()]);
+        }
+        for outcome in AmqpOutcome::ALL {
+            amqp_messages.with_label_values(&[outcome.as_str()]);
+        }
+        for result in PublishResult::ALL {
+            amqp_published.with_label_values(&[result.as_str()]);
+        }
+        for operation in S3Operation::ALL {
+            s3_requests.with_label_values(&[operation.as_str()]);
+        }
+        for result in RefreshResult::ALL {
+            search_refreshes.with_label_values(&[result.as_str()]);
+        }
+
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(import_runs.clone()),
+            Box::new(import_duration.clone()),
+            Box::new(rows_processed.clone()),
+            Box::new(bytes_processed.clone()),
+            Box::new(rows_deduplicated.clone()),
+            Box::new(rows_rejected.clone()),
+            Box::new(batch_duration.clone()),
+            Box::new(imports_in_flight.clone()),
+            Box::new(amqp_messages.clone()),
+            Box::new(amqp_published.clone()),
+            Box::new(s3_requests.clone()),
+            Box::new(s3_retries.clone()),
+            Box::new(search_refreshes.clone()),
+            Box::new(search_refresh_duration.clone()),
+            Box::new(scrape_time.clone()),
+        ];
+        for collector in collectors {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        // CPU time, resident and virtual memory, file descriptors and threads, read from
+        // /proc on each scrape; the namespace gives them the dsa_ prefix.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::new(
+                    std::process::id() as prometheus::process_collector::pid_t,
+                    "dsa",
+                ),
+            ))
+            .expect("metric names are unique");
+
+        Self {
+            registry,
+            import_runs,
+            import_duration,
+            rows_processed,
+            bytes_processed,
+            rows_deduplicated,
+            rows_rejected,
+            batch_duration,
+            imports_in_flight,
+            amqp_messages,
+            amqp_published,
+            s3_requests,
+            s3_retries,
+            search_refreshes,
+            search_refresh_duration,
+            scrape_time,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts a completed import: its run, rows, bytes read, rows already stored,
+    /// rejected rows, and its duration under the size class of the whole object.
+    pub fn record_import_finished(&self, summary: &ImportSummary, format: &str) {
+        self.record_completed(&CompletedImport::from(summary), format);
+    }
+
+    fn record_completed(&self, import: &CompletedImport, format: &str) {
+        self.record_import_run(ImportStatus::Completed, format);
+        self.rows_processed.inc_by(import.rows);
+        self.bytes_processed.inc_by(import.bytes_read);
+        self.rows_deduplicated
+            .inc_by(import.rows.saturating_sub(import.new_rows));
+        self.rows_rejected.inc_by(import.rejected_rows);
+        self.import_duration
+            .with_label_values(&[SizeClass::of(import.object_bytes).as_str()])
+            .observe(import.seconds);
+    }
+
+    /// Counts a run that failed for good.
+    pub fn record_import_failed(&self, format: &str) {
+        self.record_import_run(ImportStatus::Failed, format);
+    }
+
+    /// Counts an attempt that ended in a transient error and will be tried again.
+    pub fn record_import_retried(&self, format: &str) {
+        self.record_import_run(ImportStatus::Retried, format);
+    }
+
+    pub fn record_import_run(&self, status: ImportStatus, format: &str) {
+        self.import_runs
+            .with_label_values(&[status.as_str(), format_label(format)])
+            .inc();
+    }
+
+    /// Counts an import as in flight until the returned guard is dropped, however the
+    /// import ends (including a panic or a cancelled future).
+    pub fn import_in_flight(&self) -> InFlightGuard {
+        InFlightGuard::new(self.imports_in_flight.clone())
+    }
+
+    /// Records one committed batch transaction.
+    pub fn observe_batch(&self, duration: Duration) {
+        self.batch_duration.observe(duration.as_secs_f64());
+    }
+
+    pub fn amqp_outcome(&self, outcome: AmqpOutcome) {
+        self.amqp_messages
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    pub fn amqp_published(&self, result: PublishResult) {
+        self.amqp_published
+            .with_label_values(&[result.as_str()])
+            .inc();
+    }
+
+    pub fn s3_request(&self, operation: S3Operation) {
+        self.s3_requests
+            .with_label_values(&[operation.as_str()])
+            .inc();
+    }
+
+    pub fn s3_retry(&self) {
+        self.s3_retries.inc();
+    }
+
+    /// Records one refresh of the search index and how long it took.
+    pub fn search_refresh(&self, result: RefreshResult, duration: Duration) {
+        self.search_refreshes
+            .with_label_values(&[result.as_str()])
+            .inc();
+        self.search_refresh_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Makes `dsa_db_pool_connections` report this pool, read at each scrape. A later
+    /// call replaces the pool watched before.
+    pub fn watch_pool(&self, pool: &PgPool) {
+        *self
+            .scrape_time
+            .pool
+            .lock()
+            .expect("pool slot not poisoned") = Some(pool.clone());
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn encode(&self) -> Result<String, prometheus::Error> {
+        TextEncoder::new().encode_to_string(&self.registry.gather())
+    }
+}
+
+/// The content type of [`Metrics::encode`]'s output.
+pub fn text_content_type() -> String {
+    TextEncoder::new().format_type().to_owned()
+}
+
+/// The figures of an [`ImportSummary`] the metrics use, named apart from the summary
+/// so that the summary can grow without touching the metrics or their tests.
+struct CompletedImport {
+    rows: u64,
+    new_rows: u64,
+    rejected_rows: u64,
+    object_bytes: u64,
+    bytes_read: u64,
+    seconds: f64,
+}
+
+impl From<&ImportSummary> for CompletedImport {
+    fn from(summary: &ImportSummary) -> Self {
+        Self {
+            rows: summary.rows,
+            new_rows: summary.new_rows,
+            rejected_rows: summary.rejected_rows,
+            object_bytes: summary.bytes,
+            bytes_read: summary.bytes_read,
+            seconds: summary.seconds,
+        }
+    }
+}
+
+/// Holds `dsa_imports_in_flight` one higher while it lives.
+#[must_use = "the import counts as in flight only while the guard lives"]
+pub struct InFlightGuard {
+    gauge: IntGauge,
+}
+
+impl InFlightGuard {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self { gauge }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Gauges whose values live elsewhere (the pool, the kernel): a collector that reads
+/// them when the registry is gathered, so they are as fresh as the scrape.
+#[derive(Clone)]
+struct ScrapeTimeGauges {
+    /// The pool `dsa_db_pool_connections` reports; none until [`Metrics::watch_pool`].
+    pool: Arc<Mutex<Option<PgPool>>>,
+    pool_connections: IntGaugeVec,
+    peak_resident_memory: IntGauge,
+}
+
+impl ScrapeTimeGauges {
+    fn new() -> Self {
+        let pool_connections = IntGaugeVec::new(
+            Opts::new(
+                "dsa_db_pool_connections",
+                "Connections of the database pool, by state (in_use, idle).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        for state in PoolState::ALL {
+            pool_connections.with_label_values(&[state.as_str()]);
+        }
+        let peak_resident_memory = IntGauge::new(
+            "dsa_process_peak_resident_memory_bytes",
+            "Highest resident memory of the process since it started.",
+        )
+        .expect("valid metric");
+        Self {
+            pool: Arc::new(Mutex::new(None)),
+            pool_connections,
+            peak_resident_memory,
+        }
+    }
+
+    fn refresh(&self) {
+        let pool = self.pool.lock().expect("pool slot not poisoned").clone();
+        if let Some(pool) = pool {
+            let size = i64::from(pool.size());
+            let idle = pool.num_idle() as i64;
+            self.pool_connections
+                .with_label_values(&[PoolState::Idle.as_str()])
+                .set(idle);
+            // The two are read a moment apart; never report fewer than none in use.
+            self.pool_connections
+                .with_label_values(&[PoolState::InUse.as_str()])
+                .set((size - idle).max(0));
+        }
+        let peak = crate::memory::peak_rss_bytes();
+        self.peak_resident_memory
+            .set(i64::try_from(peak).unwrap_or(i64::MAX));
+    }
+}
+
+impl Collector for ScrapeTimeGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.pool_connections.desc();
+        descs.extend(self.peak_resident_memory.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.refresh();
+        let mut families = self.pool_connections.collect();
+        families.extend(self.peak_resident_memory.collect());
+        families
+    }
+}
+
+/// What `/readyz` checks: the database answers, and the broker connection is up.
+/// Cheap to clone; the consumer keeps a clone to report its connection.
+#[derive(Clone)]
+pub struct Health {
+    pool: PgPool,
+    /// Set by the consumer when its channel is open, cleared when the connection is
+    /// lost, so a replica that cannot receive work is taken out of rotation.
+    broker_connected: Arc<AtomicBool>,
+}
+
+/// Why the process is not ready; each part names what is down.
+#[derive(Debug, Error)]
+#[error("not ready: {}", .reasons.join("; "))]
+pub struct NotReady {
+    pub reasons: Vec<String>,
+}
+
+impl Health {
+    /// Starts with the broker reported as not connected.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            broker_connected: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn set_broker_connected(&self, connected: bool) {
+        self.broker_connected.store(connected, Ordering::Release);
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.broker_connected.load(Ordering::Acquire)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs the readiness checks: `SELECT 1` within [`READY_DATABASE_TIMEOUT`], and the
+    /// broker flag.
+    pub async fn check_ready(&self) -> Result<(), NotReady> {
+        let mut reasons = Vec::new();
+        let query = sqlx::query("SELECT 1").execute(&self.pool);
+        match tokio::time::timeout(READY_DATABASE_TIMEOUT, query).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => reasons.push(format!("database: {error}")),
+            Err(_) => reasons.push(format!(
+                "database: no answer to SELECT 1 within {} ms",
+                READY_DATABASE_TIMEOUT.as_millis()
+            )),
+        }
+        if !self.broker_connected() {
+            reasons.push("broker: not connected".to_owned());
+        }
+        if reasons.is_empty() {
+            Ok(())
+        } else {
+            Err(NotReady { reasons })
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} (METRICS_ADDR): {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The health and metrics server once it is listening.
+pub struct ServerHandle {
+    /// The address actually bound (the port is chosen by the system for port 0).
+    pub local_addr: SocketAddr,
+    /// Ends when the server has shut down; it returns the server's I/O error, if any.
+    pub task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds `addr` (as `METRICS_ADDR` gives it, port 0 allowed) and serves health and
+/// metrics on a task of its own until `shutdown` completes.
+pub async fn spawn_server(
+    addr: &str,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ServerHandle, ServeError> {
+    let bind_error = |source| ServeError::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local_addr = listener.local_addr().map_err(bind_error)?;
+    tracing::info!(addr = %local_addr, "serving /healthz, /readyz and /metrics");
+    let task = tokio::spawn(serve(listener, health, shutdown));
+    Ok(ServerHandle { local_addr, task })
+}
+
+/// Serves `GET /healthz`, `GET /readyz` and `GET /metrics` on `listener` until
+/// `shutdown` completes, then finishes the requests under way. The health's pool is
+/// the one `dsa_db_pool_connections` reports.
+pub async fn serve(
+    listener: TcpListener,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    metrics().watch_pool(health.pool());
+    axum::serve(listener, router(health))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn router(health: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(health)
+}
+
+/// Liveness: the process runs and its runtime answers.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(health): State<Health>) -> Response {
+    match health.check_ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(not_ready) => {
+            tracing::debug!(error = %not_ready, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{not_ready}\n")).into_response()
+        }
+    }
+}
+
+async fn metrics_text() -> Response {
+    match metrics().encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, text_content_type())], text).into_response(),
+        Err(error) => {
+            tracing::error!(error = %error, "encoding metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding metrics failed: {error}\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completed(rows: u64, new_rows: u64, object_bytes: u64) -> CompletedImport {
+        CompletedImport {
+            rows,
+            new_rows,
+            rejected_rows: 2,
+            object_bytes,
+            bytes_read: object_bytes - 10,
+            seconds: 42.0,
+        }
+    }
+
+    /// The value of the series `name{labels}` in the text output (labels as printed).
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{series} is not in the output"))
+            .parse()
+            .expect("a number")
+    }
+
+    #[test]
+    fn size_classes_have_binary_bounds() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(SizeClass::of(0), SizeClass::Lt1Mb);
+        assert_eq!(SizeClass::of(MIB - 1), SizeClass::Lt1Mb);
+        assert_eq!(SizeClass::of(MIB), SizeClass::Lt100Mb);
+        assert_eq!(SizeClass::of(100 * MIB - 1), SizeClass::Lt100Mb);
+        assert_eq!(SizeClass::of(100 * MIB), SizeClass::Lt1Gb);
+        assert_eq!(SizeClass::of(1024 * MIB - 1), SizeClass::Lt1Gb);
+        assert_eq!(SizeClass::of(1024 * MIB), SizeClass::Ge1Gb);
+        assert_eq!(SizeClass::of(u64::MAX), SizeClass::Ge1Gb);
+        let names: Vec<_> = SizeClass::ALL.iter().map(|class| class.as_str()).collect();
+        assert_eq!(names, ["lt_1mb", "lt_100mb", "lt_1gb", "ge_1gb"]);
+    }
+
+    #[test]
+    fn formats_are_a_closed_set() {
+        assert_eq!(format_label("csv"), "csv");
+        assert_eq!(format_label("XLSX"), "xlsx");
+        assert_eq!(format_label("parquet"), "other");
+        assert_eq!(format_label(""), "other");
+    }
+
+    #[test]
+    fn every_metric_is_exported_with_its_labels_at_zero() {
+        let metrics = Metrics::new();
+        let text = metrics.encode().unwrap();
+        for name in [
+            "dsa_import_runs_total",
+            "dsa_import_duration_seconds",
+            "dsa_rows_processed_total",
+            "dsa_bytes_processed_total",
+            "dsa_rows_deduplicated_total",
+            "dsa_rows_rejected_total",
+            "dsa_batch_duration_seconds",
+            "dsa_imports_in_flight",
+            "dsa_db_pool_connections",
+            "dsa_amqp_messages_total",
+            "dsa_amqp_published_total",
+            "dsa_s3_requests_total",
+            "dsa_s3_retries_total",
+            "dsa_search_refreshes_total",
+            "dsa_search_refresh_duration_seconds",
+            "dsa_process_peak_resident_memory_bytes",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
+        }
+        #[cfg(target_os = "linux")]
+        assert!(value(&text, "dsa_process_resident_memory_bytes") > 0.0);
+        assert!(value(&text, "dsa_process_peak_resident_memory_bytes") > 0.0);
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_runs_total{format=\"xlsb\",status=\"retried\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "dsa_amqp_messages_total{outcome=\"dead_letter\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "dsa_amqp_published_total{result=\"returned\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "dsa_s3_requests_total{operation=\"get_range\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(&text, "dsa_search_refreshes_total{result=\"failed\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_duration_seconds_count{size_class=\"ge_1gb\"}"
+            ),
+            0.0
+        );
+        // No pool watched yet: the states exist, at zero.
+        assert_eq!(
+            value(&text, "dsa_db_pool_connections{state=\"in_use\"}"),
+            0.0
+        );
+        assert!(text.contains("dsa_db_pool_connections{state=\"idle\"} 0"));
+        assert!(text_content_type().starts_with("text/plain"));
+    }
+
+    #[test]
+    fn a_finished_import_moves_the_run_level_counters() {
+        let metrics = Metrics::new();
+        metrics.record_completed(&completed(100, 30, 5 << 20), "csv");
+        metrics.record_import_failed("xlsx");
+        metrics.record_import_retried("something-new");
+        let text = metrics.encode().unwrap();
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_runs_total{format=\"csv\",status=\"completed\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_runs_total{format=\"xlsx\",status=\"failed\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_runs_total{format=\"other\",status=\"retried\"}"
+            ),
+            1.0
+        );
+        assert_eq!(value(&text, "dsa_rows_processed_total"), 100.0);
+        assert_eq!(value(&text, "dsa_rows_deduplicated_total"), 70.0);
+        assert_eq!(value(&text, "dsa_rows_rejected_total"), 2.0);
+        assert_eq!(
+            value(&text, "dsa_bytes_processed_total"),
+            ((5 << 20) - 10) as f64
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_duration_seconds_count{size_class=\"lt_100mb\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_duration_seconds_sum{size_class=\"lt_100mb\"}"
+            ),
+            42.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_duration_seconds_bucket{size_class=\"lt_100mb\",le=\"30\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_duration_seconds_bucket{size_class=\"lt_100mb\",le=\"60\"}"
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn helpers_count_what_they_name() {
+        let metrics = Metrics::new();
+        {
+            let _first = metrics.import_in_flight();
+            let _second = metrics.import_in_flight();
+            assert_eq!(
+                value(&metrics.encode().unwrap(), "dsa_imports_in_flight"),
+                2.0
+            );
+        }
+        metrics.observe_batch(Duration::from_millis(20));
+        metrics.amqp_outcome(AmqpOutcome::DeadLetter);
+        metrics.amqp_published(PublishResult::Confirmed);
+        metrics.s3_request(S3Operation::Head);
+        metrics.s3_retry();
+        metrics.search_refresh(RefreshResult::Completed, Duration::from_millis(300));
+        let text = metrics.encode().unwrap();
+        assert_eq!(value(&text, "dsa_imports_in_flight"), 0.0);
+        assert_eq!(value(&text, "dsa_batch_duration_seconds_count"), 1.0);
+        assert_eq!(
+            value(&text, "dsa_batch_duration_seconds_bucket{le=\"0.025\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "dsa_amqp_messages_total{outcome=\"dead_letter\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "dsa_amqp_published_total{result=\"confirmed\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "dsa_s3_requests_total{operation=\"head\"}"),
+            1.0
+        );
+        assert_eq!(value(&text, "dsa_s3_retries_total"), 1.0);
+        assert_eq!(
+            value(&text, "dsa_search_refreshes_total{result=\"completed\"}"),
+            1.0
+        );
+        assert_eq!(value(&text, "dsa_search_refresh_duration_seconds_sum"), 0.3);
+    }
+
+    #[test]
+    fn label_values_are_distinct_snake_case() {
+        let all: Vec<&str> = ImportStatus::ALL
+            .iter()
+            .map(|v| v.as_str())
+            .chain(AmqpOutcome::ALL.iter().map(|v| v.as_str()))
+            .chain(PublishResult::ALL.iter().map(|v| v.as_str()))
+            .chain(S3Operation::ALL.iter().map(|v| v.as_str()))
+            .chain(RefreshResult::ALL.iter().map(|v| v.as_str()))
+            .chain(PoolState::ALL.iter().map(|v| v.as_str()))
+            .collect();
+        for value in all {
+            assert!(
+                value
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{value}"
+            );
+        }
+        assert_eq!(
+            AmqpOutcome::ALL
+                .iter()
+                .map(|v| v.as_str())
+                .collect::<Vec<_>>(),
+            ["ack", "retry", "dead_letter", "skipped", "requeue"]
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! Tests that change the broker for everyone: a lowered `consumer_timeout`, and a broker
+//! restart. Cargo runs each test binary on its own, so no other test shares the broker
+//! with these; inside this binary they take turns through `BROKER`.
+
+// The scaffolding modules are shared with tests/it, which uses more of them.
+#![allow(dead_code)]
+
+#[path = "it/broker.rs"]
+mod broker;
+#[path = "it/helpers.rs"]
+mod helpers;
+#[path = "it/process.rs"]
+mod process;
+#[path = "it/proxy.rs"]
+mod proxy;
+
+use std::process::Command;
+use std::time::Duration;
+
+use dsa_ingest::sample::sample_csv;
+use serde_json::json;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use broker::TestBroker;
+use helpers::{spawn_app, test_settings, wait_until, TestApp};
+use process::{slow_endpoint, Consumer};
+
+static BROKER: Mutex<()> = Mutex::const_new(());
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("run rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Sets a setting of the running broker and puts the old value back when dropped.
+struct BrokerSetting {
+    key: &'static str,
+    old: String,
+}
+
+impl BrokerSetting {
+    fn set(key: &'static str, value: u64) -> Self {
+        let old = rabbitmqctl(&["eval", &format!("application:get_env(rabbit, {key}).")]);
+        // `{ok,1800000}` -> `1800000`.
+        let old = old
+            .trim()
+            .trim_start_matches("{ok,")
+            .trim_end_matches('}')
+            .to_owned();
+        rabbitmqctl(&[
+            "eval",
+            &format!("application:set_env(rabbit, {key}, {value})."),
+        ]);
+        Self { key, old }
+    }
+}
+
+impl Drop for BrokerSetting {
+    fn drop(&mut self) {
+        if self.old.parse::<u64>().is_ok() {
+            rabbitmqctl(&[
+                "eval",
+                &format!("application:set_env(rabbit, {}, {}).", self.key, self.old),
+            ]);
+        } else {
+            rabbitmqctl(&[
+                "eval",
+                &format!("application:unset_env(rabbit, {}).", self.key),
+            ]);
+        }
+    }
+}
+
+async fn pending_run(app: &TestApp, key: &str, rows: u64) -> Uuid {
+    app.put(key, sample_csv(rows, 77)).await;
+    let importer = app.importer(test_settings());
+    app.create_run(&importer, "long", key, false).await.0
+}
+
+async fn status(app: &TestApp, run_id: Uuid) -> String {
+    app.run_state(run_id).await.0
+}
+
+#[tokio::test]
+async fn an_import_longer_than_the_consumer_timeout_completes_exactly_once() {
+    let _turn = BROKER.lock().await;
+    // Channels opened from now on time out unacknowledged deliveries after 2 s, checked
+    // every 500 ms (the defaults are 30 minutes and a minute).
+    let _timeout = BrokerSetting::set("consumer_timeout", 2_000);
+    let _tick = BrokerSetting::set("channel_tick_interval", 500);
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let run_id = pending_run(&app, "long.csv", 30_000).await;
+    // About 3 MB at 400 kB/s: the import outlasts the timeout several times over.
+    let slow = slow_endpoint(400_000).await;
+    let consumer = Consumer::start(&app, &broker, &[("S3_ENDPOINT", slow.as_str())]);
+    broker.wait_for_consumers(1).await;
+    broker
+        .publish_json(&json!({ "analysis_run_id": run_id }))
+        .await;
+
+    wait_until(Duration::from_secs(120), "the run to complete", || async {
+        status(&app, run_id).await == "completed"
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the message to be settled",
+        || async {
+            broker.queue_state(&broker.settings.import_queue).await.0 == 0
+                && consumer.log().contains("nothing to do")
+        },
+    )
+    .await;
+    let log = consumer.log();
+    assert!(
+        log.contains("reconnecting"),
+        "the broker never timed the delivery out:\n{log}"
+    );
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM dsa_jobs.analysis_runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 1, "the import was started more than once");
+    assert_eq!(app.count("dsa_core.commits").await, 1);
+    assert_eq!(app.count("dsa_core.commit_rows").await, 30_000);
+    assert_eq!(
+        broker
+            .queue_state(&broker.settings.dead_letter_queue)
+            .await
+            .0,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_import_is_survived_and_the_import_completes_once() {
+    let _turn = BROKER.lock().await;
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let run_id = pending_run(&app, "restart.csv", 30_000).await;
+    let slow = slow_endpoint(400_000).await;
+    let consumer = Consumer::start(&app, &broker, &[("S3_ENDPOINT", slow.as_str())]);
+    broker.wait_for_consumers(1).await;
+    broker
+        .publish_json(&json!({ "analysis_run_id": run_id }))
+        .await;
+    wait_until(
+        Duration::from_secs(60),
+        "some committed batches",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT coalesce((checkpoint->>'loaded_rows')::bigint, 0)
+               FROM dsa_jobs.analysis_runs WHERE id = $1",
+            )
+            .bind(run_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+                >= 1_000
+        },
+    )
+    .await;
+
+    // The whole broker application stops and starts again: every connection drops,
+    // and the durable quorum queue comes back with the unacknowledged message.
+    rabbitmqctl(&["stop_app"]);
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+
+    wait_until(Duration::from_secs(120), "the run to complete", || async {
+        status(&app, run_id).await == "completed"
+    })
+    .await;
+    // The test's own connection died with the broker; a new one looks at the queue.
+    let observer = TestBroker::attach(broker.settings.clone()).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the redelivered message to be settled",
+        || async {
+            observer.queue_state(&broker.settings.import_queue).await == (0, 1)
+                && consumer.log().contains("nothing to do")
+        },
+    )
+    .await;
+    assert_eq!(app.count("dsa_core.commits").await, 1);
+    assert_eq!(app.count("dsa_core.commit_rows").await, 30_000);
+
+    // And the consumer subscribed again: new work is taken.
+    let next = pending_run(&app, "after-restart.csv", 500).await;
+    observer
+        .publish_json(&json!({ "analysis_run_id": next }))
+        .await;
+    wait_until(
+        Duration::from_secs(60),
+        "the next run to complete",
+        || async { status(&app, next).await == "completed" },
+    )
+    .await;
+}

@@ -1,0 +1,152 @@
+//! The health and metrics server over a real TCP connection, against the test database.
+//!
+//! The metrics are process-wide and other tests import in parallel, so counters are
+//! checked to have risen by at least what this test did, never for exact values.
+
+use std::net::SocketAddr;
+
+use dsa_ingest::metrics::{metrics, spawn_server, Health};
+use dsa_ingest::sample::sample_csv;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::spawn_app;
+
+/// One HTTP/1.1 GET; returns the status code, the headers (lower-cased names) and the
+/// body. `Connection: close` lets the body run to the end of the stream.
+async fn get(addr: SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .await
+        .expect("read response");
+    let response = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("headers end with a blank line");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// The value of one series (`name` or `name{labels}`) in the text format.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} is not in:\n{text}"))
+        .parse()
+        .expect("a number")
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_are_served_over_http() {
+    let app = spawn_app().await;
+    let health = Health::new(app.pool.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = spawn_server("127.0.0.1:0", health.clone(), async {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("bind port 0");
+    let addr = server.local_addr;
+    assert_ne!(addr.port(), 0);
+
+    let (status, _, body) = get(addr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    // The database answers but no broker connection was reported yet.
+    let (status, _, body) = get(addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("broker: not connected"), "{body}");
+    assert!(!body.contains("database"), "{body}");
+
+    health.set_broker_connected(true);
+    let (status, _, body) = get(addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, headers, before) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let content_type = headers
+        .iter()
+        .find(|(name, _)| name == "content-type")
+        .map(|(_, value)| value.as_str());
+    assert_eq!(content_type, Some("text/plain; version=0.0.4"));
+
+    app.put("metrics.csv", sample_csv(500, 7)).await;
+    let summary = app.import("metrics", "metrics.csv").await;
+    // The caller records the run as a whole; the batches and ranged GETs were recorded
+    // by the import itself.
+    metrics().record_import_finished(&summary, "csv");
+
+    let (_, _, after) = get(addr, "/metrics").await;
+    let rose_by = |series: &str| sample(&after, series) - sample(&before, series);
+    assert!(rose_by("dsa_rows_processed_total") >= 500.0);
+    assert!(rose_by("dsa_bytes_processed_total") >= summary.bytes as f64);
+    assert!(
+        rose_by("dsa_import_runs_total{format=\"csv\",status=\"completed\"}") >= 1.0,
+        "{after}"
+    );
+    // 500 rows in batches of 100 (the test settings).
+    assert!(rose_by("dsa_batch_duration_seconds_count") >= 5.0);
+    assert!(rose_by("dsa_s3_requests_total{operation=\"head\"}") >= 1.0);
+    // The file is larger than one 4 KiB range.
+    assert!(summary.bytes > 4096);
+    assert!(rose_by("dsa_s3_requests_total{operation=\"get_range\"}") >= 2.0);
+    // The pool is watched since the server started; the test app's pool holds idle
+    // connections after the import.
+    let open = sample(&after, "dsa_db_pool_connections{state=\"in_use\"}")
+        + sample(&after, "dsa_db_pool_connections{state=\"idle\"}");
+    assert!(open >= 1.0, "{after}");
+    assert!(sample(&after, "dsa_process_peak_resident_memory_bytes") > 0.0);
+    assert!(sample(&after, "dsa_process_resident_memory_bytes") > 0.0);
+
+    let (status, _, _) = get(addr, "/nowhere").await;
+    assert_eq!(status, 404);
+
+    // The server ends when told to.
+    stop.send(()).expect("server still running");
+    server
+        .task
+        .await
+        .expect("server task did not panic")
+        .expect("server ended cleanly");
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn readiness_names_the_database_when_it_does_not_answer() {
+    let app = spawn_app().await;
+    // A pool of its own, closed: queries fail at once, as when the database is gone.
+    let pool = dsa_ingest::db::connect(&app.database_url, 1)
+        .await
+        .expect("connect");
+    pool.close().await;
+    let health = Health::new(pool);
+    health.set_broker_connected(true);
+
+    let not_ready = health.check_ready().await.expect_err("database is down");
+    assert_eq!(not_ready.reasons.len(), 1, "{not_ready}");
+    assert!(
+        not_ready.reasons[0].starts_with("database: "),
+        "{not_ready}"
+    );
+
+    health.set_broker_connected(false);
+    let not_ready = health.check_ready().await.expect_err("both are down");
+    assert_eq!(not_ready.reasons.len(), 2, "{not_ready}");
+    assert_eq!(not_ready.reasons[1], "broker: not connected");
+}
