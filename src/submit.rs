@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::amqp::{self, AmqpError};
 use crate::claim::{self, ImportParameters};
-use crate::config::Settings;
+use crate::config::{AmqpSettings, Settings};
 use crate::db::{DatasetError, DatasetName};
 use crate::fetch::{FetchError, Fetcher, SourceLocation};
 use crate::import::{ImportError, ImportSummary, Importer};
@@ -308,19 +308,7 @@ pub async fn submit(
     let (run_id, _) = importer
         .create_run(&request.dataset, request.user.as_deref(), &parameters)
         .await?;
-    if let Err(error) = publish(&channel, settings, run_id).await {
-        let message = format!(
-            "never queued: publishing the import message to exchange {:?} failed: {error}",
-            settings.amqp.import_exchange
-        );
-        if let Err(record) = claim::fail_run(pool, run_id, None, &message).await {
-            tracing::error!(run.id = %run_id, error = %record, "could not mark the unqueued run failed");
-        }
-        return Err(SubmitError::NotQueued {
-            run_id,
-            source: error,
-        });
-    }
+    queue_run(&channel, &settings.amqp, pool, run_id).await?;
     // Closing says goodbye to the broker; a failure here cannot undo the confirmed
     // publish, so it is not an error of the submission.
     let _ = connection.close(200, "submitted".into()).await;
@@ -334,20 +322,38 @@ pub async fn submit(
     })
 }
 
-async fn publish(
+/// Publishes `{"analysis_run_id": run_id}` (message id: the run id) to the import
+/// exchange and waits for the broker's confirm. When that fails the run is marked
+/// failed, since no consumer would ever start it; `channel` must be in confirm mode.
+pub async fn queue_run(
     channel: &lapin::Channel,
-    settings: &Settings,
+    settings: &AmqpSettings,
+    pool: &PgPool,
     run_id: Uuid,
-) -> Result<(), AmqpError> {
+) -> Result<(), SubmitError> {
     let id = run_id.to_string();
-    amqp::publish_json(
+    let published = amqp::publish_json(
         channel,
-        &settings.amqp.import_exchange,
-        &settings.amqp.import_routing_key,
+        &settings.import_exchange,
+        &settings.import_routing_key,
         &serde_json::json!({ "analysis_run_id": id }),
         Some(&id),
     )
-    .await
+    .await;
+    let Err(error) = published else {
+        return Ok(());
+    };
+    let message = format!(
+        "never queued: publishing the import message to exchange {:?} failed: {error}",
+        settings.import_exchange
+    );
+    if let Err(record) = claim::fail_run(pool, run_id, None, &message).await {
+        tracing::error!(run.id = %run_id, error = %record, "could not mark the unqueued run failed");
+    }
+    Err(SubmitError::NotQueued {
+        run_id,
+        source: error,
+    })
 }
 
 /// `uploads/{dataset}/{yyyy-mm-dd}/{upload id}/{file name}`.
@@ -504,8 +510,10 @@ pub async fn upload_file(
         Ok(())
     };
     let result = tokio::select! {
-        result = parts_and_complete => result,
+        // Stop first: once it fired, no further part is sent.
+        biased;
         _ = stop.cancelled() => Err(interrupted()),
+        result = parts_and_complete => result,
     };
     if result.is_err() {
         // The parts uploaded so far are stored (and billed) until the upload is aborted.

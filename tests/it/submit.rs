@@ -7,15 +7,18 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use dsa_ingest::amqp;
 use dsa_ingest::claim::ImportParameters;
+use dsa_ingest::config::AmqpSettings;
 use dsa_ingest::import::ImportSummary;
 use dsa_ingest::sample::sample_csv;
+use dsa_ingest::submit::{self, SubmitError};
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::helpers::{service_settings, spawn_app, wait_until, TestApp};
+use crate::helpers::{service_settings, spawn_app, test_settings, wait_until, TestApp};
 
 /// The smallest part S3 accepts, so a ~12 MB file goes up in three parts.
 const PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -504,6 +507,85 @@ async fn an_s3_source_is_queued_where_it_is_without_a_new_upload() {
         "{stderr}"
     );
     assert_eq!(app.count("dsa_jobs.analysis_runs").await, 1);
+}
+
+#[tokio::test]
+async fn ctrl_c_during_the_upload_aborts_it_and_submits_nothing() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new();
+    // Five parts: the signal lands while parts are still to be sent.
+    let csv = sample_csv(240_000, 36);
+    assert!(csv.len() as u64 > 4 * PART_SIZE, "{} bytes", csv.len());
+    let file = TempFile::with("huge.csv", &csv);
+    let mut submit = KillOnDrop(
+        dsa_ingest(&app, &broker)
+            .args(["submit", "--dataset", "huge", file.path()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let s3 = app.s3.clone();
+    let bucket = app.bucket.clone();
+    wait_until(
+        Duration::from_secs(60),
+        "the multipart upload to start",
+        || {
+            let s3 = s3.clone();
+            let bucket = bucket.clone();
+            async move {
+                let listing = s3.list_multipart_uploads().bucket(bucket).send().await;
+                listing.is_ok_and(|listing| !listing.uploads().is_empty())
+            }
+        },
+    )
+    .await;
+
+    // SAFETY: kill(2) with the pid of our own child process.
+    let sent = unsafe { libc::kill(submit.0.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let status = wait_for_exit(&mut submit.0, Duration::from_secs(60)).await;
+    let (stdout, stderr) = outputs(&mut submit.0);
+    assert_eq!(status.code(), Some(1), "stdout: {stdout} stderr: {stderr}");
+    assert!(
+        stderr.contains("the upload was aborted and nothing was submitted"),
+        "{stderr}"
+    );
+    assert_eq!(open_multipart_uploads(&app).await, 0);
+    assert!(object_keys(&app).await.is_empty());
+    assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
+    assert!(broker.take_import_messages().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_run_whose_message_cannot_be_published_is_marked_failed() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    let (run_id, _) = app
+        .create_run(&importer, "unqueued", "never/there.csv", false)
+        .await;
+    // An exchange that does not exist: the broker refuses the publish.
+    let settings = AmqpSettings {
+        url: TestBroker::new().url.clone(),
+        import_exchange: format!("test.missing.{}", Uuid::new_v4().simple()),
+        ..AmqpSettings::default()
+    };
+    let connection = amqp::connect(&settings, "test").await.unwrap();
+    let channel = amqp::confirm_channel(&connection).await.unwrap();
+
+    let error = submit::queue_run(&channel, &settings, &app.pool, run_id)
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(error, SubmitError::NotQueued { run_id: failed, .. } if failed == run_id),
+        "{error}"
+    );
+    let (status, message, completed) = app.run_state(run_id).await;
+    assert_eq!((status.as_str(), completed), ("failed", true));
+    let message = message.unwrap();
+    assert!(message.starts_with("never queued:"), "{message}");
+    assert!(message.contains(&settings.import_exchange), "{message}");
 }
 
 /// Whether the import queue holds a message (a passive declare reports its depth).
