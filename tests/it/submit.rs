@@ -30,6 +30,9 @@ struct TestBroker {
     import_queue: String,
     dead_letter_exchange: String,
     dead_letter_queue: String,
+    /// `consume` declares the maintenance topology too; these keep it off the defaults.
+    maintenance_exchange: String,
+    maintenance_queue: String,
 }
 
 impl TestBroker {
@@ -44,6 +47,8 @@ impl TestBroker {
             import_queue: format!("test.imports.{suffix}"),
             dead_letter_exchange: format!("test.imports.dead.{suffix}"),
             dead_letter_queue: format!("test.imports.dead.{suffix}"),
+            maintenance_exchange: format!("test.maintenance.{suffix}"),
+            maintenance_queue: format!("test.maintenance.{suffix}"),
         }
     }
 
@@ -57,6 +62,11 @@ impl TestBroker {
                 self.dead_letter_exchange.clone(),
             ),
             ("AMQP_DEAD_LETTER_QUEUE", self.dead_letter_queue.clone()),
+            (
+                "AMQP_MAINTENANCE_EXCHANGE",
+                self.maintenance_exchange.clone(),
+            ),
+            ("AMQP_MAINTENANCE_QUEUE", self.maintenance_queue.clone()),
         ]
     }
 
@@ -89,10 +99,15 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let url = self.url.clone();
-        let queues = [self.import_queue.clone(), self.dead_letter_queue.clone()];
+        let queues = [
+            self.import_queue.clone(),
+            self.dead_letter_queue.clone(),
+            self.maintenance_queue.clone(),
+        ];
         let exchanges = [
             self.import_exchange.clone(),
             self.dead_letter_exchange.clone(),
+            self.maintenance_exchange.clone(),
         ];
         // As in TestApp: Drop cannot await, so a thread with its own runtime cleans up,
         // also after a failed assertion.
