@@ -35,6 +35,9 @@ enum Command {
     /// Consume import messages from the broker until SIGTERM or Ctrl-C
     /// (IMPORT_PARALLEL_WORKERS imports at once).
     Consume,
+    /// Queue an import for the consumers: upload a local file to S3_BUCKET (or name an
+    /// s3://bucket/key), create the run, publish its message; --wait follows it.
+    Submit(crate::submit::SubmitArgs),
     /// Show a run's status, progress, checkpoint and result.
     Status {
         run_id: Uuid,
@@ -82,7 +85,7 @@ struct ImportArgs {
 /// Runs the command; errors are printed here, once, and become the exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     match execute(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -90,7 +93,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-async fn execute(cli: Cli) -> anyhow::Result<()> {
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_env()?;
     // An import holds two connections (loader and look-up); the consumer's own
     // queries and the relay need a few more.
@@ -122,6 +125,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import(args) => import(settings, pool, args).await?,
         Command::Consume => consume(settings, pool).await?,
+        Command::Submit(args) => return Ok(crate::submit::command(settings, pool, args).await?),
         Command::Status { run_id, json } => {
             let Some(run) = crate::status::run_status(&pool, run_id).await? else {
                 anyhow::bail!("run {run_id} does not exist");
@@ -133,7 +137,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> anyhow::Result<()> {
@@ -209,7 +213,7 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_summary(summary: &ImportSummary) {
+pub(crate) fn print_summary(summary: &ImportSummary) {
     println!("run        {}", summary.run_id);
     println!("commit     {}", summary.commit_id);
     println!(

@@ -29,6 +29,30 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     /// Where `consume` and `maintain` serve `/healthz`, `/readyz` and `/metrics`.
     pub metrics_addr: String,
+    /// How `submit` uploads local files.
+    pub submit: SubmitSettings,
+}
+
+/// The knobs of `dsa-ingest submit`.
+#[derive(Clone, Debug)]
+pub struct SubmitSettings {
+    /// Bytes per multipart upload part, and the memory one upload holds: a part is read
+    /// from the file and sent before the next is read. Files up to this size go up in
+    /// one `PutObject`.
+    pub part_size: u64,
+}
+
+/// S3 refuses multipart parts smaller than this, except the last one.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3 refuses parts larger than this.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+impl Default for SubmitSettings {
+    fn default() -> Self {
+        Self {
+            part_size: 16 * 1024 * 1024,
+        }
+    }
 }
 
 /// The broker connection and the topology `consume`, `maintain` and `submit` declare.
@@ -147,6 +171,9 @@ impl Settings {
             amqp: AmqpSettings::from_env()?,
             metrics_addr: non_empty("METRICS_ADDR")
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned()),
+            submit: SubmitSettings {
+                part_size: part_size()?,
+            },
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,
@@ -197,6 +224,22 @@ impl AmqpSettings {
                 "SHUTDOWN_GRACE_SECONDS",
                 defaults.shutdown_grace.as_secs(),
             )?),
+        })
+    }
+}
+
+/// `SUBMIT_PART_SIZE`, within the part sizes S3 accepts.
+fn part_size() -> Result<u64, ConfigError> {
+    let size = positive("SUBMIT_PART_SIZE", SubmitSettings::default().part_size)?;
+    if (MIN_PART_SIZE..=MAX_PART_SIZE).contains(&size) {
+        Ok(size)
+    } else {
+        Err(ConfigError {
+            name: "SUBMIT_PART_SIZE",
+            value: size.to_string(),
+            reason: format!(
+                "S3 accepts parts of {MIN_PART_SIZE} (5 MiB) to {MAX_PART_SIZE} (5 GiB) bytes"
+            ),
         })
     }
 }

@@ -20,4 +20,5 @@ pub mod s3;
 pub mod sample;
 pub mod shutdown;
 pub mod status;
+pub mod submit;
 pub mod telemetry;

@@ -1,4 +1,5 @@
-//! Integration tests: the real PostgreSQL and S3 store, one database and bucket per test.
+//! Integration tests: the real PostgreSQL, RabbitMQ and S3 store; one database, bucket
+//! and set of queues per test.
 
 mod broker;
 mod consume;
@@ -10,3 +11,4 @@ mod process;
 mod proxy;
 mod resume;
 mod schemas;
+mod submit;
