@@ -35,6 +35,9 @@ enum Command {
     /// Consume import messages from the broker until SIGTERM or Ctrl-C
     /// (IMPORT_PARALLEL_WORKERS imports at once).
     Consume,
+    /// Refresh the search index on request from the maintenance queue, coalescing bursts
+    /// (MAINTENANCE_COALESCE_MS), and relay the outbox, until SIGTERM or Ctrl-C.
+    Maintain,
     /// Show a run's status, progress, checkpoint and result.
     Status {
         run_id: Uuid,
@@ -122,6 +125,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import(args) => import(settings, pool, args).await?,
         Command::Consume => consume(settings, pool).await?,
+        Command::Maintain => maintain(settings, pool).await?,
         Command::Status { run_id, json } => {
             let Some(run) = crate::status::run_status(&pool, run_id).await? else {
                 anyhow::bail!("run {run_id} does not exist");
@@ -198,6 +202,24 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         committed: None,
     };
     crate::consume::run(setup, stop).await?;
+    Ok(())
+}
+
+async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    let stop = crate::shutdown::on_signals();
+    // Nothing in this process commits imports, so nothing nudges the relay; it sweeps
+    // the outbox every few seconds, which publishes what `import` runs and dead relays
+    // left behind.
+    let (_, nudges) = tokio::sync::mpsc::channel(1);
+    let relay = tokio::spawn(crate::relay::run_relay(
+        pool.clone(),
+        settings.amqp.clone(),
+        nudges,
+        stop.clone(),
+    ));
+    crate::maintain::run(pool, settings.amqp, settings.maintenance, stop.clone()).await;
+    stop.cancel();
+    relay.await.context("the outbox relay failed")?;
     Ok(())
 }
 
