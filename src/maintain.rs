@@ -53,7 +53,8 @@ pub const REFRESH_LOCK_KEY: i64 = 0x6473_615f_7365_6172;
 
 /// The one statement a refresh runs. CONCURRENTLY keeps the view readable while it is
 /// rebuilt; it needs the view's unique index (see the search migration).
-const REFRESH_STATEMENT: &str = "REFRESH MATERIALIZED VIEW CONCURRENTLY dsa_search.datasets_summary";
+const REFRESH_STATEMENT: &str =
+    "REFRESH MATERIALIZED VIEW CONCURRENTLY dsa_search.datasets_summary";
 
 /// A body on the maintenance queue, as `docs/schemas/maintenance-request.schema.json`
 /// describes it.
@@ -362,7 +363,9 @@ impl Maintainer {
             match MaintenanceRequest::parse(&delivery.data) {
                 Ok(request) => requests.push((delivery, request)),
                 Err(error) => {
-                    let preview = String::from_utf8_lossy(&delivery.data[..delivery.data.len().min(200)]).into_owned();
+                    let preview =
+                        String::from_utf8_lossy(&delivery.data[..delivery.data.len().min(200)])
+                            .into_owned();
                     tracing::error!(
                         delivery.tag = delivery.delivery_tag,
                         error = %error,
@@ -396,10 +399,7 @@ impl Maintainer {
                 self.failures.reset();
                 // One acknowledgement for the whole burst: `multiple` covers every
                 // delivery up to the last one, and the rejected ones are settled already.
-                let acknowledged = last
-                    .acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await;
+                let acknowledged = last.acker.ack(BasicAckOptions { multiple: true }).await;
                 stats.refreshes += 1;
                 match acknowledged {
                     Ok(true) => {

@@ -125,8 +125,14 @@ pub async fn relay_once(
         for row in &rows {
             let (exchange, routing_key) = destination(&row.exchange, &row.routing_key, amqp);
             let message_id = format!("outbox-{}", row.id);
-            match amqp::publish_json(channel, exchange, routing_key, &row.payload, Some(&message_id))
-                .await
+            match amqp::publish_json(
+                channel,
+                exchange,
+                routing_key,
+                &row.payload,
+                Some(&message_id),
+            )
+            .await
             {
                 Ok(()) => sent.push(row.id),
                 Err(error @ AmqpError::Unroutable { .. }) => {
@@ -253,12 +259,13 @@ mod tests {
             ..AmqpSettings::default()
         };
         assert_eq!(
-            destination(finalise::MAINTENANCE_EXCHANGE, finalise::REFRESH_ROUTING_KEY, &amqp),
+            destination(
+                finalise::MAINTENANCE_EXCHANGE,
+                finalise::REFRESH_ROUTING_KEY,
+                &amqp
+            ),
             ("test.maintenance", "refresh")
         );
-        assert_eq!(
-            destination("elsewhere", "key", &amqp),
-            ("elsewhere", "key")
-        );
+        assert_eq!(destination("elsewhere", "key", &amqp), ("elsewhere", "key"));
     }
 }

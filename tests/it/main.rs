@@ -3,4 +3,5 @@
 mod fetch;
 mod helpers;
 mod import;
+mod maintenance;
 mod resume;
