@@ -38,6 +38,9 @@ enum Command {
     /// Queue an import for the consumers: upload a local file to S3_BUCKET (or name an
     /// s3://bucket/key), create the run, publish its message; --wait follows it.
     Submit(crate::submit::SubmitArgs),
+    /// Refresh the search index on request from the maintenance queue, coalescing bursts
+    /// (MAINTENANCE_COALESCE_MS), and relay the outbox, until SIGTERM or Ctrl-C.
+    Maintain,
     /// Show a run's status, progress, checkpoint and result.
     Status {
         run_id: Uuid,
@@ -126,6 +129,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Import(args) => import(settings, pool, args).await?,
         Command::Consume => consume(settings, pool).await?,
         Command::Submit(args) => return Ok(crate::submit::command(settings, pool, args).await?),
+        Command::Maintain => maintain(settings, pool).await?,
         Command::Status { run_id, json } => {
             let Some(run) = crate::status::run_status(&pool, run_id).await? else {
                 anyhow::bail!("run {run_id} does not exist");
@@ -198,6 +202,15 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         stop.clone().cancelled_owned(),
     )
     .await?;
+    // The relay publishes each commit's search-refresh request; the consumer nudges it
+    // after every import it completes.
+    let (committed, nudges) = tokio::sync::mpsc::channel(1);
+    let relay = tokio::spawn(crate::relay::run_relay(
+        pool.clone(),
+        settings.amqp.clone(),
+        nudges,
+        stop.clone(),
+    ));
     let setup = crate::consume::ConsumerSetup {
         importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
         pool,
@@ -206,9 +219,46 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         workers: settings.parallel_workers,
         event_dataset,
         health,
-        committed: None,
+        committed: Some(committed),
     };
-    crate::consume::run(setup, stop).await?;
+    crate::consume::run(setup, stop.clone()).await?;
+    // Requests of imports that finished during the grace period go out at the next
+    // sweep of any relay (every `maintain` runs one).
+    stop.cancel();
+    let _ = relay.await;
+    let _ = server.task.await;
+    Ok(())
+}
+
+async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    let stop = crate::shutdown::on_signals();
+    // Nothing in this process commits imports, so nothing nudges the relay; it sweeps
+    // the outbox every few seconds, which publishes what `import` runs and dead relays
+    // left behind.
+    let (_, nudges) = tokio::sync::mpsc::channel(1);
+    let relay = tokio::spawn(crate::relay::run_relay(
+        pool.clone(),
+        settings.amqp.clone(),
+        nudges,
+        stop.clone(),
+    ));
+    let health = crate::metrics::Health::new(pool.clone());
+    let server = crate::metrics::spawn_server(
+        &settings.metrics_addr,
+        health.clone(),
+        stop.clone().cancelled_owned(),
+    )
+    .await?;
+    crate::maintain::run(
+        pool,
+        settings.amqp,
+        settings.maintenance,
+        Some(health),
+        stop.clone(),
+    )
+    .await;
+    stop.cancel();
+    relay.await.context("the outbox relay failed")?;
     let _ = server.task.await;
     Ok(())
 }

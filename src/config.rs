@@ -31,6 +31,8 @@ pub struct Settings {
     pub metrics_addr: String,
     /// How `submit` uploads local files.
     pub submit: SubmitSettings,
+    /// How `maintain` turns a burst of refresh requests into few refreshes.
+    pub maintenance: MaintenanceSettings,
 }
 
 /// The knobs of `dsa-ingest submit`.
@@ -52,6 +54,37 @@ impl Default for SubmitSettings {
         Self {
             part_size: 16 * 1024 * 1024,
         }
+    }
+}
+
+/// The knobs of `dsa-ingest maintain`.
+#[derive(Clone, Debug)]
+pub struct MaintenanceSettings {
+    /// After the first request of a burst arrives, how long `maintain` goes on taking
+    /// requests before it refreshes once for all of them. Longer windows mean fewer
+    /// refreshes under load and a later search index; it also stops taking requests
+    /// once the queue has been quiet for a moment, so a lone request waits little.
+    pub coalesce_window: Duration,
+}
+
+impl Default for MaintenanceSettings {
+    fn default() -> Self {
+        Self {
+            coalesce_window: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl MaintenanceSettings {
+    /// Reads `MAINTENANCE_COALESCE_MS`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        Ok(Self {
+            coalesce_window: Duration::from_millis(positive(
+                "MAINTENANCE_COALESCE_MS",
+                defaults.coalesce_window.as_millis() as u64,
+            )?),
+        })
     }
 }
 
@@ -169,6 +202,7 @@ impl Settings {
             },
             parallel_workers: positive("IMPORT_PARALLEL_WORKERS", 4)? as usize,
             amqp: AmqpSettings::from_env()?,
+            maintenance: MaintenanceSettings::from_env()?,
             metrics_addr: non_empty("METRICS_ADDR")
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned()),
             submit: SubmitSettings {
