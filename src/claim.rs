@@ -92,6 +92,8 @@ pub struct ClaimedRun {
     pub parameters: ImportParameters,
     pub checkpoint: Option<Checkpoint>,
     pub attempts: i32,
+    /// Who asked for the run; recorded as the commit's author.
+    pub user_id: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -171,13 +173,14 @@ pub async fn create_import_run(
     Ok(run_id)
 }
 
-/// lease_token, dataset_id, run_parameters, checkpoint, attempts.
+/// lease_token, dataset_id, run_parameters, checkpoint, attempts, user_id.
 type ClaimedColumns = (
     i64,
     i64,
     Json<serde_json::Value>,
     Option<Json<serde_json::Value>>,
     i32,
+    Option<String>,
 );
 
 /// Takes the run if it is pending, or running under a lease that expired or whose
@@ -216,7 +219,7 @@ pub async fn claim(
               WHERE id = $1
                 AND status IN ('pending', 'running')
                 AND (lease_expires_at IS NULL OR lease_expires_at <= now() OR lease_owner = $4)
-              RETURNING lease_token, dataset_id, run_parameters, checkpoint, attempts",
+              RETURNING lease_token, dataset_id, run_parameters, checkpoint, attempts, user_id",
     )
     .bind(run_id)
     .bind(owner)
@@ -225,7 +228,7 @@ pub async fn claim(
     .fetch_optional(pool)
     .await?;
 
-    let Some((token, dataset_id, parameters, checkpoint, attempts)) = claimed else {
+    let Some((token, dataset_id, parameters, checkpoint, attempts, user_id)) = claimed else {
         // Someone else moved the run between our read and our update; report who.
         let (status, holder, until): (String, Option<String>, Option<DateTime<Utc>>) =
             sqlx::query_as(
@@ -274,6 +277,7 @@ pub async fn claim(
         parameters,
         checkpoint,
         attempts,
+        user_id,
     })
 }
 

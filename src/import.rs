@@ -243,6 +243,7 @@ impl Importer {
             dataset_id,
             parameters,
             checkpoint,
+            user_id,
             ..
         } = claimed;
         let fetcher = Fetcher::new(parameters.source.clone(), self.s3.clone(), &self.settings);
@@ -285,7 +286,7 @@ impl Importer {
                     .clone()
                     .unwrap_or_else(|| format!("Import {}", parameters.source));
                 loader
-                    .begin_commit(dataset_id, &message, None, &checkpoint)
+                    .begin_commit(dataset_id, &message, user_id.as_deref(), &checkpoint)
                     .await?;
                 checkpoint
             }

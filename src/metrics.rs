@@ -669,7 +669,7 @@ impl Health {
 
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr} (METRICS_ADDR): {source}")]
+    #[error("cannot listen on {addr} (METRICS_ADDR)")]
     Bind {
         addr: String,
         #[source]

@@ -212,7 +212,11 @@ impl TestApp {
 
     /// Environment for a child `dsa-ingest` process pointed at this test's services.
     pub fn child_env(&self) -> Vec<(String, String)> {
-        let mut env = vec![("DATABASE_URL".to_owned(), self.database_url.clone())];
+        let mut env = vec![
+            ("DATABASE_URL".to_owned(), self.database_url.clone()),
+            // Children serving health and metrics must not fight over one port.
+            ("METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ];
         for key in [
             "S3_ENDPOINT",
             "S3_REGION",

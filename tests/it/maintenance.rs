@@ -205,6 +205,7 @@ impl ChildMaintainer {
             )
             .env("MAINTENANCE_COALESCE_MS", "1000")
             .env("RUST_LOG", "warn,dsa_ingest=info")
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
