@@ -46,7 +46,8 @@ fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> AmqpError {
     move |source| AmqpError::Broker { action, source }
 }
 
-/// `amqp://user:***@host/vhost`, for logs and errors.
+/// A connection URL without its password (`amqp://user:***@host/vhost`,
+/// `postgres://user:***@host/db`), for logs and errors.
 pub fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {

@@ -60,6 +60,20 @@ enum DatasetCommand {
     },
 }
 
+/// What a new run is asked to do, the same for `import` and `submit`.
+#[derive(Debug, Args)]
+pub(crate) struct RunOptions {
+    /// Put rows that cannot be decoded into dsa_jobs.rejected_rows instead of failing.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// The commit message (default: "Import <source>").
+    #[arg(long)]
+    pub message: Option<String>,
+    /// Who asked for the import, recorded on the run and as the commit's author.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
 #[derive(Debug, Args)]
 struct ImportArgs {
     /// The dataset to import into; created if it does not exist.
@@ -71,15 +85,8 @@ struct ImportArgs {
     /// Continue a run that was interrupted, from its last checkpoint.
     #[arg(long, value_name = "RUN_ID")]
     resume: Option<Uuid>,
-    /// Put rows that cannot be decoded into dsa_jobs.rejected_rows instead of failing.
-    #[arg(long)]
-    skip_bad_rows: bool,
-    /// The commit message (default: "Import <source>").
-    #[arg(long)]
-    message: Option<String>,
-    /// Who asked for the import, recorded on the run.
-    #[arg(long)]
-    user: Option<String>,
+    #[command(flatten)]
+    options: RunOptions,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -109,7 +116,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         .with_context(|| {
             format!(
                 "connecting to PostgreSQL at {}",
-                redact(&settings.database_url)
+                crate::amqp::redacted(&settings.database_url)
             )
         })?;
     if !matches!(cli.command, Command::Migrate) {
@@ -162,12 +169,12 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
             let dataset = DatasetName::parse(&dataset)?;
             let parameters = ImportParameters {
                 source,
-                skip_bad_rows: args.skip_bad_rows,
-                message: args.message,
+                skip_bad_rows: args.options.skip_bad_rows,
+                message: args.options.message,
                 expected_etag: None,
             };
             let (run_id, _) = importer
-                .create_run(&dataset, args.user.as_deref(), &parameters)
+                .create_run(&dataset, args.options.user.as_deref(), &parameters)
                 .await?;
             run_id
         }
@@ -195,22 +202,7 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     };
     let s3 = crate::s3::client(&settings.s3).await;
     let stop = crate::shutdown::on_signals();
-    let health = crate::metrics::Health::new(pool.clone());
-    let server = crate::metrics::spawn_server(
-        &settings.metrics_addr,
-        health.clone(),
-        stop.clone().cancelled_owned(),
-    )
-    .await?;
-    // The relay publishes each commit's search-refresh request; the consumer nudges it
-    // after every import it completes.
-    let (committed, nudges) = tokio::sync::mpsc::channel(1);
-    let relay = tokio::spawn(crate::relay::run_relay(
-        pool.clone(),
-        settings.amqp.clone(),
-        nudges,
-        stop.clone(),
-    ));
+    let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
     let setup = crate::consume::ConsumerSetup {
         importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
         pool,
@@ -218,49 +210,77 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         amqp: settings.amqp.clone(),
         workers: settings.parallel_workers,
         event_dataset,
-        health,
-        committed: Some(committed),
+        health: sidecars.health.clone(),
+        committed: Some(sidecars.nudge.clone()),
     };
     crate::consume::run(setup, stop.clone()).await?;
-    // Requests of imports that finished during the grace period go out at the next
-    // sweep of any relay (every `maintain` runs one).
-    stop.cancel();
-    let _ = relay.await;
-    let _ = server.task.await;
+    sidecars.stop(&stop).await;
     Ok(())
 }
 
 async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signals();
-    // Nothing in this process commits imports, so nothing nudges the relay; it sweeps
-    // the outbox every few seconds, which publishes what `import` runs and dead relays
-    // left behind.
-    let (_, nudges) = tokio::sync::mpsc::channel(1);
-    let relay = tokio::spawn(crate::relay::run_relay(
-        pool.clone(),
-        settings.amqp.clone(),
-        nudges,
-        stop.clone(),
-    ));
-    let health = crate::metrics::Health::new(pool.clone());
-    let server = crate::metrics::spawn_server(
-        &settings.metrics_addr,
-        health.clone(),
-        stop.clone().cancelled_owned(),
-    )
-    .await?;
+    let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
     crate::maintain::run(
         pool,
         settings.amqp,
         settings.maintenance,
-        Some(health),
+        Some(sidecars.health.clone()),
         stop.clone(),
     )
     .await;
-    stop.cancel();
-    relay.await.context("the outbox relay failed")?;
-    let _ = server.task.await;
+    sidecars.stop(&stop).await;
     Ok(())
+}
+
+/// What runs beside the consumers of `consume` and `maintain`: the health and metrics
+/// server, and an outbox relay that publishes each commit's search-refresh request
+/// (nudged after every import `consume` completes, and sweeping every few seconds for
+/// what `import` runs and dead processes left behind).
+struct Sidecars {
+    health: crate::metrics::Health,
+    nudge: tokio::sync::mpsc::Sender<()>,
+    server: crate::metrics::ServerHandle,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl Sidecars {
+    async fn start(
+        settings: &Settings,
+        pool: &sqlx::PgPool,
+        stop: &crate::shutdown::CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let health = crate::metrics::Health::new(pool.clone());
+        let server = crate::metrics::spawn_server(
+            &settings.metrics_addr,
+            health.clone(),
+            stop.clone().cancelled_owned(),
+        )
+        .await?;
+        let (nudge, nudges) = tokio::sync::mpsc::channel(1);
+        let relay = tokio::spawn(crate::relay::run_relay(
+            pool.clone(),
+            settings.amqp.clone(),
+            nudges,
+            stop.clone(),
+        ));
+        Ok(Self {
+            health,
+            nudge,
+            server,
+            relay,
+        })
+    }
+
+    /// Stops both once the consumer has returned. Requests of imports that finished
+    /// during the grace period go out at the next sweep of any relay.
+    async fn stop(self, stop: &crate::shutdown::CancellationToken) {
+        stop.cancel();
+        if let Err(error) = self.relay.await {
+            tracing::error!(error = %error, "the outbox relay failed");
+        }
+        let _ = self.server.task.await;
+    }
 }
 
 pub(crate) fn print_summary(summary: &ImportSummary) {
@@ -332,19 +352,5 @@ fn print_status(run: &crate::status::RunStatus) {
     }
     if let Some(error) = &run.error_message {
         println!("error      {error}");
-    }
-}
-
-/// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }

@@ -49,15 +49,8 @@ pub struct SubmitArgs {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Put rows that cannot be decoded into dsa_jobs.rejected_rows instead of failing.
-    #[arg(long)]
-    skip_bad_rows: bool,
-    /// The commit message (default: "Import <source>").
-    #[arg(long)]
-    message: Option<String>,
-    /// Who asked for the import, recorded on the run.
-    #[arg(long)]
-    user: Option<String>,
+    #[command(flatten)]
+    options: crate::cli::RunOptions,
 }
 
 #[derive(Debug, Error)]
@@ -175,9 +168,9 @@ pub async fn command(
     let request = SubmitRequest {
         dataset: DatasetName::parse(&args.dataset)?,
         source: args.source,
-        user: args.user,
-        skip_bad_rows: args.skip_bad_rows,
-        message: args.message,
+        user: args.options.user,
+        skip_bad_rows: args.options.skip_bad_rows,
+        message: args.options.message,
     };
     let stop = crate::shutdown::on_signals();
     let s3 = crate::s3::client(&settings.s3).await;

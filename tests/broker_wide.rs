@@ -17,14 +17,13 @@ mod proxy;
 use std::process::Command;
 use std::time::Duration;
 
-use dsa_ingest::sample::sample_csv;
-use serde_json::json;
 use tokio::sync::Mutex;
-use uuid::Uuid;
 
 use broker::TestBroker;
-use helpers::{spawn_app, test_settings, wait_until, TestApp};
-use process::{slow_endpoint, Consumer};
+use helpers::{spawn_app, wait_until};
+use process::{
+    attempts, import_caught_mid_file, pending_run, reference, slow_endpoint, status_of, Consumer,
+};
 
 static BROKER: Mutex<()> = Mutex::const_new(());
 
@@ -80,16 +79,6 @@ impl Drop for BrokerSetting {
     }
 }
 
-async fn pending_run(app: &TestApp, key: &str, rows: u64) -> Uuid {
-    app.put(key, sample_csv(rows, 77)).await;
-    let importer = app.importer(test_settings());
-    app.create_run(&importer, "long", key, false).await.0
-}
-
-async fn status(app: &TestApp, run_id: Uuid) -> String {
-    app.run_state(run_id).await.0
-}
-
 #[tokio::test]
 async fn an_import_longer_than_the_consumer_timeout_completes_exactly_once() {
     let _turn = BROKER.lock().await;
@@ -99,26 +88,21 @@ async fn an_import_longer_than_the_consumer_timeout_completes_exactly_once() {
     let _tick = BrokerSetting::set("channel_tick_interval", 500);
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let run_id = pending_run(&app, "long.csv", 30_000).await;
+    let run_id = pending_run(&app, "long", "long.csv", 30_000, 77).await;
     // About 3 MB at 400 kB/s: the import outlasts the timeout several times over.
     let slow = slow_endpoint(400_000).await;
     let consumer = Consumer::start(&app, &broker, &[("S3_ENDPOINT", slow.as_str())]);
     broker.wait_for_consumers(1).await;
-    broker
-        .publish_json(&json!({ "analysis_run_id": run_id }))
-        .await;
+    broker.publish_json(&reference(run_id)).await;
 
     wait_until(Duration::from_secs(120), "the run to complete", || async {
-        status(&app, run_id).await == "completed"
+        status_of(&app, run_id).await == "completed"
     })
     .await;
     wait_until(
         Duration::from_secs(30),
         "the message to be settled",
-        || async {
-            broker.queue_state(&broker.settings.import_queue).await.0 == 0
-                && consumer.log().contains("nothing to do")
-        },
+        || async { broker.waiting().await == 0 && consumer.log().contains("nothing to do") },
     )
     .await;
     let log = consumer.log();
@@ -126,22 +110,14 @@ async fn an_import_longer_than_the_consumer_timeout_completes_exactly_once() {
         log.contains("reconnecting"),
         "the broker never timed the delivery out:\n{log}"
     );
-    let attempts: i32 =
-        sqlx::query_scalar("SELECT attempts FROM dsa_jobs.analysis_runs WHERE id = $1")
-            .bind(run_id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(attempts, 1, "the import was started more than once");
+    assert_eq!(
+        attempts(&app, run_id).await,
+        1,
+        "the import was started more than once"
+    );
     assert_eq!(app.count("dsa_core.commits").await, 1);
     assert_eq!(app.count("dsa_core.commit_rows").await, 30_000);
-    assert_eq!(
-        broker
-            .queue_state(&broker.settings.dead_letter_queue)
-            .await
-            .0,
-        0
-    );
+    assert_eq!(broker.dead_letters().await, 0);
 }
 
 #[tokio::test]
@@ -149,29 +125,8 @@ async fn a_broker_restart_mid_import_is_survived_and_the_import_completes_once()
     let _turn = BROKER.lock().await;
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let run_id = pending_run(&app, "restart.csv", 30_000).await;
-    let slow = slow_endpoint(400_000).await;
-    let consumer = Consumer::start(&app, &broker, &[("S3_ENDPOINT", slow.as_str())]);
-    broker.wait_for_consumers(1).await;
-    broker
-        .publish_json(&json!({ "analysis_run_id": run_id }))
-        .await;
-    wait_until(
-        Duration::from_secs(60),
-        "some committed batches",
-        || async {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT coalesce((checkpoint->>'loaded_rows')::bigint, 0)
-               FROM dsa_jobs.analysis_runs WHERE id = $1",
-            )
-            .bind(run_id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap()
-                >= 1_000
-        },
-    )
-    .await;
+    let (consumer, run_id) =
+        import_caught_mid_file(&app, &broker, "long", "restart.csv", 30_000, 77).await;
 
     // The whole broker application stops and starts again: every connection drops,
     // and the durable quorum queue comes back with the unacknowledged message.
@@ -180,7 +135,7 @@ async fn a_broker_restart_mid_import_is_survived_and_the_import_completes_once()
     rabbitmqctl(&["await_startup"]);
 
     wait_until(Duration::from_secs(120), "the run to complete", || async {
-        status(&app, run_id).await == "completed"
+        status_of(&app, run_id).await == "completed"
     })
     .await;
     // The test's own connection died with the broker; a new one looks at the queue.
@@ -198,14 +153,12 @@ async fn a_broker_restart_mid_import_is_survived_and_the_import_completes_once()
     assert_eq!(app.count("dsa_core.commit_rows").await, 30_000);
 
     // And the consumer subscribed again: new work is taken.
-    let next = pending_run(&app, "after-restart.csv", 500).await;
-    observer
-        .publish_json(&json!({ "analysis_run_id": next }))
-        .await;
+    let next = pending_run(&app, "long", "after-restart.csv", 500, 78).await;
+    observer.publish_json(&reference(next)).await;
     wait_until(
         Duration::from_secs(60),
         "the next run to complete",
-        || async { status(&app, next).await == "completed" },
+        || async { status_of(&app, next).await == "completed" },
     )
     .await;
 }

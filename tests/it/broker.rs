@@ -13,12 +13,12 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use uuid::Uuid;
 
-use crate::helpers::service_settings;
+use crate::helpers::{run_on_own_thread, service_settings};
 
 pub struct TestBroker {
     pub settings: AmqpSettings,
     /// Kept open for as long as the test runs: the channel lives on it.
-    _connection: Connection,
+    pub connection: Connection,
     /// A channel in confirm mode, for publishing like a real producer does.
     pub channel: Channel,
 }
@@ -58,7 +58,7 @@ impl TestBroker {
             .expect("declare maintenance topology");
         Self {
             settings,
-            _connection: connection,
+            connection,
             channel,
         }
     }
@@ -140,6 +140,16 @@ impl TestBroker {
         (declared.message_count(), declared.consumer_count())
     }
 
+    /// Messages waiting in the import queue.
+    pub async fn waiting(&self) -> u32 {
+        self.queue_state(&self.settings.import_queue).await.0
+    }
+
+    /// Messages in the dead-letter queue.
+    pub async fn dead_letters(&self) -> u32 {
+        self.queue_state(&self.settings.dead_letter_queue).await.0
+    }
+
     /// Waits until `count` consumers are subscribed to the import queue.
     pub async fn wait_for_consumers(&self, count: u32) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -159,41 +169,40 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        let settings = self.settings.clone();
-        // Drop cannot await; clean up on a thread with a runtime of its own.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async move {
-                let Ok(connection) = amqp::connect(&settings, "test cleanup").await else {
-                    return;
-                };
-                let Ok(channel) = connection.create_channel().await else {
-                    return;
-                };
-                for queue in [
-                    &settings.import_queue,
-                    &settings.dead_letter_queue,
-                    &settings.maintenance_queue,
-                ] {
-                    let _ = channel
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for exchange in [
-                    &settings.import_exchange,
-                    &settings.dead_letter_exchange,
-                    &settings.maintenance_exchange,
-                ] {
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = connection.close(200, "test done".into()).await;
-            });
-        });
-        let _ = cleanup.join();
+        delete_topology(self.settings.clone());
     }
+}
+
+/// Deletes every exchange and queue `settings` names, on a connection of its own (the
+/// test's belongs to the runtime that is dropping).
+pub fn delete_topology(settings: AmqpSettings) {
+    run_on_own_thread(async move {
+        let Ok(connection) = amqp::connect(&settings, "test cleanup").await else {
+            return;
+        };
+        // A failed delete closes its channel, so each gets a channel of its own.
+        for queue in [
+            &settings.import_queue,
+            &settings.dead_letter_queue,
+            &settings.maintenance_queue,
+        ] {
+            if let Ok(channel) = connection.create_channel().await {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        for exchange in [
+            &settings.import_exchange,
+            &settings.dead_letter_exchange,
+            &settings.maintenance_exchange,
+        ] {
+            if let Ok(channel) = connection.create_channel().await {
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = connection.close(200, "test done".into()).await;
+    });
 }

@@ -10,58 +10,11 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::broker::TestBroker;
-use crate::helpers::{spawn_app, test_settings, wait_until, TestApp};
-use crate::process::{slow_endpoint, Consumer};
-
-async fn status_of(app: &TestApp, run_id: Uuid) -> String {
-    app.run_state(run_id).await.0
-}
-
-async fn wait_for_status(app: &TestApp, run_id: Uuid, wanted: &str, timeout: Duration) {
-    wait_until(timeout, &format!("run {run_id} to be {wanted}"), || async {
-        status_of(app, run_id).await == wanted
-    })
-    .await;
-}
-
-/// Rows the run has committed so far, from its checkpoint.
-async fn loaded_rows(app: &TestApp, run_id: Uuid) -> i64 {
-    sqlx::query_scalar(
-        "SELECT coalesce((checkpoint->>'loaded_rows')::bigint, 0)
-           FROM dsa_jobs.analysis_runs WHERE id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap()
-}
-
-async fn summary_of(app: &TestApp, run_id: Uuid) -> serde_json::Value {
-    sqlx::query_scalar("SELECT output_summary FROM dsa_jobs.analysis_runs WHERE id = $1")
-        .bind(run_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap()
-}
-
-async fn attempts(app: &TestApp, run_id: Uuid) -> i32 {
-    sqlx::query_scalar("SELECT attempts FROM dsa_jobs.analysis_runs WHERE id = $1")
-        .bind(run_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap()
-}
-
-/// Puts `rows` sample rows at `key` and creates a pending run for them in `dataset`.
-async fn pending_run(app: &TestApp, dataset: &str, key: &str, rows: u64, seed: u64) -> Uuid {
-    app.put(key, sample_csv(rows, seed)).await;
-    let importer = app.importer(test_settings());
-    app.create_run(&importer, dataset, key, false).await.0
-}
-
-fn reference(run_id: Uuid) -> serde_json::Value {
-    json!({ "analysis_run_id": run_id })
-}
+use crate::helpers::{spawn_app, test_settings, wait_until};
+use crate::process::{
+    attempts, import_caught_mid_file, pending_run, reference, status_of, summary_of,
+    wait_for_status, Consumer,
+};
 
 #[tokio::test]
 async fn two_consumers_share_six_imports_and_each_run_is_imported_once() {
@@ -119,14 +72,8 @@ async fn two_consumers_share_six_imports_and_each_run_is_imported_once() {
         handled(&first),
         handled(&second)
     );
-    assert_eq!(broker.queue_state(&broker.settings.import_queue).await.0, 0);
-    assert_eq!(
-        broker
-            .queue_state(&broker.settings.dead_letter_queue)
-            .await
-            .0,
-        0
-    );
+    assert_eq!(broker.waiting().await, 0);
+    assert_eq!(broker.dead_letters().await, 0);
 }
 
 #[tokio::test]
@@ -141,19 +88,7 @@ async fn a_message_delivered_twice_gives_one_commit() {
         "user": "billing",
         "options": {"message": "Nightly export"}
     });
-    broker.publish_json(&request).await;
-    broker.publish_json(&request).await;
-    let consumer = Consumer::start(&app, &broker, &[]);
-
-    wait_until(
-        Duration::from_secs(60),
-        "both deliveries to be handled",
-        || async {
-            let log = consumer.log();
-            log.contains("import message handled") && log.contains("nothing to do")
-        },
-    )
-    .await;
+    let _consumer = deliver_twice(&app, &broker, &request).await;
     assert_eq!(app.count("dsa_jobs.analysis_runs").await, 1);
     assert_eq!(app.count("dsa_core.commits").await, 1);
     let (user, message): (Option<String>, Option<String>) = sqlx::query_as(
@@ -165,31 +100,15 @@ async fn a_message_delivered_twice_gives_one_commit() {
     .unwrap();
     assert_eq!(user.as_deref(), Some("billing"));
     assert_eq!(message.as_deref(), Some("Nightly export"));
-    assert_eq!(
-        broker
-            .queue_state(&broker.settings.dead_letter_queue)
-            .await
-            .0,
-        0
-    );
+    assert_eq!(broker.dead_letters().await, 0);
 }
 
 #[tokio::test]
 async fn a_killed_consumers_run_is_resumed_by_the_redelivery() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let run_id = pending_run(&app, "crash", "crash.csv", 20_000, 3).await;
-    let slow = slow_endpoint(400_000).await;
-    let mut doomed = Consumer::start(&app, &broker, &[("S3_ENDPOINT", slow.as_str())]);
-    broker.wait_for_consumers(1).await;
-    broker.publish_json(&reference(run_id)).await;
-
-    wait_until(
-        Duration::from_secs(60),
-        "some committed batches",
-        || async { loaded_rows(&app, run_id).await >= 1_000 },
-    )
-    .await;
+    let (mut doomed, run_id) =
+        import_caught_mid_file(&app, &broker, "crash", "crash.csv", 20_000, 3).await;
     doomed.signal(libc::SIGKILL);
     doomed.exit(Duration::from_secs(10)).await;
     assert_eq!(status_of(&app, run_id).await, "running");
@@ -230,7 +149,7 @@ async fn unreadable_messages_go_to_the_dead_letter_queue_and_the_consumer_goes_o
 
     let dead_letters = &broker.settings.dead_letter_queue;
     wait_until(Duration::from_secs(30), "three dead letters", || async {
-        broker.queue_state(dead_letters).await.0 == 3
+        broker.dead_letters().await == 3
     })
     .await;
     let first = broker.get(dead_letters).await.unwrap();
@@ -261,16 +180,10 @@ async fn a_bad_file_fails_its_run_and_the_message_is_acknowledged() {
     assert!(error.unwrap().contains("line 3"));
     // Acknowledged: neither waiting in the queue nor dead-lettered.
     wait_until(Duration::from_secs(10), "the queue to drain", || async {
-        broker.queue_state(&broker.settings.import_queue).await.0 == 0
+        broker.waiting().await == 0
     })
     .await;
-    assert_eq!(
-        broker
-            .queue_state(&broker.settings.dead_letter_queue)
-            .await
-            .0,
-        0
-    );
+    assert_eq!(broker.dead_letters().await, 0);
 }
 
 #[tokio::test]
@@ -291,19 +204,7 @@ async fn an_s3_event_imports_each_object_once_into_the_dataset_its_key_names() {
             }
         }]
     });
-    broker.publish_json(&event).await;
-    broker.publish_json(&event).await;
-    let consumer = Consumer::start(&app, &broker, &[]);
-
-    wait_until(
-        Duration::from_secs(60),
-        "both deliveries to be handled",
-        || async {
-            let log = consumer.log();
-            log.contains("import message handled") && log.contains("nothing to do")
-        },
-    )
-    .await;
+    let _consumer = deliver_twice(&app, &broker, &event).await;
     assert_eq!(
         app.count("dsa_jobs.analysis_runs WHERE status = 'completed'")
             .await,
@@ -339,17 +240,8 @@ fn broker_connection_of(pid: u32) -> Option<String> {
 async fn a_connection_closed_by_the_broker_is_recovered_and_the_import_finishes_once() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let run_id = pending_run(&app, "cut", "cut.csv", 20_000, 9).await;
-    let slow = slow_endpoint(500_000).await;
-    let consumer = Consumer::start(&app, &broker, &[("S3_ENDPOINT", slow.as_str())]);
-    broker.wait_for_consumers(1).await;
-    broker.publish_json(&reference(run_id)).await;
-    wait_until(
-        Duration::from_secs(60),
-        "some committed batches",
-        || async { loaded_rows(&app, run_id).await >= 1_000 },
-    )
-    .await;
+    let (consumer, run_id) =
+        import_caught_mid_file(&app, &broker, "cut", "cut.csv", 20_000, 9).await;
 
     let connection = broker_connection_of(consumer.pid()).expect("the consumer's connection");
     let closed = Command::new("rabbitmqctl")
@@ -396,17 +288,8 @@ async fn a_connection_closed_by_the_broker_is_recovered_and_the_import_finishes_
 async fn sigterm_stops_after_the_batch_in_flight_and_leaves_the_run_resumable() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let run_id = pending_run(&app, "stop", "stop.csv", 20_000, 4).await;
-    let slow = slow_endpoint(400_000).await;
-    let mut stopping = Consumer::start(&app, &broker, &[("S3_ENDPOINT", slow.as_str())]);
-    broker.wait_for_consumers(1).await;
-    broker.publish_json(&reference(run_id)).await;
-    wait_until(
-        Duration::from_secs(60),
-        "some committed batches",
-        || async { loaded_rows(&app, run_id).await >= 1_000 },
-    )
-    .await;
+    let (mut stopping, run_id) =
+        import_caught_mid_file(&app, &broker, "stop", "stop.csv", 20_000, 4).await;
 
     stopping.signal(libc::SIGTERM);
     let status = stopping.exit(Duration::from_secs(30)).await;
@@ -433,4 +316,22 @@ async fn sigterm_stops_after_the_batch_in_flight_and_leaves_the_run_resumable() 
     let summary = summary_of(&app, run_id).await;
     assert!(summary["resumed_from_byte"].as_u64().unwrap() > 0);
     assert_eq!(summary["rows"], 20_000);
+}
+
+/// Publishes `body` twice, then starts a consumer and waits until it handled both: one
+/// import, and one delivery that found the run finished.
+async fn deliver_twice(app: &TestApp, broker: &TestBroker, body: &serde_json::Value) -> Consumer {
+    broker.publish_json(body).await;
+    broker.publish_json(body).await;
+    let consumer = Consumer::start(app, broker, &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "both deliveries to be handled",
+        || async {
+            let log = consumer.log();
+            log.contains("import message handled") && log.contains("nothing to do")
+        },
+    )
+    .await;
+    consumer
 }

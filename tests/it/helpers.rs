@@ -275,34 +275,41 @@ impl Drop for TestApp {
         // Drop cannot await, so clean up on a thread with a runtime of its own. The pool
         // is not closed from there (its connections belong to the test's runtime, which
         // is blocked here); FORCE ends them instead.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async move {
-                if let Ok(admin) = PgPool::connect(&admin_url).await {
-                    let _ = sqlx::query(&format!(
-                        "DROP DATABASE IF EXISTS {database_name} WITH (FORCE)"
-                    ))
-                    .execute(&admin)
-                    .await;
-                }
-                // A client of this runtime's own: the test's client has its connection
-                // tasks on the blocked runtime.
-                let s3 = dsa_ingest::s3::client(&s3_settings).await;
-                if let Ok(listing) = s3.list_objects_v2().bucket(&bucket).send().await {
-                    for object in listing.contents() {
-                        if let Some(key) = object.key() {
-                            let _ = s3.delete_object().bucket(&bucket).key(key).send().await;
-                        }
+        run_on_own_thread(async move {
+            if let Ok(admin) = PgPool::connect(&admin_url).await {
+                let _ = sqlx::query(&format!(
+                    "DROP DATABASE IF EXISTS {database_name} WITH (FORCE)"
+                ))
+                .execute(&admin)
+                .await;
+            }
+            // A client of this runtime's own: the test's client has its connection
+            // tasks on the blocked runtime.
+            let s3 = dsa_ingest::s3::client(&s3_settings).await;
+            if let Ok(listing) = s3.list_objects_v2().bucket(&bucket).send().await {
+                for object in listing.contents() {
+                    if let Some(key) = object.key() {
+                        let _ = s3.delete_object().bucket(&bucket).key(key).send().await;
                     }
                 }
-                let _ = s3.delete_bucket().bucket(&bucket).send().await;
-            });
+            }
+            let _ = s3.delete_bucket().bucket(&bucket).send().await;
         });
-        let _ = cleanup.join();
     }
+}
+
+/// Runs `cleanup` to its end on a new thread with a runtime of its own: `Drop` cannot
+/// await, and the test's runtime is blocked while it drops. Runs after a failed
+/// assertion too, so tests leave nothing behind.
+pub fn run_on_own_thread(cleanup: impl Future<Output = ()> + Send + 'static) {
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("cleanup runtime")
+            .block_on(cleanup);
+    });
+    let _ = thread.join();
 }
 
 /// Polls `condition` until it holds; panics with `what` after `timeout`.

@@ -6,8 +6,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dsa_ingest::amqp;
-use dsa_ingest::config::{AmqpSettings, MaintenanceSettings, DEFAULT_AMQP_URL};
+use dsa_ingest::config::MaintenanceSettings;
 use dsa_ingest::maintain::{self, MaintainStats, MaintenanceRequest};
 use dsa_ingest::relay;
 use dsa_ingest::sample::sample_csv;
@@ -15,54 +14,21 @@ use dsa_ingest::shutdown::CancellationToken;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Confirmation};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use uuid::Uuid;
 
-use crate::helpers::{service_settings, spawn_app, wait_until, TestApp};
+use crate::broker::TestBroker;
+use crate::helpers::{spawn_app, wait_until, TestApp};
 
 /// How long any awaited condition may take before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A maintenance exchange and queue of this test's own, with a confirm channel to
-/// publish and inspect them. Dropping it deletes both from the broker.
-struct TestBroker {
-    settings: AmqpSettings,
-    /// Held so that `channel` stays open; closed when the broker is dropped.
-    connection: Connection,
-    channel: Channel,
-}
-
+/// What these tests do with the test's broker topology beyond `broker.rs`.
 impl TestBroker {
-    async fn new() -> Self {
-        let suffix = Uuid::new_v4().simple().to_string();
-        let url = service_settings()
-            .get("AMQP_URL")
-            .cloned()
-            .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
-        let settings = AmqpSettings {
-            url,
-            maintenance_exchange: format!("test.maintenance.{suffix}"),
-            maintenance_queue: format!("test.maintenance.{suffix}"),
-            ..AmqpSettings::default()
-        };
-        let connection = amqp::connect(&settings, "test").await.expect("connect");
-        let channel = amqp::confirm_channel(&connection).await.expect("channel");
-        amqp::declare_maintenance_topology(&channel, &settings)
-            .await
-            .expect("declare the maintenance topology");
-        Self {
-            settings,
-            connection,
-            channel,
-        }
-    }
-
     /// Publishes `count` requests without waiting for each confirm in turn (a burst),
     /// then waits until the broker confirmed every one.
     async fn publish_burst(&self, count: usize, dataset_id: i64) {
@@ -145,41 +111,6 @@ impl TestBroker {
             .await
             .expect("look at the queue")
             .message_count()
-    }
-}
-
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        let settings = self.settings.clone();
-        // Drop cannot await; a runtime on its own thread deletes what the test declared,
-        // on a connection of its own (the test's belongs to the blocked runtime).
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async move {
-                let Ok(connection) = amqp::connect(&settings, "test cleanup").await else {
-                    return;
-                };
-                if let Ok(channel) = connection.create_channel().await {
-                    let _ = channel
-                        .queue_delete(
-                            settings.maintenance_queue.as_str().into(),
-                            QueueDeleteOptions::default(),
-                        )
-                        .await;
-                    let _ = channel
-                        .exchange_delete(
-                            settings.maintenance_exchange.as_str().into(),
-                            ExchangeDeleteOptions::default(),
-                        )
-                        .await;
-                }
-                let _ = connection.close(200, "test done".into()).await;
-            });
-        });
-        let _ = cleanup.join();
     }
 }
 

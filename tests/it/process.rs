@@ -8,7 +8,10 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::broker::TestBroker;
-use crate::helpers::{service_settings, TestApp};
+use dsa_ingest::sample::sample_csv;
+use serde_json::json;
+
+use crate::helpers::{service_settings, test_settings, wait_until, TestApp};
 use crate::proxy::throttled_proxy;
 
 /// A `dsa-ingest consume` child; killed when dropped, its log kept in a file.
@@ -93,4 +96,78 @@ pub async fn slow_endpoint(bytes_per_second: u64) -> String {
         .trim_start_matches("http://")
         .to_owned();
     throttled_proxy(upstream, bytes_per_second).await
+}
+
+pub async fn status_of(app: &TestApp, run_id: Uuid) -> String {
+    app.run_state(run_id).await.0
+}
+
+pub async fn wait_for_status(app: &TestApp, run_id: Uuid, wanted: &str, timeout: Duration) {
+    wait_until(timeout, &format!("run {run_id} to be {wanted}"), || async {
+        status_of(app, run_id).await == wanted
+    })
+    .await;
+}
+
+/// Rows the run has committed so far, from its checkpoint.
+pub async fn loaded_rows(app: &TestApp, run_id: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce((checkpoint->>'loaded_rows')::bigint, 0)
+           FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+pub async fn summary_of(app: &TestApp, run_id: Uuid) -> serde_json::Value {
+    sqlx::query_scalar("SELECT output_summary FROM dsa_jobs.analysis_runs WHERE id = $1")
+        .bind(run_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+pub async fn attempts(app: &TestApp, run_id: Uuid) -> i32 {
+    sqlx::query_scalar("SELECT attempts FROM dsa_jobs.analysis_runs WHERE id = $1")
+        .bind(run_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// Puts `rows` sample rows at `key` and creates a pending run for them in `dataset`.
+pub async fn pending_run(app: &TestApp, dataset: &str, key: &str, rows: u64, seed: u64) -> Uuid {
+    app.put(key, sample_csv(rows, seed)).await;
+    let importer = app.importer(test_settings());
+    app.create_run(&importer, dataset, key, false).await.0
+}
+
+pub fn reference(run_id: Uuid) -> serde_json::Value {
+    json!({ "analysis_run_id": run_id })
+}
+
+/// Starts a consumer that reads from a slow store, hands it a run of `rows` rows, and
+/// returns once some of its batches committed: an import caught in the middle.
+pub async fn import_caught_mid_file(
+    app: &TestApp,
+    broker: &TestBroker,
+    dataset: &str,
+    key: &str,
+    rows: u64,
+    seed: u64,
+) -> (Consumer, Uuid) {
+    let run_id = pending_run(app, dataset, key, rows, seed).await;
+    let slow = slow_endpoint(400_000).await;
+    let consumer = Consumer::start(app, broker, &[("S3_ENDPOINT", slow.as_str())]);
+    broker.wait_for_consumers(1).await;
+    broker.publish_json(&reference(run_id)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "some committed batches",
+        || async { loaded_rows(app, run_id).await >= 1_000 },
+    )
+    .await;
+    (consumer, run_id)
 }

@@ -13,7 +13,7 @@ use dsa_ingest::config::AmqpSettings;
 use dsa_ingest::import::ImportSummary;
 use dsa_ingest::sample::sample_csv;
 use dsa_ingest::submit::{self, SubmitError};
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::BasicGetOptions;
 use lapin::{Connection, ConnectionProperties};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -98,52 +98,16 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let queues = [
-            self.import_queue.clone(),
-            self.dead_letter_queue.clone(),
-            self.maintenance_queue.clone(),
-        ];
-        let exchanges = [
-            self.import_exchange.clone(),
-            self.dead_letter_exchange.clone(),
-            self.maintenance_exchange.clone(),
-        ];
-        // As in TestApp: Drop cannot await, so a thread with its own runtime cleans up,
-        // also after a failed assertion.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async move {
-                let Ok(connection) =
-                    Connection::connect(&url, ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                // A failed delete closes its channel, so each gets a channel of its own.
-                for queue in queues {
-                    if let Ok(channel) = connection.create_channel().await {
-                        let _ = channel
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                for exchange in exchanges {
-                    if let Ok(channel) = connection.create_channel().await {
-                        let _ = channel
-                            .exchange_delete(
-                                exchange.as_str().into(),
-                                ExchangeDeleteOptions::default(),
-                            )
-                            .await;
-                    }
-                }
-                let _ = connection.close(200, "test done".into()).await;
-            });
+        crate::broker::delete_topology(AmqpSettings {
+            url: self.url.clone(),
+            import_exchange: self.import_exchange.clone(),
+            import_queue: self.import_queue.clone(),
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            dead_letter_queue: self.dead_letter_queue.clone(),
+            maintenance_exchange: self.maintenance_exchange.clone(),
+            maintenance_queue: self.maintenance_queue.clone(),
+            ..AmqpSettings::default()
         });
-        let _ = cleanup.join();
     }
 }
 
