@@ -10,7 +10,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::broker::TestBroker;
-use crate::helpers::{spawn_app, test_settings, wait_until};
+use crate::helpers::{spawn_app, test_settings, wait_until, TestApp};
 use crate::process::{
     attempts, import_caught_mid_file, pending_run, reference, status_of, summary_of,
     wait_for_status, Consumer,
