@@ -387,3 +387,29 @@ fn a_marked_readme_example_that_does_not_match_is_reported() {
         .expect_err("a string where a boolean belongs must not validate");
     assert!(error.contains("skip_bad_rows"), "{error}");
 }
+
+/// The schemas and the consumer agree: every README example that validates is also a
+/// message the service reads (and would act on, not dead-letter).
+#[test]
+fn readme_examples_are_read_by_the_service() {
+    let examples = readme_message_examples();
+    assert!(!examples.is_empty());
+    for example in examples {
+        let body = serde_json::to_vec(&example.body).unwrap();
+        let read = match example.schema.as_str() {
+            "maintenance-request" => dsa_ingest::maintain::MaintenanceRequest::parse(&body)
+                .map(|_| ())
+                .map_err(|error| error.to_string()),
+            _ => dsa_ingest::messages::parse(&body)
+                .map(|_| ())
+                .map_err(|error| error.to_string()),
+        };
+        assert!(
+            read.is_ok(),
+            "README line {}: the service refuses its {} example: {}",
+            example.line,
+            example.schema,
+            read.unwrap_err()
+        );
+    }
+}
