@@ -158,6 +158,7 @@ async fn job_parallelism(
                 source: source.clone(),
                 skip_bad_rows: false,
                 message: None,
+                sheets: None,
             };
             let dataset = DatasetName::parse(&format!("parallel-{index}"))?;
             runs.push(importer.create_run(&dataset, None, &parameters).await?.0);

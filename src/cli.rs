@@ -16,7 +16,7 @@ use crate::import::{ImportSummary, Importer};
 #[command(
     name = "dsa-ingest",
     version,
-    about = "Imports CSV files into versioned datasets in PostgreSQL"
+    about = "Imports CSV and spreadsheet files into versioned datasets in PostgreSQL"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -30,7 +30,7 @@ enum Command {
     /// Manage datasets.
     #[command(subcommand)]
     Dataset(DatasetCommand),
-    /// Import one CSV file in this process, from a local path or s3://bucket/key.
+    /// Import one CSV or spreadsheet file in this process, from a local path or s3://bucket/key.
     Import(ImportArgs),
     /// Show a run's status, progress, checkpoint and result.
     Status {
@@ -71,6 +71,9 @@ struct ImportArgs {
     /// Who asked for the import, recorded on the run.
     #[arg(long)]
     user: Option<String>,
+    /// For a spreadsheet: import only this worksheet (repeat for several; default: all).
+    #[arg(long = "sheet", value_name = "NAME", conflicts_with = "resume")]
+    sheets: Vec<String>,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -146,6 +149,7 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
                 source,
                 skip_bad_rows: args.skip_bad_rows,
                 message: args.message,
+                sheets: (!args.sheets.is_empty()).then_some(args.sheets),
             };
             let (run_id, _) = importer
                 .create_run(&dataset, args.user.as_deref(), &parameters)

@@ -61,13 +61,17 @@ pub enum RowProblem {
     InvalidUtf8 { column: usize, byte: u64 },
     #[error("column {column} contains a NUL character, which PostgreSQL cannot store in JSON")]
     NulCharacter { column: usize },
+    /// A spreadsheet cell with a value beyond the columns its header names; refused
+    /// rather than dropped or given a made-up name.
+    #[error("cell {cell} has a value outside the header's columns {columns}")]
+    OutsideHeader { cell: String, columns: String },
 }
 
 impl RowProblem {
     /// The 1-based column the problem is in, when it is in one.
     pub fn column(&self) -> Option<usize> {
         match self {
-            RowProblem::Ragged { .. } => None,
+            RowProblem::Ragged { .. } | RowProblem::OutsideHeader { .. } => None,
             RowProblem::InvalidUtf8 { column, .. } | RowProblem::NulCharacter { column } => {
                 Some(*column)
             }

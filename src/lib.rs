@@ -1,4 +1,4 @@
-//! dsa-ingest: streams CSV files from S3-compatible storage (or a local path) into a
+//! dsa-ingest: streams CSV and spreadsheet files from S3-compatible storage (or a local path) into a
 //! git-like versioned dataset in PostgreSQL. See ARCHITECTURE.md for the map.
 
 pub mod claim;
@@ -14,5 +14,6 @@ pub mod load;
 pub mod memory;
 pub mod s3;
 pub mod sample;
+pub mod sheet;
 pub mod status;
 pub mod telemetry;

@@ -231,6 +231,7 @@ async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
         source: app.location("moving.csv"),
         skip_bad_rows: false,
         message: None,
+        sheets: None,
     };
     let dataset = dsa_ingest::db::DatasetName::parse("moving").unwrap();
     let (run_id, _) = importer
@@ -361,6 +362,7 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
         source: app.location("data.csv"),
         skip_bad_rows: false,
         message: None,
+        sheets: None,
     };
     let dataset = dsa_ingest::db::DatasetName::parse("leased").unwrap();
     let (run_id, dataset_id) = importer
