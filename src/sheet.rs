@@ -165,6 +165,12 @@ pub enum SheetError {
         cells: u64,
         bytes: u64,
     },
+    #[error(
+        "{file}: part {part} stores cells in the short record form (BrtShort*, as SheetJS \
+         writes xlsb), which the xlsb reader (calamine 0.38) would silently drop; save the \
+         file from Excel or as xlsx instead"
+    )]
+    XlsbShortCells { file: String, part: String },
     #[error("{file}: has no worksheet {name:?}; its worksheets are {available:?}")]
     SheetNotFound {
         file: String,
@@ -500,6 +506,7 @@ fn check_zip(
 ) -> Result<(), SheetError> {
     let mut total = 0u64;
     let mut xml_parts = Vec::new();
+    let mut xlsb_sheets = Vec::new();
     for index in 0..archive.len() {
         let entry = archive
             .by_index_raw(index)
@@ -550,6 +557,11 @@ fn check_zip(
         }
         if lower.ends_with(".xml") || lower.ends_with(".rels") || lower.ends_with(".vml") {
             xml_parts.push((index, name, size));
+        } else if format == SheetFormat::Xlsb
+            && lower.starts_with("xl/worksheets/")
+            && lower.ends_with(".bin")
+        {
+            xlsb_sheets.push((index, name));
         }
     }
     if total > settings.max_uncompressed_size {
@@ -560,6 +572,24 @@ fn check_zip(
         });
     }
     let mut prolog = Vec::with_capacity(PROLOG_LIMIT);
+    for (index, name) in xlsb_sheets {
+        prolog.clear();
+        let entry = archive
+            .by_index(index)
+            .map_err(|error| SheetError::Corrupt {
+                file: file.to_owned(),
+                format: format.name(),
+                message: format!("{name}: {error}"),
+            })?;
+        // A writer uses one form throughout; its first rows show which.
+        let _ = entry.take(PROLOG_LIMIT as u64).read_to_end(&mut prolog);
+        if has_short_cell_records(&prolog) {
+            return Err(SheetError::XlsbShortCells {
+                file: file.to_owned(),
+                part: name,
+            });
+        }
+    }
     for (index, name, size) in xml_parts {
         prolog.clear();
         let entry = archive
@@ -617,6 +647,35 @@ fn check_zip(
         }
     }
     Ok(())
+}
+
+/// Whether the records at the start of an xlsb worksheet part include the short cell
+/// forms (BrtShortBlank 0x0C to BrtShortIsst 0x12), which carry no column of their own.
+fn has_short_cell_records(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    // Record type: up to two bytes, size: up to four, each 7 bits a byte (MS-XLSB 2.1.4).
+    let varint = |at: &mut usize, max: usize| -> Option<u64> {
+        let mut value = 0u64;
+        for shift in 0..max {
+            let byte = *bytes.get(*at)?;
+            *at += 1;
+            value |= ((byte & 0x7F) as u64) << (7 * shift);
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        Some(value)
+    };
+    while at < bytes.len() {
+        let (Some(record), Some(size)) = (varint(&mut at, 2), varint(&mut at, 4)) else {
+            return false;
+        };
+        if (0x0C..=0x12).contains(&record) {
+            return true;
+        }
+        at = at.saturating_add(size as usize);
+    }
+    false
 }
 
 fn lower_is_shared_strings(name: &str) -> bool {
@@ -1147,6 +1206,8 @@ fn assemble_rows(
     let mut values: Vec<CellValue> = Vec::new();
     let mut last_emitted: u64 = 0; // the last data row n handed out
     let mut last_row: Option<u32> = None;
+    // Readers must not be asked again once they said the sheet ended.
+    let mut ended = false;
     loop {
         // Gather the next row's non-empty cells.
         row_cells.clear();
@@ -1154,9 +1215,11 @@ fn assemble_rows(
         loop {
             let cell = match pending.take() {
                 Some(cell) => Some(cell),
+                None if ended => None,
                 None => next_cell()?,
             };
             let Some((row, column, value)) = cell else {
+                ended = true;
                 break;
             };
             if let Some(previous) = last_row {

@@ -4,3 +4,4 @@ mod fetch;
 mod helpers;
 mod import;
 mod resume;
+mod sheets;
