@@ -564,6 +564,9 @@ fn check_zip(
             xlsb_sheets.push((index, name));
         }
     }
+    if format == SheetFormat::Ods {
+        check_ods_extent(archive, file, settings)?;
+    }
     if total > settings.max_uncompressed_size {
         return Err(SheetError::Uncompressed {
             file: file.to_owned(),
@@ -676,6 +679,120 @@ fn has_short_cell_records(bytes: &[u8]) -> bool {
         at = at.saturating_add(size as usize);
     }
     false
+}
+
+/// calamine parses every ods sheet into a dense range when it opens the file, with
+/// repeated rows and columns expanded, so a small `content.xml` can ask for billions
+/// of cells. This walks the XML once (it is capped by `IMPORT_MAX_UNSTREAMED_SIZE`)
+/// and adds up the extent of each sheet's non-empty cells, repeats included.
+fn check_ods_extent(
+    archive: &mut Archive<'_>,
+    file: &str,
+    settings: &ImportSettings,
+) -> Result<(), SheetError> {
+    use quick_xml::events::Event;
+    let corrupt = |message: String| SheetError::Corrupt {
+        file: file.to_owned(),
+        format: "ods",
+        message: format!("content.xml: {message}"),
+    };
+    let entry = archive
+        .by_name("content.xml")
+        .map_err(|error| corrupt(error.to_string()))?;
+    let mut reader = quick_xml::Reader::from_reader(std::io::BufReader::new(entry));
+    let mut buffer = Vec::new();
+    let repeats = |element: &quick_xml::events::BytesStart<'_>, name: &str| -> u64 {
+        element
+            .try_get_attribute(name)
+            .ok()
+            .flatten()
+            .and_then(|attribute| attribute.value.parse().ok())
+            .unwrap_or(1)
+    };
+    let (mut table, mut row, mut row_repeat, mut column) = (String::new(), 0u64, 1u64, 0u64);
+    let (mut row_has_value, mut rows, mut columns) = (false, 0u64, 0u64);
+    let mut total_cells = 0u64;
+    loop {
+        let event = reader
+            .read_event_into(&mut buffer)
+            .map_err(|error| corrupt(error.to_string()))?;
+        let (element, closed) = match &event {
+            Event::Start(element) => (Some(element), false),
+            Event::Empty(element) => (Some(element), true),
+            Event::End(end) => {
+                match end.name().as_ref() {
+                    "table:table-row" => {
+                        if row_has_value {
+                            rows = row.saturating_add(row_repeat);
+                        }
+                        row = row.saturating_add(row_repeat);
+                    }
+                    "table:table" => {
+                        let cells = rows.saturating_mul(columns);
+                        total_cells = total_cells.saturating_add(cells);
+                        if total_cells.saturating_mul(DENSE_CELL_BYTES)
+                            > settings.max_unstreamed_size
+                        {
+                            return Err(SheetError::TooManyCells {
+                                file: file.to_owned(),
+                                sheet: table.clone(),
+                                span: format!(
+                                    "A1:{}{}",
+                                    column_letters(
+                                        columns.saturating_sub(1).min(u32::MAX as u64) as u32
+                                    ),
+                                    rows
+                                ),
+                                cells,
+                                bytes: total_cells.saturating_mul(DENSE_CELL_BYTES),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+                (None, false)
+            }
+            Event::Eof => return Ok(()),
+            _ => (None, false),
+        };
+        if let Some(element) = element {
+            match element.name().as_ref() {
+                "table:table" => {
+                    table = element
+                        .try_get_attribute("table:name")
+                        .ok()
+                        .flatten()
+                        .map(|name| name.value.into_owned())
+                        .unwrap_or_default();
+                    (row, rows, columns) = (0, 0, 0);
+                }
+                "table:table-row" => {
+                    row_repeat = repeats(element, "table:number-rows-repeated");
+                    column = 0;
+                    row_has_value = false;
+                    if closed {
+                        row = row.saturating_add(row_repeat);
+                    }
+                }
+                "table:table-cell" | "table:covered-table-cell" => {
+                    let repeat = repeats(element, "table:number-columns-repeated");
+                    let has_value = element
+                        .try_get_attribute("office:value-type")
+                        .ok()
+                        .flatten()
+                        .is_some()
+                        || !closed;
+                    if has_value {
+                        columns = columns.max(column.saturating_add(repeat));
+                        row_has_value = true;
+                    }
+                    column = column.saturating_add(repeat);
+                }
+                _ => {}
+            }
+        }
+        buffer.clear();
+    }
 }
 
 fn lower_is_shared_strings(name: &str) -> bool {

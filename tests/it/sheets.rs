@@ -884,3 +884,31 @@ async fn an_import_killed_mid_sheet_resumes_there_and_commits_the_same_tree() {
     assert_eq!(resumed_source["sheets"], reference_source["sheets"]);
     assert_eq!(resumed_source["sheets"][1]["rows"], 30_000);
 }
+
+#[tokio::test]
+async fn an_ods_whose_repeats_expand_to_a_billion_cells_is_refused() {
+    let app = spawn_app().await;
+    let ods = std::fs::read(format!(
+        "{}/tests/fixtures/source.ods",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let body = rewrite_zip(&ods, |name, content| {
+        (name == "content.xml").then(|| {
+            let repeated = "<table:table-row table:number-rows-repeated=\"1000000\">\
+                <table:table-cell office:value-type=\"float\" office:value=\"1\" \
+                table:number-columns-repeated=\"1000\"/></table:table-row>";
+            String::from_utf8_lossy(content)
+                .replacen("</table:table>", &format!("{repeated}</table:table>"), 1)
+                .into_bytes()
+        })
+    });
+    assert_refused(
+        &app,
+        "repeats.ods",
+        body,
+        "sheet \"Types\" spans A1:ALL1000005, 1000005000 cells",
+        &[],
+    )
+    .await;
+}
