@@ -871,7 +871,6 @@ fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportError> {
             Ok(sheet::Flow::Continue)
         };
         workbook.read_sheet(&planned.name, &file_name, &settings, &mut visit)?;
-        drop(visit);
         if gone {
             return Ok(false);
         }

@@ -534,15 +534,15 @@ fn check_zip(
             });
         }
         let lower = name.to_ascii_lowercase();
-        if lower.ends_with("sharedstrings.xml") || lower.ends_with("sharedstrings.bin") {
-            if size > settings.max_shared_strings_size {
-                return Err(SheetError::SharedStringsTooLarge {
-                    file: file.to_owned(),
-                    part: name,
-                    size,
-                    limit: settings.max_shared_strings_size,
-                });
-            }
+        if (lower.ends_with("sharedstrings.xml") || lower.ends_with("sharedstrings.bin"))
+            && size > settings.max_shared_strings_size
+        {
+            return Err(SheetError::SharedStringsTooLarge {
+                file: file.to_owned(),
+                part: name,
+                size,
+                limit: settings.max_shared_strings_size,
+            });
         }
         if format == SheetFormat::Ods
             && lower == "content.xml"
@@ -1466,7 +1466,7 @@ fn assemble_rows(
         if let Flow::Stop = visit(event)? {
             return Ok(());
         }
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             if let Flow::Stop = visit(SheetEvent::Progress { rows: n, height })? {
                 return Ok(());
             }

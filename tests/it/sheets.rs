@@ -589,6 +589,8 @@ fn small_workbook() -> Vec<u8> {
 
 /// Runs `dsa-ingest import` on `key` in a child process that must fail; returns its
 /// stderr and its own peak RSS in bytes (from wait4, so parallel tests do not mix).
+// The child is reaped by wait4 below, which also gives its resource usage.
+#[allow(clippy::zombie_processes)]
 fn refuse(app: &TestApp, key: &str, env: &[(&str, &str)]) -> (String, u64) {
     let source = format!("s3://{}/{key}", app.bucket);
     let child = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"))
