@@ -1333,7 +1333,22 @@ fn assemble_rows(
             let cell = match pending.take() {
                 Some(cell) => Some(cell),
                 None if ended => None,
-                None => next_cell()?,
+                None => next_cell().map_err(|error| match error {
+                    // The readers do not say where they failed; the last cell read does.
+                    SheetError::Read {
+                        file,
+                        sheet,
+                        message,
+                    } => SheetError::Read {
+                        file,
+                        sheet,
+                        message: match last_row {
+                            Some(row) => format!("{message} (at or after row {})", row + 1),
+                            None => message,
+                        },
+                    },
+                    other => other,
+                })?,
             };
             let Some((row, column, value)) = cell else {
                 ended = true;

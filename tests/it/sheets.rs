@@ -914,3 +914,37 @@ async fn an_ods_whose_repeats_expand_to_a_billion_cells_is_refused() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn an_error_value_the_reader_does_not_know_fails_the_run_naming_the_sheet() {
+    let app = spawn_app().await;
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet().set_name("Dynamic").unwrap();
+    sheet.write_string(0, 0, "value").unwrap();
+    sheet.write_string(1, 0, "SPILL-HERE").unwrap();
+    let original = workbook.save_to_buffer().unwrap();
+    // Excel writes a spilled array's blocked anchor as an error cell `#SPILL!`.
+    let body = rewrite_zip(&original, |name, content| {
+        (name == "xl/worksheets/sheet1.xml").then(|| {
+            let text = String::from_utf8_lossy(content);
+            let start = text.find("<c r=\"A2\"").unwrap();
+            let end = start + text[start..].find("</c>").unwrap() + 4;
+            format!(
+                "{}<c r=\"A2\" t=\"e\"><f>SEQUENCE(3)</f><v>#SPILL!</v></c>{}",
+                &text[..start],
+                &text[end..]
+            )
+            .into_bytes()
+        })
+    });
+    app.put("spill.xlsx", body).await;
+    let (run_id, result) = app
+        .import_with(test_settings(), "spill", "spill.xlsx", false)
+        .await;
+    let message = result.unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "spill.xlsx: sheet \"Dynamic\": a cell holds the error value \"#SPILL!\", which this reader does not know (at or after row 1)"
+    );
+    assert_eq!(app.run_state(run_id).await.0, "failed");
+}
