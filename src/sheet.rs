@@ -417,6 +417,10 @@ pub fn inspect(
                 limit: settings.max_unstreamed_size,
             });
         }
+        handle
+            .seek(SeekFrom::Start(0))
+            .map_err(|error| corrupt(error.to_string(), "xls"))?;
+        check_xls_extent(handle, file, settings)?;
     }
     handle
         .seek(SeekFrom::Start(0))
@@ -792,6 +796,167 @@ fn check_ods_extent(
             }
         }
         buffer.clear();
+    }
+}
+
+/// calamine parses every xls sheet when it opens the file, into a dense range over the
+/// extent of its cells (after reserving room for the extent its DIMENSIONS record
+/// declares). This reads the BIFF records once, without keeping them, and refuses a
+/// workbook whose ranges would together take more than `IMPORT_MAX_UNSTREAMED_SIZE`:
+/// two cells in opposite corners of a sheet are enough to ask for half a gigabyte.
+fn check_xls_extent(
+    handle: &mut File,
+    file: &str,
+    settings: &ImportSettings,
+) -> Result<(), SheetError> {
+    let corrupt = |message: String| SheetError::Corrupt {
+        file: file.to_owned(),
+        format: "xls",
+        message,
+    };
+    let mut compound =
+        cfb::CompoundFile::open(&mut *handle).map_err(|error| corrupt(error.to_string()))?;
+    let stream_name = ["/Workbook", "/Book"]
+        .into_iter()
+        .find(|name| compound.is_stream(name))
+        .ok_or_else(|| SheetError::NotASpreadsheet {
+            file: file.to_owned(),
+            found: "an OLE2 file without a workbook stream (another Office document?)".to_owned(),
+        })?;
+    let stream = compound
+        .open_stream(stream_name)
+        .map_err(|error| corrupt(error.to_string()))?;
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, stream);
+    let cell_bytes = std::mem::size_of::<Data>() as u64;
+    let reserved_bytes = std::mem::size_of::<calamine::Cell<Data>>() as u64;
+    let mut names: Vec<String> = Vec::new();
+    let mut body = vec![0u8; u16::MAX as usize];
+    let (mut depth, mut in_sheet, mut sheet_number) = (0usize, false, 0usize);
+    let mut extent: Option<(u64, u64, u64, u64)> = None; // first/last row, first/last column
+    let mut total_bytes = 0u64;
+    loop {
+        let mut header = [0u8; 4];
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(error) => return Err(corrupt(error.to_string())),
+        }
+        let record = u16::from_le_bytes([header[0], header[1]]);
+        let length = u16::from_le_bytes([header[2], header[3]]) as usize;
+        let body = &mut body[..length];
+        reader
+            .read_exact(body)
+            .map_err(|error| corrupt(format!("a record is cut short: {error}")))?;
+        let u16_at = |at: usize| -> u64 {
+            body.get(at..at + 2)
+                .map(|bytes| u16::from_le_bytes([bytes[0], bytes[1]]) as u64)
+                .unwrap_or(0)
+        };
+        let u32_at = |at: usize| -> u64 {
+            body.get(at..at + 4)
+                .map(|bytes| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as u64)
+                .unwrap_or(0)
+        };
+        let sheet_name = |number: usize| {
+            names
+                .get(number.wrapping_sub(1))
+                .cloned()
+                .unwrap_or_else(|| format!("number {number}"))
+        };
+        match record {
+            // BOF: a substream begins; type 0x0010 is a worksheet.
+            0x0809 => {
+                depth += 1;
+                if depth == 1 {
+                    in_sheet = u16_at(2) == 0x0010;
+                    if in_sheet || u16_at(2) == 0x0020 || u16_at(2) == 0x0040 {
+                        sheet_number += 1;
+                    }
+                    extent = None;
+                }
+            }
+            // EOF of a substream.
+            0x000A => {
+                if depth == 1 && in_sheet {
+                    if let Some((first_row, last_row, first_column, last_column)) = extent {
+                        let cells = (last_row - first_row + 1) * (last_column - first_column + 1);
+                        total_bytes = total_bytes.saturating_add(cells * cell_bytes);
+                        if total_bytes > settings.max_unstreamed_size {
+                            return Err(SheetError::TooManyCells {
+                                file: file.to_owned(),
+                                sheet: sheet_name(sheet_number),
+                                span: format!(
+                                    "{}{}:{}{}",
+                                    column_letters(first_column as u32),
+                                    first_row + 1,
+                                    column_letters(last_column as u32),
+                                    last_row + 1
+                                ),
+                                cells,
+                                bytes: total_bytes,
+                            });
+                        }
+                    }
+                }
+                depth = depth.saturating_sub(1);
+            }
+            // BoundSheet8 in the globals: the sheets' names, in order.
+            0x0085 if depth == 1 && !in_sheet => {
+                let count = body.get(6).copied().unwrap_or(0) as usize;
+                let wide = body.get(7).is_some_and(|flags| flags & 1 == 1);
+                let name = if wide {
+                    let units: Vec<u16> = body
+                        .get(8..8 + 2 * count)
+                        .unwrap_or_default()
+                        .chunks_exact(2)
+                        .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
+                        .collect();
+                    String::from_utf16_lossy(&units)
+                } else {
+                    body.get(8..8 + count)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|&byte| byte as char)
+                        .collect()
+                };
+                names.push(name);
+            }
+            // DIMENSIONS: calamine reserves room for the declared extent.
+            0x0200 if depth == 1 && in_sheet => {
+                let rows = u32_at(4).saturating_sub(u32_at(0));
+                let columns = u16_at(10).saturating_sub(u16_at(8));
+                let cells = rows.saturating_mul(columns);
+                if cells.saturating_mul(reserved_bytes) > settings.max_unstreamed_size {
+                    return Err(SheetError::TooManyCells {
+                        file: file.to_owned(),
+                        sheet: sheet_name(sheet_number),
+                        span: format!("{rows} rows by {columns} columns (declared)"),
+                        cells,
+                        bytes: cells.saturating_mul(reserved_bytes),
+                    });
+                }
+            }
+            // Cell records that become cells: row, then column, first in the body.
+            0x0203 | 0x0204 | 0x00D6 | 0x0205 | 0x027E | 0x00FD | 0x0006 | 0x00BD
+                if depth == 1 && in_sheet =>
+            {
+                let row = u16_at(0);
+                let first = u16_at(2);
+                // MULRK ends with the last column it covers.
+                let last = if record == 0x00BD && length >= 2 {
+                    u16_at(length - 2)
+                } else {
+                    first
+                };
+                extent = Some(match extent {
+                    None => (row, row, first, last.max(first)),
+                    Some((r0, r1, c0, c1)) => {
+                        (r0.min(row), r1.max(row), c0.min(first), c1.max(last))
+                    }
+                });
+            }
+            _ => {}
+        }
     }
 }
 

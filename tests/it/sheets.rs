@@ -948,3 +948,40 @@ async fn an_error_value_the_reader_does_not_know_fails_the_run_naming_the_sheet(
     );
     assert_eq!(app.run_state(run_id).await.0, "failed");
 }
+
+#[tokio::test]
+async fn an_xls_with_cells_in_opposite_corners_is_refused_before_it_is_parsed() {
+    let app = spawn_app().await;
+    // LibreOffice's xls of a sheet with A1 and IV65536 filled (see tests/fixtures).
+    let body = std::fs::read(format!(
+        "{}/tests/fixtures/sparse.xls",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    // Its DIMENSIONS record declares the extent, which calamine would reserve at once.
+    assert_refused(
+        &app,
+        "sparse.xls",
+        body.clone(),
+        "sparse.xls: sheet \"Sparse\" spans 65536 rows by 256 columns (declared), 16777216 cells",
+        &[],
+    )
+    .await;
+    // With a DIMENSIONS record that lies (one cell), the cells themselves give it away.
+    let declared: &[u8] = &[0x00, 0x02, 0x0E, 0x00, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1];
+    let at = body
+        .windows(declared.len())
+        .position(|window| window == declared)
+        .expect("the DIMENSIONS record of the sheet");
+    let mut lying = body;
+    lying[at + 8..at + 12].copy_from_slice(&1u32.to_le_bytes());
+    lying[at + 14..at + 16].copy_from_slice(&1u16.to_le_bytes());
+    assert_refused(
+        &app,
+        "lying.xls",
+        lying,
+        "lying.xls: sheet \"Sparse\" spans A1:IV65536, 16777216 cells",
+        &[],
+    )
+    .await;
+}
