@@ -193,6 +193,21 @@ fn print_summary(summary: &ImportSummary) {
         summary.seconds, summary.rows_per_second
     );
     println!("tree hash  {}", summary.tree_hash);
+    if let Some(sheets) = summary
+        .source
+        .get("sheets")
+        .and_then(|sheets| sheets.as_array())
+    {
+        for sheet in sheets {
+            println!(
+                "sheet      {} ({}): {} rows, {} columns",
+                sheet["name"].as_str().unwrap_or("?"),
+                sheet["visibility"].as_str().unwrap_or("?"),
+                sheet["rows"],
+                sheet["columns"].as_array().map_or(0, Vec::len)
+            );
+        }
+    }
     for change in &summary.header_changes {
         println!(
             "header     column {} {:?} renamed to {:?} ({:?})",
@@ -217,10 +232,24 @@ fn print_status(run: &crate::status::RunStatus) {
         println!("progress   {status_line}");
     }
     if let Some(checkpoint) = &run.checkpoint {
-        println!(
-            "checkpoint byte {} ({} rows loaded)",
-            checkpoint["byte_offset"], checkpoint["loaded_rows"]
-        );
+        let in_sheets = checkpoint.get("completed_sheets").is_some()
+            || checkpoint["sheet_index"].as_u64().unwrap_or(0) > 0
+            || checkpoint["sheet_records"].as_u64().unwrap_or(0) > 0;
+        if in_sheets {
+            // A spreadsheet resumes from a sheet and row; its byte offset is an estimate.
+            println!(
+                "checkpoint sheet {} (number {}), row {} ({} rows loaded)",
+                checkpoint["sheet"],
+                checkpoint["sheet_index"].as_u64().unwrap_or(0) + 1,
+                checkpoint["sheet_records"],
+                checkpoint["loaded_rows"]
+            );
+        } else {
+            println!(
+                "checkpoint byte {} ({} rows loaded)",
+                checkpoint["byte_offset"], checkpoint["loaded_rows"]
+            );
+        }
     }
     if let Some(owner) = &run.lease_owner {
         let until = run
