@@ -159,6 +159,7 @@ async fn job_parallelism(
                 skip_bad_rows: false,
                 message: None,
                 expected_etag: None,
+                sheets: None,
             };
             let dataset = DatasetName::parse(&format!("parallel-{index}"))?;
             runs.push(importer.create_run(&dataset, None, &parameters).await?.0);

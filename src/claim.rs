@@ -28,6 +28,10 @@ pub struct ImportParameters {
     /// The ETag the requester saw; the run fails if the object has another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_etag: Option<String>,
+    /// For spreadsheets: the worksheets to import (all of them when absent). A name
+    /// the file does not have fails the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sheets: Option<Vec<String>>,
 }
 
 /// Where a run continues after a crash; written in the same transaction as each batch.
@@ -52,8 +56,21 @@ pub struct Checkpoint {
     pub rejected_rows: u64,
     /// The tree hash state after the last loaded row.
     pub tree_state: String,
-    /// The header, once read; a resume does not read it again.
+    /// The header, once read; a resume does not read it again. For a spreadsheet,
+    /// the header of the sheet being read, which a resume checks against the file.
     pub header: Option<Header>,
+    /// Spreadsheets: the position of the sheet being read in the run's list of sheets.
+    /// `byte_offset` is then only an estimate of progress; the resume point is this
+    /// sheet and `sheet_records`.
+    #[serde(default)]
+    pub sheet_index: usize,
+    /// Spreadsheets: data rows of the current sheet consumed so far (loaded, rejected,
+    /// or empty rows between them); the next row is `sheet_records + 1`.
+    #[serde(default)]
+    pub sheet_records: u64,
+    /// Spreadsheets: the sheets read to their end, for the commit's lineage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completed_sheets: Vec<crate::sheet::SheetLineage>,
 }
 
 impl Checkpoint {
@@ -71,6 +88,9 @@ impl Checkpoint {
             rejected_rows: 0,
             tree_state: TreeHasher::new().to_hex(),
             header: None,
+            sheet_index: 0,
+            sheet_records: 0,
+            completed_sheets: Vec::new(),
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::import::{ImportSummary, Importer};
 #[command(
     name = "dsa-ingest",
     version,
-    about = "Imports CSV files into versioned datasets in PostgreSQL"
+    about = "Imports CSV and spreadsheet files into versioned datasets in PostgreSQL"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -30,7 +30,7 @@ enum Command {
     /// Manage datasets.
     #[command(subcommand)]
     Dataset(DatasetCommand),
-    /// Import one CSV file in this process, from a local path or s3://bucket/key.
+    /// Import one CSV or spreadsheet file in this process, from a local path or s3://bucket/key.
     Import(ImportArgs),
     /// Consume import messages from the broker until SIGTERM or Ctrl-C
     /// (IMPORT_PARALLEL_WORKERS imports at once).
@@ -72,6 +72,9 @@ pub(crate) struct RunOptions {
     /// Who asked for the import, recorded on the run and as the commit's author.
     #[arg(long)]
     pub user: Option<String>,
+    /// For a spreadsheet: import only this worksheet (repeat for several; default: all).
+    #[arg(long = "sheet", value_name = "NAME")]
+    pub sheets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +175,7 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
                 skip_bad_rows: args.options.skip_bad_rows,
                 message: args.options.message,
                 expected_etag: None,
+                sheets: (!args.options.sheets.is_empty()).then_some(args.options.sheets),
             };
             let (run_id, _) = importer
                 .create_run(&dataset, args.options.user.as_deref(), &parameters)
@@ -306,6 +310,21 @@ pub(crate) fn print_summary(summary: &ImportSummary) {
         summary.seconds, summary.rows_per_second
     );
     println!("tree hash  {}", summary.tree_hash);
+    if let Some(sheets) = summary
+        .source
+        .get("sheets")
+        .and_then(|sheets| sheets.as_array())
+    {
+        for sheet in sheets {
+            println!(
+                "sheet      {} ({}): {} rows, {} columns",
+                sheet["name"].as_str().unwrap_or("?"),
+                sheet["visibility"].as_str().unwrap_or("?"),
+                sheet["rows"],
+                sheet["columns"].as_array().map_or(0, Vec::len)
+            );
+        }
+    }
     for change in &summary.header_changes {
         println!(
             "header     column {} {:?} renamed to {:?} ({:?})",
@@ -330,10 +349,24 @@ fn print_status(run: &crate::status::RunStatus) {
         println!("progress   {status_line}");
     }
     if let Some(checkpoint) = &run.checkpoint {
-        println!(
-            "checkpoint byte {} ({} rows loaded)",
-            checkpoint["byte_offset"], checkpoint["loaded_rows"]
-        );
+        let in_sheets = checkpoint.get("completed_sheets").is_some()
+            || checkpoint["sheet_index"].as_u64().unwrap_or(0) > 0
+            || checkpoint["sheet_records"].as_u64().unwrap_or(0) > 0;
+        if in_sheets {
+            // A spreadsheet resumes from a sheet and row; its byte offset is an estimate.
+            println!(
+                "checkpoint sheet {} (number {}), row {} ({} rows loaded)",
+                checkpoint["sheet"],
+                checkpoint["sheet_index"].as_u64().unwrap_or(0) + 1,
+                checkpoint["sheet_records"],
+                checkpoint["loaded_rows"]
+            );
+        } else {
+            println!(
+                "checkpoint byte {} ({} rows loaded)",
+                checkpoint["byte_offset"], checkpoint["loaded_rows"]
+            );
+        }
     }
     if let Some(owner) = &run.lease_owner {
         let until = run

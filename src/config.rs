@@ -1,6 +1,7 @@
 //! Typed settings read from the environment, with the defaults the README documents.
 
 use std::env;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -169,6 +170,22 @@ pub struct ImportSettings {
     pub max_record_bytes: u64,
     /// How long a claimed run stays ours without a new batch committing.
     pub lease_duration: Duration,
+    /// Where spreadsheets are copied before they are read: their readers need to seek,
+    /// which a stream of ranged GETs cannot do. Must be local to this process's host.
+    pub spool_dir: PathBuf,
+    /// The declared uncompressed size of all parts of a zip-based spreadsheet (xlsx,
+    /// xlsm, xlsb, ods) together; more is refused before a part is inflated.
+    pub max_uncompressed_size: u64,
+    /// The largest ratio of a big part's uncompressed to compressed size: real sheets
+    /// compress about ten to one, zip bombs a thousand to one.
+    pub max_compression_ratio: u64,
+    /// The largest shared-strings part (uncompressed), which the reader holds in memory.
+    pub max_shared_strings_size: u64,
+    /// xls files and ods content are parsed whole in memory; this caps the xls file
+    /// and the ods `content.xml` (uncompressed), and through it the cells of a sheet.
+    pub max_unstreamed_size: u64,
+    /// The widest sheet accepted, by its declared dimension or its header row.
+    pub max_sheet_columns: u64,
 }
 
 impl Default for ImportSettings {
@@ -181,6 +198,12 @@ impl Default for ImportSettings {
             max_file_size: 5 * 1024 * 1024 * 1024,
             max_record_bytes: 64 * 1024 * 1024,
             lease_duration: Duration::from_secs(60),
+            spool_dir: env::temp_dir(),
+            max_uncompressed_size: 16 * 1024 * 1024 * 1024,
+            max_compression_ratio: 100,
+            max_shared_strings_size: 128 * 1024 * 1024,
+            max_unstreamed_size: 64 * 1024 * 1024,
+            max_sheet_columns: 4096,
         }
     }
 }
@@ -225,6 +248,29 @@ impl Settings {
                     "IMPORT_LEASE_SECONDS",
                     defaults.lease_duration.as_secs(),
                 )?),
+                spool_dir: non_empty("IMPORT_SPOOL_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or(defaults.spool_dir),
+                max_uncompressed_size: positive(
+                    "IMPORT_MAX_UNCOMPRESSED_SIZE",
+                    defaults.max_uncompressed_size,
+                )?,
+                max_compression_ratio: positive(
+                    "IMPORT_MAX_COMPRESSION_RATIO",
+                    defaults.max_compression_ratio,
+                )?,
+                max_shared_strings_size: positive(
+                    "IMPORT_MAX_SHARED_STRINGS_SIZE",
+                    defaults.max_shared_strings_size,
+                )?,
+                max_unstreamed_size: positive(
+                    "IMPORT_MAX_UNSTREAMED_SIZE",
+                    defaults.max_unstreamed_size,
+                )?,
+                max_sheet_columns: positive(
+                    "IMPORT_MAX_SHEET_COLUMNS",
+                    defaults.max_sheet_columns,
+                )?,
             },
         })
     }

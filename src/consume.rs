@@ -355,6 +355,7 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
         skip_bad_rows: request.options.skip_bad_rows,
         message: request.options.message.clone(),
         expected_etag: request.source.etag.clone(),
+        sheets: request.options.sheets.clone(),
     };
     let dataset_id = match request.dataset_ref() {
         DatasetRef::Name(name) => {
@@ -446,6 +447,7 @@ async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result
             object.event_name.as_deref().unwrap_or("S3 event")
         )),
         expected_etag: None,
+        sheets: None,
     };
     Ok(create_keyed_run(&setup.pool, Some(dataset_id), None, &parameters, &key).await?)
 }

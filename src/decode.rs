@@ -29,6 +29,11 @@ pub enum DecodeError {
         byte: u64,
         problem: RowProblem,
     },
+    #[error(
+        "{file}: the content is {found}, not CSV; name it with its format's extension \
+         (.xlsx, .xlsb, .xls, .ods) to import it as a spreadsheet"
+    )]
+    NotCsv { file: String, found: &'static str },
     #[error("{file}: the file is empty; a CSV needs a header row")]
     MissingHeader { file: String },
     #[error("{file}: header (line 1): {problem}")]
@@ -61,13 +66,17 @@ pub enum RowProblem {
     InvalidUtf8 { column: usize, byte: u64 },
     #[error("column {column} contains a NUL character, which PostgreSQL cannot store in JSON")]
     NulCharacter { column: usize },
+    /// A spreadsheet cell with a value beyond the columns its header names; refused
+    /// rather than dropped or given a made-up name.
+    #[error("cell {cell} has a value outside the header's columns {columns}")]
+    OutsideHeader { cell: String, columns: String },
 }
 
 impl RowProblem {
     /// The 1-based column the problem is in, when it is in one.
     pub fn column(&self) -> Option<usize> {
         match self {
-            RowProblem::Ragged { .. } => None,
+            RowProblem::Ragged { .. } | RowProblem::OutsideHeader { .. } => None,
             RowProblem::InvalidUtf8 { column, .. } | RowProblem::NulCharacter { column } => {
                 Some(*column)
             }
@@ -403,6 +412,21 @@ impl CsvDecoder {
                 .fill_buf()
                 .await
                 .map_err(|error| read_error(file, 0, error))?;
+            // A spreadsheet under a CSV name would otherwise fail later, on a line that
+            // means nothing to the person who uploaded it.
+            let found = if buffer.starts_with(b"PK\x03\x04") {
+                Some("a zip archive (xlsx, xlsb or ods?)")
+            } else if buffer.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]) {
+                Some("an OLE2 compound file (xls?)")
+            } else {
+                None
+            };
+            if let Some(found) = found {
+                return Err(DecodeError::NotCsv {
+                    file: file.to_owned(),
+                    found,
+                });
+            }
             if buffer.starts_with(UTF8_BOM) {
                 input.consume(UTF8_BOM.len());
                 start.byte = UTF8_BOM.len() as u64;

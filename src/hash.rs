@@ -136,6 +136,14 @@ fn write_number(number: &Number, out: &mut Vec<u8>) -> Result<(), CanonicalJsonE
         .as_f64()
         .filter(|value| value.is_finite())
         .ok_or_else(|| CanonicalJsonError::NonFiniteNumber(number.to_string()))?;
+    write_json_number(value, out);
+    Ok(())
+}
+
+/// Writes a finite double as RFC 8785 requires (ECMAScript's `Number.prototype.toString`);
+/// used directly by the spreadsheet encoder, whose cells hold doubles.
+pub fn write_json_number(value: f64, out: &mut Vec<u8>) {
+    debug_assert!(value.is_finite());
     if value == 0.0 {
         // ECMAScript prints both zeros as "0"; checking here keeps that rule
         // independent of how the formatter treats the sign of zero.
@@ -143,7 +151,6 @@ fn write_number(number: &Number, out: &mut Vec<u8>) -> Result<(), CanonicalJsonE
     } else {
         out.extend_from_slice(ryu_js::Buffer::new().format_finite(value).as_bytes());
     }
-    Ok(())
 }
 
 /// What each byte turns into inside a JSON string literal.

@@ -29,6 +29,7 @@ use crate::fetch::{FetchError, Fetcher, ObjectInfo};
 use crate::finalise::{self, CommitFacts};
 use crate::hash::{self, TreeHasher};
 use crate::load::{Batch, BatchWriter, LoadError, Loader, Lookup, Progress, RejectedRow};
+use crate::sheet::{self, SheetError, SheetFormat};
 
 /// Batches decoded ahead of the loader; two keep both sides busy without piling up.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -45,6 +46,8 @@ pub enum ImportError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Sheet(#[from] SheetError),
     #[error("{0}")]
     Resume(String),
     /// Shutdown asked the import to stop after its last committed batch; the run stays
@@ -80,6 +83,7 @@ impl ImportError {
                 error.is_transient()
             }
             ImportError::Load(LoadError::Database(_)) => true,
+            ImportError::Sheet(error) => error.is_transient(),
             ImportError::Claim(ClaimError::Database(_) | ClaimError::Held { .. }) => true,
             _ => false,
         }
@@ -260,6 +264,10 @@ impl Importer {
             }
         }
         let mut loader = Loader::new(&self.pool, lease.clone()).await?;
+        let file_name = parameters.source.file_name().to_owned();
+        // Spreadsheets are recognised by their content once spooled; the name only
+        // decides which reader gets the bytes (and must agree with the content).
+        let spreadsheet = SheetFormat::from_file_name(&file_name).is_some();
 
         let mut checkpoint = match checkpoint {
             Some(checkpoint) => {
@@ -279,7 +287,12 @@ impl Importer {
             }
             None => {
                 let commit_id = Uuid::new_v4().simple().to_string();
-                let sheet = decode::sheet_name(parameters.source.file_name());
+                // A spreadsheet's `{sheet}` is each worksheet's name, set as it is read.
+                let sheet = if spreadsheet {
+                    String::new()
+                } else {
+                    decode::sheet_name(parameters.source.file_name())
+                };
                 let checkpoint = Checkpoint::start(commit_id, info.etag.clone(), sheet);
                 let message = parameters
                     .message
@@ -293,50 +306,85 @@ impl Importer {
         };
         let resumed_from_byte = checkpoint.byte_offset;
 
-        let input = fetcher.reader_from(&info, checkpoint.byte_offset).await?;
-        let start = CsvStart {
-            byte: checkpoint.byte_offset,
-            line: checkpoint.line,
-            crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
-            at_top: false,
-        };
-        let mut decoder = CsvDecoder::open(
-            input,
-            parameters.source.file_name(),
-            start,
-            self.settings.max_record_bytes,
-        )
-        .await?;
-        let header = match checkpoint.header.clone() {
-            Some(header) => header,
-            None => {
-                let header = decoder.read_header().await?;
-                checkpoint.byte_offset = decoder.next_byte();
-                checkpoint.line = decoder.next_line();
-                checkpoint.header = Some(header.clone());
-                header
-            }
-        };
-
-        // Both connections are taken before any task starts, so a pool that cannot give
-        // the second fails here, with nothing left running.
-        let lookup = Lookup::new(&self.pool).await?;
-        let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
-        let producer = tokio::spawn(
-            produce_batches(
-                decoder,
-                Arc::new(RowEncoder::new(&header)),
-                checkpoint.clone(),
-                self.settings.batch_size,
-                parameters.skip_bad_rows,
+        let sheet_format = Arc::new(std::sync::OnceLock::new());
+        let (producer, looker, mut receiver, header) = if spreadsheet {
+            let input = fetcher.reader_from(&info, 0).await?;
+            let spooled = sheet::spool(
+                input,
+                &self.settings.spool_dir,
+                &file_name,
                 info.size,
-                sender,
+                self.settings.max_file_size,
             )
-            .in_current_span(),
-        );
-        let (sender, mut receiver) = mpsc::channel(1);
-        let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
-        // Dropping the guards aborts both tasks on every way out of this function.
+            .await?;
+            let lookup = Lookup::new(&self.pool).await?;
+            let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+            let job = SheetJob {
+                file: spooled,
+                file_name: file_name.clone(),
+                wanted: parameters.sheets.clone(),
+                cursor: checkpoint.clone(),
+                settings: self.settings.clone(),
+                skip_bad_rows: parameters.skip_bad_rows,
+                size: info.size,
+                format: Arc::clone(&sheet_format),
+            };
+            let span = tracing::Span::current();
+            let producer = tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
+                produce_sheet_batches(job, sender)
+            });
+            let (sender, receiver) = mpsc::channel(1);
+            let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+            (producer, looker, receiver, None)
+        } else {
+            let input = fetcher.reader_from(&info, checkpoint.byte_offset).await?;
+            let start = CsvStart {
+                byte: checkpoint.byte_offset,
+                line: checkpoint.line,
+                crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
+                at_top: false,
+            };
+            let mut decoder = CsvDecoder::open(
+                input,
+                parameters.source.file_name(),
+                start,
+                self.settings.max_record_bytes,
+            )
+            .await?;
+            let header = match checkpoint.header.clone() {
+                Some(header) => header,
+                None => {
+                    let header = decoder.read_header().await?;
+                    checkpoint.byte_offset = decoder.next_byte();
+                    checkpoint.line = decoder.next_line();
+                    checkpoint.header = Some(header.clone());
+                    header
+                }
+            };
+
+            // Both connections are taken before any task starts, so a pool that cannot give
+            // the second fails here, with nothing left running.
+            let lookup = Lookup::new(&self.pool).await?;
+            let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+            let producer = tokio::spawn(
+                produce_batches(
+                    decoder,
+                    Arc::new(RowEncoder::new(&header)),
+                    checkpoint.clone(),
+                    self.settings.batch_size,
+                    parameters.skip_bad_rows,
+                    info.size,
+                    sender,
+                )
+                .in_current_span(),
+            );
+            let (sender, receiver) = mpsc::channel(1);
+            let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+            (producer, looker, receiver, Some(header))
+        };
+        // Dropping the guards aborts both tasks on every way out of this function (a
+        // blocking producer stops at its next send, which finds the channel closed).
         let _guards = (AbortOnDrop(producer), AbortOnDrop(looker));
 
         let mut timings = StageTimings::default();
@@ -387,7 +435,10 @@ impl Importer {
         }
 
         let finalise_started = Instant::now();
-        let source = lineage(&parameters, &info, &header);
+        let source = match &header {
+            Some(header) => lineage(&parameters, &info, header),
+            None => sheet_lineage(&parameters, &info, sheet_format.get().copied(), &checkpoint),
+        };
         let elapsed = started.elapsed();
         let mut summary = ImportSummary {
             run_id: lease.run_id,
@@ -403,8 +454,14 @@ impl Importer {
             seconds: elapsed.as_secs_f64(),
             rows_per_second: rows_this_attempt as f64 / elapsed.as_secs_f64().max(1e-9),
             tree_hash: checkpoint.tree_state.clone(),
-            columns: header.columns.clone(),
-            header_changes: header.changes.clone(),
+            columns: header
+                .as_ref()
+                .map(|header| header.columns.clone())
+                .unwrap_or_default(),
+            header_changes: header
+                .as_ref()
+                .map(|header| header.changes.clone())
+                .unwrap_or_default(),
             source: source.clone(),
             timings,
             peak_rss_bytes: crate::memory::peak_rss_bytes(),
@@ -677,4 +734,265 @@ fn raw_record(record: &ByteRecord) -> Vec<u8> {
         raw.extend_from_slice(field);
     }
     raw
+}
+
+/// What the spreadsheet producer needs; it runs on the blocking pool, since calamine
+/// reads synchronously.
+struct SheetJob {
+    /// The spooled object, rewound.
+    file: std::fs::File,
+    file_name: String,
+    wanted: Option<Vec<String>>,
+    /// The checkpoint to continue from (a fresh one for a new run).
+    cursor: Checkpoint,
+    settings: ImportSettings,
+    skip_bad_rows: bool,
+    size: u64,
+    /// The format found in the content, for the commit's lineage.
+    format: Arc<std::sync::OnceLock<SheetFormat>>,
+}
+
+/// Reads every planned sheet from the checkpoint's sheet and row on, and sends batches
+/// (each within one sheet) down the same pipe as the CSV producer. A final batch
+/// without rows carries the checkpoint that names every completed sheet.
+fn produce_sheet_batches(job: SheetJob, sender: Pipe) {
+    let result = read_sheets(job, &sender);
+    let last = match result {
+        Ok(true) => Ok(Produced::End),
+        // The receiver is gone: the import is being torn down.
+        Ok(false) => return,
+        Err(error) => Err(error),
+    };
+    let _ = sender.blocking_send(last);
+}
+
+/// Returns `Ok(false)` when the loader went away mid-way.
+fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportError> {
+    let SheetJob {
+        mut file,
+        file_name,
+        wanted,
+        mut cursor,
+        settings,
+        skip_bad_rows,
+        size,
+        format,
+    } = job;
+    let started = Instant::now();
+    let found = sheet::inspect(&mut file, &file_name, &settings)?;
+    let _ = format.set(found);
+    let mut workbook = sheet::Workbook::open(found, file, &file_name)?;
+    let plan = workbook.plan(wanted.as_deref(), &file_name)?;
+    tracing::info!(
+        format = found.name(),
+        sheets = plan.len(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "spreadsheet opened"
+    );
+    let mut tree = TreeHasher::from_hex(&cursor.tree_state)
+        .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
+    let sheet_count = plan.len().max(1) as f64;
+    for (index, planned) in plan.iter().enumerate().skip(cursor.sheet_index) {
+        if index > cursor.sheet_index || cursor.sheet != planned.name {
+            if cursor.sheet_records > 0 && cursor.sheet != planned.name {
+                return Err(ImportError::Resume(format!(
+                    "the checkpoint is in sheet {:?}, but sheet {} of {file_name} is {:?}",
+                    cursor.sheet,
+                    index + 1,
+                    planned.name
+                )));
+            }
+            cursor.sheet_index = index;
+            cursor.sheet = planned.name.clone();
+            cursor.sheet_records = 0;
+            cursor.header = None;
+        }
+        let mut encoder: Option<sheet::TypedRowEncoder> = None;
+        let mut writer = BatchWriter::new(&cursor.commit_id, &cursor.sheet, settings.batch_size);
+        let mut rejected: Vec<RejectedRow> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut batch_started = Instant::now();
+        let mut json = Vec::with_capacity(512);
+        let mut logical_row_id = String::with_capacity(planned.name.len() + 12);
+        let mut height = 0u64;
+        let mut gone = false;
+        let flush = |cursor: &mut Checkpoint,
+                     writer: &mut BatchWriter,
+                     rejected: &mut Vec<RejectedRow>,
+                     tree: &TreeHasher,
+                     progress: f64,
+                     batch_started: Instant|
+         -> bool {
+            let full = std::mem::replace(
+                writer,
+                BatchWriter::new(&cursor.commit_id, &cursor.sheet, settings.batch_size),
+            );
+            cursor.loaded_rows += full.rows();
+            cursor.rejected_rows += rejected.len() as u64;
+            cursor.tree_state = tree.to_hex();
+            cursor.byte_offset = ((size as f64) * progress / sheet_count) as u64;
+            let batch = Batch {
+                rows: full.finish(),
+                rejected: std::mem::take(rejected),
+                checkpoint: cursor.clone(),
+                encode_duration: batch_started.elapsed(),
+                lookup_duration: Duration::ZERO,
+            };
+            sender
+                .blocking_send(Ok(Produced::Batch(Box::new(batch))))
+                .is_ok()
+        };
+        let mut visit = |event: sheet::SheetEvent<'_>| -> Result<sheet::Flow, SheetError> {
+            match event {
+                sheet::SheetEvent::Header(header) => {
+                    match &cursor.header {
+                        Some(known) if known != header => {
+                            return Err(SheetError::Read {
+                                file: file_name.clone(),
+                                sheet: planned.name.clone(),
+                                message: "its header differs from the one the run started with"
+                                    .to_owned(),
+                            })
+                        }
+                        Some(_) => {}
+                        None => cursor.header = Some(header.clone()),
+                    }
+                    encoder = Some(sheet::TypedRowEncoder::new(header));
+                }
+                sheet::SheetEvent::Progress {
+                    height: declared, ..
+                } => height = declared,
+                sheet::SheetEvent::Row {
+                    n,
+                    sheet_row,
+                    values,
+                } => {
+                    if n <= cursor.sheet_records {
+                        // Loaded before the resume.
+                        return Ok(sheet::Flow::Continue);
+                    }
+                    cursor.records += 1;
+                    cursor.sheet_records = n;
+                    match values {
+                        Ok(values) => {
+                            let encoder = encoder.as_ref().expect("the header comes first");
+                            json.clear();
+                            encoder.encode(values, &mut json);
+                            let row_hash = hash::row_hash(&json);
+                            logical_row_id.clear();
+                            let _ = write!(logical_row_id, "{}:{n}", cursor.sheet);
+                            tree.push(&logical_row_id, &row_hash);
+                            writer.push(n, &row_hash, &json);
+                            batch_bytes += json.len();
+                        }
+                        Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
+                            line: sheet_row,
+                            byte: 0,
+                            raw: Vec::new(),
+                            problem,
+                        }),
+                        Err(problem) => {
+                            return Err(SheetError::BadRow {
+                                file: file_name.clone(),
+                                sheet: planned.name.clone(),
+                                row: sheet_row,
+                                problem,
+                            })
+                        }
+                    }
+                    let pending = writer.rows() as usize + rejected.len();
+                    if pending >= settings.batch_size || batch_bytes >= MAX_BATCH_BYTES {
+                        let within = if height > 0 {
+                            (n as f64 / height as f64).min(1.0)
+                        } else {
+                            0.0
+                        };
+                        if !flush(
+                            &mut cursor,
+                            &mut writer,
+                            &mut rejected,
+                            &tree,
+                            index as f64 + within,
+                            batch_started,
+                        ) {
+                            gone = true;
+                            return Ok(sheet::Flow::Stop);
+                        }
+                        batch_bytes = 0;
+                        batch_started = Instant::now();
+                    }
+                }
+            }
+            Ok(sheet::Flow::Continue)
+        };
+        workbook.read_sheet(&planned.name, &file_name, &settings, &mut visit)?;
+        if gone {
+            return Ok(false);
+        }
+        if writer.rows() > 0 || !rejected.is_empty() {
+            let progress = index as f64 + 1.0;
+            if !flush(
+                &mut cursor,
+                &mut writer,
+                &mut rejected,
+                &tree,
+                progress,
+                batch_started,
+            ) {
+                return Ok(false);
+            }
+        }
+        let header = cursor.header.take().unwrap_or_else(|| Header::resolve(&[]));
+        cursor.completed_sheets.push(sheet::SheetLineage {
+            name: planned.name.clone(),
+            visibility: planned.visibility.to_owned(),
+            rows: cursor.sheet_records,
+            columns: header.columns,
+            header_changes: header.changes,
+        });
+        cursor.sheet_index = index + 1;
+        cursor.sheet_records = 0;
+        tracing::info!(sheet = %planned.name, rows = cursor.completed_sheets.last().map(|s| s.rows).unwrap_or(0), "sheet read");
+    }
+    // The last word: a batch without rows whose checkpoint lists every sheet.
+    cursor.byte_offset = size;
+    let batch = Batch {
+        rows: BatchWriter::new(&cursor.commit_id, &cursor.sheet, 0).finish(),
+        rejected: Vec::new(),
+        checkpoint: cursor,
+        encode_duration: Duration::ZERO,
+        lookup_duration: Duration::ZERO,
+    };
+    Ok(sender
+        .blocking_send(Ok(Produced::Batch(Box::new(batch))))
+        .is_ok())
+}
+
+/// The commit's `source` for a spreadsheet: where it came from, its format, and each
+/// sheet with its visibility, columns and row count.
+fn sheet_lineage(
+    parameters: &ImportParameters,
+    info: &ObjectInfo,
+    format: Option<SheetFormat>,
+    checkpoint: &Checkpoint,
+) -> serde_json::Value {
+    let mut source = serde_json::to_value(&parameters.source).unwrap_or_else(|_| json!({}));
+    if let Some(object) = source.as_object_mut() {
+        object.insert("etag".into(), json!(info.etag));
+        object.insert("version_id".into(), json!(info.version_id));
+        object.insert("size".into(), json!(info.size));
+        object.insert("format".into(), json!(format.map(SheetFormat::name)));
+        object.insert("sheets".into(), json!(checkpoint.completed_sheets));
+        if let Some(wanted) = &parameters.sheets {
+            object.insert("sheets_requested".into(), json!(wanted));
+        }
+        object.insert(
+            "parser".into(),
+            json!(format!(
+                "dsa-ingest {} (calamine 0.38)",
+                env!("CARGO_PKG_VERSION")
+            )),
+        );
+    }
+    source
 }

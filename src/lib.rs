@@ -1,4 +1,4 @@
-//! dsa-ingest: streams CSV files from S3-compatible storage (or a local path) into a
+//! dsa-ingest: streams CSV and spreadsheet files from S3-compatible storage (or a local path) into a
 //! git-like versioned dataset in PostgreSQL. See ARCHITECTURE.md for the map.
 
 pub mod amqp;
@@ -21,6 +21,7 @@ pub mod relay;
 pub mod s3;
 pub mod sample;
 pub mod shutdown;
+pub mod sheet;
 pub mod status;
 pub mod submit;
 pub mod telemetry;

@@ -116,6 +116,8 @@ pub struct SubmitRequest {
     pub user: Option<String>,
     pub skip_bad_rows: bool,
     pub message: Option<String>,
+    /// Worksheets to import (spreadsheets only); all when empty.
+    pub sheets: Vec<String>,
 }
 
 /// A run that is created and queued.
@@ -171,6 +173,7 @@ pub async fn command(
         user: args.options.user,
         skip_bad_rows: args.options.skip_bad_rows,
         message: args.options.message,
+        sheets: args.options.sheets,
     };
     let stop = crate::shutdown::on_signals();
     let s3 = crate::s3::client(&settings.s3).await;
@@ -296,6 +299,7 @@ pub async fn submit(
         skip_bad_rows: request.skip_bad_rows,
         message: request.message.clone(),
         expected_etag: object.etag.clone(),
+        sheets: (!request.sheets.is_empty()).then(|| request.sheets.clone()),
     };
     let importer = Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone());
     let (run_id, _) = importer

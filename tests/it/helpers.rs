@@ -139,6 +139,7 @@ pub fn test_settings() -> ImportSettings {
         max_file_size: 1 << 30,
         max_record_bytes: 1 << 20,
         lease_duration: Duration::from_secs(30),
+        ..ImportSettings::default()
     }
 }
 
@@ -179,6 +180,7 @@ impl TestApp {
             skip_bad_rows,
             message: None,
             expected_etag: None,
+            sheets: None,
         };
         importer
             .create_run(

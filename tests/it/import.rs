@@ -232,6 +232,7 @@ async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
         skip_bad_rows: false,
         message: None,
         expected_etag: None,
+        sheets: None,
     };
     let dataset = dsa_ingest::db::DatasetName::parse("moving").unwrap();
     let (run_id, _) = importer
@@ -363,6 +364,7 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
         skip_bad_rows: false,
         message: None,
         expected_etag: None,
+        sheets: None,
     };
     let dataset = dsa_ingest::db::DatasetName::parse("leased").unwrap();
     let (run_id, dataset_id) = importer

@@ -13,3 +13,4 @@ mod proxy;
 mod resume;
 mod schemas;
 mod submit;
+mod sheets;
