@@ -38,12 +38,38 @@ pub enum AmqpError {
     },
     #[error("the broker refused the message (nack) on exchange {exchange:?}")]
     Nacked { exchange: String },
+    #[error("the broker did not confirm the message on exchange {exchange:?} within {seconds} s; it may or may not be queued")]
+    ConfirmTimeout { exchange: String, seconds: u64 },
     #[error("cannot encode the message: {0}")]
     Encode(#[from] serde_json::Error),
 }
 
+impl AmqpError {
+    /// The broker refused a declaration because what exists differs from what we ask
+    /// for (406 PRECONDITION_FAILED, e.g. a queue declared with another delivery
+    /// limit): declaring again cannot succeed, a person must reconcile the two.
+    pub fn is_topology_mismatch(&self) -> bool {
+        match self {
+            AmqpError::Broker { action, source } if action.starts_with("declaring") => {
+                matches!(source.kind(), lapin::ErrorKind::ProtocolError(error) if error.get_id() == 406)
+            }
+            _ => false,
+        }
+    }
+}
+
 fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> AmqpError {
     move |source| AmqpError::Broker { action, source }
+}
+
+/// How long to wait between attempts to reach the broker: from 200 ms up to 15 s,
+/// for ever (a consumer has nothing better to do than wait for its broker).
+pub fn reconnect_backoff() -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(200))
+        .with_max_interval(Duration::from_secs(15))
+        .with_max_elapsed_time(None)
+        .build()
 }
 
 /// A connection URL without its password (`amqp://user:***@host/vhost`,
@@ -257,8 +283,9 @@ pub async fn publish_json<T: Serialize + ?Sized>(
         .map_err(broker("publishing"))?;
     let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
         .await
-        .map_err(|_| AmqpError::Nacked {
+        .map_err(|_| AmqpError::ConfirmTimeout {
             exchange: exchange.to_owned(),
+            seconds: CONFIRM_TIMEOUT.as_secs(),
         })?
         .map_err(broker("waiting for the publish confirm"))?;
     match confirmation {

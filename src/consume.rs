@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
+use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -41,6 +41,7 @@ use crate::config::AmqpSettings;
 use crate::db::{self, DatasetError, DatasetName};
 use crate::fetch::SourceLocation;
 use crate::import::{ImportError, ImportSummary, Importer};
+use crate::load::LoadError;
 use crate::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
 use crate::metrics::{metrics, AmqpOutcome, Health};
 
@@ -88,7 +89,7 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
     let setup = Arc::new(setup);
     let permits = Arc::new(Semaphore::new(setup.workers));
     let tasks = TaskTracker::new();
-    let mut reconnect = reconnect_backoff();
+    let mut reconnect = amqp::reconnect_backoff();
     // Imports must not notice the stop before the consumer stops taking deliveries,
     // so they get their own token, cancelled once the subscription is gone.
     let stop_imports = CancellationToken::new();
@@ -97,7 +98,9 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
         .clone()
         .keep_runs_on_transient_failure()
         .stop_on(stop_imports.clone());
-    let mut last_connection: Option<Connection> = None;
+    // Held until the imports in flight are done: dropping the channel or its consumer
+    // would close the channel, and with it every acknowledgement still to come.
+    let mut last_session: Option<(Connection, Channel, lapin::Consumer)> = None;
 
     while !stop.is_cancelled() {
         let session = tokio::select! {
@@ -106,6 +109,11 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
         };
         let (connection, channel, mut deliveries) = match session {
             Ok(session) => session,
+            Err(error) if error.is_topology_mismatch() => {
+                // Declaring again cannot succeed; a person must reconcile the settings
+                // with what exists on the broker.
+                return Err(ConsumeError::Amqp(error));
+            }
             Err(error) => {
                 let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(30));
                 tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "broker unavailable");
@@ -124,9 +132,28 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
         );
 
         loop {
-            let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                _ = stop.cancelled() => break,
+            // While every worker is busy, look at the channel now and then, so a dead
+            // one is replaced (and readiness reported) without waiting for a worker.
+            let permit = loop {
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => {
+                        break Some(permit.expect("the semaphore is never closed"));
+                    }
+                    _ = stop.cancelled() => break None,
+                    _ = tokio::time::sleep(CHANNEL_CHECK_INTERVAL) => {
+                        if !channel.status().connected() {
+                            break None;
+                        }
+                    }
+                }
+            };
+            let Some(permit) = permit else {
+                if !stop.is_cancelled() {
+                    tracing::warn!(
+                        "the broker channel closed while every worker was busy; reconnecting"
+                    );
+                }
+                break;
             };
             let next = tokio::select! {
                 next = deliveries.next() => next,
@@ -162,7 +189,7 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
             {
                 tracing::debug!(error = %error, "cancelling the subscription");
             }
-            last_connection = Some(connection);
+            last_session = Some((connection, channel, deliveries));
             break;
         }
         // The connection is dropped (closed) here; imports in flight continue.
@@ -178,7 +205,7 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
             "imports did not stop within the grace period; their runs resume from their last checkpoint"
         );
     }
-    if let Some(connection) = last_connection {
+    if let Some((connection, _channel, _deliveries)) = last_session {
         if let Err(error) = connection.close(200, "shutting down".into()).await {
             tracing::debug!(error = %error, "closing the broker connection");
         }
@@ -187,13 +214,17 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
     Ok(())
 }
 
-fn reconnect_backoff() -> ExponentialBackoff {
-    ExponentialBackoff {
-        initial_interval: Duration::from_millis(200),
-        max_interval: Duration::from_secs(15),
-        max_elapsed_time: None,
-        ..ExponentialBackoff::default()
-    }
+/// How often a consumer whose workers are all busy checks that its channel is alive.
+const CHANNEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Backoff for retrying a transient failure, built at the first failure of a streak so
+/// that the budget counts from there, not from when the delivery arrived.
+fn retry_backoff(budget: Duration) -> ExponentialBackoff {
+    ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(500))
+        .with_max_interval(Duration::from_secs(30))
+        .with_max_elapsed_time(Some(budget))
+        .build()
 }
 
 /// Connects, declares the topology, and subscribes with a prefetch of `workers`.
@@ -286,14 +317,29 @@ async fn process(setup: &ConsumerSetup, importer: &Importer, body: &[u8]) -> Set
         Ok(message) => message,
         Err(error) => return Settle::DeadLetter(error.to_string()),
     };
-    let runs = match runs_for(setup, &message).await {
-        Ok(runs) => runs,
-        Err(Refusal::DeadLetter(reason)) => return Settle::DeadLetter(reason),
-        Err(Refusal::Transient(error)) => {
-            // Nothing was created or changed; the broker tries again (and counts it
-            // toward the delivery limit, which dead-letters it in the end).
-            tracing::warn!(error = %error, "cannot resolve the message's runs yet");
-            return Settle::Requeue;
+    // Resolving the runs is retried here, with backoff, rather than by requeueing:
+    // a requeue comes straight back, and brokers differ in whether it counts toward
+    // the delivery limit.
+    let mut retries: Option<ExponentialBackoff> = None;
+    let runs = loop {
+        match runs_for(setup, &message).await {
+            Ok(runs) => break runs,
+            Err(Refusal::DeadLetter(reason)) => return Settle::DeadLetter(reason),
+            Err(Refusal::Transient(error)) => {
+                let wait = retries
+                    .get_or_insert_with(|| retry_backoff(setup.amqp.retry_budget))
+                    .next_backoff();
+                let Some(wait) = wait else {
+                    return Settle::DeadLetter(format!(
+                        "gave up after retrying for {} s: {error}",
+                        setup.amqp.retry_budget.as_secs()
+                    ));
+                };
+                tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "cannot resolve the message's runs yet; retrying");
+                if !pause(importer, wait).await {
+                    return Settle::Requeue;
+                }
+            }
         }
     };
     for run_id in runs {
@@ -336,7 +382,23 @@ async fn runs_for(setup: &ConsumerSetup, message: &ImportMessage) -> Result<Vec<
         ImportMessage::ObjectsCreated(objects) => {
             let mut runs = Vec::with_capacity(objects.len());
             for object in objects {
-                runs.push(run_for_object(setup, object).await?);
+                match run_for_object(setup, object).await {
+                    Ok(run_id) => runs.push(run_id),
+                    // One unusable record must not strand the others: it gets a failed
+                    // run of its own that says why, and the rest are imported.
+                    Err(Refusal::DeadLetter(reason)) => {
+                        let run_id = failed_keyed_run(
+                            setup,
+                            &object.idempotency_key(),
+                            &object_parameters(object),
+                            None,
+                            &reason,
+                        )
+                        .await?;
+                        tracing::warn!(run.id = %run_id, reason = %reason, "S3 event record refused");
+                    }
+                    Err(transient) => return Err(transient),
+                }
             }
             Ok(runs)
         }
@@ -418,7 +480,7 @@ async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result
         Some(name) => name.clone(),
         None => {
             let from_metadata = match &setup.s3 {
-                Some(s3) => dataset_metadata(s3, object).await,
+                Some(s3) => dataset_metadata(s3, object).await?,
                 None => None,
             };
             let name = from_metadata.unwrap_or_else(|| object.dataset_from_key());
@@ -434,7 +496,20 @@ async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result
         .await
         .map_err(dataset_refusal)?
         .0;
-    let parameters = ImportParameters {
+    Ok(create_keyed_run(
+        &setup.pool,
+        Some(dataset_id),
+        None,
+        &object_parameters(object),
+        &key,
+    )
+    .await?)
+}
+
+/// The run an S3 event record asks for. The event's ETag pins the object: if the key
+/// was overwritten since, this run fails and the newer object's own event imports it.
+fn object_parameters(object: &CreatedObject) -> ImportParameters {
+    ImportParameters {
         source: SourceLocation::S3 {
             bucket: object.bucket.clone(),
             key: object.key.clone(),
@@ -446,26 +521,57 @@ async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result
             object.key,
             object.event_name.as_deref().unwrap_or("S3 event")
         )),
-        expected_etag: None,
+        expected_etag: object.etag.clone(),
         sheets: None,
-    };
-    Ok(create_keyed_run(&setup.pool, Some(dataset_id), None, &parameters, &key).await?)
+    }
+}
+
+/// A run, found by its idempotency key, that failed before it started: a person finds
+/// why nothing was imported, and a redelivery finds it failed and stops there.
+async fn failed_keyed_run(
+    setup: &ConsumerSetup,
+    key: &str,
+    parameters: &ImportParameters,
+    user: Option<&str>,
+    reason: &str,
+) -> Result<Uuid, Refusal> {
+    let run_id = create_keyed_run(&setup.pool, None, user, parameters, key).await?;
+    claim::fail_run(&setup.pool, run_id, None, reason).await?;
+    Ok(run_id)
 }
 
 /// The object's user metadata `dataset` (`x-amz-meta-dataset`), when it has one. A
-/// failed HEAD is not fatal here: the import's own HEAD reports a missing object.
-async fn dataset_metadata(s3: &aws_sdk_s3::Client, object: &CreatedObject) -> Option<String> {
+/// missing object has none (the import's own HEAD then reports it); any other failure
+/// is retried, since guessing from the key could put the rows in the wrong dataset.
+async fn dataset_metadata(
+    s3: &aws_sdk_s3::Client,
+    object: &CreatedObject,
+) -> Result<Option<String>, Refusal> {
     let head = s3
         .head_object()
         .bucket(&object.bucket)
         .key(&object.key)
         .send()
-        .await
-        .ok()?;
-    head.metadata()?
-        .get("dataset")
+        .await;
+    let head = match head {
+        Ok(head) => head,
+        Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => {
+            return Ok(None)
+        }
+        Err(error) => {
+            return Err(Refusal::Transient(format!(
+                "HEAD s3://{}/{} for its dataset metadata: {}",
+                object.bucket,
+                object.key,
+                aws_sdk_s3::error::DisplayErrorContext(&error)
+            )))
+        }
+    };
+    Ok(head
+        .metadata()
+        .and_then(|metadata| metadata.get("dataset"))
         .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
+        .filter(|name| !name.is_empty()))
 }
 
 fn dataset_refusal(error: DatasetError) -> Refusal {
@@ -520,13 +626,12 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Imports the run, resuming it if needed, until it is completed or failed for good.
 async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid) -> Settle {
-    let mut retries = ExponentialBackoff {
-        initial_interval: Duration::from_millis(500),
-        max_interval: Duration::from_secs(30),
-        max_elapsed_time: Some(setup.amqp.retry_budget),
-        ..ExponentialBackoff::default()
-    };
+    let mut retries: Option<ExponentialBackoff> = None;
     loop {
+        // Claiming after the stop would take a fresh lease that nobody then uses.
+        if importer.is_stopping() {
+            return Settle::Requeue;
+        }
         let in_flight = metrics().import_in_flight();
         let result = importer.run(run_id).await;
         drop(in_flight);
@@ -559,11 +664,22 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
                 }
             }
             Err(ImportError::Interrupted) => return Settle::Requeue,
-            Err(error) if error.is_transient() => match retries.next_backoff() {
+            // The run was taken over by another worker (its lease had run out); that
+            // worker's delivery settles it.
+            Err(ImportError::Load(LoadError::LeaseLost { .. })) => {
+                tracing::info!(run.id = %run_id, "another worker took the run over; leaving it to them");
+                return Settle::Ack;
+            }
+            Err(error) if error.is_transient() => match retries
+                .get_or_insert_with(|| retry_backoff(setup.amqp.retry_budget))
+                .next_backoff()
+            {
                 Some(wait) => {
                     metrics().record_import_retried("other");
                     tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
-                    tokio::time::sleep(wait).await;
+                    if !pause(importer, wait).await {
+                        return Settle::Requeue;
+                    }
                 }
                 None => {
                     let note = format!(
@@ -610,6 +726,14 @@ async fn wait_while_held(pool: &PgPool, run_id: Uuid, importer: &Importer) -> Re
             }
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+/// Sleeps for `wait` unless the process starts stopping first; false when it did.
+async fn pause(importer: &Importer, wait: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = importer.stopped() => false,
     }
 }
 

@@ -24,6 +24,26 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
         .await
 }
 
+/// Whether trying again later may succeed: the connection or the server was away or
+/// overloaded, or the transaction lost a race (SQLSTATE classes 08, 40, 53, 57, 58).
+/// Anything else (a constraint, bad data) fails the same way every time.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }),
+        _ => false,
+    }
+}
+
 /// Applies the migrations that are not yet applied; safe to run again and concurrently
 /// (sqlx holds an advisory lock while it migrates).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {

@@ -78,7 +78,7 @@ pub async fn finalise(
             SET status = 'completed', completed_at = now(), output_summary = $3,
                 progress = coalesce(progress, '{}'::jsonb)
                            || jsonb_build_object('percentage', 100, 'status', 'Completed'),
-                lease_owner = NULL, lease_expires_at = NULL
+                lease_owner = NULL, lease_expires_at = NULL, error_message = NULL
           WHERE id = $1 AND lease_token = $2 AND status = 'running'",
     )
     .bind(lease.run_id)

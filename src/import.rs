@@ -82,9 +82,10 @@ impl ImportError {
             ImportError::Fetch(error) | ImportError::Decode(DecodeError::Source(error)) => {
                 error.is_transient()
             }
-            ImportError::Load(LoadError::Database(_)) => true,
+            ImportError::Load(LoadError::Database(error))
+            | ImportError::Claim(ClaimError::Database(error)) => db::is_transient(error),
             ImportError::Sheet(error) => error.is_transient(),
-            ImportError::Claim(ClaimError::Database(_) | ClaimError::Held { .. }) => true,
+            ImportError::Claim(ClaimError::Held { .. }) => true,
             _ => false,
         }
     }
@@ -181,6 +182,15 @@ impl Importer {
         &self.pool
     }
 
+    /// Resolves once the stop signal given to [`Importer::stop_on`] fires (never without
+    /// one).
+    pub async fn stopped(&self) {
+        match &self.stop {
+            Some(stop) => stop.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Whether the stop signal given to [`Importer::stop_on`] has fired.
     pub fn is_stopping(&self) -> bool {
         self.stop.as_ref().is_some_and(|stop| stop.is_cancelled())
@@ -234,6 +244,12 @@ impl Importer {
                     claim::fail_run(&self.pool, run_id, Some(token), &error.to_string()).await
                 {
                     tracing::error!(run.id = %run_id, error = %record, "could not mark the run failed");
+                    // A caller that retries must not take the failure as recorded: the
+                    // run would stay `running` with nobody left to finish it. The retry
+                    // runs into the same failure and records it then.
+                    if self.keep_runs_on_transient_failure && db::is_transient(&record) {
+                        return Err(record.into());
+                    }
                 }
             }
         }

@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
+use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -178,21 +178,15 @@ pub async fn run(
         }
     };
     let mut stats = MaintainStats::default();
-    let mut reconnect = ExponentialBackoff {
-        initial_interval: Duration::from_millis(200),
-        max_interval: Duration::from_secs(15),
-        max_elapsed_time: None,
-        ..ExponentialBackoff::default()
-    };
+    let mut reconnect = amqp::reconnect_backoff();
     let mut maintainer = Maintainer {
         pool,
         window: settings.coalesce_window,
-        failures: ExponentialBackoff {
-            initial_interval: Duration::from_secs(1),
-            max_interval: Duration::from_secs(30),
-            max_elapsed_time: None,
-            ..ExponentialBackoff::default()
-        },
+        failures: ExponentialBackoffBuilder::new()
+            .with_initial_interval(Duration::from_secs(1))
+            .with_max_interval(Duration::from_secs(30))
+            .with_max_elapsed_time(None)
+            .build(),
     };
 
     while !stop.is_cancelled() {

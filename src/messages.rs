@@ -278,6 +278,7 @@ pub fn url_decode(encoded: &str) -> Result<String, String> {
             b'%' => {
                 let hex = bytes
                     .get(index + 1..index + 3)
+                    .filter(|pair| pair.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|pair| std::str::from_utf8(pair).ok())
                     .and_then(|pair| u8::from_str_radix(pair, 16).ok())
                     .ok_or_else(|| format!("bad escape at byte {index} of {encoded:?}"))?;
@@ -357,5 +358,6 @@ mod tests {
         assert!(matches!(parse(b"{}"), Err(MessageError::UnknownForm)));
         assert!(url_decode("%zz").is_err());
         assert!(url_decode("%").is_err());
+        assert!(url_decode("%+1").is_err());
     }
 }

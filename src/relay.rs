@@ -17,7 +17,6 @@
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use thiserror::Error;
@@ -177,12 +176,7 @@ pub async fn run_relay(
     mut nudge: mpsc::Receiver<()>,
     stop: CancellationToken,
 ) {
-    let mut reconnect = ExponentialBackoff {
-        initial_interval: Duration::from_millis(200),
-        max_interval: Duration::from_secs(15),
-        max_elapsed_time: None,
-        ..ExponentialBackoff::default()
-    };
+    let mut reconnect = amqp::reconnect_backoff();
     let mut nudges_open = true;
 
     while !stop.is_cancelled() {

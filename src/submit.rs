@@ -624,6 +624,14 @@ pub async fn follow_run(
                     status: run.status,
                 })
             }
+            // Parked: the consumers gave up retrying and dead-lettered its message. It
+            // stays resumable, but nothing moves it until the message is replayed.
+            "pending" if run.started_at.is_some() && run.error_message.is_some() => {
+                return Ok(RunOutcome::Failed {
+                    message: run.error_message.unwrap_or_default(),
+                    status: "pending (parked)".to_owned(),
+                })
+            }
             _ => on_poll(&run),
         }
     }

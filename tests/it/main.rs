@@ -12,5 +12,5 @@ mod process;
 mod proxy;
 mod resume;
 mod schemas;
-mod submit;
 mod sheets;
+mod submit;
