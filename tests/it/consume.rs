@@ -191,6 +191,18 @@ async fn an_s3_event_imports_each_object_once_into_the_dataset_its_key_names() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
     app.put("sales/2026/day 1.csv", sample_csv(1_000, 5)).await;
+    let etag = app
+        .s3
+        .head_object()
+        .bucket(&app.bucket)
+        .key("sales/2026/day 1.csv")
+        .send()
+        .await
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
     let event = json!({
         "EventName": "s3:ObjectCreated:Put",
         "Key": format!("{}/sales/2026/day 1.csv", app.bucket),
@@ -200,7 +212,7 @@ async fn an_s3_event_imports_each_object_once_into_the_dataset_its_key_names() {
             "eventName": "s3:ObjectCreated:Put",
             "s3": {
                 "bucket": {"name": app.bucket},
-                "object": {"key": "sales%2F2026%2Fday+1.csv", "size": 1, "eTag": "abc123", "sequencer": "17A"}
+                "object": {"key": "sales%2F2026%2Fday+1.csv", "size": 1, "eTag": etag, "sequencer": "17A"}
             }
         }]
     });
@@ -334,4 +346,46 @@ async fn deliver_twice(app: &TestApp, broker: &TestBroker, body: &serde_json::Va
     )
     .await;
     consumer
+}
+
+#[tokio::test]
+async fn an_unusable_s3_event_record_fails_its_own_run_and_the_others_are_imported() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    app.put("good/a.csv", sample_csv(100, 6)).await;
+    let record = |key: &str| {
+        json!({
+            "eventName": "ObjectCreated:Put",
+            "s3": {"bucket": {"name": app.bucket}, "object": {"key": key, "sequencer": "1"}}
+        })
+    };
+    // `%0A` decodes to a line feed: no dataset can be named after that segment.
+    let event = json!({ "Records": [record("%0A%2Fbad.csv"), record("good%2Fa.csv")] });
+    let _consumer = Consumer::start(&app, &broker, &[]);
+    broker.publish_json(&event).await;
+
+    wait_until(
+        Duration::from_secs(30),
+        "both records to have runs",
+        || async {
+            app.count("dsa_jobs.analysis_runs WHERE status IN ('completed', 'failed')")
+                .await
+                == 2
+        },
+    )
+    .await;
+    let (error,): (Option<String>,) =
+        sqlx::query_as("SELECT error_message FROM dsa_jobs.analysis_runs WHERE status = 'failed'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(error.unwrap().contains("dataset name"));
+    assert_eq!(app.count("dsa_core.commit_rows").await, 100);
+    wait_until(
+        Duration::from_secs(10),
+        "the message to be settled",
+        || async { broker.waiting().await == 0 },
+    )
+    .await;
+    assert_eq!(broker.dead_letters().await, 0);
 }
