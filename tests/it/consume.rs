@@ -394,3 +394,48 @@ async fn an_unusable_s3_event_record_fails_its_own_run_and_the_others_are_import
     .await;
     assert_eq!(broker.dead_letters().await, 0);
 }
+
+#[tokio::test]
+async fn a_store_that_stays_away_is_retried_then_the_message_dead_lettered_and_a_replay_resumes() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let run_id = pending_run(&app, "away", "away.csv", 300, 12).await;
+    // A port nothing listens on: every request to the store is refused.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let consumer = Consumer::start(
+        &app,
+        &broker,
+        &[
+            ("S3_ENDPOINT", closed.as_str()),
+            ("AMQP_RETRY_SECONDS", "2"),
+        ],
+    );
+    broker.wait_for_consumers(1).await;
+    broker.publish_json(&reference(run_id)).await;
+
+    wait_until(
+        Duration::from_secs(60),
+        "the message to be dead-lettered",
+        || async { broker.dead_letters().await == 1 },
+    )
+    .await;
+    assert!(consumer.log().contains("transient failure; retrying"));
+    let (status, error, _) = app.run_state(run_id).await;
+    assert_eq!(status, "pending", "the run is parked, not failed");
+    assert!(error.unwrap().contains("replay it to resume"));
+
+    // With the store back, replaying the dead letter imports the run.
+    let body = broker
+        .get(&broker.settings.dead_letter_queue)
+        .await
+        .unwrap();
+    drop(consumer);
+    let _healthy = Consumer::start(&app, &broker, &[]);
+    broker.publish(&body).await;
+    wait_for_status(&app, run_id, "completed", Duration::from_secs(30)).await;
+    let (_, error, _) = app.run_state(run_id).await;
+    assert_eq!(error, None, "a completed run carries no old error");
+}
