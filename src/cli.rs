@@ -97,13 +97,20 @@ struct ImportArgs {
 
 /// Runs the command; errors are printed here, once, and become the exit code.
 pub async fn run(cli: Cli) -> ExitCode {
-    match execute(cli).await {
+    let code = match execute(cli).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The process's own high-water mark (VmHWM), which a parent cannot read reliably
+    // once we exit: rusage of a child spawned with vfork also counts the parent.
+    tracing::debug!(
+        peak_rss_bytes = crate::memory::peak_rss_bytes(),
+        "command finished"
+    );
+    code
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {

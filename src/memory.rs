@@ -19,7 +19,30 @@ pub fn keep_allocator_footprint_flat() {
 }
 
 /// Peak resident set size of this process, from the kernel's own accounting.
+///
+/// `VmHWM` belongs to this process's address space, which `exec` makes new. The other
+/// source, `getrusage`, keeps the larger of it and whatever the process held before
+/// `exec`: a child spawned with vfork (as `std::process::Command` does) would report
+/// its parent's peak. `getrusage` is the fallback where `/proc` is missing.
 pub fn peak_rss_bytes() -> u64 {
+    if let Some(kib) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| {
+                    value
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+    {
+        return kib * 1024;
+    }
     // SAFETY: getrusage only writes into the struct we pass, which is zeroed and owned.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let status = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };

@@ -589,34 +589,34 @@ fn small_workbook() -> Vec<u8> {
 }
 
 /// Runs `dsa-ingest import` on `key` in a child process that must fail; returns its
-/// stderr and its own peak RSS in bytes (from wait4, so parallel tests do not mix).
-// The child is reaped by wait4 below, which also gives its resource usage.
-#[allow(clippy::zombie_processes)]
+/// stderr and its own peak RSS in bytes, which it logs as it exits. (The rusage that
+/// `wait4` gives is no use here: a child spawned with vfork starts from the test
+/// process's own high-water mark.)
 fn refuse(app: &TestApp, key: &str, env: &[(&str, &str)]) -> (String, u64) {
     let source = format!("s3://{}/{key}", app.bucket);
-    let child = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"))
+    let output = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"))
         .envs(app.child_env())
         .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,dsa_ingest::cli=debug")
         .args(["import", "--dataset", "hostile", &source, "--json"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = String::new();
-    child.stderr.unwrap().read_to_string(&mut stderr).unwrap();
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid, "wait4");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1,
-        "dsa-ingest should fail cleanly, status {status}: {stderr}"
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "dsa-ingest should fail cleanly: {stderr}"
     );
-    (stderr, usage.ru_maxrss as u64 * 1024)
+    let peak = stderr
+        .split("peak_rss_bytes=")
+        .nth(1)
+        .and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no peak_rss_bytes in {stderr}"));
+    (stderr, peak)
 }
 
 /// Memory a refusal may take beyond that of refusing a file that is no spreadsheet at
@@ -624,10 +624,16 @@ fn refuse(app: &TestApp, key: &str, env: &[(&str, &str)]) -> (String, u64) {
 /// far below what any of the hostile files would make a naive reader take.
 const REFUSAL_RSS_ALLOWANCE: u64 = 24 * 1024 * 1024;
 
-/// Peak RSS of a child refusing a file that is plainly not a spreadsheet.
-async fn baseline_rss(app: &TestApp) -> u64 {
-    app.put("baseline.xlsx", b"not a spreadsheet".to_vec())
-        .await;
+/// Peak RSS of a child refusing a file that is plainly not a spreadsheet but has the
+/// hostile file's size, so both take the same road through the spool.
+async fn baseline_rss(app: &TestApp, size: usize) -> u64 {
+    let junk = b"not a spreadsheet\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(size.max(17))
+        .collect();
+    app.put("baseline.xlsx", junk).await;
     let (stderr, peak) = refuse(app, "baseline.xlsx", &[]);
     assert!(stderr.contains("not a spreadsheet"), "{stderr}");
     peak
@@ -640,9 +646,14 @@ async fn assert_refused(
     expected: &str,
     env: &[(&str, &str)],
 ) {
-    let baseline = baseline_rss(app).await;
+    let baseline = baseline_rss(app, body.len()).await;
     app.put(key, body).await;
     let (stderr, peak) = refuse(app, key, env);
+    eprintln!(
+        "{key}: peak RSS {} KiB, refusing a junk file of its size {} KiB",
+        peak / 1024,
+        baseline / 1024
+    );
     assert!(
         stderr.contains(expected),
         "{key}: expected {expected:?} in {stderr}"
@@ -775,8 +786,8 @@ async fn truncated_and_corrupt_files_are_refused() {
     for byte in &mut corrupt[middle..middle + 200] {
         *byte ^= 0x5A;
     }
+    let baseline = baseline_rss(&app, corrupt.len()).await;
     app.put("corrupt.xlsx", corrupt).await;
-    let baseline = baseline_rss(&app).await;
     let (stderr, peak) = refuse(&app, "corrupt.xlsx", &[]);
     assert!(stderr.contains("corrupt.xlsx"), "{stderr}");
     assert!(
