@@ -24,6 +24,9 @@ use dsa_ingest::fetch::SourceLocation;
 use dsa_ingest::import::{ImportSummary, Importer};
 use futures::StreamExt;
 
+#[path = "support/mod.rs"]
+mod support;
+
 const BENCH_DATABASE: &str = "dsa_bench";
 
 struct Measurement {
@@ -57,8 +60,8 @@ async fn main() -> anyhow::Result<()> {
         .bucket
         .clone()
         .context("S3_BUCKET must name the bench bucket")?;
-    let binary = sibling_binary("dsa-ingest")?;
-    let database_url = recreate_database(&settings.database_url).await?;
+    let binary = support::sibling_binary("dsa-ingest")?;
+    let database_url = support::recreate_database(&settings.database_url, BENCH_DATABASE).await?;
     run(&binary, &database_url, &["migrate"])?;
     let s3 = dsa_ingest::s3::client(&settings.s3).await;
 
@@ -183,40 +186,6 @@ async fn job_parallelism(
         );
     }
     Ok(())
-}
-
-/// The `dsa-ingest` binary built beside this example (target/<profile>/).
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let example = std::env::current_exe()?;
-    let profile_dir = example
-        .parent()
-        .and_then(Path::parent)
-        .context("the example runs from target/<profile>/examples")?;
-    let binary = profile_dir.join(name);
-    if !binary.exists() {
-        bail!(
-            "{} is missing: build it with cargo build --release --bins",
-            binary.display()
-        );
-    }
-    Ok(binary)
-}
-
-/// A fresh database beside the configured one, so the benchmark never touches real data.
-async fn recreate_database(database_url: &str) -> anyhow::Result<String> {
-    let (base, _) = database_url
-        .rsplit_once('/')
-        .context("DATABASE_URL names a database")?;
-    let admin = sqlx::PgPool::connect(&format!("{base}/postgres")).await?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)"
-    ))
-    .execute(&admin)
-    .await?;
-    sqlx::query(&format!("CREATE DATABASE {BENCH_DATABASE}"))
-        .execute(&admin)
-        .await?;
-    Ok(format!("{base}/{BENCH_DATABASE}"))
 }
 
 /// Empties the store and the baseline table, so each round's first import stores every row.

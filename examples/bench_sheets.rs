@@ -15,6 +15,9 @@ use dsa_ingest::config::Settings;
 use dsa_ingest::import::ImportSummary;
 use rust_xlsxwriter::{ExcelDateTime, Format, Workbook};
 
+#[path = "support/mod.rs"]
+mod support;
+
 const BENCH_DATABASE: &str = "dsa_bench_sheets";
 
 #[tokio::main]
@@ -60,8 +63,8 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("uploading s3://{bucket}/{key}"))?;
     }
 
-    let database_url = recreate_database(&settings.database_url).await?;
-    let binary = sibling_binary("dsa-ingest")?;
+    let database_url = support::recreate_database(&settings.database_url, BENCH_DATABASE).await?;
+    let binary = support::sibling_binary("dsa-ingest")?;
     run(&binary, &database_url, &["migrate"])?;
     let started = Instant::now();
     let source = format!("s3://{bucket}/{key}");
@@ -154,40 +157,6 @@ fn write_workbook(path: &Path, rows: u32) -> anyhow::Result<()> {
     workbook.save(&partial)?;
     std::fs::rename(&partial, path)?;
     Ok(())
-}
-
-/// The `dsa-ingest` binary built beside this example (target/<profile>/).
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let example = std::env::current_exe()?;
-    let profile_dir = example
-        .parent()
-        .and_then(Path::parent)
-        .context("the example runs from target/<profile>/examples")?;
-    let binary = profile_dir.join(name);
-    if !binary.exists() {
-        bail!(
-            "{} is missing: build it with cargo build --release --bins",
-            binary.display()
-        );
-    }
-    Ok(binary)
-}
-
-/// A fresh database beside the configured one, so the benchmark never touches real data.
-async fn recreate_database(database_url: &str) -> anyhow::Result<String> {
-    let (base, _) = database_url
-        .rsplit_once('/')
-        .context("DATABASE_URL names a database")?;
-    let admin = sqlx::PgPool::connect(&format!("{base}/postgres")).await?;
-    sqlx::query(&format!(
-        "DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)"
-    ))
-    .execute(&admin)
-    .await?;
-    sqlx::query(&format!("CREATE DATABASE {BENCH_DATABASE}"))
-        .execute(&admin)
-        .await?;
-    Ok(format!("{base}/{BENCH_DATABASE}"))
 }
 
 fn run(binary: &Path, database_url: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {

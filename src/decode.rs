@@ -184,19 +184,18 @@ pub fn sheet_name(file_name: &str) -> String {
     }
 }
 
-/// Turns records into canonical JSON objects (RFC 8785) with the header's names as keys.
-///
-/// Keys are sorted once, here, so each row is written straight into canonical order
-/// without building a map per row.
+/// A header's keys in canonical (RFC 8785) order, each with its escaped JSON prefix:
+/// what every row encoder needs to write a row straight into canonical form without
+/// building a map per row. The CSV and the spreadsheet encoders share it.
 #[derive(Clone, Debug)]
-pub struct RowEncoder {
-    /// File column index for each key, in canonical key order.
+pub struct CanonicalKeys {
+    /// Column index for each key, in canonical key order.
     order: Vec<usize>,
     /// `{"key":` for the first key and `,"key":` for the others, already escaped.
     prefixes: Vec<Vec<u8>>,
 }
 
-impl RowEncoder {
+impl CanonicalKeys {
     pub fn new(header: &Header) -> Self {
         let mut order: Vec<usize> = (0..header.columns.len()).collect();
         order.sort_by(|&a, &b| jcs_key_cmp(&header.columns[a], &header.columns[b]));
@@ -204,14 +203,44 @@ impl RowEncoder {
             .iter()
             .enumerate()
             .map(|(position, &column)| {
-                let mut prefix = Vec::new();
-                prefix.push(if position == 0 { b'{' } else { b',' });
+                let mut prefix = vec![if position == 0 { b'{' } else { b',' }];
                 write_json_string(&header.columns[column], &mut prefix);
                 prefix.push(b':');
                 prefix
             })
             .collect();
         Self { order, prefixes }
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Each key's prefix with the column it takes its value from, in canonical order.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], usize)> {
+        self.prefixes
+            .iter()
+            .map(Vec::as_slice)
+            .zip(self.order.iter().copied())
+    }
+}
+
+/// Turns records into canonical JSON objects (RFC 8785) with the header's names as keys.
+#[derive(Clone, Debug)]
+pub struct RowEncoder {
+    keys: CanonicalKeys,
+}
+
+impl RowEncoder {
+    pub fn new(header: &Header) -> Self {
+        Self {
+            keys: CanonicalKeys::new(header),
+        }
     }
 
     /// Appends the record's canonical JSON to `out`; on error `out` is left as it was.
@@ -222,18 +251,18 @@ impl RowEncoder {
         record_byte: u64,
         out: &mut Vec<u8>,
     ) -> Result<(), RowProblem> {
-        if record.len() != self.order.len() {
+        if record.len() != self.keys.len() {
             return Err(RowProblem::Ragged {
-                expected: self.order.len(),
+                expected: self.keys.len(),
                 found: record.len(),
             });
         }
         let start = out.len();
-        if self.order.is_empty() {
+        if self.keys.is_empty() {
             out.extend_from_slice(b"{}");
             return Ok(());
         }
-        for (prefix, &column) in self.prefixes.iter().zip(&self.order) {
+        for (prefix, column) in self.keys.fields() {
             let field = &record[column];
             let text = match std::str::from_utf8(field) {
                 Ok(text) => text,

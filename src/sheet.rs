@@ -24,8 +24,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::ImportSettings;
-use crate::decode::{Header, HeaderChange, RowProblem};
-use crate::hash::{jcs_key_cmp, write_json_number, write_json_string};
+use crate::decode::{CanonicalKeys, Header, HeaderChange, RowProblem};
+use crate::hash::{write_json_number, write_json_string};
 
 /// Parts over this size must not compress better than `IMPORT_MAX_COMPRESSION_RATIO`;
 /// small parts (styles, relationships) legitimately compress very well.
@@ -1657,35 +1657,22 @@ fn assemble_rows(
 /// Writes rows of typed values as canonical JSON objects (RFC 8785), keys sorted once.
 #[derive(Clone, Debug)]
 pub struct TypedRowEncoder {
-    /// Column index for each key, in canonical key order.
-    order: Vec<usize>,
-    /// `{"key":` for the first key and `,"key":` for the others, already escaped.
-    prefixes: Vec<Vec<u8>>,
+    keys: CanonicalKeys,
 }
 
 impl TypedRowEncoder {
     pub fn new(header: &Header) -> Self {
-        let mut order: Vec<usize> = (0..header.columns.len()).collect();
-        order.sort_by(|&a, &b| jcs_key_cmp(&header.columns[a], &header.columns[b]));
-        let prefixes = order
-            .iter()
-            .enumerate()
-            .map(|(position, &column)| {
-                let mut prefix = vec![if position == 0 { b'{' } else { b',' }];
-                write_json_string(&header.columns[column], &mut prefix);
-                prefix.push(b':');
-                prefix
-            })
-            .collect();
-        Self { order, prefixes }
+        Self {
+            keys: CanonicalKeys::new(header),
+        }
     }
 
     pub fn encode(&self, values: &[CellValue], out: &mut Vec<u8>) {
-        if self.order.is_empty() {
+        if self.keys.is_empty() {
             out.extend_from_slice(b"{}");
             return;
         }
-        for (prefix, &column) in self.prefixes.iter().zip(&self.order) {
+        for (prefix, column) in self.keys.fields() {
             out.extend_from_slice(prefix);
             match values.get(column).unwrap_or(&CellValue::Null) {
                 CellValue::Null => out.extend_from_slice(b"null"),

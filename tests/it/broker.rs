@@ -13,7 +13,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use uuid::Uuid;
 
-use crate::helpers::{run_on_own_thread, service_settings};
+use crate::helpers::{run_on_own_thread, service_settings, wait_until};
 
 pub struct TestBroker {
     pub settings: AmqpSettings,
@@ -152,18 +152,13 @@ impl TestBroker {
 
     /// Waits until `count` consumers are subscribed to the import queue.
     pub async fn wait_for_consumers(&self, count: u32) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, consumers) = self.queue_state(&self.settings.import_queue).await;
-            if consumers >= count {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {count} consumers (have {consumers})"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let queue = &self.settings.import_queue;
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{count} consumers"),
+            || async { self.queue_state(queue).await.1 >= count },
+        )
+        .await;
     }
 }
 

@@ -212,6 +212,19 @@ impl TestApp {
         result.expect("import succeeds")
     }
 
+    /// `dsa-ingest` as a child process on this test's services, with small batches and
+    /// ranges so that even small files cross many of each.
+    pub fn cli(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
+        command
+            .envs(self.child_env())
+            .env("IMPORT_BATCH_SIZE", "200")
+            .env("IMPORT_CHUNK_SIZE", "65536")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        command
+    }
+
     /// Environment for a child `dsa-ingest` process pointed at this test's services.
     pub fn child_env(&self) -> Vec<(String, String)> {
         let mut env = vec![

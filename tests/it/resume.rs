@@ -1,4 +1,4 @@
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use dsa_ingest::import::ImportSummary;
@@ -7,20 +7,9 @@ use dsa_ingest::sample::sample_csv;
 
 use crate::helpers::{spawn_app, wait_until};
 
-fn dsa_ingest(app: &crate::helpers::TestApp) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
-    command
-        .envs(app.child_env())
-        .env("IMPORT_BATCH_SIZE", "200")
-        .env("IMPORT_CHUNK_SIZE", "65536")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    command
-}
-
 /// Runs `dsa-ingest ARGS` to success and returns its stdout.
 fn run_ok(app: &crate::helpers::TestApp, args: &[&str]) -> Vec<u8> {
-    let output = dsa_ingest(app).args(args).output().unwrap();
+    let output = app.cli().args(args).output().unwrap();
     assert!(
         output.status.success(),
         "dsa-ingest {args:?}: {}",
@@ -44,7 +33,8 @@ async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
     app.put("big.csv", crlf.into_bytes()).await;
     let source = format!("s3://{}/big.csv", app.bucket);
 
-    let mut child = dsa_ingest(&app)
+    let mut child = app
+        .cli()
         .args(["import", "--dataset", "killed", &source, "--json"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -150,7 +140,8 @@ async fn the_cli_reports_a_failed_import_and_marks_the_run() {
     app.put("large.csv", sample_csv(200, 12)).await;
     let source = format!("s3://{}/large.csv", app.bucket);
 
-    let output = dsa_ingest(&app)
+    let output = app
+        .cli()
         .env("IMPORT_MAX_FILE_SIZE", "500")
         .args(["import", "--dataset", "limited", &source])
         .output()
@@ -182,7 +173,8 @@ async fn the_cli_reports_a_failed_import_and_marks_the_run() {
         shown.contains(&format!("error      {}", message.unwrap())),
         "{shown}"
     );
-    let unknown = dsa_ingest(&app)
+    let unknown = app
+        .cli()
         .args(["status", &uuid::Uuid::new_v4().to_string()])
         .output()
         .unwrap();

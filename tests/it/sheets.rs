@@ -823,16 +823,8 @@ async fn an_import_killed_mid_sheet_resumes_there_and_commits_the_same_tree() {
     let app = spawn_app().await;
     app.put("two.xlsx", two_sheet_workbook(30_000)).await;
     let source = format!("s3://{}/two.xlsx", app.bucket);
-    let command = || {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
-        command
-            .envs(app.child_env())
-            .env("IMPORT_BATCH_SIZE", "200")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
-        command
-    };
-    let mut child = command()
+    let mut child = app
+        .cli()
         .args(["import", "--dataset", "killed", &source, "--json"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -871,7 +863,8 @@ async fn an_import_killed_mid_sheet_resumes_there_and_commits_the_same_tree() {
         "killed before the end: {loaded_before}"
     );
 
-    let output = command()
+    let output = app
+        .cli()
         .args(["import", "--resume", &run_id.to_string(), "--json"])
         .output()
         .unwrap();
