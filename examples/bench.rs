@@ -17,10 +17,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use aws_sdk_s3::primitives::ByteStream;
-use dsa_ingest::claim::ImportParameters;
 use dsa_ingest::config::Settings;
 use dsa_ingest::db::DatasetName;
-use dsa_ingest::fetch::SourceLocation;
+use dsa_ingest::import::run::ImportParameters;
+use dsa_ingest::import::run::SourceLocation;
 use dsa_ingest::import::{ImportSummary, Importer};
 use futures::StreamExt;
 
@@ -61,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .context("S3_BUCKET must name the bench bucket")?;
     let binary = support::sibling_binary("dsa-ingest")?;
-    let database_url = support::recreate_database(&settings.database_url, BENCH_DATABASE).await?;
+    let database_url =
+        support::recreate_database(settings.database_url.expose(), BENCH_DATABASE).await?;
     run(&binary, &database_url, &["migrate"])?;
     let s3 = dsa_ingest::s3::client(&settings.s3).await;
 

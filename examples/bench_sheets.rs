@@ -63,7 +63,8 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("uploading s3://{bucket}/{key}"))?;
     }
 
-    let database_url = support::recreate_database(&settings.database_url, BENCH_DATABASE).await?;
+    let database_url =
+        support::recreate_database(settings.database_url.expose(), BENCH_DATABASE).await?;
     let binary = support::sibling_binary("dsa-ingest")?;
     run(&binary, &database_url, &["migrate"])?;
     let started = Instant::now();

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use aws_sdk_s3::primitives::ByteStream;
 use dsa_ingest::config::Settings;
-use dsa_ingest::fetch::SourceLocation;
+use dsa_ingest::import::run::SourceLocation;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

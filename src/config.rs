@@ -1,10 +1,13 @@
 //! Typed settings read from the environment, with the defaults the README documents.
 
 use std::env;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
+
+use crate::db::DatasetName;
 
 /// A setting that is present but cannot be used.
 #[derive(Debug, Error)]
@@ -19,7 +22,7 @@ pub struct ConfigError {
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// PostgreSQL connection string for the dataset store and the job tables.
-    pub database_url: String,
+    pub database_url: SecretUrl,
     /// How the S3 client finds the object store.
     pub s3: S3Settings,
     /// How one import streams, batches and checkpoints.
@@ -34,6 +37,9 @@ pub struct Settings {
     pub submit: SubmitSettings,
     /// How `maintain` turns a burst of refresh requests into few refreshes.
     pub maintenance: MaintenanceSettings,
+    /// `S3_EVENT_DATASET`: the dataset every S3 event record imports into, instead of
+    /// the one its key or metadata names.
+    pub s3_event_dataset: Option<DatasetName>,
 }
 
 /// The knobs of `dsa-ingest submit`.
@@ -94,7 +100,7 @@ impl MaintenanceSettings {
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
     /// `amqp://user:password@host:port/vhost`; the vhost `/` is written `%2f`.
-    pub url: String,
+    pub url: SecretUrl,
     /// Direct exchange that import messages are published to.
     pub import_exchange: String,
     /// Quorum queue the import consumers share; bound with `import_routing_key`.
@@ -120,7 +126,7 @@ pub struct AmqpSettings {
 impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
-            url: DEFAULT_AMQP_URL.to_owned(),
+            url: SecretUrl::new(DEFAULT_AMQP_URL),
             import_exchange: "dsa.imports".to_owned(),
             import_queue: "dsa.imports".to_owned(),
             import_routing_key: "import".to_owned(),
@@ -216,8 +222,9 @@ impl Settings {
     pub fn from_env() -> Result<Self, ConfigError> {
         let defaults = ImportSettings::default();
         Ok(Self {
-            database_url: env::var("DATABASE_URL")
-                .unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned()),
+            database_url: SecretUrl::new(
+                env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned()),
+            ),
             s3: S3Settings {
                 endpoint: non_empty("S3_ENDPOINT"),
                 region: non_empty("S3_REGION").unwrap_or_else(|| "us-east-1".to_owned()),
@@ -230,6 +237,18 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned()),
             submit: SubmitSettings {
                 part_size: part_size()?,
+            },
+            s3_event_dataset: match non_empty("S3_EVENT_DATASET") {
+                Some(name) => {
+                    Some(
+                        DatasetName::parse(name.trim()).map_err(|error| ConfigError {
+                            name: "S3_EVENT_DATASET",
+                            value: name.clone(),
+                            reason: error.to_string(),
+                        })?,
+                    )
+                }
+                None => None,
             },
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
@@ -282,7 +301,7 @@ impl AmqpSettings {
         let defaults = Self::default();
         let name = |variable: &str, default: String| non_empty(variable).unwrap_or(default);
         Ok(Self {
-            url: name("AMQP_URL", defaults.url),
+            url: SecretUrl::new(name("AMQP_URL", defaults.url.expose().to_owned())),
             import_exchange: name("AMQP_IMPORT_EXCHANGE", defaults.import_exchange),
             import_queue: name("AMQP_IMPORT_QUEUE", defaults.import_queue),
             import_routing_key: name("AMQP_IMPORT_ROUTING_KEY", defaults.import_routing_key),
@@ -339,5 +358,125 @@ fn positive(name: &'static str, default: u64) -> Result<u64, ConfigError> {
             value,
             reason: "expected a whole number greater than zero".to_owned(),
         }),
+    }
+}
+/// A connection URL that may carry a password. `Debug` and `Display` show it redacted,
+/// so settings can be logged and errors can name the server; only [`SecretUrl::expose`]
+/// gives the real text, to the one call that connects.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for the client that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for SecretUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl From<&str> for SecretUrl {
+    fn from(url: &str) -> Self {
+        Self(url.to_owned())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({:?})", redact_url(&self.0))
+    }
+}
+
+/// Query parameters whose values are credentials (libpq's `password` and
+/// `sslpassword`, and the names other clients use).
+const SECRET_QUERY_KEYS: &[&str] = &[
+    "password",
+    "sslpassword",
+    "pass",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "access_token",
+    "auth",
+];
+
+/// A connection URL without its secrets, for logs and errors: the password of the
+/// user info (`amqp://user:***@host/vhost`) and the values of query parameters that
+/// carry credentials (`?password=***`).
+pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &base[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
+                None => base.to_owned(),
+            }
+        }
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _))
+                    if SECRET_QUERY_KEYS.contains(&key.to_ascii_lowercase().as_str()) =>
+                {
+                    format!("{key}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_in_user_info_and_query() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert_eq!(
+            redact_url("postgres://app@db/dsa?sslmode=require&password=hunter2&PassWord=x"),
+            "postgres://app@db/dsa?sslmode=require&password=***&PassWord=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@db/dsa?sslpassword=k"),
+            "postgres://u:***@db/dsa?sslpassword=***"
+        );
+    }
+
+    #[test]
+    fn a_secret_url_never_prints_its_password() {
+        let url = SecretUrl::new("postgres://u:hunter2@db/dsa?password=hunter2");
+        assert!(!format!("{url}").contains("hunter2"));
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(url.expose(), "postgres://u:hunter2@db/dsa?password=hunter2");
     }
 }

@@ -1,27 +1,22 @@
 //! dsa-ingest: streams CSV and spreadsheet files from S3-compatible storage (or a local path) into a
 //! git-like versioned dataset in PostgreSQL. See ARCHITECTURE.md for the map.
+//!
+//! The folders follow the architecture: `import/` is the pipeline (one file per stage),
+//! `queue/` the broker-driven processes, `cli/` the command line. The files at this level
+//! are what all of them share: settings, the database, the store, the run lifecycle,
+//! metrics and the HTTP server of the long-running commands.
 
-pub mod amqp;
-pub mod claim;
 pub mod cli;
 pub mod config;
-pub mod consume;
 pub mod db;
-pub mod decode;
-pub mod fetch;
-pub mod finalise;
-pub mod hash;
+pub mod http;
 pub mod import;
-pub mod load;
-pub mod maintain;
-pub mod memory;
-pub mod messages;
 pub mod metrics;
-pub mod relay;
+pub mod outbox;
+pub mod process;
+pub mod queue;
+pub mod runs;
 pub mod s3;
 pub mod sample;
-pub mod sheet;
 pub mod shutdown;
-pub mod status;
-pub mod submit;
 pub mod telemetry;

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use dsa_ingest::amqp;
 use dsa_ingest::config::AmqpSettings;
+use dsa_ingest::queue::amqp;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions,
     QueueDeclareOptions, QueueDeleteOptions,
@@ -32,7 +32,8 @@ impl TestBroker {
             url: services
                 .get("AMQP_URL")
                 .cloned()
-                .unwrap_or_else(|| dsa_ingest::config::DEFAULT_AMQP_URL.to_owned()),
+                .unwrap_or_else(|| dsa_ingest::config::DEFAULT_AMQP_URL.to_owned())
+                .into(),
             import_exchange: name("imports"),
             import_queue: name("imports"),
             dead_letter_exchange: name("imports.dead"),
@@ -67,7 +68,7 @@ impl TestBroker {
     pub fn env(&self) -> Vec<(String, String)> {
         let s = &self.settings;
         [
-            ("AMQP_URL", &s.url),
+            ("AMQP_URL", s.url.expose()),
             ("AMQP_IMPORT_EXCHANGE", &s.import_exchange),
             ("AMQP_IMPORT_QUEUE", &s.import_queue),
             ("AMQP_DEAD_LETTER_EXCHANGE", &s.dead_letter_exchange),
@@ -76,7 +77,7 @@ impl TestBroker {
             ("AMQP_MAINTENANCE_QUEUE", &s.maintenance_queue),
         ]
         .into_iter()
-        .map(|(key, value)| (key.to_owned(), value.clone()))
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
         .collect()
     }
 

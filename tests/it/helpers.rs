@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
-use dsa_ingest::claim::ImportParameters;
 use dsa_ingest::config::{ImportSettings, S3Settings};
 use dsa_ingest::db::DatasetName;
-use dsa_ingest::fetch::SourceLocation;
+use dsa_ingest::import::run::ImportParameters;
+use dsa_ingest::import::run::SourceLocation;
 use dsa_ingest::import::{ImportError, ImportSummary, Importer};
 use sqlx::PgPool;
 use uuid::Uuid;

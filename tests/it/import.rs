@@ -1,7 +1,7 @@
 use std::time::Duration;
 
-use dsa_ingest::decode::DecodeError;
-use dsa_ingest::fetch::FetchError;
+use dsa_ingest::import::decode::DecodeError;
+use dsa_ingest::import::fetch::FetchError;
 use dsa_ingest::import::ImportError;
 use serde_json::json;
 
@@ -50,8 +50,11 @@ async fn values_round_trip_exactly() {
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    let canonical = dsa_ingest::hash::canonical_json(&rows[0].1).unwrap();
-    assert_eq!(hash, dsa_ingest::hash::row_hash(&canonical).to_vec());
+    let canonical = dsa_ingest::import::hash::canonical_json(&rows[0].1).unwrap();
+    assert_eq!(
+        hash,
+        dsa_ingest::import::hash::row_hash(&canonical).to_vec()
+    );
 }
 
 #[tokio::test]
@@ -227,7 +230,7 @@ async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
     settings.fetch_concurrency = 1;
 
     let importer = app.importer(settings);
-    let parameters = dsa_ingest::claim::ImportParameters {
+    let parameters = dsa_ingest::import::run::ImportParameters {
         source: app.location("moving.csv"),
         skip_bad_rows: false,
         message: None,
@@ -359,7 +362,7 @@ async fn bad_rows_can_be_skipped_into_the_rejected_rows_table() {
 async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
     let app = spawn_app().await;
     let importer = app.importer(test_settings());
-    let parameters = dsa_ingest::claim::ImportParameters {
+    let parameters = dsa_ingest::import::run::ImportParameters {
         source: app.location("data.csv"),
         skip_bad_rows: false,
         message: None,
@@ -372,14 +375,14 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
         .await
         .unwrap();
     let lease = Duration::from_secs(30);
-    let stale = dsa_ingest::claim::claim(&app.pool, run_id, "worker-a", lease)
+    let stale = dsa_ingest::runs::claim(&app.pool, run_id, "worker-a", lease)
         .await
         .unwrap();
     // A live lease is not taken.
-    let refused = dsa_ingest::claim::claim(&app.pool, run_id, "worker-b", lease).await;
+    let refused = dsa_ingest::runs::claim(&app.pool, run_id, "worker-b", lease).await;
     assert!(matches!(
         refused,
-        Err(dsa_ingest::claim::ClaimError::Held { .. })
+        Err(dsa_ingest::runs::ClaimError::Held { .. })
     ));
     // Worker A goes quiet, its lease runs out, and worker B takes the run over.
     sqlx::query(
@@ -389,23 +392,23 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let current = dsa_ingest::claim::claim(&app.pool, run_id, "worker-b", lease)
+    let current = dsa_ingest::runs::claim(&app.pool, run_id, "worker-b", lease)
         .await
         .unwrap();
     assert!(current.lease.token > stale.lease.token);
 
-    let mut loader = dsa_ingest::load::Loader::new(&app.pool, stale.lease.clone())
+    let mut loader = dsa_ingest::import::load::Loader::new(&app.pool, stale.lease.clone())
         .await
         .unwrap();
     let checkpoint =
-        dsa_ingest::claim::Checkpoint::start("stale-commit".into(), None, "data".into());
+        dsa_ingest::import::run::Checkpoint::start("stale-commit".into(), None, "data".into());
     let error = loader
         .begin_commit(dataset_id, "written by a stale worker", None, &checkpoint)
         .await
         .unwrap_err();
 
     assert!(
-        matches!(error, dsa_ingest::load::LoadError::LeaseLost { .. }),
+        matches!(error, dsa_ingest::import::load::LoadError::LeaseLost { .. }),
         "{error}"
     );
     let commits = app.count("dsa_core.commits").await;

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dsa_ingest::config::MaintenanceSettings;
-use dsa_ingest::maintain::{self, MaintainStats, MaintenanceRequest};
-use dsa_ingest::relay;
+use dsa_ingest::outbox::MaintenanceRequest;
+use dsa_ingest::queue::maintain::{self, MaintainStats};
+use dsa_ingest::queue::relay;
 use dsa_ingest::sample::sample_csv;
 use dsa_ingest::shutdown::CancellationToken;
 use futures::StreamExt;
@@ -127,7 +128,7 @@ impl ChildMaintainer {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsa-ingest"))
             .arg("maintain")
             .envs(app.child_env())
-            .env("AMQP_URL", &settings.url)
+            .env("AMQP_URL", settings.url.expose())
             .env("AMQP_MAINTENANCE_EXCHANGE", &settings.maintenance_exchange)
             .env("AMQP_MAINTENANCE_QUEUE", &settings.maintenance_queue)
             .env(

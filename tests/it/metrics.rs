@@ -5,7 +5,8 @@
 
 use std::net::SocketAddr;
 
-use dsa_ingest::metrics::{metrics, spawn_server, Health};
+use dsa_ingest::http::{spawn_server, Health};
+use dsa_ingest::metrics::metrics;
 use dsa_ingest::sample::sample_csv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -90,7 +91,7 @@ async fn health_readiness_and_metrics_are_served_over_http() {
     let summary = app.import("metrics", "metrics.csv").await;
     // The caller records the run as a whole; the batches and ranged GETs were recorded
     // by the import itself.
-    metrics().record_import_finished(&summary, "csv");
+    metrics().record_import_finished(&(&summary).into(), "csv");
 
     let (_, _, after) = get(addr, "/metrics").await;
     let rose_by = |series: &str| sample(&after, series) - sample(&before, series);

@@ -397,10 +397,10 @@ fn readme_examples_are_read_by_the_service() {
     for example in examples {
         let body = serde_json::to_vec(&example.body).unwrap();
         let read = match example.schema.as_str() {
-            "maintenance-request" => dsa_ingest::maintain::MaintenanceRequest::parse(&body)
+            "maintenance-request" => dsa_ingest::outbox::MaintenanceRequest::parse(&body)
                 .map(|_| ())
                 .map_err(|error| error.to_string()),
-            _ => dsa_ingest::messages::parse(&body)
+            _ => dsa_ingest::queue::messages::parse(&body)
                 .map(|_| ())
                 .map_err(|error| error.to_string()),
         };

@@ -4,8 +4,8 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use dsa_ingest::claim::ImportParameters;
 use dsa_ingest::db::DatasetName;
+use dsa_ingest::import::run::ImportParameters;
 use dsa_ingest::import::ImportSummary;
 use rust_xlsxwriter::{ExcelDateTime, Format, Formula, Workbook};
 use serde_json::{json, Value};
@@ -377,17 +377,11 @@ async fn a_value_outside_the_header_fails_the_row_naming_the_cell() {
 }
 
 #[tokio::test]
-async fn the_spool_directory_is_left_empty_and_orphans_are_swept() {
+async fn the_spool_directory_is_left_as_it_was() {
     let app = spawn_app().await;
     let spool =
         std::env::temp_dir().join(format!("dsa-spool-test-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&spool).unwrap();
-    // A file left by a process that no longer runs (no pid is this large).
-    std::fs::write(
-        spool.join("dsa-ingest-spool-999999999-orphan"),
-        b"left over",
-    )
-    .unwrap();
     std::fs::write(spool.join("unrelated"), b"not ours").unwrap();
     let mut settings = test_settings();
     settings.spool_dir = spool.clone();

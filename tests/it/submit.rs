@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use dsa_ingest::amqp;
-use dsa_ingest::claim::ImportParameters;
+use dsa_ingest::cli::submit::{self, SubmitError};
 use dsa_ingest::config::AmqpSettings;
+use dsa_ingest::import::run::ImportParameters;
 use dsa_ingest::import::ImportSummary;
+use dsa_ingest::queue::amqp;
 use dsa_ingest::sample::sample_csv;
-use dsa_ingest::submit::{self, SubmitError};
 use lapin::options::BasicGetOptions;
 use lapin::{Connection, ConnectionProperties};
 use sha2::{Digest, Sha256};
@@ -99,7 +99,7 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         crate::broker::delete_topology(AmqpSettings {
-            url: self.url.clone(),
+            url: self.url.clone().into(),
             import_exchange: self.import_exchange.clone(),
             import_queue: self.import_queue.clone(),
             dead_letter_exchange: self.dead_letter_exchange.clone(),
@@ -545,7 +545,7 @@ async fn a_run_whose_message_cannot_be_published_is_marked_failed() {
         .await;
     // An exchange that does not exist: the broker refuses the publish.
     let settings = AmqpSettings {
-        url: TestBroker::new().url.clone(),
+        url: TestBroker::new().url.clone().into(),
         import_exchange: format!("test.missing.{}", Uuid::new_v4().simple()),
         ..AmqpSettings::default()
     };

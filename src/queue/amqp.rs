@@ -72,30 +72,15 @@ pub fn reconnect_backoff() -> backoff::ExponentialBackoff {
         .build()
 }
 
-/// A connection URL without its password (`amqp://user:***@host/vhost`,
-/// `postgres://user:***@host/db`), for logs and errors.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// Opens a connection whose name (shown by `rabbitmqctl list_connections`) says which
 /// process and role it belongs to.
 pub async fn connect(settings: &AmqpSettings, role: &str) -> Result<Connection, AmqpError> {
-    let name = format!("{role} {}", crate::claim::worker_identity());
+    let name = format!("{role} {}", crate::process::worker_identity());
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&settings.url, properties)
+    Connection::connect(settings.url.expose(), properties)
         .await
         .map_err(|source| AmqpError::Connect {
-            url: redacted(&settings.url),
+            url: settings.url.to_string(),
             source,
         })
 }
@@ -300,19 +285,5 @@ pub async fn publish_json<T: Serialize + ?Sized>(
         Confirmation::Nack(None) => Err(AmqpError::Nacked {
             exchange: exchange.to_owned(),
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redacted("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redacted("amqp://127.0.0.1"), "amqp://127.0.0.1");
     }
 }

@@ -6,9 +6,7 @@
 //! so a flaky connection costs only the bytes lost, never a restart of the import.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,63 +21,12 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, ReadBuf};
 
 use crate::config::ImportSettings;
+use crate::import::run::SourceLocation;
 use crate::metrics::{metrics, S3Operation};
 
 /// How many attempts in a row may deliver no byte before the import gives up on the
 /// store; an attempt that delivered something resets the count.
 const RANGE_ATTEMPTS: u32 = 5;
-
-/// What the import reads: a file on this machine or an object in a bucket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum SourceLocation {
-    Local { path: PathBuf },
-    S3 { bucket: String, key: String },
-}
-
-impl SourceLocation {
-    /// The object's base name, used for the `{sheet}` part of logical row ids.
-    pub fn file_name(&self) -> &str {
-        match self {
-            SourceLocation::Local { path } => path
-                .file_name()
-                .and_then(|name| name.to_str())
-                .unwrap_or_default(),
-            SourceLocation::S3 { key, .. } => key.rsplit('/').next().unwrap_or(key),
-        }
-    }
-}
-
-impl fmt::Display for SourceLocation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SourceLocation::Local { path } => write!(f, "{}", path.display()),
-            SourceLocation::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
-        }
-    }
-}
-
-impl FromStr for SourceLocation {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text.strip_prefix("s3://") {
-            Some(rest) => match rest.split_once('/') {
-                Some((bucket, key)) if !bucket.is_empty() && !key.is_empty() => {
-                    Ok(SourceLocation::S3 {
-                        bucket: bucket.to_owned(),
-                        key: key.to_owned(),
-                    })
-                }
-                _ => Err(format!("{text:?} is not of the form s3://bucket/key")),
-            },
-            None if text.is_empty() => Err("the source is empty".to_owned()),
-            None => Ok(SourceLocation::Local {
-                path: PathBuf::from(text),
-            }),
-        }
-    }
-}
 
 /// What HEAD tells about the object; recorded in the commit's lineage.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

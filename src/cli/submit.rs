@@ -27,13 +27,13 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::amqp::{self, AmqpError};
-use crate::claim::{self, ImportParameters};
 use crate::config::{AmqpSettings, Settings};
 use crate::db::{DatasetError, DatasetName};
-use crate::fetch::{FetchError, Fetcher, SourceLocation};
+use crate::import::fetch::{FetchError, Fetcher};
+use crate::import::run::{ImportParameters, SourceLocation};
 use crate::import::{ImportError, ImportSummary, Importer};
-use crate::status::{self, RunStatus};
+use crate::queue::amqp::{self, AmqpError};
+use crate::runs::{self, RunStatus};
 
 /// The arguments of `dsa-ingest submit`.
 #[derive(Debug, Args)]
@@ -50,7 +50,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    options: crate::cli::RunOptions,
+    options: super::options::RunOptions,
 }
 
 #[derive(Debug, Error)]
@@ -203,7 +203,7 @@ pub async fn command(
                     serde_json::to_string(&summary).expect("a summary serialises")
                 );
             } else {
-                crate::cli::print_summary(&summary);
+                super::output::print_summary(&summary);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -344,7 +344,7 @@ pub async fn queue_run(
         "never queued: publishing the import message to exchange {:?} failed: {error}",
         settings.import_exchange
     );
-    if let Err(record) = claim::fail_run(pool, run_id, None, &message).await {
+    if let Err(record) = runs::fail_run(pool, run_id, None, &message).await {
         tracing::error!(run.id = %run_id, error = %record, "could not mark the unqueued run failed");
     }
     Err(SubmitError::NotQueued {
@@ -601,7 +601,7 @@ pub async fn follow_run(
             _ = stop.cancelled() => return Ok(RunOutcome::Interrupted),
             reading = async {
                 ticker.tick().await;
-                status::run_status(pool, run_id).await
+                runs::run_status(pool, run_id).await
             } => reading?,
         };
         let run = reading.ok_or(SubmitError::RunVanished { run_id })?;

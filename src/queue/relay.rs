@@ -23,9 +23,8 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, AmqpError};
 use crate::config::AmqpSettings;
-use crate::finalise;
+use crate::queue::amqp::{self, AmqpError};
 
 #[derive(Debug, Error)]
 pub enum RelayError {
@@ -46,7 +45,7 @@ const CLAIM_BATCH: i64 = 100;
 
 /// Where an outbox row goes on the broker.
 ///
-/// The finalising transaction writes the built-in names (`finalise::MAINTENANCE_EXCHANGE`,
+/// The finalising transaction writes the built-in names (`crate::outbox::MAINTENANCE_EXCHANGE`,
 /// `dsa.maintenance`) because the database does not know this deployment's settings.
 /// A row naming that exchange is therefore published to the configured
 /// `AMQP_MAINTENANCE_EXCHANGE` with `AMQP_MAINTENANCE_ROUTING_KEY`, which are the same
@@ -57,7 +56,7 @@ pub fn destination<'a>(
     routing_key: &'a str,
     amqp: &'a AmqpSettings,
 ) -> (&'a str, &'a str) {
-    if exchange == finalise::MAINTENANCE_EXCHANGE {
+    if exchange == crate::outbox::MAINTENANCE_EXCHANGE {
         (&amqp.maintenance_exchange, &amqp.maintenance_routing_key)
     } else {
         (exchange, routing_key)
@@ -254,8 +253,8 @@ mod tests {
         };
         assert_eq!(
             destination(
-                finalise::MAINTENANCE_EXCHANGE,
-                finalise::REFRESH_ROUTING_KEY,
+                crate::outbox::MAINTENANCE_EXCHANGE,
+                crate::outbox::REFRESH_ROUTING_KEY,
                 &amqp
             ),
             ("test.maintenance", "refresh")

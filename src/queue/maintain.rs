@@ -31,14 +31,14 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, AmqpError};
 use crate::config::{AmqpSettings, MaintenanceSettings};
-use crate::metrics::{metrics, Health, RefreshResult};
+use crate::http::Health;
+use crate::metrics::{metrics, RefreshResult};
+use crate::outbox::MaintenanceRequest;
+use crate::queue::amqp::{self, AmqpError};
 
 /// Deliveries the broker sends before the first is acknowledged; also the most
 /// requests one refresh covers.
@@ -56,62 +56,6 @@ pub const REFRESH_LOCK_KEY: i64 = 0x6473_615f_7365_6172;
 /// rebuilt; it needs the view's unique index (see the search migration).
 const REFRESH_STATEMENT: &str =
     "REFRESH MATERIALIZED VIEW CONCURRENTLY dsa_search.datasets_summary";
-
-/// A body on the maintenance queue, as `docs/schemas/maintenance-request.schema.json`
-/// describes it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MaintenanceRequest {
-    pub task: MaintenanceTask,
-    /// The dataset whose change prompted the request; for logs only, since the view is
-    /// refreshed as a whole.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dataset_id: Option<i64>,
-    /// The commit that prompted the request; for logs only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit_id: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MaintenanceTask {
-    /// Refresh `dsa_search.datasets_summary`.
-    RefreshSearchIndex,
-}
-
-#[derive(Debug, Error)]
-pub enum RequestError {
-    #[error("the body is not a maintenance request: {0}")]
-    Invalid(String),
-}
-
-impl MaintenanceRequest {
-    /// A request with no dataset or commit named.
-    pub fn refresh_search_index() -> Self {
-        Self {
-            task: MaintenanceTask::RefreshSearchIndex,
-            dataset_id: None,
-            commit_id: None,
-        }
-    }
-
-    /// Parses and checks a body against the published schema.
-    pub fn parse(body: &[u8]) -> Result<Self, RequestError> {
-        let request: Self = serde_json::from_slice(body)
-            .map_err(|error| RequestError::Invalid(error.to_string()))?;
-        if matches!(request.dataset_id, Some(id) if id < 1) {
-            return Err(RequestError::Invalid(
-                "dataset_id must be 1 or greater".to_owned(),
-            ));
-        }
-        if matches!(&request.commit_id, Some(id) if id.is_empty()) {
-            return Err(RequestError::Invalid(
-                "commit_id must not be empty".to_owned(),
-            ));
-        }
-        Ok(request)
-    }
-}
 
 /// How long one refresh took.
 #[derive(Clone, Copy, Debug)]
@@ -259,7 +203,7 @@ async fn subscribe(amqp: &AmqpSettings) -> Result<(Connection, Channel, Consumer
         .map_err(broker("setting the prefetch"))?;
     // The tag names the process, so `rabbitmqctl list_consumers` shows which
     // maintainer is the active one.
-    let tag = format!("maintain {}", crate::claim::worker_identity());
+    let tag = format!("maintain {}", crate::process::worker_identity());
     let consumer = channel
         .basic_consume(
             amqp.maintenance_queue.as_str().into(),

@@ -1,16 +1,21 @@
 //! The command line: parses arguments, wires settings to the import core, prints results.
 
+mod options;
+mod output;
+pub mod submit;
+
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
-use crate::claim::ImportParameters;
 use crate::config::Settings;
 use crate::db::{self, DatasetName};
-use crate::fetch::SourceLocation;
-use crate::import::{ImportSummary, Importer};
+use crate::import::run::{ImportParameters, SourceLocation};
+use crate::import::Importer;
+use options::RunOptions;
+use output::{print_status, print_summary};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,7 +42,7 @@ enum Command {
     Consume,
     /// Queue an import for the consumers: upload a local file to S3_BUCKET (or name an
     /// s3://bucket/key), create the run, publish its message; --wait follows it.
-    Submit(crate::submit::SubmitArgs),
+    Submit(submit::SubmitArgs),
     /// Refresh the search index on request from the maintenance queue, coalescing bursts
     /// (MAINTENANCE_COALESCE_MS), and relay the outbox, until SIGTERM or Ctrl-C.
     Maintain,
@@ -58,23 +63,6 @@ enum DatasetCommand {
         #[arg(long)]
         description: Option<String>,
     },
-}
-
-/// What a new run is asked to do, the same for `import` and `submit`.
-#[derive(Debug, Args)]
-pub(crate) struct RunOptions {
-    /// Put rows that cannot be decoded into dsa_jobs.rejected_rows instead of failing.
-    #[arg(long)]
-    pub skip_bad_rows: bool,
-    /// The commit message (default: "Import <source>").
-    #[arg(long)]
-    pub message: Option<String>,
-    /// Who asked for the import, recorded on the run and as the commit's author.
-    #[arg(long)]
-    pub user: Option<String>,
-    /// For a spreadsheet: import only this worksheet (repeat for several; default: all).
-    #[arg(long = "sheet", value_name = "NAME")]
-    pub sheets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -107,7 +95,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     // The process's own high-water mark (VmHWM), which a parent cannot read reliably
     // once we exit: rusage of a child spawned with vfork also counts the parent.
     tracing::debug!(
-        peak_rss_bytes = crate::memory::peak_rss_bytes(),
+        peak_rss_bytes = crate::process::peak_rss_bytes(),
         "command finished"
     );
     code
@@ -121,14 +109,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consume => 2 * settings.parallel_workers as u32 + 4,
         _ => 4,
     };
-    let pool = db::connect(&settings.database_url, connections)
+    let pool = db::connect(settings.database_url.expose(), connections)
         .await
-        .with_context(|| {
-            format!(
-                "connecting to PostgreSQL at {}",
-                crate::amqp::redacted(&settings.database_url)
-            )
-        })?;
+        .with_context(|| format!("connecting to PostgreSQL at {}", settings.database_url))?;
     if !matches!(cli.command, Command::Migrate) {
         db::check_schema(&pool).await?;
     }
@@ -145,10 +128,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Import(args) => import(settings, pool, args).await?,
         Command::Consume => consume(settings, pool).await?,
-        Command::Submit(args) => return Ok(crate::submit::command(settings, pool, args).await?),
+        Command::Submit(args) => return Ok(submit::command(settings, pool, args).await?),
         Command::Maintain => maintain(settings, pool).await?,
         Command::Status { run_id, json } => {
-            let Some(run) = crate::status::run_status(&pool, run_id).await? else {
+            let Some(run) = crate::runs::run_status(&pool, run_id).await? else {
                 anyhow::bail!("run {run_id} does not exist");
             };
             if json {
@@ -204,27 +187,20 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
 }
 
 async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
-    let event_dataset = match std::env::var("S3_EVENT_DATASET") {
-        Ok(name) if !name.trim().is_empty() => Some(
-            DatasetName::parse(name.trim())
-                .context("S3_EVENT_DATASET is not a valid dataset name")?,
-        ),
-        _ => None,
-    };
     let s3 = crate::s3::client(&settings.s3).await;
     let stop = crate::shutdown::on_signals();
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
-    let setup = crate::consume::ConsumerSetup {
+    let setup = crate::queue::consume::ConsumerSetup {
         importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
         pool,
         s3: Some(s3),
         amqp: settings.amqp.clone(),
         workers: settings.parallel_workers,
-        event_dataset,
+        event_dataset: settings.s3_event_dataset.clone(),
         health: sidecars.health.clone(),
         committed: Some(sidecars.nudge.clone()),
     };
-    crate::consume::run(setup, stop.clone()).await?;
+    crate::queue::consume::run(setup, stop.clone()).await?;
     sidecars.stop(&stop).await;
     Ok(())
 }
@@ -232,7 +208,7 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
 async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signals();
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
-    crate::maintain::run(
+    crate::queue::maintain::run(
         pool,
         settings.amqp,
         settings.maintenance,
@@ -249,9 +225,9 @@ async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> 
 /// (nudged after every import `consume` completes, and sweeping every few seconds for
 /// what `import` runs and dead processes left behind).
 struct Sidecars {
-    health: crate::metrics::Health,
+    health: crate::http::Health,
     nudge: tokio::sync::mpsc::Sender<()>,
-    server: crate::metrics::ServerHandle,
+    server: crate::http::ServerHandle,
     relay: tokio::task::JoinHandle<()>,
 }
 
@@ -261,15 +237,15 @@ impl Sidecars {
         pool: &sqlx::PgPool,
         stop: &crate::shutdown::CancellationToken,
     ) -> anyhow::Result<Self> {
-        let health = crate::metrics::Health::new(pool.clone());
-        let server = crate::metrics::spawn_server(
+        let health = crate::http::Health::new(pool.clone());
+        let server = crate::http::spawn_server(
             &settings.metrics_addr,
             health.clone(),
             stop.clone().cancelled_owned(),
         )
         .await?;
         let (nudge, nudges) = tokio::sync::mpsc::channel(1);
-        let relay = tokio::spawn(crate::relay::run_relay(
+        let relay = tokio::spawn(crate::queue::relay::run_relay(
             pool.clone(),
             settings.amqp.clone(),
             nudges,
@@ -291,106 +267,5 @@ impl Sidecars {
             tracing::error!(error = %error, "the outbox relay failed");
         }
         let _ = self.server.task.await;
-    }
-}
-
-pub(crate) fn print_summary(summary: &ImportSummary) {
-    println!("run        {}", summary.run_id);
-    println!("commit     {}", summary.commit_id);
-    println!(
-        "parent     {}",
-        summary
-            .parent_commit_id
-            .as_deref()
-            .unwrap_or("(none: first commit)")
-    );
-    println!(
-        "rows       {} ({} newly stored, {} rejected)",
-        summary.rows, summary.new_rows, summary.rejected_rows
-    );
-    println!(
-        "bytes      {} ({} read by this attempt)",
-        summary.bytes, summary.bytes_read
-    );
-    println!(
-        "seconds    {:.2} ({:.0} rows/s)",
-        summary.seconds, summary.rows_per_second
-    );
-    println!("tree hash  {}", summary.tree_hash);
-    if let Some(sheets) = summary
-        .source
-        .get("sheets")
-        .and_then(|sheets| sheets.as_array())
-    {
-        for sheet in sheets {
-            println!(
-                "sheet      {} ({}): {} rows, {} columns",
-                sheet["name"].as_str().unwrap_or("?"),
-                sheet["visibility"].as_str().unwrap_or("?"),
-                sheet["rows"],
-                sheet["columns"].as_array().map_or(0, Vec::len)
-            );
-        }
-    }
-    for change in &summary.header_changes {
-        println!(
-            "header     column {} {:?} renamed to {:?} ({:?})",
-            change.column, change.original, change.name, change.reason
-        );
-    }
-}
-
-fn print_status(run: &crate::status::RunStatus) {
-    println!("run        {} ({})", run.run_id, run.run_type);
-    println!("status     {}", run.status);
-    if let Some(dataset) = &run.dataset {
-        println!("dataset    {dataset}");
-    }
-    let line = |key: &str| {
-        run.progress
-            .as_ref()
-            .and_then(|progress| progress.get(key))
-            .and_then(|value| value.as_str().map(str::to_owned))
-    };
-    if let Some(status_line) = line("status") {
-        println!("progress   {status_line}");
-    }
-    if let Some(checkpoint) = &run.checkpoint {
-        let in_sheets = checkpoint.get("completed_sheets").is_some()
-            || checkpoint["sheet_index"].as_u64().unwrap_or(0) > 0
-            || checkpoint["sheet_records"].as_u64().unwrap_or(0) > 0;
-        if in_sheets {
-            // A spreadsheet resumes from a sheet and row; its byte offset is an estimate.
-            println!(
-                "checkpoint sheet {} (number {}), row {} ({} rows loaded)",
-                checkpoint["sheet"],
-                checkpoint["sheet_index"].as_u64().unwrap_or(0) + 1,
-                checkpoint["sheet_records"],
-                checkpoint["loaded_rows"]
-            );
-        } else {
-            println!(
-                "checkpoint byte {} ({} rows loaded)",
-                checkpoint["byte_offset"], checkpoint["loaded_rows"]
-            );
-        }
-    }
-    if let Some(owner) = &run.lease_owner {
-        let until = run
-            .lease_expires_at
-            .map(|until| until.to_rfc3339())
-            .unwrap_or_default();
-        println!("held by    {owner} until {until}");
-    }
-    if let Some(summary) = &run.output_summary {
-        println!(
-            "commit     {} ({} rows, {} newly stored)",
-            summary["commit_id"].as_str().unwrap_or("?"),
-            summary["rows"],
-            summary["new_rows"]
-        );
-    }
-    if let Some(error) = &run.error_message {
-        println!("error      {error}");
     }
 }

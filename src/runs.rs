@@ -1,108 +1,20 @@
-//! Stage `claim`: create import runs, and take one under a lease with a fencing token.
+//! Every statement on `dsa_jobs.analysis_runs`: create a run, claim it under a lease with
+//! a fencing token (the pipeline's `claim` stage), release, park or fail it, and read its
+//! status.
 //!
 //! Every batch transaction re-checks the token it claimed (see `load`), so a worker that
 //! lost its lease, however slowly it notices, can never write into a run another worker
 //! has taken over: the lease decides who may work, the token decides whose writes count.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::types::Json;
 use sqlx::PgPool;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::decode::Header;
-use crate::fetch::SourceLocation;
-use crate::hash::TreeHasher;
-
-/// What an import run was asked to do; stored as the run's `run_parameters`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportParameters {
-    pub source: SourceLocation,
-    /// Put rows that cannot be decoded into `dsa_jobs.rejected_rows` instead of failing.
-    #[serde(default)]
-    pub skip_bad_rows: bool,
-    /// The commit message; a default naming the source is used when absent.
-    #[serde(default)]
-    pub message: Option<String>,
-    /// The ETag the requester saw; the run fails if the object has another.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected_etag: Option<String>,
-    /// For spreadsheets: the worksheets to import (all of them when absent). A name
-    /// the file does not have fails the run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sheets: Option<Vec<String>>,
-}
-
-/// Where a run continues after a crash; written in the same transaction as each batch.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// The commit this run is filling; created before the first batch.
-    pub commit_id: String,
-    /// The ETag the run started with; a resume against another object fails.
-    pub etag: Option<String>,
-    /// The `{sheet}` of the logical row ids being written.
-    pub sheet: String,
-    /// Absolute offset of the first byte not yet loaded (0 until the header is read).
-    pub byte_offset: u64,
-    /// Line number of the line that starts at `byte_offset`.
-    pub line: u64,
-    /// Data records consumed so far, loaded or rejected; the next row is `records + 1`.
-    pub records: u64,
-    /// Rows written to the commit so far.
-    pub loaded_rows: u64,
-    /// Of those, rows that were not stored before.
-    pub new_rows: u64,
-    pub rejected_rows: u64,
-    /// The tree hash state after the last loaded row.
-    pub tree_state: String,
-    /// The header, once read; a resume does not read it again. For a spreadsheet,
-    /// the header of the sheet being read, which a resume checks against the file.
-    pub header: Option<Header>,
-    /// Spreadsheets: the position of the sheet being read in the run's list of sheets.
-    /// `byte_offset` is then only an estimate of progress; the resume point is this
-    /// sheet and `sheet_records`.
-    #[serde(default)]
-    pub sheet_index: usize,
-    /// Spreadsheets: data rows of the current sheet consumed so far (loaded, rejected,
-    /// or empty rows between them); the next row is `sheet_records + 1`.
-    #[serde(default)]
-    pub sheet_records: u64,
-    /// Spreadsheets: the sheets read to their end, for the commit's lineage.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub completed_sheets: Vec<crate::sheet::SheetLineage>,
-}
-
-impl Checkpoint {
-    /// The state of a run whose commit exists but whose file has not been read yet.
-    pub fn start(commit_id: String, etag: Option<String>, sheet: String) -> Self {
-        Self {
-            commit_id,
-            etag,
-            sheet,
-            byte_offset: 0,
-            line: 1,
-            records: 0,
-            loaded_rows: 0,
-            new_rows: 0,
-            rejected_rows: 0,
-            tree_state: TreeHasher::new().to_hex(),
-            header: None,
-            sheet_index: 0,
-            sheet_records: 0,
-            completed_sheets: Vec::new(),
-        }
-    }
-}
-
-/// The right to write one run's batches, valid while `token` is the run's lease token.
-#[derive(Clone, Debug)]
-pub struct Lease {
-    pub run_id: Uuid,
-    pub token: i64,
-    pub owner: String,
-    pub duration: std::time::Duration,
-}
+use crate::import::run::{Checkpoint, ImportParameters, Lease};
+use crate::process::owner_is_dead_local_process;
 
 /// A run this worker now holds.
 #[derive(Clone, Debug)]
@@ -132,44 +44,6 @@ pub enum ClaimError {
     BadParameters { run_id: Uuid, message: String },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-}
-
-/// `dsa-ingest@host/boot:pid`: who holds a lease, readable by a person and by
-/// [`owner_is_dead_local_process`]. The boot id tells apart machines or containers
-/// that share a host name, and a host before and after a restart.
-pub fn worker_identity() -> String {
-    format!("dsa-ingest@{}:{}", this_host(), std::process::id())
-}
-
-fn this_host() -> String {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|id| id.trim().chars().take(8).collect::<String>())
-        .unwrap_or_default();
-    format!("{}/{boot}", hostname())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned())
-}
-
-/// True when `owner` names a process on this host that no longer runs, so its lease can
-/// be taken at once instead of after it expires (the usual case after `kill -9` and a
-/// `--resume` on the same machine). Other hosts' leases always run out by time.
-pub fn owner_is_dead_local_process(owner: &str) -> bool {
-    let Some((host, pid)) = owner
-        .strip_prefix("dsa-ingest@")
-        .and_then(|rest| rest.rsplit_once(':'))
-    else {
-        return false;
-    };
-    let Ok(pid) = pid.parse::<u32>() else {
-        return false;
-    };
-    host == this_host()
-        && pid != std::process::id()
-        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Creates a pending import run for a dataset.
@@ -380,18 +254,43 @@ pub async fn fail_run(
     Ok(updated == 1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+// ---------------------------------------------------------------------------------------
+// What `dsa-ingest status` shows
+// ---------------------------------------------------------------------------------------
 
-    #[test]
-    fn a_live_or_foreign_owner_is_not_taken_over() {
-        assert!(!owner_is_dead_local_process(&worker_identity()));
-        assert!(!owner_is_dead_local_process(
-            "dsa-ingest@elsewhere.example:1"
-        ));
-        assert!(!owner_is_dead_local_process("someone"));
-        let dead = format!("dsa-ingest@{}:{}", this_host(), u32::MAX - 1);
-        assert!(owner_is_dead_local_process(&dead));
-    }
+/// A run as a person or a script reads it.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct RunStatus {
+    pub run_id: Uuid,
+    pub run_type: String,
+    pub status: String,
+    pub dataset: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub attempts: i32,
+    /// Who holds the run now and until when (running runs only).
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub progress: Option<serde_json::Value>,
+    pub checkpoint: Option<serde_json::Value>,
+    /// The import's summary once it completed.
+    pub output_summary: Option<serde_json::Value>,
+    pub error_message: Option<String>,
+}
+
+/// The run, or `None` when no run has that id.
+pub async fn run_status(pool: &PgPool, run_id: Uuid) -> Result<Option<RunStatus>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.id AS run_id, a.run_type::text AS run_type, a.status::text AS status,
+                d.name AS dataset, a.created_at, a.started_at, a.completed_at, a.attempts,
+                a.lease_owner, a.lease_expires_at, a.progress, a.checkpoint,
+                a.output_summary, a.error_message
+           FROM dsa_jobs.analysis_runs a
+           LEFT JOIN dsa_core.datasets d ON d.id = a.dataset_id
+          WHERE a.id = $1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await
 }

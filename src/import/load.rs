@@ -8,14 +8,13 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use sqlx::pool::PoolConnection;
 use sqlx::{Acquire, PgPool, Postgres};
 use thiserror::Error;
 
-use crate::claim::{Checkpoint, Lease};
-use crate::decode::RowProblem;
-use crate::hash::RowHash;
+use crate::import::decode::RowProblem;
+use crate::import::hash::RowHash;
+use crate::import::run::{Checkpoint, Lease, Progress};
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -211,48 +210,6 @@ fn push_copy_escaped(bytes: &[u8], out: &mut Vec<u8>) {
         run_start = index + 1;
     }
     out.extend_from_slice(&bytes[run_start..]);
-}
-
-/// Bytes-based progress, as people and dashboards read it from `analysis_runs.progress`.
-#[derive(Clone, Debug, Serialize)]
-pub struct Progress {
-    pub bytes_processed: u64,
-    pub total_bytes: u64,
-    pub percentage: f64,
-    pub rows_processed: u64,
-    pub rows_per_second: f64,
-    pub status: String,
-}
-
-impl Progress {
-    pub fn new(
-        checkpoint: &Checkpoint,
-        total_bytes: u64,
-        rows_this_attempt: u64,
-        elapsed: Duration,
-    ) -> Self {
-        let percentage = if total_bytes == 0 {
-            100.0
-        } else {
-            (checkpoint.byte_offset as f64 / total_bytes as f64 * 10_000.0).round() / 100.0
-        };
-        let rows_per_second = if elapsed.as_secs_f64() > 0.0 {
-            (rows_this_attempt as f64 / elapsed.as_secs_f64()).round()
-        } else {
-            0.0
-        };
-        Self {
-            bytes_processed: checkpoint.byte_offset,
-            total_bytes,
-            percentage,
-            rows_processed: checkpoint.records,
-            rows_per_second,
-            status: format!(
-                "Processing: {percentage:.1}% ({} rows, {} bytes of {})",
-                checkpoint.records, checkpoint.byte_offset, total_bytes
-            ),
-        }
-    }
 }
 
 /// What one batch did, for the summary and the logs.

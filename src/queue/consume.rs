@@ -35,15 +35,17 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::amqp::{self, AmqpError};
-use crate::claim::{self, ClaimError, ImportParameters};
 use crate::config::AmqpSettings;
 use crate::db::{self, DatasetError, DatasetName};
-use crate::fetch::SourceLocation;
+use crate::http::Health;
+use crate::import::load::LoadError;
+use crate::import::run::ImportParameters;
+use crate::import::run::SourceLocation;
 use crate::import::{ImportError, ImportSummary, Importer};
-use crate::load::LoadError;
-use crate::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
-use crate::metrics::{metrics, AmqpOutcome, Health};
+use crate::metrics::{metrics, AmqpOutcome};
+use crate::queue::amqp::{self, AmqpError};
+use crate::queue::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
+use crate::runs::{self, ClaimError};
 
 #[derive(Debug, Error)]
 pub enum ConsumeError {
@@ -447,7 +449,7 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
                         &request.idempotency_key,
                     )
                     .await?;
-                    claim::fail_run(
+                    runs::fail_run(
                         &setup.pool,
                         run_id,
                         None,
@@ -536,7 +538,7 @@ async fn failed_keyed_run(
     reason: &str,
 ) -> Result<Uuid, Refusal> {
     let run_id = create_keyed_run(&setup.pool, None, user, parameters, key).await?;
-    claim::fail_run(&setup.pool, run_id, None, reason).await?;
+    runs::fail_run(&setup.pool, run_id, None, reason).await?;
     Ok(run_id)
 }
 
@@ -638,8 +640,7 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
         match result {
             Ok(summary) => {
                 log_completed(&summary);
-                let format = summary.source["format"].as_str().unwrap_or("csv");
-                metrics().record_import_finished(&summary, format);
+                metrics().record_import_finished(&(&summary).into(), summary.source.format());
                 if let Some(committed) = &setup.committed {
                     let _ = committed.try_send(());
                 }
@@ -686,7 +687,7 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
                         "stopped after retrying for {} s: {error}; the message is in the dead-letter queue, replay it to resume",
                         setup.amqp.retry_budget.as_secs()
                     );
-                    if let Err(park) = claim::park(&setup.pool, run_id, &note).await {
+                    if let Err(park) = runs::park(&setup.pool, run_id, &note).await {
                         tracing::warn!(run.id = %run_id, error = %park, "could not record the pause on the run");
                     }
                     return Settle::DeadLetter(note);

@@ -5,15 +5,11 @@
 //! The dataset row is locked first, so two imports finishing into one dataset take turns:
 //! the second sees the first's commit as its parent and history stays linear.
 
-use serde_json::json;
+use sqlx::types::Json;
 use sqlx::{Acquire, PgConnection};
 
-use crate::claim::Lease;
-use crate::load::LoadError;
-
-/// Where the outbox's search-refresh requests are published.
-pub const MAINTENANCE_EXCHANGE: &str = "dsa.maintenance";
-pub const REFRESH_ROUTING_KEY: &str = "refresh_search_index";
+use crate::import::load::LoadError;
+use crate::import::run::{Lease, Lineage};
 
 /// The finished commit's facts.
 pub struct CommitFacts<'a> {
@@ -21,7 +17,7 @@ pub struct CommitFacts<'a> {
     pub commit_id: &'a str,
     pub row_count: u64,
     pub tree_hash: &'a str,
-    pub source: serde_json::Value,
+    pub source: Lineage,
 }
 
 /// Finalises the commit and completes the run; returns the parent commit id.
@@ -60,7 +56,7 @@ pub async fn finalise(
     .bind(parent.as_deref())
     .bind(facts.row_count as i64)
     .bind(facts.tree_hash)
-    .bind(&facts.source)
+    .bind(Json(&facts.source))
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -94,16 +90,7 @@ pub async fn finalise(
             token: lease.token,
         });
     }
-    sqlx::query("INSERT INTO dsa_jobs.outbox (exchange, routing_key, payload) VALUES ($1, $2, $3)")
-        .bind(MAINTENANCE_EXCHANGE)
-        .bind(REFRESH_ROUTING_KEY)
-        .bind(json!({
-            "task": "refresh_search_index",
-            "dataset_id": facts.dataset_id,
-            "commit_id": facts.commit_id,
-        }))
-        .execute(&mut *tx)
-        .await?;
+    crate::outbox::queue_refresh(&mut tx, facts.dataset_id, facts.commit_id).await?;
     tx.commit().await?;
     Ok(parent)
 }

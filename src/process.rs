@@ -52,3 +52,56 @@ pub fn peak_rss_bytes() -> u64 {
         0
     }
 }
+
+/// `dsa-ingest@host/boot:pid`: who holds a lease, readable by a person and by
+/// [`owner_is_dead_local_process`]. The boot id tells apart machines or containers
+/// that share a host name, and a host before and after a restart.
+pub fn worker_identity() -> String {
+    format!("dsa-ingest@{}:{}", this_host(), std::process::id())
+}
+
+fn this_host() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().chars().take(8).collect::<String>())
+        .unwrap_or_default();
+    format!("{}/{boot}", hostname())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}
+
+/// True when `owner` names a process on this host that no longer runs, so its lease can
+/// be taken at once instead of after it expires (the usual case after `kill -9` and a
+/// `--resume` on the same machine). Other hosts' leases always run out by time.
+pub fn owner_is_dead_local_process(owner: &str) -> bool {
+    let Some((host, pid)) = owner
+        .strip_prefix("dsa-ingest@")
+        .and_then(|rest| rest.rsplit_once(':'))
+    else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    host == this_host()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_or_foreign_owner_is_not_taken_over() {
+        assert!(!owner_is_dead_local_process(&worker_identity()));
+        assert!(!owner_is_dead_local_process(
+            "dsa-ingest@elsewhere.example:1"
+        ));
+        assert!(!owner_is_dead_local_process("someone"));
+        let dead = format!("dsa-ingest@{}:{}", this_host(), u32::MAX - 1);
+        assert!(owner_is_dead_local_process(&dead));
+    }
+}

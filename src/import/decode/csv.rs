@@ -1,234 +1,20 @@
-//! Stage `decode`: CSV bytes become rows of canonical JSON, with the header resolved once.
-//!
-//! Reading is async (csv-async over the fetch stream); turning a record into canonical
-//! JSON is plain CPU work done by [`RowEncoder`] off the async executor. Positions are
-//! kept absolute (bytes from the start of the object, lines from its first line) so
-//! errors and checkpoints mean the same thing whether or not the run was resumed.
+//! CSV: csv-async over the fetch stream (with a cap on record length), absolute byte and
+//! line positions for errors and checkpoints, and records written straight into
+//! canonical JSON by [`RowEncoder`].
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncRead};
 
-use crate::fetch::FetchError;
-use crate::hash::{jcs_key_cmp, write_json_string};
+use super::{CanonicalKeys, DecodeError, Header, RowProblem};
+use crate::import::fetch::FetchError;
+use crate::import::hash::write_json_string;
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
-
-#[derive(Debug, Error)]
-pub enum DecodeError {
-    #[error("{file}: line {line}, byte {byte}: {problem}")]
-    BadRow {
-        file: String,
-        line: u64,
-        byte: u64,
-        problem: RowProblem,
-    },
-    #[error(
-        "{file}: the content is {found}, not CSV; name it with its format's extension \
-         (.xlsx, .xlsb, .xls, .ods) to import it as a spreadsheet"
-    )]
-    NotCsv { file: String, found: &'static str },
-    #[error("{file}: the file is empty; a CSV needs a header row")]
-    MissingHeader { file: String },
-    #[error("{file}: header (line 1): {problem}")]
-    BadHeader { file: String, problem: RowProblem },
-    #[error(transparent)]
-    Source(#[from] FetchError),
-    #[error(
-        "{file}: the data ended at byte {read} of {size}; was the file changed while it was read?"
-    )]
-    Truncated { file: String, read: u64, size: u64 },
-    #[error(
-        "{file}: the record starting at byte {byte} is longer than {limit} bytes \
-         (IMPORT_MAX_RECORD_BYTES); is a quote left open there?"
-    )]
-    RecordTooLong { file: String, byte: u64, limit: u64 },
-    #[error("{file}: reading CSV near byte {byte}: {message}")]
-    Read {
-        file: String,
-        byte: u64,
-        message: String,
-    },
-}
-
-/// What is wrong with one record; also stored with rows a run chose to skip.
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
-pub enum RowProblem {
-    #[error("expected {expected} fields as in the header, found {found}")]
-    Ragged { expected: usize, found: usize },
-    #[error("column {column} is not valid UTF-8 (at byte {byte} of the file)")]
-    InvalidUtf8 { column: usize, byte: u64 },
-    #[error("column {column} contains a NUL character, which PostgreSQL cannot store in JSON")]
-    NulCharacter { column: usize },
-    /// A spreadsheet cell with a value beyond the columns its header names; refused
-    /// rather than dropped or given a made-up name.
-    #[error("cell {cell} has a value outside the header's columns {columns}")]
-    OutsideHeader { cell: String, columns: String },
-}
-
-impl RowProblem {
-    /// The 1-based column the problem is in, when it is in one.
-    pub fn column(&self) -> Option<usize> {
-        match self {
-            RowProblem::Ragged { .. } | RowProblem::OutsideHeader { .. } => None,
-            RowProblem::InvalidUtf8 { column, .. } | RowProblem::NulCharacter { column } => {
-                Some(*column)
-            }
-        }
-    }
-}
-
-/// The header after empty and duplicate names were made unique, deterministically.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Header {
-    /// Column names in file order, as they appear as JSON keys in every row.
-    pub columns: Vec<String>,
-    /// Every name that differs from the file, for the run's summary.
-    pub changes: Vec<HeaderChange>,
-    /// Whether the header line ends in CRLF; a resumed read needs it to number lines.
-    #[serde(default)]
-    pub crlf: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeaderChange {
-    /// 1-based column number.
-    pub column: usize,
-    pub original: String,
-    pub name: String,
-    pub reason: HeaderChangeReason,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HeaderChangeReason {
-    Empty,
-    Duplicate,
-}
-
-impl Header {
-    /// Names an empty header cell `column_N` (its 1-based position) and a repeated name
-    /// `name_2`, `name_3`, ... in file order, skipping any candidate that is already taken,
-    /// so the same header always gives the same names.
-    pub fn resolve(raw: &[String]) -> Self {
-        let mut taken: HashSet<String> = raw
-            .iter()
-            .filter(|name| !name.trim().is_empty())
-            .cloned()
-            .collect();
-        let mut seen = HashSet::new();
-        let mut columns = Vec::with_capacity(raw.len());
-        let mut changes = Vec::new();
-        for (index, original) in raw.iter().enumerate() {
-            let column = index + 1;
-            let (name, reason) = if original.trim().is_empty() {
-                let base = format!("column_{column}");
-                (
-                    unique_name(&base, &mut taken, 1),
-                    Some(HeaderChangeReason::Empty),
-                )
-            } else if !seen.insert(original.clone()) {
-                (
-                    unique_name(original, &mut taken, 2),
-                    Some(HeaderChangeReason::Duplicate),
-                )
-            } else {
-                (original.clone(), None)
-            };
-            if let Some(reason) = reason {
-                seen.insert(name.clone());
-                changes.push(HeaderChange {
-                    column,
-                    original: original.clone(),
-                    name: name.clone(),
-                    reason,
-                });
-            }
-            columns.push(name);
-        }
-        Self {
-            columns,
-            changes,
-            crlf: false,
-        }
-    }
-}
-
-/// `base` itself when free (for `first_suffix` 1), else `base_2`, `base_3`, ...
-fn unique_name(base: &str, taken: &mut HashSet<String>, first_suffix: usize) -> String {
-    let mut suffix = first_suffix;
-    loop {
-        let candidate = if suffix == 1 {
-            base.to_owned()
-        } else {
-            format!("{base}_{suffix}")
-        };
-        if taken.insert(candidate.clone()) {
-            return candidate;
-        }
-        suffix += 1;
-    }
-}
-
-/// The `{sheet}` of a CSV object's logical row ids: its base name up to the first dot.
-pub fn sheet_name(file_name: &str) -> String {
-    match file_name.split('.').next() {
-        Some(stem) if !stem.is_empty() => stem.to_owned(),
-        _ => file_name.to_owned(),
-    }
-}
-
-/// A header's keys in canonical (RFC 8785) order, each with its escaped JSON prefix:
-/// what every row encoder needs to write a row straight into canonical form without
-/// building a map per row. The CSV and the spreadsheet encoders share it.
-#[derive(Clone, Debug)]
-pub struct CanonicalKeys {
-    /// Column index for each key, in canonical key order.
-    order: Vec<usize>,
-    /// `{"key":` for the first key and `,"key":` for the others, already escaped.
-    prefixes: Vec<Vec<u8>>,
-}
-
-impl CanonicalKeys {
-    pub fn new(header: &Header) -> Self {
-        let mut order: Vec<usize> = (0..header.columns.len()).collect();
-        order.sort_by(|&a, &b| jcs_key_cmp(&header.columns[a], &header.columns[b]));
-        let prefixes = order
-            .iter()
-            .enumerate()
-            .map(|(position, &column)| {
-                let mut prefix = vec![if position == 0 { b'{' } else { b',' }];
-                write_json_string(&header.columns[column], &mut prefix);
-                prefix.push(b':');
-                prefix
-            })
-            .collect();
-        Self { order, prefixes }
-    }
-
-    /// Number of columns.
-    pub fn len(&self) -> usize {
-        self.order.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
-
-    /// Each key's prefix with the column it takes its value from, in canonical order.
-    pub fn fields(&self) -> impl Iterator<Item = (&[u8], usize)> {
-        self.prefixes
-            .iter()
-            .map(Vec::as_slice)
-            .zip(self.order.iter().copied())
-    }
-}
 
 /// Turns records into canonical JSON objects (RFC 8785) with the header's names as keys.
 #[derive(Clone, Debug)]
@@ -573,29 +359,6 @@ impl CsvDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn names(raw: &[&str]) -> Vec<String> {
-        Header::resolve(&raw.iter().map(|s| s.to_string()).collect::<Vec<_>>()).columns
-    }
-
-    #[test]
-    fn empty_and_duplicate_header_names_are_made_unique_deterministically() {
-        assert_eq!(
-            names(&["a", "", "a", "a_2", "b", "a"]),
-            vec!["a", "column_2", "a_3", "a_2", "b", "a_4"]
-        );
-        assert_eq!(names(&["column_2", ""]), vec!["column_2", "column_2_2"]);
-        let header = Header::resolve(&["x".into(), "x".into()]);
-        assert_eq!(header.changes.len(), 1);
-        assert_eq!(header.changes[0].reason, HeaderChangeReason::Duplicate);
-    }
-
-    #[test]
-    fn sheet_is_the_base_name_up_to_the_first_dot() {
-        assert_eq!(sheet_name("data.csv.gz"), "data");
-        assert_eq!(sheet_name("data"), "data");
-        assert_eq!(sheet_name(".hidden"), ".hidden");
-    }
 
     #[test]
     fn rows_are_written_in_canonical_key_order() {

@@ -1,0 +1,574 @@
+//! The import core: claim → fetch → decode → hash → load → finalise, for one run.
+//!
+//! It takes plain inputs (a pool, an optional S3 client, settings) and knows nothing of
+//! AMQP, so the CLI, a queue consumer and the tests all drive it the same way.
+//!
+//! Two tasks run side by side: a producer reads and decodes the object and hands each
+//! batch's CPU work (canonical JSON, sha256, COPY encoding) to the blocking pool, while
+//! the loader writes the previous batch to PostgreSQL. A bounded channel between them
+//! keeps memory constant whatever the file's size.
+
+pub mod decode;
+pub mod fetch;
+pub mod finalise;
+pub mod hash;
+pub mod load;
+mod produce;
+pub mod run;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::config::ImportSettings;
+use crate::db::{self, DatasetError, DatasetName};
+use crate::metrics::CompletedImport;
+use crate::runs::{self, ClaimError, ClaimedRun};
+use decode::csv::{CsvDecoder, CsvStart, RowEncoder};
+use decode::sheet::{self, SheetError, SheetFormat};
+use decode::{DecodeError, Header, HeaderChange};
+use fetch::{FetchError, Fetcher, ObjectInfo};
+use finalise::CommitFacts;
+use load::{LoadError, Loader, Lookup};
+use produce::{drop_known_rows, produce_batches, produce_sheet_batches, Produced, SheetJob};
+use run::{Checkpoint, CsvDialect, ImportParameters, Layout, Lineage, Progress};
+
+/// Batches decoded ahead of the loader; two keep both sides busy without piling up.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Sheet(#[from] SheetError),
+    #[error("{0}")]
+    Resume(String),
+    /// Shutdown asked the import to stop after its last committed batch; the run stays
+    /// resumable from that checkpoint.
+    #[error("the import was stopped by shutdown; it resumes from its last checkpoint")]
+    Interrupted,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for ImportError {
+    fn from(error: sqlx::Error) -> Self {
+        ImportError::Load(LoadError::Database(error))
+    }
+}
+
+impl ImportError {
+    /// Whether the run itself should be marked failed. Claim problems and a lost lease
+    /// belong to someone else's run state, so they leave the run alone.
+    pub fn fails_the_run(&self) -> bool {
+        !matches!(
+            self,
+            ImportError::Claim(_)
+                | ImportError::Load(LoadError::LeaseLost { .. })
+                | ImportError::Interrupted
+        )
+    }
+
+    /// Whether trying again later may succeed (the store or the database was away).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ImportError::Fetch(error) | ImportError::Decode(DecodeError::Source(error)) => {
+                error.is_transient()
+            }
+            ImportError::Load(LoadError::Database(error))
+            | ImportError::Claim(ClaimError::Database(error)) => db::is_transient(error),
+            ImportError::Sheet(error) => error.is_transient(),
+            ImportError::Claim(ClaimError::Held { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Time spent per stage in this attempt, from the service's own clocks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StageTimings {
+    /// Loader waiting for the next batch: fetch and decode not keeping up.
+    pub wait_for_batch_ms: u64,
+    /// Canonical JSON, sha256 and COPY encoding, on the blocking pool.
+    pub decode_hash_ms: u64,
+    /// Looking up which rows are stored already, on the second connection (overlaps
+    /// the load of the batch before).
+    pub lookup_ms: u64,
+    /// COPY of the rows not found into `dsa_core.rows` (the dedup insert).
+    pub insert_rows_ms: u64,
+    /// COPY of the batch's entries into `dsa_core.commit_rows`.
+    pub commit_rows_ms: u64,
+    /// Checkpoint update and COMMIT of each batch.
+    pub checkpoint_commit_ms: u64,
+    pub finalise_ms: u64,
+}
+
+/// What an import did; printed by the CLI and stored as the run's `output_summary`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImportSummary {
+    pub run_id: Uuid,
+    pub dataset_id: i64,
+    pub commit_id: String,
+    pub parent_commit_id: Option<String>,
+    /// Rows in the commit.
+    pub rows: u64,
+    /// Rows stored for the first time by this run.
+    pub new_rows: u64,
+    pub rejected_rows: u64,
+    /// Size of the object.
+    pub bytes: u64,
+    /// Bytes read from the source by this attempt (less than `bytes` after a resume).
+    pub bytes_read: u64,
+    /// Where this attempt started reading (0 unless resumed).
+    pub resumed_from_byte: u64,
+    pub seconds: f64,
+    pub rows_per_second: f64,
+    pub tree_hash: String,
+    pub columns: Vec<String>,
+    pub header_changes: Vec<HeaderChange>,
+    pub source: Lineage,
+    pub timings: StageTimings,
+    /// Peak resident memory of this process so far.
+    pub peak_rss_bytes: u64,
+}
+
+/// Runs imports; one per process or many, sharing the pool.
+#[derive(Clone)]
+pub struct Importer {
+    pool: PgPool,
+    s3: Option<aws_sdk_s3::Client>,
+    settings: ImportSettings,
+    owner: String,
+    /// Whether a transient failure (database or store away) leaves the run resumable
+    /// for a retry instead of failing it; the queue consumer retries, the CLI does not.
+    keep_runs_on_transient_failure: bool,
+    /// Cancelled at shutdown: the import stops after the batch it is committing.
+    stop: Option<tokio_util::sync::CancellationToken>,
+}
+
+impl Importer {
+    pub fn new(pool: PgPool, s3: Option<aws_sdk_s3::Client>, settings: ImportSettings) -> Self {
+        Self {
+            pool,
+            s3,
+            settings,
+            owner: crate::process::worker_identity(),
+            keep_runs_on_transient_failure: false,
+            stop: None,
+        }
+    }
+
+    /// For callers that retry: a transient failure releases the lease and leaves the
+    /// run resumable from its checkpoint instead of failing it.
+    pub fn keep_runs_on_transient_failure(mut self) -> Self {
+        self.keep_runs_on_transient_failure = true;
+        self
+    }
+
+    /// Imports stop between batches once `stop` is cancelled.
+    pub fn stop_on(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Resolves once the stop signal given to [`Importer::stop_on`] fires (never without
+    /// one).
+    pub async fn stopped(&self) {
+        match &self.stop {
+            Some(stop) => stop.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether the stop signal given to [`Importer::stop_on`] has fired.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|stop| stop.is_cancelled())
+    }
+
+    /// Creates the dataset when missing and a pending run importing `parameters.source`.
+    pub async fn create_run(
+        &self,
+        dataset: &DatasetName,
+        user_id: Option<&str>,
+        parameters: &ImportParameters,
+    ) -> Result<(Uuid, i64), ImportError> {
+        let (dataset_id, _) = db::ensure_dataset(&self.pool, dataset, None).await?;
+        let run_id = runs::create_import_run(&self.pool, dataset_id, user_id, parameters).await?;
+        Ok((run_id, dataset_id))
+    }
+
+    /// Claims the run and imports it (from its checkpoint, if it has one). On an error
+    /// that belongs to the run, the run is marked failed before the error is returned.
+    pub async fn run(&self, run_id: Uuid) -> Result<ImportSummary, ImportError> {
+        let claimed = runs::claim(
+            &self.pool,
+            run_id,
+            &self.owner,
+            self.settings.lease_duration,
+        )
+        .await?;
+        let token = claimed.lease.token;
+        let span = tracing::info_span!(
+            "import",
+            run.id = %run_id,
+            dataset.id = claimed.dataset_id,
+            source = %claimed.parameters.source,
+        );
+        let result = self.execute(claimed).instrument(span).await;
+        if let Err(error) = &result {
+            let retry_later = matches!(error, ImportError::Interrupted)
+                || (self.keep_runs_on_transient_failure && error.is_transient());
+            if retry_later && !matches!(error, ImportError::Claim(_)) {
+                tracing::warn!(run.id = %run_id, error = %error, "import paused; the run stays resumable");
+                if let Err(release) =
+                    runs::release(&self.pool, run_id, token, &error.to_string()).await
+                {
+                    tracing::warn!(run.id = %run_id, error = %release, "could not release the lease; it expires on its own");
+                }
+            } else if error.fails_the_run() {
+                tracing::error!(run.id = %run_id, error = %error, "import failed");
+                // The import's own error is what a person needs; a failure to record it
+                // (often the same database outage) is logged, not put in its place.
+                if let Err(record) =
+                    runs::fail_run(&self.pool, run_id, Some(token), &error.to_string()).await
+                {
+                    tracing::error!(run.id = %run_id, error = %record, "could not mark the run failed");
+                    // A caller that retries must not take the failure as recorded: the
+                    // run would stay `running` with nobody left to finish it. The retry
+                    // runs into the same failure and records it then.
+                    if self.keep_runs_on_transient_failure && db::is_transient(&record) {
+                        return Err(record.into());
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    async fn execute(&self, claimed: ClaimedRun) -> Result<ImportSummary, ImportError> {
+        let started = Instant::now();
+        let ClaimedRun {
+            lease,
+            dataset_id,
+            parameters,
+            checkpoint,
+            user_id,
+            ..
+        } = claimed;
+        let fetcher = Fetcher::new(parameters.source.clone(), self.s3.clone(), &self.settings);
+        let info = fetcher.head(self.settings.max_file_size).await?;
+        if let Some(expected) = &parameters.expected_etag {
+            if info.etag.as_deref().map(|etag| etag.trim_matches('"'))
+                != Some(expected.trim_matches('"'))
+            {
+                return Err(FetchError::ObjectChanged {
+                    source_location: parameters.source.to_string(),
+                    expected: expected.clone(),
+                }
+                .into());
+            }
+        }
+        let mut loader = Loader::new(&self.pool, lease.clone()).await?;
+        let file_name = parameters.source.file_name().to_owned();
+        // Spreadsheets are recognised by their content once spooled; the name only
+        // decides which reader gets the bytes (and must agree with the content).
+        let spreadsheet = SheetFormat::from_file_name(&file_name).is_some();
+
+        let mut checkpoint = match checkpoint {
+            Some(checkpoint) => {
+                if checkpoint.etag != info.etag {
+                    return Err(FetchError::ObjectChanged {
+                        source_location: parameters.source.to_string(),
+                        expected: checkpoint.etag.clone().unwrap_or_default(),
+                    }
+                    .into());
+                }
+                tracing::info!(
+                    byte = checkpoint.byte_offset,
+                    rows = checkpoint.loaded_rows,
+                    "resuming from checkpoint"
+                );
+                checkpoint
+            }
+            None => {
+                let commit_id = Uuid::new_v4().simple().to_string();
+                // A spreadsheet's `{sheet}` is each worksheet's name, set as it is read.
+                let sheet = if spreadsheet {
+                    String::new()
+                } else {
+                    decode::sheet_name(parameters.source.file_name())
+                };
+                let checkpoint = Checkpoint::start(commit_id, info.etag.clone(), sheet);
+                let message = parameters
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("Import {}", parameters.source));
+                loader
+                    .begin_commit(dataset_id, &message, user_id.as_deref(), &checkpoint)
+                    .await?;
+                checkpoint
+            }
+        };
+        let resumed_from_byte = checkpoint.byte_offset;
+
+        let sheet_format = Arc::new(std::sync::OnceLock::new());
+        let (producer, looker, mut receiver, header) = if spreadsheet {
+            let input = fetcher.reader_from(&info, 0).await?;
+            let spooled = sheet::spool::spool(
+                input,
+                &self.settings.spool_dir,
+                &file_name,
+                info.size,
+                self.settings.max_file_size,
+            )
+            .await?;
+            let lookup = Lookup::new(&self.pool).await?;
+            let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+            let job = SheetJob {
+                file: spooled,
+                file_name: file_name.clone(),
+                wanted: parameters.sheets.clone(),
+                cursor: checkpoint.clone(),
+                settings: self.settings.clone(),
+                skip_bad_rows: parameters.skip_bad_rows,
+                size: info.size,
+                format: Arc::clone(&sheet_format),
+            };
+            let span = tracing::Span::current();
+            let producer = tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
+                produce_sheet_batches(job, sender)
+            });
+            let (sender, receiver) = mpsc::channel(1);
+            let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+            (producer, looker, receiver, None)
+        } else {
+            let input = fetcher.reader_from(&info, checkpoint.byte_offset).await?;
+            let start = CsvStart {
+                byte: checkpoint.byte_offset,
+                line: checkpoint.line,
+                crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
+                at_top: false,
+            };
+            let mut decoder = CsvDecoder::open(
+                input,
+                parameters.source.file_name(),
+                start,
+                self.settings.max_record_bytes,
+            )
+            .await?;
+            let header = match checkpoint.header.clone() {
+                Some(header) => header,
+                None => {
+                    let header = decoder.read_header().await?;
+                    checkpoint.byte_offset = decoder.next_byte();
+                    checkpoint.line = decoder.next_line();
+                    checkpoint.header = Some(header.clone());
+                    header
+                }
+            };
+
+            // Both connections are taken before any task starts, so a pool that cannot give
+            // the second fails here, with nothing left running.
+            let lookup = Lookup::new(&self.pool).await?;
+            let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+            let producer = tokio::spawn(
+                produce_batches(
+                    decoder,
+                    Arc::new(RowEncoder::new(&header)),
+                    checkpoint.clone(),
+                    self.settings.batch_size,
+                    parameters.skip_bad_rows,
+                    info.size,
+                    sender,
+                )
+                .in_current_span(),
+            );
+            let (sender, receiver) = mpsc::channel(1);
+            let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+            (producer, looker, receiver, Some(header))
+        };
+        // Dropping the guards aborts both tasks on every way out of this function (a
+        // blocking producer stops at its next send, which finds the channel closed).
+        let _guards = (
+            AbortOnDropHandle::new(producer),
+            AbortOnDropHandle::new(looker),
+        );
+
+        let mut timings = StageTimings::default();
+        let mut rows_this_attempt = 0u64;
+        let mut batches = 0u64;
+        loop {
+            if self.is_stopping() {
+                return Err(ImportError::Interrupted);
+            }
+            let waited = Instant::now();
+            let Some(next) = receiver.recv().await else {
+                return Err(ImportError::Internal(
+                    "the decoding pipeline stopped before the end of the file".to_owned(),
+                ));
+            };
+            timings.wait_for_batch_ms += waited.elapsed().as_millis() as u64;
+            let mut batch = match next? {
+                Produced::Batch(batch) => *batch,
+                Produced::End => break,
+            };
+            batch.checkpoint.new_rows = checkpoint.new_rows;
+            batches += 1;
+            let progress = batches
+                .is_multiple_of(self.settings.progress_update_interval)
+                .then(|| {
+                    Progress::new(
+                        &batch.checkpoint,
+                        info.size,
+                        rows_this_attempt + batch.rows.len(),
+                        started.elapsed(),
+                    )
+                });
+            let outcome = loader.load(&batch, progress.as_ref()).await?;
+            rows_this_attempt += batch.rows.len();
+            timings.decode_hash_ms += batch.encode_duration.as_millis() as u64;
+            timings.lookup_ms += batch.lookup_duration.as_millis() as u64;
+            timings.insert_rows_ms += outcome.insert_duration.as_millis() as u64;
+            timings.commit_rows_ms += outcome.commit_rows_duration.as_millis() as u64;
+            timings.checkpoint_commit_ms += outcome.commit_duration.as_millis() as u64;
+            checkpoint = batch.checkpoint;
+            checkpoint.new_rows += outcome.new_rows;
+            tracing::debug!(
+                rows = checkpoint.loaded_rows,
+                byte = checkpoint.byte_offset,
+                new_rows = outcome.new_rows,
+                "batch committed"
+            );
+        }
+
+        let finalise_started = Instant::now();
+        let source = match &header {
+            Some(header) => lineage(&parameters, &info, header),
+            None => sheet_lineage(&parameters, &info, sheet_format.get().copied(), &checkpoint),
+        };
+        let elapsed = started.elapsed();
+        let mut summary = ImportSummary {
+            run_id: lease.run_id,
+            dataset_id,
+            commit_id: checkpoint.commit_id.clone(),
+            parent_commit_id: None,
+            rows: checkpoint.loaded_rows,
+            new_rows: checkpoint.new_rows,
+            rejected_rows: checkpoint.rejected_rows,
+            bytes: info.size,
+            bytes_read: fetcher.bytes_read(),
+            resumed_from_byte,
+            seconds: elapsed.as_secs_f64(),
+            rows_per_second: rows_this_attempt as f64 / elapsed.as_secs_f64().max(1e-9),
+            tree_hash: checkpoint.tree_state.clone(),
+            columns: header
+                .as_ref()
+                .map(|header| header.columns.clone())
+                .unwrap_or_default(),
+            header_changes: header
+                .as_ref()
+                .map(|header| header.changes.clone())
+                .unwrap_or_default(),
+            source: source.clone(),
+            timings,
+            peak_rss_bytes: crate::process::peak_rss_bytes(),
+        };
+        let facts = CommitFacts {
+            dataset_id,
+            commit_id: &checkpoint.commit_id,
+            row_count: checkpoint.loaded_rows,
+            tree_hash: &checkpoint.tree_state,
+            source,
+        };
+        let parent = finalise::finalise(loader.connection(), &lease, facts, |parent| {
+            let mut output = summary.clone();
+            output.parent_commit_id = parent.map(str::to_owned);
+            serde_json::to_value(output).unwrap_or_else(|_| json!({}))
+        })
+        .await?;
+        summary.parent_commit_id = parent;
+        summary.timings.finalise_ms = finalise_started.elapsed().as_millis() as u64;
+        summary.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            commit.id = %summary.commit_id,
+            rows = summary.rows,
+            new_rows = summary.new_rows,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "import completed"
+        );
+        Ok(summary)
+    }
+}
+
+/// The commit's `source` for a CSV file.
+fn lineage(parameters: &ImportParameters, info: &ObjectInfo, header: &Header) -> Lineage {
+    Lineage {
+        location: parameters.source.clone(),
+        etag: info.etag.clone(),
+        version_id: info.version_id.clone(),
+        size: info.size,
+        format: Some("csv".to_owned()),
+        layout: Layout::Csv {
+            dialect: CsvDialect::default(),
+            columns: header.columns.clone(),
+        },
+        parser: format!("dsa-ingest {} (csv-async)", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// The commit's `source` for a spreadsheet: where it came from, its format, and each
+/// sheet with its visibility, columns and row count.
+fn sheet_lineage(
+    parameters: &ImportParameters,
+    info: &ObjectInfo,
+    format: Option<SheetFormat>,
+    checkpoint: &Checkpoint,
+) -> Lineage {
+    Lineage {
+        location: parameters.source.clone(),
+        etag: info.etag.clone(),
+        version_id: info.version_id.clone(),
+        size: info.size,
+        format: format.map(|format| format.name().to_owned()),
+        layout: Layout::Sheets {
+            sheets: checkpoint.completed_sheets.clone(),
+            sheets_requested: parameters.sheets.clone(),
+        },
+        parser: format!("dsa-ingest {} (calamine 0.38)", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+impl From<&ImportSummary> for CompletedImport {
+    fn from(summary: &ImportSummary) -> Self {
+        Self {
+            rows: summary.rows,
+            new_rows: summary.new_rows,
+            rejected_rows: summary.rejected_rows,
+            object_bytes: summary.bytes,
+            bytes_read: summary.bytes_read,
+            seconds: summary.seconds,
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! Stage `produce`: the tasks that read the file and hand batches to the loader.
+//!
+//! CSV is read on the async executor and each batch's CPU work (canonical JSON, sha256,
+//! COPY encoding) is done on the blocking pool; a spreadsheet is read whole on the blocking
+//! pool, sheet by sheet. Between the producer and the loader, a look-up task drops the
+//! content of rows that are stored already. Bounded channels keep memory constant.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use csv_async::ByteRecord;
+use tokio::sync::mpsc;
+
+use super::decode::csv::{CsvDecoder, CsvStart, RowEncoder};
+use super::decode::sheet::rows::{Flow, SheetEvent, TypedRowEncoder};
+use super::decode::sheet::{inspect::inspect, workbook::Workbook};
+use super::decode::sheet::{SheetError, SheetFormat};
+use super::decode::{DecodeError, Header};
+use super::hash::{self, TreeHasher};
+use super::load::{Batch, BatchWriter, Lookup, RejectedRow};
+use super::run::{Checkpoint, SheetLineage};
+use super::ImportError;
+use crate::config::ImportSettings;
+
+/// What flows from the producer through the look-up stage to the loader. The end of
+/// the file is said explicitly, so a stage that stops for any other reason (a panic)
+/// can never pass for a complete file.
+pub(super) enum Produced {
+    Batch(Box<Batch>),
+    End,
+}
+
+pub(super) type Pipe = mpsc::Sender<Result<Produced, ImportError>>;
+
+/// Record buffers larger than this are not kept for reuse.
+pub(super) const LARGE_RECORD_BYTES: usize = 1024 * 1024;
+
+/// A batch is cut at this many bytes of records even before `IMPORT_BATCH_SIZE` rows,
+/// so memory is bounded for wide rows too.
+pub(super) const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// Reads records into batches and encodes each on the blocking pool, in file order.
+/// An error ends the stream: the batch it interrupted is not sent, so every checkpoint
+/// that reaches the loader sits on a record boundary.
+pub(super) async fn produce_batches(
+    mut decoder: CsvDecoder,
+    encoder: Arc<RowEncoder>,
+    mut cursor: Checkpoint,
+    batch_size: usize,
+    skip_bad_rows: bool,
+    size: u64,
+    sender: Pipe,
+) {
+    // Record buffers travel to the blocking pool and back, so their allocations are
+    // reused batch after batch.
+    let mut records: Vec<ByteRecord> = Vec::new();
+    loop {
+        records.resize_with(batch_size, ByteRecord::new);
+        let mut filled = 0;
+        let mut bytes = 0;
+        while filled < batch_size && bytes < MAX_BATCH_BYTES {
+            match decoder.read_record(&mut records[filled]).await {
+                Ok(true) => {
+                    bytes += records[filled].as_slice().len();
+                    filled += 1;
+                }
+                Ok(false) => break,
+                Err(error) => {
+                    let _ = sender.send(Err(error.into())).await;
+                    return;
+                }
+            }
+        }
+        if filled == 0 {
+            // The parser ends exactly at the object's last byte; anywhere else, the
+            // source delivered less than HEAD promised (a local file cut short).
+            let end = if decoder.next_byte() == size {
+                Ok(Produced::End)
+            } else {
+                Err(DecodeError::Truncated {
+                    file: decoder.file().to_owned(),
+                    read: decoder.next_byte(),
+                    size,
+                }
+                .into())
+            };
+            let _ = sender.send(end).await;
+            return;
+        }
+        records.truncate(filled);
+        let start = decoder.start();
+        let file = decoder.file().to_owned();
+        let mut next = cursor.clone();
+        next.byte_offset = decoder.next_byte();
+        next.line = decoder.next_line();
+        let encoder = Arc::clone(&encoder);
+        let encoded = tokio::task::spawn_blocking(move || {
+            let result = encode_batch(&records, start, &encoder, &file, skip_bad_rows, next);
+            (result, records)
+        })
+        .await;
+        let batch = match encoded {
+            Ok((result, returned)) => {
+                records = returned;
+                // A slot that once held a huge record would keep its allocation for the
+                // rest of the import; let it go.
+                for record in records.iter_mut() {
+                    if record.as_slice().len() > LARGE_RECORD_BYTES {
+                        *record = ByteRecord::new();
+                    }
+                }
+                result
+            }
+            Err(panic) => {
+                let message = format!("batch encoding panicked: {panic}");
+                let _ = sender.send(Err(ImportError::Internal(message))).await;
+                return;
+            }
+        };
+        match batch {
+            Ok(batch) => {
+                cursor = batch.checkpoint.clone();
+                if sender
+                    .send(Ok(Produced::Batch(Box::new(batch))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(error) => {
+                let _ = sender.send(Err(error)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The look-up stage: drops the content of rows already stored from each batch, one
+/// batch ahead of the loader, on a second connection.
+pub(super) async fn drop_known_rows(
+    mut lookup: Lookup,
+    mut encoded: mpsc::Receiver<Result<Produced, ImportError>>,
+    sender: Pipe,
+) {
+    while let Some(next) = encoded.recv().await {
+        let forwarded = match next {
+            Ok(Produced::Batch(mut batch)) => match lookup.drop_known(&mut batch.rows).await {
+                Ok(duration) => {
+                    batch.lookup_duration = duration;
+                    Ok(Produced::Batch(batch))
+                }
+                Err(error) => Err(error.into()),
+            },
+            other => other,
+        };
+        let last = !matches!(forwarded, Ok(Produced::Batch(_)));
+        if sender.send(forwarded).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The CPU part of a batch: canonical JSON, row hash, tree hash and COPY encoding for
+/// each record, or the record's rejection. `next` is the checkpoint before the batch with
+/// the reader's position after it; it comes back complete.
+pub(super) fn encode_batch(
+    records: &[ByteRecord],
+    start: CsvStart,
+    encoder: &RowEncoder,
+    file: &str,
+    skip_bad_rows: bool,
+    mut next: Checkpoint,
+) -> Result<Batch, ImportError> {
+    let started = Instant::now();
+    let mut tree = TreeHasher::from_hex(&next.tree_state)
+        .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
+    let mut writer = BatchWriter::new(&next.commit_id, &next.sheet, records.len());
+    let mut rejected = Vec::new();
+    let mut json = Vec::with_capacity(512);
+    let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
+    for record in records {
+        next.records += 1;
+        let n = next.records;
+        let (byte, line) = start.position_of(record);
+        json.clear();
+        match encoder.encode(record, byte, &mut json) {
+            Ok(()) => {
+                let row_hash = hash::row_hash(&json);
+                logical_row_id.clear();
+                let _ = write!(logical_row_id, "{}:{n}", next.sheet);
+                tree.push(&logical_row_id, &row_hash);
+                writer.push(n, &row_hash, &json);
+            }
+            Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
+                line,
+                byte,
+                raw: raw_record(record),
+                problem,
+            }),
+            Err(problem) => {
+                return Err(DecodeError::BadRow {
+                    file: file.to_owned(),
+                    line,
+                    byte,
+                    problem,
+                }
+                .into())
+            }
+        }
+    }
+    next.loaded_rows += writer.rows();
+    next.rejected_rows += rejected.len() as u64;
+    next.tree_state = tree.to_hex();
+    Ok(Batch {
+        rows: writer.finish(),
+        rejected,
+        checkpoint: next,
+        encode_duration: started.elapsed(),
+        lookup_duration: Duration::ZERO,
+    })
+}
+
+/// A rejected record's fields joined back with commas, for a person to inspect.
+pub(super) fn raw_record(record: &ByteRecord) -> Vec<u8> {
+    let mut raw = Vec::new();
+    for (index, field) in record.iter().enumerate() {
+        if index > 0 {
+            raw.push(b',');
+        }
+        raw.extend_from_slice(field);
+    }
+    raw
+}
+
+/// What the spreadsheet producer needs; it runs on the blocking pool, since calamine
+/// reads synchronously.
+pub(super) struct SheetJob {
+    /// The spooled object, rewound.
+    pub(super) file: std::fs::File,
+    pub(super) file_name: String,
+    pub(super) wanted: Option<Vec<String>>,
+    /// The checkpoint to continue from (a fresh one for a new run).
+    pub(super) cursor: Checkpoint,
+    pub(super) settings: ImportSettings,
+    pub(super) skip_bad_rows: bool,
+    pub(super) size: u64,
+    /// The format found in the content, for the commit's lineage.
+    pub(super) format: Arc<std::sync::OnceLock<SheetFormat>>,
+}
+
+/// Reads every planned sheet from the checkpoint's sheet and row on, and sends batches
+/// (each within one sheet) down the same pipe as the CSV producer. A final batch
+/// without rows carries the checkpoint that names every completed sheet.
+pub(super) fn produce_sheet_batches(job: SheetJob, sender: Pipe) {
+    let result = read_sheets(job, &sender);
+    let last = match result {
+        Ok(true) => Ok(Produced::End),
+        // The receiver is gone: the import is being torn down.
+        Ok(false) => return,
+        Err(error) => Err(error),
+    };
+    let _ = sender.blocking_send(last);
+}
+
+/// Returns `Ok(false)` when the loader went away mid-way.
+pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportError> {
+    let SheetJob {
+        mut file,
+        file_name,
+        wanted,
+        mut cursor,
+        settings,
+        skip_bad_rows,
+        size,
+        format,
+    } = job;
+    let started = Instant::now();
+    let found = inspect(&mut file, &file_name, &settings)?;
+    let _ = format.set(found);
+    let mut workbook = Workbook::open(found, file, &file_name)?;
+    let plan = workbook.plan(wanted.as_deref(), &file_name)?;
+    tracing::info!(
+        format = found.name(),
+        sheets = plan.len(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "spreadsheet opened"
+    );
+    let mut tree = TreeHasher::from_hex(&cursor.tree_state)
+        .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
+    let sheet_count = plan.len().max(1) as f64;
+    for (index, planned) in plan.iter().enumerate().skip(cursor.sheet_index) {
+        if index > cursor.sheet_index || cursor.sheet != planned.name {
+            if cursor.sheet_records > 0 && cursor.sheet != planned.name {
+                return Err(ImportError::Resume(format!(
+                    "the checkpoint is in sheet {:?}, but sheet {} of {file_name} is {:?}",
+                    cursor.sheet,
+                    index + 1,
+                    planned.name
+                )));
+            }
+            cursor.sheet_index = index;
+            cursor.sheet = planned.name.clone();
+            cursor.sheet_records = 0;
+            cursor.header = None;
+        }
+        let mut encoder: Option<TypedRowEncoder> = None;
+        let mut writer = BatchWriter::new(&cursor.commit_id, &cursor.sheet, settings.batch_size);
+        let mut rejected: Vec<RejectedRow> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut batch_started = Instant::now();
+        let mut json = Vec::with_capacity(512);
+        let mut logical_row_id = String::with_capacity(planned.name.len() + 12);
+        let mut height = 0u64;
+        let mut gone = false;
+        let flush = |cursor: &mut Checkpoint,
+                     writer: &mut BatchWriter,
+                     rejected: &mut Vec<RejectedRow>,
+                     tree: &TreeHasher,
+                     progress: f64,
+                     batch_started: Instant|
+         -> bool {
+            let full = std::mem::replace(
+                writer,
+                BatchWriter::new(&cursor.commit_id, &cursor.sheet, settings.batch_size),
+            );
+            cursor.loaded_rows += full.rows();
+            cursor.rejected_rows += rejected.len() as u64;
+            cursor.tree_state = tree.to_hex();
+            cursor.byte_offset = ((size as f64) * progress / sheet_count) as u64;
+            let batch = Batch {
+                rows: full.finish(),
+                rejected: std::mem::take(rejected),
+                checkpoint: cursor.clone(),
+                encode_duration: batch_started.elapsed(),
+                lookup_duration: Duration::ZERO,
+            };
+            sender
+                .blocking_send(Ok(Produced::Batch(Box::new(batch))))
+                .is_ok()
+        };
+        let mut visit = |event: SheetEvent<'_>| -> Result<Flow, SheetError> {
+            match event {
+                SheetEvent::Header(header) => {
+                    match &cursor.header {
+                        Some(known) if known != header => {
+                            return Err(SheetError::Read {
+                                file: file_name.clone(),
+                                sheet: planned.name.clone(),
+                                message: "its header differs from the one the run started with"
+                                    .to_owned(),
+                            })
+                        }
+                        Some(_) => {}
+                        None => cursor.header = Some(header.clone()),
+                    }
+                    encoder = Some(TypedRowEncoder::new(header));
+                }
+                SheetEvent::Progress {
+                    height: declared, ..
+                } => height = declared,
+                SheetEvent::Row {
+                    n,
+                    sheet_row,
+                    values,
+                } => {
+                    if n <= cursor.sheet_records {
+                        // Loaded before the resume.
+                        return Ok(Flow::Continue);
+                    }
+                    cursor.records += 1;
+                    cursor.sheet_records = n;
+                    match values {
+                        Ok(values) => {
+                            let encoder = encoder.as_ref().expect("the header comes first");
+                            json.clear();
+                            encoder.encode(values, &mut json);
+                            let row_hash = hash::row_hash(&json);
+                            logical_row_id.clear();
+                            let _ = write!(logical_row_id, "{}:{n}", cursor.sheet);
+                            tree.push(&logical_row_id, &row_hash);
+                            writer.push(n, &row_hash, &json);
+                            batch_bytes += json.len();
+                        }
+                        Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
+                            line: sheet_row,
+                            byte: 0,
+                            raw: Vec::new(),
+                            problem,
+                        }),
+                        Err(problem) => {
+                            return Err(SheetError::BadRow {
+                                file: file_name.clone(),
+                                sheet: planned.name.clone(),
+                                row: sheet_row,
+                                problem,
+                            })
+                        }
+                    }
+                    let pending = writer.rows() as usize + rejected.len();
+                    if pending >= settings.batch_size || batch_bytes >= MAX_BATCH_BYTES {
+                        let within = if height > 0 {
+                            (n as f64 / height as f64).min(1.0)
+                        } else {
+                            0.0
+                        };
+                        if !flush(
+                            &mut cursor,
+                            &mut writer,
+                            &mut rejected,
+                            &tree,
+                            index as f64 + within,
+                            batch_started,
+                        ) {
+                            gone = true;
+                            return Ok(Flow::Stop);
+                        }
+                        batch_bytes = 0;
+                        batch_started = Instant::now();
+                    }
+                }
+            }
+            Ok(Flow::Continue)
+        };
+        workbook.read_sheet(&planned.name, &file_name, &settings, &mut visit)?;
+        if gone {
+            return Ok(false);
+        }
+        if writer.rows() > 0 || !rejected.is_empty() {
+            let progress = index as f64 + 1.0;
+            if !flush(
+                &mut cursor,
+                &mut writer,
+                &mut rejected,
+                &tree,
+                progress,
+                batch_started,
+            ) {
+                return Ok(false);
+            }
+        }
+        let header = cursor.header.take().unwrap_or_else(|| Header::resolve(&[]));
+        cursor.completed_sheets.push(SheetLineage {
+            name: planned.name.clone(),
+            visibility: planned.visibility.to_owned(),
+            rows: cursor.sheet_records,
+            columns: header.columns,
+            header_changes: header.changes,
+        });
+        cursor.sheet_index = index + 1;
+        cursor.sheet_records = 0;
+        tracing::info!(sheet = %planned.name, rows = cursor.completed_sheets.last().map(|s| s.rows).unwrap_or(0), "sheet read");
+    }
+    // The last word: a batch without rows whose checkpoint lists every sheet.
+    cursor.byte_offset = size;
+    let batch = Batch {
+        rows: BatchWriter::new(&cursor.commit_id, &cursor.sheet, 0).finish(),
+        rejected: Vec::new(),
+        checkpoint: cursor,
+        encode_duration: Duration::ZERO,
+        lookup_duration: Duration::ZERO,
+    };
+    Ok(sender
+        .blocking_send(Ok(Produced::Batch(Box::new(batch))))
+        .is_ok())
+}

@@ -1,0 +1,306 @@
+//! What an import run is: its parameters, where it reads from, its checkpoint, its lease
+//! and the lineage its commit records. Every stage shares these types, so they live below
+//! all of them and import nothing from a stage but the decoded header.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::import::hash::TreeHasher;
+
+/// What an import run was asked to do; stored as the run's `run_parameters`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportParameters {
+    pub source: SourceLocation,
+    /// Put rows that cannot be decoded into `dsa_jobs.rejected_rows` instead of failing.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+    /// The commit message; a default naming the source is used when absent.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The ETag the requester saw; the run fails if the object has another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_etag: Option<String>,
+    /// For spreadsheets: the worksheets to import (all of them when absent). A name
+    /// the file does not have fails the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sheets: Option<Vec<String>>,
+}
+
+/// Where a run continues after a crash; written in the same transaction as each batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The commit this run is filling; created before the first batch.
+    pub commit_id: String,
+    /// The ETag the run started with; a resume against another object fails.
+    pub etag: Option<String>,
+    /// The `{sheet}` of the logical row ids being written.
+    pub sheet: String,
+    /// Absolute offset of the first byte not yet loaded (0 until the header is read).
+    pub byte_offset: u64,
+    /// Line number of the line that starts at `byte_offset`.
+    pub line: u64,
+    /// Data records consumed so far, loaded or rejected; the next row is `records + 1`.
+    pub records: u64,
+    /// Rows written to the commit so far.
+    pub loaded_rows: u64,
+    /// Of those, rows that were not stored before.
+    pub new_rows: u64,
+    pub rejected_rows: u64,
+    /// The tree hash state after the last loaded row.
+    pub tree_state: String,
+    /// The header, once read; a resume does not read it again. For a spreadsheet,
+    /// the header of the sheet being read, which a resume checks against the file.
+    pub header: Option<Header>,
+    /// Spreadsheets: the position of the sheet being read in the run's list of sheets.
+    /// `byte_offset` is then only an estimate of progress; the resume point is this
+    /// sheet and `sheet_records`.
+    #[serde(default)]
+    pub sheet_index: usize,
+    /// Spreadsheets: data rows of the current sheet consumed so far (loaded, rejected,
+    /// or empty rows between them); the next row is `sheet_records + 1`.
+    #[serde(default)]
+    pub sheet_records: u64,
+    /// Spreadsheets: the sheets read to their end, for the commit's lineage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completed_sheets: Vec<SheetLineage>,
+}
+
+impl Checkpoint {
+    /// The state of a run whose commit exists but whose file has not been read yet.
+    pub fn start(commit_id: String, etag: Option<String>, sheet: String) -> Self {
+        Self {
+            commit_id,
+            etag,
+            sheet,
+            byte_offset: 0,
+            line: 1,
+            records: 0,
+            loaded_rows: 0,
+            new_rows: 0,
+            rejected_rows: 0,
+            tree_state: TreeHasher::new().to_hex(),
+            header: None,
+            sheet_index: 0,
+            sheet_records: 0,
+            completed_sheets: Vec::new(),
+        }
+    }
+}
+
+/// The right to write one run's batches, valid while `token` is the run's lease token.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    pub run_id: Uuid,
+    pub token: i64,
+    pub owner: String,
+    pub duration: std::time::Duration,
+}
+
+/// What the import reads: a file on this machine or an object in a bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceLocation {
+    Local { path: PathBuf },
+    S3 { bucket: String, key: String },
+}
+
+impl SourceLocation {
+    /// The object's base name, used for the `{sheet}` part of logical row ids.
+    pub fn file_name(&self) -> &str {
+        match self {
+            SourceLocation::Local { path } => path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or_default(),
+            SourceLocation::S3 { key, .. } => key.rsplit('/').next().unwrap_or(key),
+        }
+    }
+}
+
+impl fmt::Display for SourceLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceLocation::Local { path } => write!(f, "{}", path.display()),
+            SourceLocation::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+        }
+    }
+}
+
+impl FromStr for SourceLocation {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix("s3://") {
+            Some(rest) => match rest.split_once('/') {
+                Some((bucket, key)) if !bucket.is_empty() && !key.is_empty() => {
+                    Ok(SourceLocation::S3 {
+                        bucket: bucket.to_owned(),
+                        key: key.to_owned(),
+                    })
+                }
+                _ => Err(format!("{text:?} is not of the form s3://bucket/key")),
+            },
+            None if text.is_empty() => Err("the source is empty".to_owned()),
+            None => Ok(SourceLocation::Local {
+                path: PathBuf::from(text),
+            }),
+        }
+    }
+}
+
+/// What the commit's lineage records about one sheet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SheetLineage {
+    pub name: String,
+    /// `visible`, `hidden` or `very_hidden`: hidden sheets are imported too.
+    pub visibility: String,
+    /// Data rows in the commit from this sheet (empty rows between data included).
+    pub rows: u64,
+    pub columns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub header_changes: Vec<HeaderChange>,
+}
+
+/// The commit's `source`: where the bytes came from and how they were read. Stored as
+/// `dsa_core.commits.source` and in the run's summary; other systems read it, so its
+/// JSON form (the location's fields, then these) is part of the contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    #[serde(flatten)]
+    pub location: SourceLocation,
+    pub etag: Option<String>,
+    pub version_id: Option<String>,
+    pub size: u64,
+    /// `csv`, or the spreadsheet format recognised from the content.
+    pub format: Option<String>,
+    #[serde(flatten)]
+    pub layout: Layout,
+    /// This program and the parser that read the file, with their versions.
+    pub parser: String,
+}
+
+/// How the file's rows were laid out: one CSV table, or a workbook's sheets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Layout {
+    Csv {
+        dialect: CsvDialect,
+        columns: Vec<String>,
+    },
+    Sheets {
+        sheets: Vec<SheetLineage>,
+        /// The sheets the run asked for, when it did not take them all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sheets_requested: Option<Vec<String>>,
+    },
+}
+
+/// The CSV dialect a file was read with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CsvDialect {
+    pub delimiter: String,
+    pub quote: String,
+    pub header: bool,
+    pub encoding: String,
+}
+
+impl Default for CsvDialect {
+    fn default() -> Self {
+        Self {
+            delimiter: ",".to_owned(),
+            quote: "\"".to_owned(),
+            header: true,
+            encoding: "utf-8".to_owned(),
+        }
+    }
+}
+
+impl Lineage {
+    /// The format for metrics labels and messages: `csv` unless a spreadsheet said more.
+    pub fn format(&self) -> &str {
+        self.format.as_deref().unwrap_or("other")
+    }
+
+    /// The sheets of a spreadsheet's commit (none for CSV).
+    pub fn sheets(&self) -> &[SheetLineage] {
+        match &self.layout {
+            Layout::Sheets { sheets, .. } => sheets,
+            Layout::Csv { .. } => &[],
+        }
+    }
+}
+
+/// Bytes-based progress, as people and dashboards read it from `analysis_runs.progress`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub bytes_processed: u64,
+    pub total_bytes: u64,
+    pub percentage: f64,
+    pub rows_processed: u64,
+    pub rows_per_second: f64,
+    pub status: String,
+}
+
+impl Progress {
+    pub fn new(
+        checkpoint: &Checkpoint,
+        total_bytes: u64,
+        rows_this_attempt: u64,
+        elapsed: Duration,
+    ) -> Self {
+        let percentage = if total_bytes == 0 {
+            100.0
+        } else {
+            (checkpoint.byte_offset as f64 / total_bytes as f64 * 10_000.0).round() / 100.0
+        };
+        let rows_per_second = if elapsed.as_secs_f64() > 0.0 {
+            (rows_this_attempt as f64 / elapsed.as_secs_f64()).round()
+        } else {
+            0.0
+        };
+        Self {
+            bytes_processed: checkpoint.byte_offset,
+            total_bytes,
+            percentage,
+            rows_processed: checkpoint.records,
+            rows_per_second,
+            status: format!(
+                "Processing: {percentage:.1}% ({} rows, {} bytes of {})",
+                checkpoint.records, checkpoint.byte_offset, total_bytes
+            ),
+        }
+    }
+}
+
+/// The header after empty and duplicate names were made unique, deterministically.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Column names in file order, as they appear as JSON keys in every row.
+    pub columns: Vec<String>,
+    /// Every name that differs from the file, for the run's summary.
+    pub changes: Vec<HeaderChange>,
+    /// Whether the header line ends in CRLF; a resumed read needs it to number lines.
+    #[serde(default)]
+    pub crlf: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderChange {
+    /// 1-based column number.
+    pub column: usize,
+    pub original: String,
+    pub name: String,
+    pub reason: HeaderChangeReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderChangeReason {
+    Empty,
+    Duplicate,
+}
