@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::db::{self, DatasetError, DatasetName};
 use crate::import::run::{Checkpoint, ImportParameters, Lease};
 use crate::process::owner_is_dead_local_process;
 
@@ -65,6 +66,19 @@ pub async fn create_import_run(
     .execute(pool)
     .await?;
     Ok(run_id)
+}
+
+/// Creates the dataset when missing and a pending run importing `parameters.source`
+/// into it; returns the run and the dataset.
+pub async fn create_for_dataset(
+    pool: &PgPool,
+    dataset: &DatasetName,
+    user_id: Option<&str>,
+    parameters: &ImportParameters,
+) -> Result<(Uuid, i64), DatasetError> {
+    let (dataset_id, _) = db::ensure_dataset(pool, dataset, None).await?;
+    let run_id = create_import_run(pool, dataset_id, user_id, parameters).await?;
+    Ok((run_id, dataset_id))
 }
 
 /// lease_token, dataset_id, run_parameters, checkpoint, attempts, user_id.
@@ -252,6 +266,69 @@ pub async fn fail_run(
     }
     tx.commit().await?;
     Ok(updated == 1)
+}
+
+/// The run created for an idempotency key, if any.
+pub async fn run_by_key(pool: &PgPool, key: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Creates the run for `key`, or returns the one a concurrent delivery created first.
+pub async fn create_keyed_run(
+    pool: &PgPool,
+    dataset_id: Option<i64>,
+    user_id: Option<&str>,
+    parameters: &ImportParameters,
+    key: &str,
+) -> Result<Uuid, sqlx::Error> {
+    let created: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO dsa_jobs.analysis_runs
+                (id, run_type, status, dataset_id, user_id, run_parameters, idempotency_key)
+         VALUES ($1, 'import', 'pending', $2, $3, $4, $5)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING id",
+    )
+    .bind(Uuid::new_v4())
+    .bind(dataset_id)
+    .bind(user_id)
+    .bind(sqlx::types::Json(parameters))
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    match created {
+        Some(run_id) => Ok(run_id),
+        None => {
+            sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(pool)
+                .await
+        }
+    }
+}
+
+/// Whether a run with this id exists.
+pub async fn exists(pool: &PgPool, run_id: Uuid) -> Result<bool, sqlx::Error> {
+    let found: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM dsa_jobs.analysis_runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(found.is_some())
+}
+
+/// Whether the run is unfinished and its lease is still live (someone is working on it).
+pub async fn held_by_live_lease(pool: &PgPool, run_id: Uuid) -> Result<bool, sqlx::Error> {
+    let state: Option<(String, bool)> = sqlx::query_as(
+        "SELECT status::text, coalesce(lease_expires_at > now(), false)
+           FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(matches!(state, Some((status, true)) if matches!(status.as_str(), "pending" | "running")))
 }
 
 // ---------------------------------------------------------------------------------------

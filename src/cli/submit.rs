@@ -31,7 +31,7 @@ use crate::config::{AmqpSettings, Settings};
 use crate::db::{DatasetError, DatasetName};
 use crate::import::fetch::{FetchError, Fetcher};
 use crate::import::run::{ImportParameters, SourceLocation};
-use crate::import::{ImportError, ImportSummary, Importer};
+use crate::import::{ImportError, ImportSummary};
 use crate::queue::amqp::{self, AmqpError};
 use crate::runs::{self, RunStatus};
 
@@ -301,10 +301,9 @@ pub async fn submit(
         expected_etag: object.etag.clone(),
         sheets: (!request.sheets.is_empty()).then(|| request.sheets.clone()),
     };
-    let importer = Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone());
-    let (run_id, _) = importer
-        .create_run(&request.dataset, request.user.as_deref(), &parameters)
-        .await?;
+    let (run_id, _) =
+        runs::create_for_dataset(pool, &request.dataset, request.user.as_deref(), &parameters)
+            .await?;
     queue_run(&channel, &settings.amqp, pool, run_id).await?;
     // Closing says goodbye to the broker; a failure here cannot undo the confirmed
     // publish, so it is not an error of the submission.

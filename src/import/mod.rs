@@ -74,20 +74,51 @@ impl From<sqlx::Error> for ImportError {
     }
 }
 
+/// What an import error means for whoever ran the import. The import core, the queue
+/// consumer and the command line all decide from this one classification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The run was completed or failed before; there is nothing to do.
+    AlreadyFinished,
+    /// No run has this id.
+    NoSuchRun,
+    /// Another live worker holds the run's lease.
+    HeldElsewhere,
+    /// Shutdown stopped the import after its last batch; the run resumes from its
+    /// checkpoint.
+    Interrupted,
+    /// The lease ran out and another worker took the run over; its writes count, ours
+    /// roll back.
+    TakenOver,
+    /// The store or the database was away; the same run may succeed when tried again.
+    Transient,
+    /// The run cannot succeed as asked (a bad or too large file, a changed object, ...).
+    Permanent,
+}
+
 impl ImportError {
-    /// Whether the run itself should be marked failed. Claim problems and a lost lease
-    /// belong to someone else's run state, so they leave the run alone.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ImportError::Claim(ClaimError::NotFound(_)) => Outcome::NoSuchRun,
+            ImportError::Claim(ClaimError::Finished { .. }) => Outcome::AlreadyFinished,
+            ImportError::Claim(ClaimError::Held { .. }) => Outcome::HeldElsewhere,
+            ImportError::Interrupted => Outcome::Interrupted,
+            ImportError::Load(LoadError::LeaseLost { .. }) => Outcome::TakenOver,
+            error if error.is_transient() => Outcome::Transient,
+            _ => Outcome::Permanent,
+        }
+    }
+
+    /// Whether the run itself should be marked failed (when nobody retries it). Claim
+    /// problems and a lost lease belong to someone else's run state, so they leave the
+    /// run alone.
     pub fn fails_the_run(&self) -> bool {
-        !matches!(
-            self,
-            ImportError::Claim(_)
-                | ImportError::Load(LoadError::LeaseLost { .. })
-                | ImportError::Interrupted
-        )
+        matches!(self.outcome(), Outcome::Transient | Outcome::Permanent)
+            && !matches!(self, ImportError::Claim(_))
     }
 
     /// Whether trying again later may succeed (the store or the database was away).
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             ImportError::Fetch(error) | ImportError::Decode(DecodeError::Source(error)) => {
                 error.is_transient()
@@ -95,7 +126,6 @@ impl ImportError {
             ImportError::Load(LoadError::Database(error))
             | ImportError::Claim(ClaimError::Database(error)) => db::is_transient(error),
             ImportError::Sheet(error) => error.is_transient(),
-            ImportError::Claim(ClaimError::Held { .. }) => true,
             _ => false,
         }
     }
@@ -213,9 +243,7 @@ impl Importer {
         user_id: Option<&str>,
         parameters: &ImportParameters,
     ) -> Result<(Uuid, i64), ImportError> {
-        let (dataset_id, _) = db::ensure_dataset(&self.pool, dataset, None).await?;
-        let run_id = runs::create_import_run(&self.pool, dataset_id, user_id, parameters).await?;
-        Ok((run_id, dataset_id))
+        Ok(runs::create_for_dataset(&self.pool, dataset, user_id, parameters).await?)
     }
 
     /// Claims the run and imports it (from its checkpoint, if it has one). On an error
@@ -237,9 +265,12 @@ impl Importer {
         );
         let result = self.execute(claimed).instrument(span).await;
         if let Err(error) = &result {
-            let retry_later = matches!(error, ImportError::Interrupted)
-                || (self.keep_runs_on_transient_failure && error.is_transient());
-            if retry_later && !matches!(error, ImportError::Claim(_)) {
+            let retry_later = match error.outcome() {
+                Outcome::Interrupted => true,
+                Outcome::Transient => self.keep_runs_on_transient_failure,
+                _ => false,
+            };
+            if retry_later {
                 tracing::warn!(run.id = %run_id, error = %error, "import paused; the run stays resumable");
                 if let Err(release) =
                     runs::release(&self.pool, run_id, token, &error.to_string()).await

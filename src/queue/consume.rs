@@ -38,14 +38,13 @@ use uuid::Uuid;
 use crate::config::AmqpSettings;
 use crate::db::{self, DatasetError, DatasetName};
 use crate::http::Health;
-use crate::import::load::LoadError;
 use crate::import::run::ImportParameters;
 use crate::import::run::SourceLocation;
-use crate::import::{ImportError, ImportSummary, Importer};
+use crate::import::{ImportSummary, Importer, Outcome};
 use crate::metrics::{metrics, AmqpOutcome};
 use crate::queue::amqp::{self, AmqpError};
 use crate::queue::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
-use crate::runs::{self, ClaimError};
+use crate::runs;
 
 #[derive(Debug, Error)]
 pub enum ConsumeError {
@@ -367,19 +366,12 @@ impl From<sqlx::Error> for Refusal {
 /// The runs a message stands for, created where the message asks for them.
 async fn runs_for(setup: &ConsumerSetup, message: &ImportMessage) -> Result<Vec<Uuid>, Refusal> {
     match message {
-        ImportMessage::Run(run_id) => {
-            let exists: Option<i32> =
-                sqlx::query_scalar("SELECT 1 FROM dsa_jobs.analysis_runs WHERE id = $1")
-                    .bind(run_id)
-                    .fetch_optional(&setup.pool)
-                    .await?;
-            match exists {
-                Some(_) => Ok(vec![*run_id]),
-                None => Err(Refusal::DeadLetter(format!(
-                    "run {run_id} does not exist in this database"
-                ))),
-            }
-        }
+        ImportMessage::Run(run_id) => match runs::exists(&setup.pool, *run_id).await? {
+            true => Ok(vec![*run_id]),
+            false => Err(Refusal::DeadLetter(format!(
+                "run {run_id} does not exist in this database"
+            ))),
+        },
         ImportMessage::Request(request) => Ok(vec![run_for_request(setup, request).await?]),
         ImportMessage::ObjectsCreated(objects) => {
             let mut runs = Vec::with_capacity(objects.len());
@@ -408,7 +400,7 @@ async fn runs_for(setup: &ConsumerSetup, message: &ImportMessage) -> Result<Vec<
 }
 
 async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Result<Uuid, Refusal> {
-    if let Some(run_id) = run_by_key(&setup.pool, &request.idempotency_key).await? {
+    if let Some(run_id) = runs::run_by_key(&setup.pool, &request.idempotency_key).await? {
         return Ok(run_id);
     }
     let parameters = ImportParameters {
@@ -441,7 +433,7 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
                 None => {
                     // A run a person can find (by its idempotency key) says why nothing
                     // was imported, and a redelivery finds it failed and stops there.
-                    let run_id = create_keyed_run(
+                    let run_id = runs::create_keyed_run(
                         &setup.pool,
                         None,
                         request.user.as_deref(),
@@ -463,7 +455,7 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
             }
         }
     };
-    Ok(create_keyed_run(
+    Ok(runs::create_keyed_run(
         &setup.pool,
         Some(dataset_id),
         request.user.as_deref(),
@@ -475,7 +467,7 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
 
 async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result<Uuid, Refusal> {
     let key = object.idempotency_key();
-    if let Some(run_id) = run_by_key(&setup.pool, &key).await? {
+    if let Some(run_id) = runs::run_by_key(&setup.pool, &key).await? {
         return Ok(run_id);
     }
     let name = match &setup.event_dataset {
@@ -498,7 +490,7 @@ async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result
         .await
         .map_err(dataset_refusal)?
         .0;
-    Ok(create_keyed_run(
+    Ok(runs::create_keyed_run(
         &setup.pool,
         Some(dataset_id),
         None,
@@ -537,7 +529,7 @@ async fn failed_keyed_run(
     user: Option<&str>,
     reason: &str,
 ) -> Result<Uuid, Refusal> {
-    let run_id = create_keyed_run(&setup.pool, None, user, parameters, key).await?;
+    let run_id = runs::create_keyed_run(&setup.pool, None, user, parameters, key).await?;
     runs::fail_run(&setup.pool, run_id, None, reason).await?;
     Ok(run_id)
 }
@@ -583,46 +575,6 @@ fn dataset_refusal(error: DatasetError) -> Refusal {
     }
 }
 
-async fn run_by_key(pool: &PgPool, key: &str) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
-        .bind(key)
-        .fetch_optional(pool)
-        .await
-}
-
-/// Creates the run for `key`, or returns the one a concurrent delivery created first.
-async fn create_keyed_run(
-    pool: &PgPool,
-    dataset_id: Option<i64>,
-    user_id: Option<&str>,
-    parameters: &ImportParameters,
-    key: &str,
-) -> Result<Uuid, sqlx::Error> {
-    let created: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO dsa_jobs.analysis_runs
-                (id, run_type, status, dataset_id, user_id, run_parameters, idempotency_key)
-         VALUES ($1, 'import', 'pending', $2, $3, $4, $5)
-         ON CONFLICT (idempotency_key) DO NOTHING
-         RETURNING id",
-    )
-    .bind(Uuid::new_v4())
-    .bind(dataset_id)
-    .bind(user_id)
-    .bind(sqlx::types::Json(parameters))
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
-    match created {
-        Some(run_id) => Ok(run_id),
-        None => {
-            sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_one(pool)
-                .await
-        }
-    }
-}
-
 /// How often a delivery whose run another worker holds looks at the run again.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -646,60 +598,62 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
                 }
                 return Settle::Ack;
             }
-            Err(ImportError::Claim(ClaimError::Finished { status, .. })) => {
-                tracing::info!(run.id = %run_id, status = %status, "run already finished; nothing to do");
-                return Settle::Ack;
-            }
-            Err(ImportError::Claim(ClaimError::NotFound(_))) => {
-                return Settle::DeadLetter(format!("run {run_id} does not exist"));
-            }
-            Err(ImportError::Claim(ClaimError::Held { owner, until, .. })) => {
-                // Another worker (or another task of ours whose delivery was lost with
-                // its channel) is importing this run. Starting a second import would be
-                // wrong; holding the message until the run ends keeps someone
-                // responsible for it should that worker die.
-                tracing::info!(run.id = %run_id, holder = %owner, lease_until = %until, "run is held by a live worker; waiting for it");
-                match wait_while_held(&setup.pool, run_id, importer).await {
-                    Ok(()) => continue,
-                    Err(settle) => return settle,
+            Err(error) => match error.outcome() {
+                Outcome::AlreadyFinished => {
+                    tracing::info!(run.id = %run_id, reason = %error, "nothing to do");
+                    return Settle::Ack;
                 }
-            }
-            Err(ImportError::Interrupted) => return Settle::Requeue,
-            // The run was taken over by another worker (its lease had run out); that
-            // worker's delivery settles it.
-            Err(ImportError::Load(LoadError::LeaseLost { .. })) => {
-                tracing::info!(run.id = %run_id, "another worker took the run over; leaving it to them");
-                return Settle::Ack;
-            }
-            Err(error) if error.is_transient() => match retries
-                .get_or_insert_with(|| retry_backoff(setup.amqp.retry_budget))
-                .next_backoff()
-            {
-                Some(wait) => {
-                    metrics().record_import_retried("other");
-                    tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
-                    if !pause(importer, wait).await {
-                        return Settle::Requeue;
+                Outcome::NoSuchRun => {
+                    return Settle::DeadLetter(format!("run {run_id} does not exist"));
+                }
+                Outcome::HeldElsewhere => {
+                    // Another worker (or another task of ours whose delivery was lost
+                    // with its channel) is importing this run. Starting a second import
+                    // would be wrong; holding the message until the run ends keeps
+                    // someone responsible for it should that worker die.
+                    tracing::info!(run.id = %run_id, reason = %error, "run is held by a live worker; waiting for it");
+                    match wait_while_held(&setup.pool, run_id, importer).await {
+                        Ok(()) => continue,
+                        Err(settle) => return settle,
                     }
                 }
-                None => {
-                    let note = format!(
-                        "stopped after retrying for {} s: {error}; the message is in the dead-letter queue, replay it to resume",
-                        setup.amqp.retry_budget.as_secs()
-                    );
-                    if let Err(park) = runs::park(&setup.pool, run_id, &note).await {
-                        tracing::warn!(run.id = %run_id, error = %park, "could not record the pause on the run");
+                Outcome::Interrupted => return Settle::Requeue,
+                // The run was taken over by another worker (its lease had run out); that
+                // worker's delivery settles it.
+                Outcome::TakenOver => {
+                    tracing::info!(run.id = %run_id, "another worker took the run over; leaving it to them");
+                    return Settle::Ack;
+                }
+                Outcome::Transient => match retries
+                    .get_or_insert_with(|| retry_backoff(setup.amqp.retry_budget))
+                    .next_backoff()
+                {
+                    Some(wait) => {
+                        metrics().record_import_retried("other");
+                        tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
+                        if !pause(importer, wait).await {
+                            return Settle::Requeue;
+                        }
                     }
-                    return Settle::DeadLetter(note);
+                    None => {
+                        let note = format!(
+                            "stopped after retrying for {} s: {error}; the message is in the dead-letter queue, replay it to resume",
+                            setup.amqp.retry_budget.as_secs()
+                        );
+                        if let Err(park) = runs::park(&setup.pool, run_id, &note).await {
+                            tracing::warn!(run.id = %run_id, error = %park, "could not record the pause on the run");
+                        }
+                        return Settle::DeadLetter(note);
+                    }
+                },
+                // The import core marked the run failed with the reason; the message
+                // has been handled.
+                Outcome::Permanent => {
+                    metrics().record_import_failed("other");
+                    tracing::warn!(run.id = %run_id, error = %error, "run failed");
+                    return Settle::Ack;
                 }
             },
-            // The import core marked the run failed with the reason; the message has
-            // been handled.
-            Err(error) => {
-                metrics().record_import_failed("other");
-                tracing::warn!(run.id = %run_id, error = %error, "run failed");
-                return Settle::Ack;
-            }
         }
     }
 }
@@ -711,17 +665,9 @@ async fn wait_while_held(pool: &PgPool, run_id: Uuid, importer: &Importer) -> Re
         if importer.is_stopping() {
             return Err(Settle::Requeue);
         }
-        let state: Result<Option<(String, bool)>, sqlx::Error> = sqlx::query_as(
-            "SELECT status::text, coalesce(lease_expires_at > now(), false)
-               FROM dsa_jobs.analysis_runs WHERE id = $1",
-        )
-        .bind(run_id)
-        .fetch_optional(pool)
-        .await;
-        match state {
-            Ok(Some((status, live)))
-                if matches!(status.as_str(), "pending" | "running") && live => {}
-            Ok(_) => return Ok(()),
+        match runs::held_by_live_lease(pool, run_id).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
             Err(error) => {
                 tracing::debug!(run.id = %run_id, error = %error, "looking at a held run")
             }
