@@ -802,22 +802,25 @@ mod tests {
 
     #[test]
     fn label_values_are_distinct_snake_case() {
-        let all: Vec<&str> = ImportStatus::ALL
-            .iter()
-            .map(|v| v.as_str())
-            .chain(AmqpOutcome::ALL.iter().map(|v| v.as_str()))
-            .chain(PublishResult::ALL.iter().map(|v| v.as_str()))
-            .chain(S3Operation::ALL.iter().map(|v| v.as_str()))
-            .chain(RefreshResult::ALL.iter().map(|v| v.as_str()))
-            .chain(PoolState::ALL.iter().map(|v| v.as_str()))
-            .collect();
-        for value in all {
-            assert!(
-                value
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
-                "{value}"
-            );
+        let labels: [Vec<&str>; 6] = [
+            ImportStatus::ALL.iter().map(|v| v.as_str()).collect(),
+            AmqpOutcome::ALL.iter().map(|v| v.as_str()).collect(),
+            PublishResult::ALL.iter().map(|v| v.as_str()).collect(),
+            S3Operation::ALL.iter().map(|v| v.as_str()).collect(),
+            RefreshResult::ALL.iter().map(|v| v.as_str()).collect(),
+            PoolState::ALL.iter().map(|v| v.as_str()).collect(),
+        ];
+        for values in &labels {
+            let distinct: std::collections::HashSet<&&str> = values.iter().collect();
+            assert_eq!(distinct.len(), values.len(), "repeated value in {values:?}");
+            for value in values {
+                assert!(
+                    value
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                    "{value}"
+                );
+            }
         }
         assert_eq!(
             AmqpOutcome::ALL

@@ -62,15 +62,52 @@ fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> AmqpError {
     move |source| AmqpError::Broker { action, source }
 }
 
-/// How long to wait between attempts to reach the broker: from 200 ms up to 15 s,
-/// for ever (a consumer has nothing better to do than wait for its broker).
-pub fn reconnect_backoff() -> backoff::ExponentialBackoff {
-    backoff::ExponentialBackoffBuilder::new()
-        .with_initial_interval(Duration::from_millis(200))
-        .with_max_interval(Duration::from_secs(15))
-        .with_max_elapsed_time(None)
-        .build()
+/// The pause between attempts to reach the broker, the same for every process that
+/// holds a broker session (consumer, maintainer, relay): from 200 ms up to 15 s, for
+/// ever (a consumer has nothing better to do than wait for its broker). The one place
+/// that knows the backoff crate's reconnect policy.
+pub struct Reconnect {
+    backoff: backoff::ExponentialBackoff,
 }
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            backoff: backoff::ExponentialBackoffBuilder::new()
+                .with_initial_interval(Duration::from_millis(200))
+                .with_max_interval(Duration::from_secs(15))
+                .with_max_elapsed_time(None)
+                .build(),
+        }
+    }
+}
+
+impl Reconnect {
+    /// After a failed attempt: logs `what` with the error and waits the next pause.
+    /// Returns false when `stop` fired first (the caller then stops trying).
+    pub async fn wait_after<E: std::fmt::Display + ?Sized>(
+        &mut self,
+        error: &E,
+        what: &str,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        use backoff::backoff::Backoff;
+        let wait = self.backoff.next_backoff().unwrap_or(MAX_RECONNECT_PAUSE);
+        tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "{what}");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = stop.cancelled() => false,
+        }
+    }
+
+    /// After a session worked: the next failure waits the shortest pause again.
+    pub fn reset(&mut self) {
+        use backoff::backoff::Backoff;
+        self.backoff.reset();
+    }
+}
+
+const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(15);
 
 /// Opens a connection whose name (shown by `rabbitmqctl list_connections`) says which
 /// process and role it belongs to.

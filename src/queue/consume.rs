@@ -90,7 +90,7 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
     let setup = Arc::new(setup);
     let permits = Arc::new(Semaphore::new(setup.workers));
     let tasks = TaskTracker::new();
-    let mut reconnect = amqp::reconnect_backoff();
+    let mut reconnect = amqp::Reconnect::default();
     // Imports must not notice the stop before the consumer stops taking deliveries,
     // so they get their own token, cancelled once the subscription is gone.
     let stop_imports = CancellationToken::new();
@@ -116,12 +116,13 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
                 return Err(ConsumeError::Amqp(error));
             }
             Err(error) => {
-                let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(30));
-                tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "broker unavailable");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue,
-                    _ = stop.cancelled() => break,
+                if reconnect
+                    .wait_after(&error, "broker unavailable", &stop)
+                    .await
+                {
+                    continue;
                 }
+                break;
             }
         };
         reconnect.reset();

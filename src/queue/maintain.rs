@@ -122,7 +122,7 @@ pub async fn run(
         }
     };
     let mut stats = MaintainStats::default();
-    let mut reconnect = amqp::reconnect_backoff();
+    let mut reconnect = amqp::Reconnect::default();
     let mut maintainer = Maintainer {
         pool,
         window: settings.coalesce_window,
@@ -141,12 +141,13 @@ pub async fn run(
         let (connection, channel, mut deliveries) = match session {
             Ok(session) => session,
             Err(error) => {
-                let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(15));
-                tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "broker unavailable");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue,
-                    _ = stop.cancelled() => break,
+                if reconnect
+                    .wait_after(&error, "broker unavailable", &stop)
+                    .await
+                {
+                    continue;
                 }
+                break;
             }
         };
         reconnect.reset();

@@ -16,7 +16,6 @@
 
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
 use thiserror::Error;
@@ -175,7 +174,7 @@ pub async fn run_relay(
     mut nudge: mpsc::Receiver<()>,
     stop: CancellationToken,
 ) {
-    let mut reconnect = amqp::reconnect_backoff();
+    let mut reconnect = amqp::Reconnect::default();
     let mut nudges_open = true;
 
     while !stop.is_cancelled() {
@@ -186,12 +185,13 @@ pub async fn run_relay(
         let (connection, channel) = match session {
             Ok(session) => session,
             Err(error) => {
-                let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(15));
-                tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "outbox relay cannot reach the broker");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue,
-                    _ = stop.cancelled() => break,
+                if reconnect
+                    .wait_after(&error, "outbox relay cannot reach the broker", &stop)
+                    .await
+                {
+                    continue;
                 }
+                break;
             }
         };
         tracing::debug!(exchange = %amqp.maintenance_exchange, "outbox relay connected");
@@ -211,13 +211,10 @@ pub async fn run_relay(
                     tracing::warn!(error = %error, "outbox relay cannot read the outbox; trying again at the next sweep");
                 }
                 Err(RelayError::Amqp(error)) => {
-                    let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(15));
-                    tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "outbox relay lost the broker; reconnecting");
                     let _ = connection.close(200, "reconnecting".into()).await;
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.cancelled() => {}
-                    }
+                    reconnect
+                        .wait_after(&error, "outbox relay lost the broker; reconnecting", &stop)
+                        .await;
                     break;
                 }
             }

@@ -64,23 +64,20 @@ pub struct TestApp {
 pub async fn spawn_app() -> TestApp {
     let services = service_settings();
     let admin_url = services["DATABASE_ADMIN_URL"].clone();
+    let template = migrated_template(&admin_url).await;
     let database_name = format!("dsa_test_{}", Uuid::new_v4().simple());
     let admin = PgPool::connect(&admin_url).await.expect("connect as admin");
-    sqlx::query(&format!("CREATE DATABASE {database_name}"))
-        .execute(&admin)
-        .await
-        .expect("create test database");
+    sqlx::query(&format!(
+        "CREATE DATABASE {database_name} TEMPLATE {template}"
+    ))
+    .execute(&admin)
+    .await
+    .expect("create test database");
     admin.close().await;
-    let (base, _) = admin_url
-        .rsplit_once('/')
-        .expect("admin URL ends in a database name");
-    let database_url = format!("{base}/{database_name}");
+    let database_url = database_url_for(&admin_url, &database_name);
     let pool = dsa_ingest::db::connect(&database_url, 8)
         .await
         .expect("connect to test db");
-    dsa_ingest::db::migrate(&pool)
-        .await
-        .expect("migrate test db");
 
     export_credentials(&services);
     let s3 = dsa_ingest::s3::client(&s3_settings(&services)).await;
@@ -100,6 +97,73 @@ pub async fn spawn_app() -> TestApp {
         admin_url,
         services,
     }
+}
+
+fn database_url_for(admin_url: &str, database_name: &str) -> String {
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("admin URL ends in a database name");
+    format!("{base}/{database_name}")
+}
+
+/// A database with every migration applied, from which each test's database is copied
+/// (`CREATE DATABASE ... TEMPLATE`), so the migrations run once, not once per test.
+/// Its name carries a hash of the migration files: a changed migration gets a new
+/// template, and test runs that share a server share an up-to-date one. It is built
+/// under a name of its own and renamed when complete, so a run killed midway never
+/// leaves a half-migrated template behind under the shared name.
+async fn migrated_template(admin_url: &str) -> String {
+    static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    TEMPLATE
+        .get_or_init(|| async {
+            use sha2::{Digest, Sha256};
+            let mut digest = Sha256::new();
+            let mut files: Vec<PathBuf> =
+                std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+                    .expect("read migrations/")
+                    .map(|entry| entry.unwrap().path())
+                    .collect();
+            files.sort();
+            for file in files {
+                digest.update(file.file_name().unwrap().as_encoded_bytes());
+                digest.update(std::fs::read(&file).unwrap());
+            }
+            let name = format!("dsa_template_{}", &hex::encode(digest.finalize())[..16]);
+            let admin = PgPool::connect(admin_url).await.expect("connect as admin");
+            let exists: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+                    .bind(&name)
+                    .fetch_optional(&admin)
+                    .await
+                    .expect("look for the template");
+            if exists.is_none() {
+                let building = format!("{name}_{}", &Uuid::new_v4().simple().to_string()[..8]);
+                sqlx::query(&format!("CREATE DATABASE {building}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create the template database");
+                let pool = dsa_ingest::db::connect(&database_url_for(admin_url, &building), 1)
+                    .await
+                    .expect("connect to the template database");
+                dsa_ingest::db::migrate(&pool)
+                    .await
+                    .expect("migrate the template database");
+                pool.close().await;
+                let renamed = sqlx::query(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+                    .execute(&admin)
+                    .await;
+                if renamed.is_err() {
+                    // Another test run finished the same template first; use theirs.
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {building}"))
+                        .execute(&admin)
+                        .await;
+                }
+            }
+            admin.close().await;
+            name
+        })
+        .await
+        .clone()
 }
 
 /// The S3 SDK reads credentials from the environment. They are set once, before any

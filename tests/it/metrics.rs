@@ -1,17 +1,17 @@
 //! The health and metrics server over a real TCP connection, against the test database.
 //!
-//! The metrics are process-wide and other tests import in parallel, so counters are
-//! checked to have risen by at least what this test did, never for exact values.
+//! The metrics are process-wide and other tests import in parallel, so counter values
+//! are checked on a child process of their own, which imports only what its test gives.
 
 use std::net::SocketAddr;
 
 use dsa_ingest::http::{spawn_server, Health};
-use dsa_ingest::metrics::metrics;
-use dsa_ingest::sample::sample_csv;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::spawn_app;
+use crate::broker::TestBroker;
+use crate::helpers::{spawn_app, wait_until};
+use crate::process::{pending_run, reference, status_of, summary_of, Consumer};
 
 /// One HTTP/1.1 GET; returns the status code, the headers (lower-cased names) and the
 /// body. `Connection: close` lets the body run to the end of the stream.
@@ -79,41 +79,20 @@ async fn health_readiness_and_metrics_are_served_over_http() {
     let (status, _, body) = get(addr, "/readyz").await;
     assert_eq!(status, 200, "{body}");
 
-    let (status, headers, before) = get(addr, "/metrics").await;
+    let (status, headers, text) = get(addr, "/metrics").await;
     assert_eq!(status, 200);
     let content_type = headers
         .iter()
         .find(|(name, _)| name == "content-type")
         .map(|(_, value)| value.as_str());
     assert_eq!(content_type, Some("text/plain; version=0.0.4"));
-
-    app.put("metrics.csv", sample_csv(500, 7)).await;
-    let summary = app.import("metrics", "metrics.csv").await;
-    // The caller records the run as a whole; the batches and ranged GETs were recorded
-    // by the import itself.
-    metrics().record_import_finished(&(&summary).into(), "csv");
-
-    let (_, _, after) = get(addr, "/metrics").await;
-    let rose_by = |series: &str| sample(&after, series) - sample(&before, series);
-    assert!(rose_by("dsa_rows_processed_total") >= 500.0);
-    assert!(rose_by("dsa_bytes_processed_total") >= summary.bytes as f64);
-    assert!(
-        rose_by("dsa_import_runs_total{format=\"csv\",status=\"completed\"}") >= 1.0,
-        "{after}"
-    );
-    // 500 rows in batches of 100 (the test settings).
-    assert!(rose_by("dsa_batch_duration_seconds_count") >= 5.0);
-    assert!(rose_by("dsa_s3_requests_total{operation=\"head\"}") >= 1.0);
-    // The file is larger than one 4 KiB range.
-    assert!(summary.bytes > 4096);
-    assert!(rose_by("dsa_s3_requests_total{operation=\"get_range\"}") >= 2.0);
-    // The pool is watched since the server started; the test app's pool holds idle
-    // connections after the import.
-    let open = sample(&after, "dsa_db_pool_connections{state=\"in_use\"}")
-        + sample(&after, "dsa_db_pool_connections{state=\"idle\"}");
-    assert!(open >= 1.0, "{after}");
-    assert!(sample(&after, "dsa_process_peak_resident_memory_bytes") > 0.0);
-    assert!(sample(&after, "dsa_process_resident_memory_bytes") > 0.0);
+    // The pool is watched since the server started and holds the connection readiness
+    // used.
+    let open = sample(&text, "dsa_db_pool_connections{state=\"in_use\"}")
+        + sample(&text, "dsa_db_pool_connections{state=\"idle\"}");
+    assert!(open >= 1.0, "{text}");
+    assert!(sample(&text, "dsa_process_peak_resident_memory_bytes") > 0.0);
+    assert!(sample(&text, "dsa_process_resident_memory_bytes") > 0.0);
 
     let (status, _, _) = get(addr, "/nowhere").await;
     assert_eq!(status, 404);
@@ -150,4 +129,62 @@ async fn readiness_names_the_database_when_it_does_not_answer() {
     let not_ready = health.check_ready().await.expect_err("both are down");
     assert_eq!(not_ready.reasons.len(), 2, "{not_ready}");
     assert_eq!(not_ready.reasons[1], "broker: not connected");
+}
+
+#[tokio::test]
+async fn a_consumer_counts_exactly_the_import_it_did() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    // 1,200 rows in batches of 500 (the child's settings): three batches, and a file of
+    // about 120 KB read in ranges of 64 KiB.
+    let run_id = pending_run(&app, "counted", "counted.csv", 1_200, 3).await;
+    let consumer = Consumer::start(&app, &broker, &[]);
+    let addr = consumer.metrics_addr().await;
+    let (_, _, before) = get(addr, "/metrics").await;
+    assert_eq!(sample(&before, "dsa_rows_processed_total"), 0.0);
+
+    broker.wait_for_consumers(1).await;
+    broker.publish_json(&reference(run_id)).await;
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the run to complete",
+        || async { status_of(&app, run_id).await == "completed" },
+    )
+    .await;
+    let summary = summary_of(&app, run_id).await;
+    let bytes = summary["bytes"].as_f64().unwrap();
+    let ranges = (bytes / 65536.0).ceil();
+
+    // The consumer counts the run just after the run completes.
+    let completed = "dsa_import_runs_total{format=\"csv\",status=\"completed\"}";
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the run to be counted",
+        || async move { sample(&get(addr, "/metrics").await.2, completed) == 1.0 },
+    )
+    .await;
+    let (_, _, after) = get(addr, "/metrics").await;
+    assert_eq!(sample(&after, "dsa_rows_processed_total"), 1_200.0);
+    assert_eq!(
+        sample(&after, "dsa_rows_deduplicated_total"),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(sample(&after, "dsa_bytes_processed_total"), bytes);
+    assert_eq!(sample(&after, "dsa_batch_duration_seconds_count"), 3.0);
+    assert_eq!(
+        sample(&after, "dsa_s3_requests_total{operation=\"head\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "dsa_s3_requests_total{operation=\"get_range\"}"),
+        ranges
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "dsa_import_runs_total{format=\"csv\",status=\"failed\"}"
+        ),
+        0.0
+    );
 }

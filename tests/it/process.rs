@@ -47,6 +47,30 @@ impl Consumer {
         }
     }
 
+    /// Where the child serves `/healthz`, `/readyz` and `/metrics` (it binds port 0
+    /// and logs the address it got).
+    pub async fn metrics_addr(&self) -> std::net::SocketAddr {
+        let mut found = None;
+        wait_until(
+            Duration::from_secs(30),
+            "the consumer's HTTP server",
+            || {
+                found = self
+                    .log()
+                    .lines()
+                    .find(|line| line.contains("serving /healthz"))
+                    .and_then(|line| {
+                        line.split(|c: char| c.is_whitespace() || c == '"' || c == '=')
+                            .find_map(|word| word.parse::<std::net::SocketAddr>().ok())
+                    });
+                let ready = found.is_some();
+                async move { ready }
+            },
+        )
+        .await;
+        found.expect("an address in the log")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -133,6 +133,11 @@ pub fn readme_message_examples() -> Vec<ReadmeMessage> {
     let path = repository_path("README.md");
     let readme = std::fs::read_to_string(&path)
         .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+    message_examples_in(&readme)
+}
+
+/// The marked examples of a Markdown text, as [`readme_message_examples`] reads them.
+fn message_examples_in(readme: &str) -> Vec<ReadmeMessage> {
     let lines: Vec<&str> = readme.lines().collect();
     let mut examples = Vec::new();
     let mut index = 0;
@@ -234,7 +239,11 @@ fn each_schema_accepts_its_own_examples() {
 #[test]
 fn readme_message_examples_match_their_schemas() {
     let compiled = CompiledSchemas::compile(&schema_files());
-    let examples = readme_message_examples();
+    check_examples(&compiled, &readme_message_examples());
+}
+
+/// Panics, naming the README line, at the first example its schema refuses.
+fn check_examples(compiled: &CompiledSchemas, examples: &[ReadmeMessage]) {
     assert!(
         !examples.is_empty(),
         "README.md has no examples marked {MARKER_PREFIX}NAME{MARKER_SUFFIX}"
@@ -245,7 +254,7 @@ fn readme_message_examples_match_their_schemas() {
             "README.md has no example marked {MARKER_PREFIX}{form}{MARKER_SUFFIX}"
         );
     }
-    for example in &examples {
+    for example in examples {
         if let Err(error) = compiled.check(&example.schema, &example.body) {
             panic!(
                 "README.md line {}: the {} example does not validate:\n{error}",
@@ -376,16 +385,37 @@ fn bodies_the_consumer_must_refuse_fail_validation() {
 
 #[test]
 fn a_marked_readme_example_that_does_not_match_is_reported() {
-    // The README test is only worth something if a wrong example fails it; this is the
-    // same check applied to a body that a careless edit could leave in the README.
+    // The README test is only worth something if a wrong example fails it: the README
+    // with one example spoiled the way a careless edit could (a string where a boolean
+    // belongs) must fail the same check, naming the spoiled example's line.
+    let readme = std::fs::read_to_string(repository_path("README.md")).unwrap();
+    let right = r#""skip_bad_rows": true"#;
+    let line = readme
+        .lines()
+        .position(|line| line.contains(right))
+        .expect("a README example sets skip_bad_rows");
+    let spoiled = readme.replacen(right, r#""skip_bad_rows": "true""#, 1);
+    let examples = message_examples_in(&spoiled);
+    let marker_line = examples
+        .iter()
+        .filter(|example| example.line <= line)
+        .map(|example| example.line)
+        .max()
+        .expect("the spoiled line is inside a marked example");
     let compiled = CompiledSchemas::compile(&schema_files());
-    let wrong = json!({"idempotency_key": "a", "dataset": "orders",
-                       "source": {"bucket": "dsa-ingest", "key": "a.csv"},
-                       "options": {"skip_bad_rows": "true"}});
-    let error = compiled
-        .check("import-request", &wrong)
-        .expect_err("a string where a boolean belongs must not validate");
-    assert!(error.contains("skip_bad_rows"), "{error}");
+    let failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check_examples(&compiled, &examples)
+    }))
+    .expect_err("the spoiled README must fail the check");
+    let message = failure
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        message.starts_with(&format!("README.md line {marker_line}:")),
+        "{message}"
+    );
+    assert!(message.contains("skip_bad_rows"), "{message}");
 }
 
 /// The schemas and the consumer agree: every README example that validates is also a
