@@ -34,26 +34,27 @@ struct Measurement {
     summary: Option<ImportSummary>,
 }
 
+/// The import benchmark's options.
+#[derive(clap::Parser)]
+struct Args {
+    /// Rows of a file to measure (repeat for several sizes; `_` separators allowed).
+    #[arg(long = "rows", value_parser = support::parse_count, default_value = "1000000")]
+    row_counts: Vec<u64>,
+    /// Runs of each measurement; the median is printed.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also import four files of this many rows, one after another and in parallel.
+    #[arg(long, value_parser = support::parse_count, default_value = "0")]
+    parallel_rows: u64,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut row_counts = Vec::new();
-    let mut repeat = 3usize;
-    let mut parallel_rows = 0u64;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--rows" => row_counts.push(value.replace('_', "").parse::<u64>()?),
-            "--repeat" => repeat = value.parse()?,
-            "--parallel-rows" => parallel_rows = value.replace('_', "").parse()?,
-            other => bail!("unknown flag {other}"),
-        }
-    }
-    if row_counts.is_empty() {
-        row_counts.push(1_000_000);
-    }
+    let Args {
+        row_counts,
+        repeat,
+        parallel_rows,
+    } = clap::Parser::parse();
     let settings = Settings::from_env()?;
     let bucket = settings
         .s3

@@ -20,19 +20,18 @@ mod support;
 
 const BENCH_DATABASE: &str = "dsa_bench_sheets";
 
+/// The spreadsheet benchmark's options.
+#[derive(clap::Parser)]
+struct Args {
+    /// Rows of the workbook's one sheet (`_` separators allowed).
+    #[arg(long, value_parser = support::parse_count, default_value = "1000000")]
+    rows: u64,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut rows = 1_000_000u32;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--rows" => rows = value.parse()?,
-            other => bail!("unknown flag {other}"),
-        }
-    }
+    let Args { rows } = clap::Parser::parse();
+    let rows = u32::try_from(rows).context("--rows must fit in 32 bits")?;
     let settings = Settings::from_env()?;
     let bucket = settings
         .s3

@@ -11,31 +11,29 @@ use aws_sdk_s3::primitives::ByteStream;
 use dsa_ingest::config::Settings;
 use dsa_ingest::import::run::SourceLocation;
 
+/// The sample writer's options.
+#[derive(clap::Parser)]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    rows: u64,
+    /// Samples with the same seed are byte for byte the same.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value = "target/sample.csv")]
+    out: PathBuf,
+    /// Also upload the file to this s3://bucket/key.
+    #[arg(long)]
+    upload: Option<SourceLocation>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut rows = 10_000u64;
-    let mut seed = 1u64;
-    let mut out = PathBuf::from("target/sample.csv");
-    let mut upload = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--rows" => rows = value.parse()?,
-            "--seed" => seed = value.parse()?,
-            "--out" => out = PathBuf::from(value),
-            "--upload" => {
-                upload = Some(
-                    value
-                        .parse::<SourceLocation>()
-                        .map_err(anyhow::Error::msg)?,
-                )
-            }
-            other => anyhow::bail!("unknown flag {other}"),
-        }
-    }
+    let Args {
+        rows,
+        seed,
+        out,
+        upload,
+    } = clap::Parser::parse();
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }

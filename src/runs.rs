@@ -14,7 +14,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::db::{self, DatasetError, DatasetName};
-use crate::import::run::{Checkpoint, ImportParameters, Lease};
+use crate::import::run::{Checkpoint, ImportParameters, Lease, Progress};
 use crate::process::owner_is_dead_local_process;
 
 /// A run this worker now holds.
@@ -349,8 +349,8 @@ pub struct RunStatus {
     /// Who holds the run now and until when (running runs only).
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
-    pub progress: Option<serde_json::Value>,
-    pub checkpoint: Option<serde_json::Value>,
+    pub progress: Option<Json<Progress>>,
+    pub checkpoint: Option<Json<Checkpoint>>,
     /// The import's summary once it completed.
     pub output_summary: Option<serde_json::Value>,
     pub error_message: Option<String>,

@@ -36,3 +36,10 @@ pub async fn recreate_database(database_url: &str, name: &str) -> anyhow::Result
         .await?;
     Ok(format!("{base}/{name}"))
 }
+
+/// A row count as people type it: `1000000` or `1_000_000`.
+pub fn parse_count(text: &str) -> Result<u64, String> {
+    text.replace('_', "")
+        .parse()
+        .map_err(|error| format!("{text:?} is not a count: {error}"))
+}

@@ -49,32 +49,28 @@ pub fn print_status(run: &RunStatus) {
     if let Some(dataset) = &run.dataset {
         println!("dataset    {dataset}");
     }
-    let line = |key: &str| {
-        run.progress
-            .as_ref()
-            .and_then(|progress| progress.get(key))
-            .and_then(|value| value.as_str().map(str::to_owned))
-    };
-    if let Some(status_line) = line("status") {
-        println!("progress   {status_line}");
+    if let Some(progress) = run.progress.as_deref() {
+        if !progress.status.is_empty() {
+            println!("progress   {}", progress.status);
+        }
     }
-    if let Some(checkpoint) = &run.checkpoint {
-        let in_sheets = checkpoint.get("completed_sheets").is_some()
-            || checkpoint["sheet_index"].as_u64().unwrap_or(0) > 0
-            || checkpoint["sheet_records"].as_u64().unwrap_or(0) > 0;
+    if let Some(checkpoint) = run.checkpoint.as_deref() {
+        let in_sheets = !checkpoint.completed_sheets.is_empty()
+            || checkpoint.sheet_index > 0
+            || checkpoint.sheet_records > 0;
         if in_sheets {
             // A spreadsheet resumes from a sheet and row; its byte offset is an estimate.
             println!(
-                "checkpoint sheet {} (number {}), row {} ({} rows loaded)",
-                checkpoint["sheet"],
-                checkpoint["sheet_index"].as_u64().unwrap_or(0) + 1,
-                checkpoint["sheet_records"],
-                checkpoint["loaded_rows"]
+                "checkpoint sheet {:?} (number {}), row {} ({} rows loaded)",
+                checkpoint.sheet,
+                checkpoint.sheet_index + 1,
+                checkpoint.sheet_records,
+                checkpoint.loaded_rows
             );
         } else {
             println!(
                 "checkpoint byte {} ({} rows loaded)",
-                checkpoint["byte_offset"], checkpoint["loaded_rows"]
+                checkpoint.byte_offset, checkpoint.loaded_rows
             );
         }
     }

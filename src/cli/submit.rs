@@ -651,27 +651,21 @@ impl ProgressReading {
     /// `total_bytes` is the object's size as `submit` saw it, used until the run has
     /// written its own.
     pub fn from_run(run: &RunStatus, total_bytes: u64) -> Self {
-        let number = |value: Option<&serde_json::Value>, key: &str| {
-            value
-                .and_then(|value| value.get(key))
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(0.0)
-        };
-        let progress = run.progress.as_ref();
-        let checkpoint = run.checkpoint.as_ref();
-        let reported_total = number(progress, "total_bytes") as u64;
+        let progress = run.progress.as_deref().cloned().unwrap_or_default();
+        let (checkpoint_bytes, checkpoint_rows) =
+            run.checkpoint.as_deref().map_or((0, 0), |checkpoint| {
+                (checkpoint.byte_offset, checkpoint.records)
+            });
         Self {
             status: run.status.clone(),
-            bytes_processed: (number(progress, "bytes_processed") as u64)
-                .max(number(checkpoint, "byte_offset") as u64),
-            total_bytes: if reported_total > 0 {
-                reported_total
+            bytes_processed: progress.bytes_processed.max(checkpoint_bytes),
+            total_bytes: if progress.total_bytes > 0 {
+                progress.total_bytes
             } else {
                 total_bytes
             },
-            rows_processed: (number(progress, "rows_processed") as u64)
-                .max(number(checkpoint, "records") as u64),
-            rows_per_second: number(progress, "rows_per_second"),
+            rows_processed: progress.rows_processed.max(checkpoint_rows),
+            rows_per_second: progress.rows_per_second,
         }
     }
 
@@ -781,6 +775,7 @@ impl ProgressDisplay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::import::run::{Checkpoint, Progress};
 
     #[test]
     fn upload_keys_keep_the_file_name_as_the_last_segment() {
@@ -796,7 +791,7 @@ mod tests {
         );
     }
 
-    fn run(progress: serde_json::Value, checkpoint: serde_json::Value) -> RunStatus {
+    fn run(progress: Progress, checkpoint: Checkpoint) -> RunStatus {
         RunStatus {
             run_id: Uuid::nil(),
             run_type: "import".into(),
@@ -808,8 +803,8 @@ mod tests {
             attempts: 1,
             lease_owner: None,
             lease_expires_at: None,
-            progress: Some(progress),
-            checkpoint: Some(checkpoint),
+            progress: Some(sqlx::types::Json(progress)),
+            checkpoint: Some(sqlx::types::Json(checkpoint)),
             output_summary: None,
             error_message: None,
         }
@@ -819,9 +814,18 @@ mod tests {
     fn the_checkpoint_moves_the_bar_between_progress_updates() {
         let reading = ProgressReading::from_run(
             &run(
-                serde_json::json!({"bytes_processed": 1_000_000, "total_bytes": 4_000_000,
-                                   "rows_processed": 9_000, "rows_per_second": 52_000.0}),
-                serde_json::json!({"byte_offset": 2_000_000, "records": 18_000}),
+                Progress {
+                    bytes_processed: 1_000_000,
+                    total_bytes: 4_000_000,
+                    rows_processed: 9_000,
+                    rows_per_second: 52_000.0,
+                    ..Progress::default()
+                },
+                Checkpoint {
+                    byte_offset: 2_000_000,
+                    records: 18_000,
+                    ..Checkpoint::start(String::new(), None, String::new())
+                },
             ),
             1,
         );
@@ -838,7 +842,10 @@ mod tests {
 
     #[test]
     fn a_run_without_progress_uses_the_size_submit_saw() {
-        let mut pending = run(serde_json::json!({}), serde_json::json!({}));
+        let mut pending = run(
+            Progress::default(),
+            Checkpoint::start(String::new(), None, String::new()),
+        );
         pending.progress = None;
         pending.checkpoint = None;
         let reading = ProgressReading::from_run(&pending, 3_000_000);

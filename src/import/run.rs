@@ -236,7 +236,10 @@ impl Lineage {
 }
 
 /// Bytes-based progress, as people and dashboards read it from `analysis_runs.progress`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Fields a writer left out read as zero: finalise completes a run whose progress was
+/// never written with only `percentage` and `status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Progress {
     pub bytes_processed: u64,
     pub total_bytes: u64,

@@ -269,27 +269,26 @@ pub fn parse(body: &[u8]) -> Result<ImportMessage, MessageError> {
 /// Decodes an S3 event's object key: `%XX` escapes, and `+` for a space (S3 encodes
 /// keys as HTML form values).
 pub fn url_decode(encoded: &str) -> Result<String, String> {
+    // percent-encoding passes a malformed escape through unchanged, which would name
+    // another key than the event meant; such a key is refused instead.
     let bytes = encoded.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => decoded.push(b' '),
-            b'%' => {
-                let hex = bytes
-                    .get(index + 1..index + 3)
-                    .filter(|pair| pair.iter().all(u8::is_ascii_hexdigit))
-                    .and_then(|pair| std::str::from_utf8(pair).ok())
-                    .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                    .ok_or_else(|| format!("bad escape at byte {index} of {encoded:?}"))?;
-                decoded.push(hex);
-                index += 2;
-            }
-            byte => decoded.push(byte),
-        }
-        index += 1;
+    if let Some(index) = encoded
+        .match_indices('%')
+        .map(|(index, _)| index)
+        .find(|&index| {
+            !bytes
+                .get(index + 1..index + 3)
+                .is_some_and(|pair| pair.iter().all(u8::is_ascii_hexdigit))
+        })
+    {
+        return Err(format!("bad escape at byte {index} of {encoded:?}"));
     }
-    String::from_utf8(decoded).map_err(|_| format!("{encoded:?} does not decode to UTF-8"))
+    // `+` is replaced before decoding, so an escaped plus (`%2B`) stays a plus.
+    let spaced = encoded.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| format!("{encoded:?} does not decode to UTF-8"))
 }
 
 #[cfg(test)]
@@ -356,6 +355,9 @@ mod tests {
         assert!(matches!(parse(b"not json"), Err(MessageError::NotJson(_))));
         assert!(matches!(parse(b"[1]"), Err(MessageError::NotAnObject)));
         assert!(matches!(parse(b"{}"), Err(MessageError::UnknownForm)));
+        assert_eq!(url_decode("a%2Bb+c%20d%C3%A9").unwrap(), "a+b c dé");
+        assert_eq!(url_decode("%E6%97%A5%E6%9C%AC.csv").unwrap(), "日本.csv");
+        assert!(url_decode("%C3").is_err());
         assert!(url_decode("%zz").is_err());
         assert!(url_decode("%").is_err());
         assert!(url_decode("%+1").is_err());

@@ -131,7 +131,7 @@ async fn an_import_killed_mid_file_resumes_from_its_checkpoint() {
         shown["output_summary"]["commit_id"],
         resumed.commit_id.as_str()
     );
-    assert_eq!(shown["progress"]["percentage"], 100);
+    assert_eq!(shown["progress"]["percentage"].as_f64(), Some(100.0));
 }
 
 #[tokio::test]
