@@ -161,10 +161,10 @@ async fn job_parallelism(
         for (index, source) in sources.iter().enumerate() {
             let parameters = ImportParameters {
                 source: source.clone(),
-                skip_bad_rows: false,
-                message: None,
                 expected_etag: None,
-                sheets: None,
+                options: dsa_ingest::import::run::ImportOptions {
+                    ..Default::default()
+                },
             };
             let dataset = DatasetName::parse(&format!("parallel-{index}"))?;
             runs.push(importer.create_run(&dataset, None, &parameters).await?.0);

@@ -162,10 +162,8 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
             let dataset = DatasetName::parse(&dataset)?;
             let parameters = ImportParameters {
                 source,
-                skip_bad_rows: args.options.skip_bad_rows,
-                message: args.options.message,
                 expected_etag: None,
-                sheets: (!args.options.sheets.is_empty()).then_some(args.options.sheets),
+                options: args.options.import_options().map_err(anyhow::Error::msg)?,
             };
             let (run_id, _) = importer
                 .create_run(&dataset, args.options.user.as_deref(), &parameters)

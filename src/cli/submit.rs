@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::config::{AmqpSettings, Settings};
 use crate::db::{DatasetError, DatasetName};
 use crate::import::fetch::{FetchError, Fetcher};
-use crate::import::run::{ImportParameters, SourceLocation};
+use crate::import::run::{ImportOptions, ImportParameters, SourceLocation};
 use crate::import::{ImportError, ImportSummary};
 use crate::queue::amqp::{self, AmqpError};
 use crate::runs::{self, RunStatus};
@@ -104,6 +104,8 @@ pub enum SubmitError {
     RunVanished { run_id: Uuid },
     #[error("run {run_id} completed but its summary cannot be read: {message}")]
     BadSummary { run_id: Uuid, message: String },
+    #[error("{0}")]
+    Options(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -114,10 +116,7 @@ pub struct SubmitRequest {
     pub dataset: DatasetName,
     pub source: SourceLocation,
     pub user: Option<String>,
-    pub skip_bad_rows: bool,
-    pub message: Option<String>,
-    /// Worksheets to import (spreadsheets only); all when empty.
-    pub sheets: Vec<String>,
+    pub options: ImportOptions,
 }
 
 /// A run that is created and queued.
@@ -170,10 +169,11 @@ pub async fn command(
     let request = SubmitRequest {
         dataset: DatasetName::parse(&args.dataset)?,
         source: args.source,
+        options: args
+            .options
+            .import_options()
+            .map_err(SubmitError::Options)?,
         user: args.options.user,
-        skip_bad_rows: args.options.skip_bad_rows,
-        message: args.options.message,
-        sheets: args.options.sheets,
     };
     let stop = crate::shutdown::on_signals();
     let s3 = crate::s3::client(&settings.s3).await;
@@ -296,10 +296,8 @@ pub async fn submit(
 
     let parameters = ImportParameters {
         source: source.clone(),
-        skip_bad_rows: request.skip_bad_rows,
-        message: request.message.clone(),
         expected_etag: object.etag.clone(),
-        sheets: (!request.sheets.is_empty()).then(|| request.sheets.clone()),
+        options: request.options.clone(),
     };
     let (run_id, _) =
         runs::create_for_dataset(pool, &request.dataset, request.user.as_deref(), &parameters)

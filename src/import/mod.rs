@@ -352,6 +352,7 @@ impl Importer {
                 };
                 let checkpoint = Checkpoint::start(commit_id, info.etag.clone(), sheet);
                 let message = parameters
+                    .options
                     .message
                     .clone()
                     .unwrap_or_else(|| format!("Import {}", parameters.source));
@@ -379,10 +380,10 @@ impl Importer {
             let job = SheetJob {
                 file: spooled,
                 file_name: file_name.clone(),
-                wanted: parameters.sheets.clone(),
+                wanted: parameters.options.sheets.clone(),
                 cursor: checkpoint.clone(),
                 settings: self.settings.clone(),
-                skip_bad_rows: parameters.skip_bad_rows,
+                skip_bad_rows: parameters.options.skip_bad_rows,
                 size: info.size,
                 format: Arc::clone(&sheet_format),
             };
@@ -430,7 +431,7 @@ impl Importer {
                     Arc::new(RowEncoder::new(&header)),
                     checkpoint.clone(),
                     self.settings.batch_size,
-                    parameters.skip_bad_rows,
+                    parameters.options.skip_bad_rows,
                     info.size,
                     sender,
                 )
@@ -585,7 +586,7 @@ fn sheet_lineage(
         format: format.map(|format| format.name().to_owned()),
         layout: Layout::Sheets {
             sheets: checkpoint.completed_sheets.clone(),
-            sheets_requested: parameters.sheets.clone(),
+            sheets_requested: parameters.options.sheets.clone(),
         },
         parser: format!("dsa-ingest {} (calamine 0.38)", env!("CARGO_PKG_VERSION")),
     }

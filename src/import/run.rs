@@ -16,19 +16,145 @@ use crate::import::hash::TreeHasher;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportParameters {
     pub source: SourceLocation,
+    /// The ETag the requester saw; the run fails if the object has another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_etag: Option<String>,
+    /// How the file becomes a version; stored flat beside the source.
+    #[serde(flatten)]
+    pub options: ImportOptions,
+}
+
+/// The options every entry point takes for an import (the command line, import
+/// requests, `submit`, and whatever else hands files over), defined once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportOptions {
     /// Put rows that cannot be decoded into `dsa_jobs.rejected_rows` instead of failing.
     #[serde(default)]
     pub skip_bad_rows: bool,
     /// The commit message; a default naming the source is used when absent.
     #[serde(default)]
     pub message: Option<String>,
-    /// The ETag the requester saw; the run fails if the object has another.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected_etag: Option<String>,
     /// For spreadsheets: the worksheets to import (all of them when absent). A name
     /// the file does not have fails the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sheets: Option<Vec<String>>,
+    /// Columns whose values identify a row (`{sheet}:{value}`), instead of its position.
+    /// Absent: the dataset's remembered key, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
+    /// How the file's rows combine with the parent commit.
+    #[serde(default, skip_serializing_if = "ImportMode::is_replace")]
+    pub mode: ImportMode,
+    /// `append` with a key: what a key the parent has already does.
+    #[serde(default, skip_serializing_if = "OnConflict::is_fail")]
+    pub on_conflict: OnConflict,
+    /// `replace` only: give the dataset a new key (or none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rekey: bool,
+    /// The `{sheet}` of a single-table file's rows (default: the parent's one sheet, or
+    /// the file's base name for a dataset's first import).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sheet_name: Option<String>,
+}
+
+impl ImportOptions {
+    /// The option names, as requests spell them (a request with another is refused).
+    pub const FIELDS: &'static [&'static str] = &[
+        "skip_bad_rows",
+        "message",
+        "sheets",
+        "key",
+        "mode",
+        "on_conflict",
+        "rekey",
+        "sheet_name",
+    ];
+
+    /// Refuses combinations that no import can honour, before a run is created.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(key) = &self.key {
+            if key.is_empty() || key.iter().any(|column| column.is_empty()) {
+                return Err("key must name one or more columns".to_owned());
+            }
+            let mut seen = std::collections::HashSet::new();
+            if let Some(repeated) = key.iter().find(|column| !seen.insert(column.as_str())) {
+                return Err(format!("key names column {repeated:?} twice"));
+            }
+        }
+        if self.rekey && self.mode != ImportMode::Replace {
+            return Err(format!(
+                "rekey is for mode replace only, not {}",
+                self.mode.as_str()
+            ));
+        }
+        if self.on_conflict != OnConflict::Fail && self.mode != ImportMode::Append {
+            return Err(format!(
+                "on_conflict is for mode append only, not {}",
+                self.mode.as_str()
+            ));
+        }
+        if matches!(&self.sheet_name, Some(name) if name.is_empty()) {
+            return Err("sheet_name must not be empty".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// How an import's rows combine with the parent commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportMode {
+    /// The file is the new version.
+    #[default]
+    Replace,
+    /// The parent's rows stay and the file's rows are added.
+    Append,
+    /// Rows whose key exists are replaced by the file's, new keys added, others kept.
+    Upsert,
+    /// The rows of the file's keys are removed; other columns of the file are ignored.
+    Delete,
+}
+
+impl ImportMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportMode::Replace => "replace",
+            ImportMode::Append => "append",
+            ImportMode::Upsert => "upsert",
+            ImportMode::Delete => "delete",
+        }
+    }
+
+    fn is_replace(&self) -> bool {
+        *self == ImportMode::Replace
+    }
+}
+
+/// `append` with a key: what happens to a row whose key the parent has already.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    /// The row fails (with `--skip-bad-rows`, it is rejected).
+    #[default]
+    Fail,
+    /// The parent's row is kept.
+    Ignore,
+    /// The file's row replaces it.
+    Update,
+}
+
+impl OnConflict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnConflict::Fail => "fail",
+            OnConflict::Ignore => "ignore",
+            OnConflict::Update => "update",
+        }
+    }
+
+    fn is_fail(&self) -> bool {
+        *self == OnConflict::Fail
+    }
 }
 
 /// Where a run continues after a crash; written in the same transaction as each batch.

@@ -38,8 +38,8 @@ use uuid::Uuid;
 use crate::config::AmqpSettings;
 use crate::db::{self, DatasetError, DatasetName};
 use crate::http::Health;
-use crate::import::run::ImportParameters;
 use crate::import::run::SourceLocation;
+use crate::import::run::{ImportOptions, ImportParameters};
 use crate::import::{ImportSummary, Importer, Outcome};
 use crate::metrics::{metrics, AmqpOutcome};
 use crate::queue::amqp::{self, AmqpError};
@@ -409,10 +409,8 @@ async fn run_for_request(setup: &ConsumerSetup, request: &ImportRequest) -> Resu
             bucket: request.source.bucket.clone(),
             key: request.source.key.clone(),
         },
-        skip_bad_rows: request.options.skip_bad_rows,
-        message: request.options.message.clone(),
         expected_etag: request.source.etag.clone(),
-        sheets: request.options.sheets.clone(),
+        options: request.options.clone(),
     };
     let dataset_id = match request.dataset_ref() {
         DatasetRef::Name(name) => {
@@ -509,15 +507,16 @@ fn object_parameters(object: &CreatedObject) -> ImportParameters {
             bucket: object.bucket.clone(),
             key: object.key.clone(),
         },
-        skip_bad_rows: false,
-        message: Some(format!(
-            "Import s3://{}/{} ({})",
-            object.bucket,
-            object.key,
-            object.event_name.as_deref().unwrap_or("S3 event")
-        )),
         expected_etag: object.etag.clone(),
-        sheets: None,
+        options: ImportOptions {
+            message: Some(format!(
+                "Import s3://{}/{} ({})",
+                object.bucket,
+                object.key,
+                object.event_name.as_deref().unwrap_or("S3 event")
+            )),
+            ..ImportOptions::default()
+        },
     }
 }
 

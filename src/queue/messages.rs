@@ -9,6 +9,8 @@ use serde::Deserialize;
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::import::run::ImportOptions;
+
 #[derive(Debug, Error)]
 pub enum MessageError {
     #[error("the body is not valid JSON: {0}")]
@@ -54,8 +56,8 @@ pub struct ImportRequest {
     /// Who asked, recorded as the run's user and the commit's author.
     #[serde(default)]
     pub user: Option<String>,
-    #[serde(default)]
-    pub options: RequestOptions,
+    #[serde(default, deserialize_with = "strict_options")]
+    pub options: ImportOptions,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -70,17 +72,27 @@ pub struct RequestSource {
     pub version_id: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RequestOptions {
-    #[serde(default)]
-    pub skip_bad_rows: bool,
-    /// The commit message.
-    #[serde(default)]
-    pub message: Option<String>,
-    /// Worksheets to import (spreadsheets only); all of them when absent.
-    #[serde(default)]
-    pub sheets: Option<Vec<String>>,
+/// A request's options: the import options every entry point takes, with an unknown
+/// name refused (a typo must not silently import another way) and combinations that
+/// no import can honour refused too.
+fn strict_options<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<ImportOptions, D::Error> {
+    use serde::de::Error as _;
+    let fields = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+    if let Some(unknown) = fields
+        .keys()
+        .find(|name| !ImportOptions::FIELDS.contains(&name.as_str()))
+    {
+        return Err(D::Error::custom(format!(
+            "unknown option {unknown:?}, expected one of {}",
+            ImportOptions::FIELDS.join(", ")
+        )));
+    }
+    let options: ImportOptions =
+        serde_json::from_value(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
+    options.check().map_err(D::Error::custom)?;
+    Ok(options)
 }
 
 /// Where a dataset is named in a request.

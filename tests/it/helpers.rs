@@ -241,10 +241,11 @@ impl TestApp {
     ) -> (Uuid, i64) {
         let parameters = ImportParameters {
             source: self.location(key),
-            skip_bad_rows,
-            message: None,
             expected_etag: None,
-            sheets: None,
+            options: dsa_ingest::import::run::ImportOptions {
+                skip_bad_rows,
+                ..Default::default()
+            },
         };
         importer
             .create_run(

@@ -232,10 +232,10 @@ async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
     let importer = app.importer(settings);
     let parameters = dsa_ingest::import::run::ImportParameters {
         source: app.location("moving.csv"),
-        skip_bad_rows: false,
-        message: None,
         expected_etag: None,
-        sheets: None,
+        options: dsa_ingest::import::run::ImportOptions {
+            ..Default::default()
+        },
     };
     let dataset = dsa_ingest::db::DatasetName::parse("moving").unwrap();
     let (run_id, _) = importer
@@ -364,10 +364,10 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
     let importer = app.importer(test_settings());
     let parameters = dsa_ingest::import::run::ImportParameters {
         source: app.location("data.csv"),
-        skip_bad_rows: false,
-        message: None,
         expected_etag: None,
-        sheets: None,
+        options: dsa_ingest::import::run::ImportOptions {
+            ..Default::default()
+        },
     };
     let dataset = dsa_ingest::db::DatasetName::parse("leased").unwrap();
     let (run_id, dataset_id) = importer

@@ -88,10 +88,11 @@ async fn import_sheets(
     let importer = app.importer(test_settings());
     let parameters = ImportParameters {
         source: app.location(key),
-        skip_bad_rows: false,
-        message: None,
         expected_etag: None,
-        sheets,
+        options: dsa_ingest::import::run::ImportOptions {
+            sheets,
+            ..Default::default()
+        },
     };
     let (run_id, _) = importer
         .create_run(&DatasetName::parse(dataset).unwrap(), None, &parameters)

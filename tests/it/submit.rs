@@ -465,7 +465,7 @@ async fn an_s3_source_is_queued_where_it_is_without_a_new_upload() {
     assert_eq!(object_keys(&app).await, ["incoming/stock.csv"]);
     let parameters = run_parameters(&app, run_id).await;
     assert_eq!(parameters.source, app.location("incoming/stock.csv"));
-    assert!(parameters.skip_bad_rows);
+    assert!(parameters.options.skip_bad_rows);
     assert_eq!(app.run_state(run_id).await.0, "pending");
     assert_one_message_for(&broker, run_id).await;
 
