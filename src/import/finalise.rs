@@ -5,11 +5,15 @@
 //! The dataset row is locked first, so two imports finishing into one dataset take turns:
 //! the second sees the first's commit as its parent and history stays linear.
 
+use futures::TryStreamExt;
 use sqlx::types::Json;
-use sqlx::{Acquire, PgConnection};
+use sqlx::{Acquire, PgConnection, Postgres, Transaction};
+use thiserror::Error;
 
-use crate::import::load::LoadError;
-use crate::import::run::{Lease, Lineage};
+use crate::import::decode::RowProblem;
+use crate::import::hash::{RowHash, TreeHasher};
+use crate::import::load::{LoadError, TOMBSTONE};
+use crate::import::run::{ImportMode, ImportPlan, Lease, Lineage, OnConflict};
 
 /// The finished commit's facts.
 pub struct CommitFacts<'a> {
@@ -18,16 +22,66 @@ pub struct CommitFacts<'a> {
     pub row_count: u64,
     pub tree_hash: &'a str,
     pub source: Lineage,
+    /// How the loaded rows combine with the parent.
+    pub merge: Merge<'a>,
 }
 
-/// Finalises the commit and completes the run; returns the parent commit id.
-/// `summary` receives the parent and returns the run's output summary.
+/// What finalise does with the parent's rows.
+pub struct Merge<'a> {
+    pub mode: ImportMode,
+    pub on_conflict: OnConflict,
+    pub skip_bad_rows: bool,
+    pub plan: &'a ImportPlan,
+}
+
+/// What the finalising transaction decided.
+#[derive(Clone, Debug, Default)]
+pub struct Finalised {
+    pub parent: Option<String>,
+    pub row_count: u64,
+    pub tree_hash: String,
+    /// `delete`: the parent's rows removed, and the file's keys the parent did not have.
+    pub deleted_rows: u64,
+    pub keys_not_found: u64,
+    /// `append` with `on_conflict fail` and `--skip-bad-rows`: rows left out because the
+    /// parent has their key.
+    pub conflicting_rows: u64,
+    /// The commit's `source` as stored.
+    pub source: Option<Lineage>,
+}
+
+#[derive(Debug, Error)]
+pub enum FinaliseError {
+    #[error(
+        "main moved from {} to {found} while this {mode} import ran, so its rows would \
+         drop the other commit's; submit the file again to apply it to the new version",
+        .expected.as_deref().unwrap_or("(no commit)")
+    )]
+    MainMoved {
+        mode: &'static str,
+        expected: Option<String>,
+        found: String,
+    },
+    #[error("{problem}")]
+    Conflict { problem: RowProblem },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+impl From<sqlx::Error> for FinaliseError {
+    fn from(error: sqlx::Error) -> Self {
+        FinaliseError::Load(LoadError::Database(error))
+    }
+}
+
+/// Finalises the commit and completes the run. `summary` receives what finalise
+/// decided and returns the run's output summary.
 pub async fn finalise(
     conn: &mut PgConnection,
     lease: &Lease,
-    facts: CommitFacts<'_>,
-    summary: impl FnOnce(Option<&str>) -> serde_json::Value,
-) -> Result<Option<String>, LoadError> {
+    mut facts: CommitFacts<'_>,
+    summary: impl FnOnce(&Finalised) -> serde_json::Value,
+) -> Result<Finalised, FinaliseError> {
     let mut tx = conn.begin().await?;
     // Batches may run with synchronous_commit off; this transaction must be durable
     // before anyone is told the import is done.
@@ -46,6 +100,40 @@ pub async fn finalise(
     .bind(facts.dataset_id)
     .fetch_optional(&mut *tx)
     .await?;
+    let mut done = Finalised {
+        parent: parent.clone(),
+        row_count: facts.row_count,
+        tree_hash: facts.tree_hash.to_owned(),
+        ..Finalised::default()
+    };
+    let merge = &facts.merge;
+    if merge.mode != ImportMode::Replace {
+        if parent != merge.plan.parent {
+            return Err(FinaliseError::MainMoved {
+                mode: merge.mode.as_str(),
+                expected: merge.plan.parent.clone(),
+                found: parent.unwrap_or_default(),
+            });
+        }
+        if let Some(parent) = &parent {
+            carry_parent_rows(&mut tx, facts.commit_id, parent, merge, &mut done).await?;
+        }
+    }
+    if merge.mode != ImportMode::Replace || merge.plan.key.is_some() {
+        // The version is no longer the file in file order: count it and hash it in
+        // logical row order, on the server's side of the connection.
+        let sheets = sheet_order(&merge.plan.parent_sheets, &facts.source.sheet_names());
+        let numeric = hash_in_logical_order(
+            &mut tx,
+            facts.commit_id,
+            &sheets,
+            merge.plan.key.is_some(),
+            &mut done,
+        )
+        .await?;
+        facts.source.sheet_order = sheets;
+        facts.source.numeric_key_sheets = numeric;
+    }
     sqlx::query(
         "UPDATE dsa_core.commits
             SET parent_commit_id = $2, row_count = $3, tree_hash = $4, source = $5,
@@ -54,8 +142,8 @@ pub async fn finalise(
     )
     .bind(facts.commit_id)
     .bind(parent.as_deref())
-    .bind(facts.row_count as i64)
-    .bind(facts.tree_hash)
+    .bind(done.row_count as i64)
+    .bind(&done.tree_hash)
     .bind(Json(&facts.source))
     .execute(&mut *tx)
     .await?;
@@ -68,7 +156,15 @@ pub async fn finalise(
     .bind(facts.commit_id)
     .execute(&mut *tx)
     .await?;
-    let output = summary(parent.as_deref());
+    if merge.plan.set_key {
+        sqlx::query("UPDATE dsa_core.datasets SET key_columns = $2 WHERE id = $1")
+            .bind(facts.dataset_id)
+            .bind(merge.plan.key.as_deref())
+            .execute(&mut *tx)
+            .await?;
+    }
+    done.source = Some(facts.source.clone());
+    let output = summary(&done);
     let completed = sqlx::query(
         "UPDATE dsa_jobs.analysis_runs
             SET status = 'completed', completed_at = now(), output_summary = $3,
@@ -88,9 +184,177 @@ pub async fn finalise(
         return Err(LoadError::LeaseLost {
             run_id: lease.run_id,
             token: lease.token,
-        });
+        }
+        .into());
     }
     crate::outbox::queue_refresh(&mut tx, facts.dataset_id, facts.commit_id).await?;
     tx.commit().await?;
-    Ok(parent)
+    Ok(done)
+}
+
+/// Brings the parent's rows into the new version, inside PostgreSQL and once per
+/// import: a row whose id the file has (or deletes) stays the file's, by the primary
+/// key's `ON CONFLICT DO NOTHING`.
+async fn carry_parent_rows(
+    tx: &mut Transaction<'_, Postgres>,
+    commit_id: &str,
+    parent: &str,
+    merge: &Merge<'_>,
+    done: &mut Finalised,
+) -> Result<(), FinaliseError> {
+    let keyed = merge.plan.key.is_some();
+    if merge.mode == ImportMode::Append && keyed {
+        match merge.on_conflict {
+            OnConflict::Update => {}
+            OnConflict::Ignore => {
+                sqlx::query(
+                    "DELETE FROM dsa_core.commit_rows n USING dsa_core.commit_rows p
+                      WHERE n.commit_id = $1 AND p.commit_id = $2
+                        AND p.logical_row_id = n.logical_row_id",
+                )
+                .bind(commit_id)
+                .bind(parent)
+                .execute(&mut **tx)
+                .await?;
+            }
+            OnConflict::Fail => {
+                let conflict: Option<String> = sqlx::query_scalar(
+                    "SELECT n.logical_row_id FROM dsa_core.commit_rows n
+                       JOIN dsa_core.commit_rows p
+                         ON p.commit_id = $2 AND p.logical_row_id = n.logical_row_id
+                      WHERE n.commit_id = $1
+                      ORDER BY n.logical_row_id LIMIT 1",
+                )
+                .bind(commit_id)
+                .bind(parent)
+                .fetch_optional(&mut **tx)
+                .await?;
+                if let Some(id) = conflict {
+                    if !merge.skip_bad_rows {
+                        // The loader names the line; this catches what it could not see.
+                        let key = id.split_once(':').map_or(id.as_str(), |(_, key)| key);
+                        return Err(FinaliseError::Conflict {
+                            problem: RowProblem::ExistingKey {
+                                key: key.to_owned(),
+                            },
+                        });
+                    }
+                    done.conflicting_rows = sqlx::query(
+                        "DELETE FROM dsa_core.commit_rows n USING dsa_core.commit_rows p
+                          WHERE n.commit_id = $1 AND p.commit_id = $2
+                            AND p.logical_row_id = n.logical_row_id",
+                    )
+                    .bind(commit_id)
+                    .bind(parent)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                }
+            }
+        }
+    }
+    if merge.mode == ImportMode::Delete {
+        let (deletions, matched): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(p.logical_row_id)
+               FROM dsa_core.commit_rows t
+               LEFT JOIN dsa_core.commit_rows p
+                 ON p.commit_id = $2 AND p.logical_row_id = t.logical_row_id
+              WHERE t.commit_id = $1",
+        )
+        .bind(commit_id)
+        .bind(parent)
+        .fetch_one(&mut **tx)
+        .await?;
+        done.deleted_rows = matched as u64;
+        done.keys_not_found = (deletions - matched) as u64;
+    }
+    sqlx::query(
+        "INSERT INTO dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+         SELECT $1, logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $2
+         ON CONFLICT (commit_id, logical_row_id) DO NOTHING",
+    )
+    .bind(commit_id)
+    .bind(parent)
+    .execute(&mut **tx)
+    .await?;
+    if merge.mode == ImportMode::Delete {
+        sqlx::query("DELETE FROM dsa_core.commit_rows WHERE commit_id = $1 AND row_hash = $2")
+            .bind(commit_id)
+            .bind(&TOMBSTONE[..])
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The sheets of the new version in logical order: the parent's, then the file's new
+/// ones in the file's order.
+fn sheet_order(parent: &[String], file: &[String]) -> Vec<String> {
+    let mut order = parent.to_vec();
+    for sheet in file {
+        if !order.contains(sheet) {
+            order.push(sheet.clone());
+        }
+    }
+    order
+}
+
+/// Counts the version and computes its tree hash in logical row order: sheets in
+/// `sheets` order; within a sheet, positional ids by their number, keyed ids by their
+/// key, as numbers when every key of the sheet is a number, otherwise bytewise. Returns
+/// the sheets whose keys sorted as numbers.
+async fn hash_in_logical_order(
+    tx: &mut Transaction<'_, Postgres>,
+    commit_id: &str,
+    sheets: &[String],
+    keyed: bool,
+    done: &mut Finalised,
+) -> Result<Vec<String>, FinaliseError> {
+    let mut tree = TreeHasher::new();
+    let mut count = 0u64;
+    let mut numeric_sheets = Vec::new();
+    for sheet in sheets {
+        let numeric: bool = if keyed {
+            sqlx::query_scalar(
+                "SELECT coalesce(bool_and(substr(logical_row_id, length($2) + 2)
+                                          ~ '^-?[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?$'), false)
+                   FROM dsa_core.commit_rows
+                  WHERE commit_id = $1 AND starts_with(logical_row_id, $2 || ':')",
+            )
+            .bind(commit_id)
+            .bind(sheet)
+            .fetch_one(&mut **tx)
+            .await?
+        } else {
+            false
+        };
+        if numeric {
+            numeric_sheets.push(sheet.clone());
+        }
+        let order = if !keyed {
+            // Positional: the number after the sheet, as a number.
+            "length(logical_row_id), logical_row_id"
+        } else if numeric {
+            "substr(logical_row_id, length($2) + 2)::numeric, logical_row_id"
+        } else {
+            "logical_row_id"
+        };
+        let statement = format!(
+            "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
+              WHERE commit_id = $1 AND starts_with(logical_row_id, $2 || ':')
+              ORDER BY {order}"
+        );
+        let mut rows = sqlx::query_as::<_, (String, Vec<u8>)>(&statement)
+            .bind(commit_id)
+            .bind(sheet)
+            .fetch(&mut **tx);
+        while let Some((id, hash)) = rows.try_next().await? {
+            let hash: RowHash = hash.as_slice().try_into().unwrap_or([0u8; 32]);
+            tree.push(&id, &hash);
+            count += 1;
+        }
+    }
+    done.row_count = count;
+    done.tree_hash = tree.to_hex();
+    Ok(numeric_sheets)
 }

@@ -20,6 +20,13 @@ use crate::import::run::{Checkpoint, Lease, Progress};
 pub enum LoadError {
     #[error("run {run_id} was taken over by another worker (lease token {token} is stale)")]
     LeaseLost { run_id: uuid::Uuid, token: i64 },
+    /// A keyed row the version cannot take (its key is there already).
+    #[error("sheet {sheet:?}, line {line}: {problem}")]
+    BadRow {
+        sheet: String,
+        line: u64,
+        problem: RowProblem,
+    },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -57,6 +64,9 @@ pub struct RowsCopy {
     hashes: Vec<RowHash>,
     /// `commit_id \t logical_row_id \t \\x<row_hash hex>` lines.
     commit_rows: Vec<u8>,
+    /// Keyed rows: each entry's key and line, in the order of `commit_rows`, to name
+    /// the rows whose key an earlier batch had already.
+    keyed: Vec<(String, u64)>,
 }
 
 impl RowsCopy {
@@ -65,7 +75,7 @@ impl RowsCopy {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
+        self.hashes.is_empty() && self.commit_rows.is_empty()
     }
 
     /// Drops the content lines of rows whose hash is in `known`, keeping the others
@@ -105,6 +115,7 @@ impl BatchWriter {
                 content_ends: Vec::with_capacity(rows),
                 hashes: Vec::with_capacity(rows),
                 commit_rows: Vec::with_capacity(rows * (row_id_prefix.len() + 80)),
+                keyed: Vec::new(),
             },
             row_id_prefix,
         }
@@ -133,6 +144,44 @@ impl BatchWriter {
         entries.push(b'\n');
     }
 
+    /// Adds a keyed row: its id is `{sheet}:{key}`; `line` names it in errors.
+    pub fn push_keyed(&mut self, key: &str, line: u64, row_hash: &RowHash, canonical_json: &[u8]) {
+        self.push_content(row_hash, canonical_json);
+        self.push_entry(key, line, row_hash);
+    }
+
+    /// Adds a deletion: an entry whose hash is all zeros, which no row has, and no
+    /// content. Finalise removes the key from the new version and then the entry.
+    pub fn push_tombstone(&mut self, key: &str, line: u64) {
+        self.push_entry(key, line, &TOMBSTONE);
+        self.copy.hashes.push(TOMBSTONE);
+    }
+
+    fn push_content(&mut self, row_hash: &RowHash, canonical_json: &[u8]) {
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
+        let content = &mut self.copy.content;
+        content.extend_from_slice(b"\\\\x");
+        content.extend_from_slice(&hex);
+        content.push(b'\t');
+        push_copy_escaped(canonical_json, content);
+        content.push(b'\n');
+        self.copy.content_ends.push(content.len());
+        self.copy.hashes.push(*row_hash);
+    }
+
+    fn push_entry(&mut self, key: &str, line: u64, row_hash: &RowHash) {
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
+        let entries = &mut self.copy.commit_rows;
+        entries.extend_from_slice(&self.row_id_prefix);
+        push_copy_escaped(key.as_bytes(), entries);
+        entries.extend_from_slice(b"\t\\\\x");
+        entries.extend_from_slice(&hex);
+        entries.push(b'\n');
+        self.copy.keyed.push((key.to_owned(), line));
+    }
+
     pub fn rows(&self) -> u64 {
         self.copy.len()
     }
@@ -145,9 +194,12 @@ impl BatchWriter {
         let RowsCopy {
             content,
             content_ends,
-            hashes,
+            mut hashes,
             commit_rows,
+            keyed,
         } = self.copy;
+        // Deletions have no content.
+        hashes.retain(|hash| *hash != TOMBSTONE);
         let mut order: Vec<usize> = (0..hashes.len()).collect();
         order.sort_unstable_by_key(|&index| hashes[index]);
         let mut sorted = RowsCopy {
@@ -155,6 +207,7 @@ impl BatchWriter {
             content_ends: Vec::with_capacity(content_ends.len()),
             hashes: Vec::with_capacity(hashes.len()),
             commit_rows,
+            keyed,
         };
         let mut previous: Option<RowHash> = None;
         for index in order {
@@ -178,6 +231,10 @@ impl BatchWriter {
         sorted
     }
 }
+
+/// The row hash of a deletion entry in an unfinished commit (see
+/// [`BatchWriter::push_tombstone`]); sha256 never gives it for any row.
+pub const TOMBSTONE: RowHash = [0u8; 32];
 
 /// Writes `n` in decimal without allocating; called once per row.
 fn push_decimal(mut n: u64, out: &mut Vec<u8>) {
@@ -216,6 +273,8 @@ fn push_copy_escaped(bytes: &[u8], out: &mut Vec<u8>) {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BatchOutcome {
     pub new_rows: u64,
+    /// Keyed rows left out because an earlier batch had their key (rejected).
+    pub repeated_rows: u64,
     /// Storing the rows the look-up did not find (see [`store_new_rows`]).
     pub insert_duration: Duration,
     /// COPY of the batch's entries into `dsa_core.commit_rows`.
@@ -228,6 +287,12 @@ pub struct BatchOutcome {
 pub struct Loader {
     conn: PoolConnection<Postgres>,
     lease: Lease,
+    /// Whether a row whose key an earlier batch had is rejected rather than failing
+    /// the import.
+    skip_bad_rows: bool,
+    /// `append` with `on_conflict fail`: the parent commit, whose keys a batch must not
+    /// have (checked per batch, so the error names the row's line).
+    refuse_keys_of: Option<String>,
 }
 
 impl Loader {
@@ -244,7 +309,24 @@ impl Loader {
         )
         .execute(&mut *conn)
         .await?;
-        Ok(Self { conn, lease })
+        Ok(Self {
+            conn,
+            lease,
+            skip_bad_rows: false,
+            refuse_keys_of: None,
+        })
+    }
+
+    /// A keyed row whose key `parent` has already fails the import, naming its line
+    /// (with `skip_bad_rows`, finalise leaves such rows out instead).
+    pub fn refuse_keys_of(&mut self, parent: Option<String>) {
+        self.refuse_keys_of = parent;
+    }
+
+    /// Rows whose key an earlier batch had are rejected instead of failing the import.
+    pub fn skip_bad_rows(mut self, skip: bool) -> Self {
+        self.skip_bad_rows = skip;
+        self
     }
 
     /// Loads one batch and moves the checkpoint, atomically.
@@ -255,6 +337,7 @@ impl Loader {
     ) -> Result<BatchOutcome, LoadError> {
         let batch_started = Instant::now();
         let mut outcome = BatchOutcome::default();
+        let mut repeated: Vec<(String, u64)> = Vec::new();
         let mut tx = self.conn.begin().await?;
         // A batch is safe without waiting for its WAL flush: data and checkpoint commit
         // together, so a batch lost in a crash is simply read again on resume. Only the
@@ -273,29 +356,57 @@ impl Loader {
             }
 
             let started = Instant::now();
-            let mut copy = tx
-                .copy_in_raw(
-                    "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash) FROM STDIN",
-                )
-                .await?;
-            copy.send(rows.commit_rows.as_slice()).await?;
-            copy.finish().await?;
+            if rows.keyed.is_empty() {
+                let mut copy = tx
+                    .copy_in_raw(
+                        "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash) FROM STDIN",
+                    )
+                    .await?;
+                copy.send(rows.commit_rows.as_slice()).await?;
+                copy.finish().await?;
+            } else {
+                if let (Some(parent), false) = (&self.refuse_keys_of, self.skip_bad_rows) {
+                    refuse_existing_keys(&mut tx, parent, &batch.checkpoint.sheet, rows).await?;
+                }
+                repeated = store_keyed_entries(&mut tx, &batch.checkpoint, rows).await?;
+            }
             outcome.commit_rows_duration = started.elapsed();
         }
 
-        if !batch.rejected.is_empty() {
-            insert_rejected(
-                &mut tx,
-                self.lease.run_id,
-                &batch.checkpoint,
-                &batch.rejected,
-            )
-            .await?;
+        let mut rejected = Vec::new();
+        if let Some((key, line)) = repeated.first() {
+            if !self.skip_bad_rows {
+                return Err(LoadError::BadRow {
+                    sheet: batch.checkpoint.sheet.clone(),
+                    line: *line,
+                    problem: RowProblem::RepeatedKey {
+                        key: key.clone(),
+                        first_line: None,
+                    },
+                });
+            }
+            rejected.extend(repeated.iter().map(|(key, line)| RejectedRow {
+                line: *line,
+                byte: 0,
+                problem: RowProblem::RepeatedKey {
+                    key: key.clone(),
+                    first_line: None,
+                },
+                raw: Vec::new(),
+            }));
+        }
+        let rejected: Vec<&RejectedRow> = batch.rejected.iter().chain(&rejected).collect();
+        if !rejected.is_empty() {
+            insert_rejected(&mut tx, self.lease.run_id, &batch.checkpoint, &rejected).await?;
         }
 
-        // The producer cannot know how many rows were new; that is counted here.
+        // The producer cannot know how many rows were new, nor which keys an earlier
+        // batch had; that is counted here.
         let mut checkpoint = batch.checkpoint.clone();
         checkpoint.new_rows += outcome.new_rows;
+        outcome.repeated_rows = repeated.len() as u64;
+        checkpoint.loaded_rows -= outcome.repeated_rows;
+        checkpoint.rejected_rows += outcome.repeated_rows;
         let started = Instant::now();
         save_checkpoint(&mut tx, &self.lease, &checkpoint, progress).await?;
         tx.commit().await?;
@@ -384,6 +495,123 @@ async fn store_new_rows(
             .await?
             .rows_affected();
             Ok(stored)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Fails on the first row of the batch whose key `parent` has already.
+async fn refuse_existing_keys(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    parent: &str,
+    sheet: &str,
+    rows: &RowsCopy,
+) -> Result<(), LoadError> {
+    let ids: Vec<String> = rows
+        .keyed
+        .iter()
+        .map(|(key, _)| format!("{sheet}:{key}"))
+        .collect();
+    let existing: Vec<String> = sqlx::query_scalar(
+        "SELECT logical_row_id FROM dsa_core.commit_rows
+          WHERE commit_id = $1 AND logical_row_id = ANY($2)",
+    )
+    .bind(parent)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    if existing.is_empty() {
+        return Ok(());
+    }
+    let existing: HashSet<&str> = existing.iter().map(String::as_str).collect();
+    let (key, line) = rows
+        .keyed
+        .iter()
+        .zip(&ids)
+        .find(|(_, id)| existing.contains(id.as_str()))
+        .map(|(entry, _)| entry.clone())
+        .expect("a found id is one of the batch's");
+    Err(LoadError::BadRow {
+        sheet: sheet.to_owned(),
+        line,
+        problem: RowProblem::ExistingKey { key },
+    })
+}
+
+/// Writes a keyed batch's commit_rows entries; returns the keys (with their lines)
+/// that an earlier batch of the commit had, whose entries were left out.
+///
+/// The fast way is a COPY straight into `dsa_core.commit_rows`, whose primary key
+/// refuses a repeated id; only then (under a savepoint) do the entries go through a
+/// staging table, which finds the repeats and writes the rest.
+async fn store_keyed_entries(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    checkpoint: &Checkpoint,
+    rows: &RowsCopy,
+) -> Result<Vec<(String, u64)>, sqlx::Error> {
+    sqlx::query("SAVEPOINT keyed_entries")
+        .execute(&mut **tx)
+        .await?;
+    let direct = async {
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash) FROM STDIN",
+            )
+            .await?;
+        copy.send(rows.commit_rows.as_slice()).await?;
+        copy.finish().await
+    }
+    .await;
+    match direct {
+        Ok(_) => {
+            sqlx::query("RELEASE SAVEPOINT keyed_entries")
+                .execute(&mut **tx)
+                .await?;
+            Ok(Vec::new())
+        }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT keyed_entries")
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS import_entries (
+                     commit_id text COLLATE \"C\" NOT NULL,
+                     logical_row_id text COLLATE \"C\" NOT NULL,
+                     row_hash bytea NOT NULL
+                 ) ON COMMIT DELETE ROWS",
+            )
+            .execute(&mut **tx)
+            .await?;
+            let mut copy = tx
+                .copy_in_raw("COPY import_entries (commit_id, logical_row_id, row_hash) FROM STDIN")
+                .await?;
+            copy.send(rows.commit_rows.as_slice()).await?;
+            copy.finish().await?;
+            let repeated: Vec<String> = sqlx::query_scalar(
+                "SELECT i.logical_row_id FROM import_entries i
+                   JOIN dsa_core.commit_rows c
+                     ON c.commit_id = i.commit_id AND c.logical_row_id = i.logical_row_id",
+            )
+            .fetch_all(&mut **tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+                 SELECT commit_id, logical_row_id, row_hash FROM import_entries
+                 ON CONFLICT (commit_id, logical_row_id) DO NOTHING",
+            )
+            .execute(&mut **tx)
+            .await?;
+            let prefix = format!("{}:", checkpoint.sheet);
+            let repeated: HashSet<&str> = repeated
+                .iter()
+                .filter_map(|id| id.strip_prefix(prefix.as_str()))
+                .collect();
+            Ok(rows
+                .keyed
+                .iter()
+                .filter(|(key, _)| repeated.contains(key.as_str()))
+                .cloned()
+                .collect())
         }
         Err(error) => Err(error),
     }
@@ -501,7 +729,7 @@ async fn insert_rejected(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     run_id: uuid::Uuid,
     checkpoint: &Checkpoint,
-    rejected: &[RejectedRow],
+    rejected: &[&RejectedRow],
 ) -> Result<(), sqlx::Error> {
     let lines: Vec<i64> = rejected.iter().map(|row| row.line as i64).collect();
     let bytes: Vec<i64> = rejected.iter().map(|row| row.byte as i64).collect();

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod finalise;
 pub mod hash;
 pub mod load;
+pub mod plan;
 mod produce;
 pub mod run;
 
@@ -36,10 +37,16 @@ use decode::csv::{CsvDecoder, CsvStart, RowEncoder};
 use decode::sheet::{self, SheetError, SheetFormat};
 use decode::{DecodeError, Header, HeaderChange};
 use fetch::{FetchError, Fetcher, ObjectInfo};
-use finalise::CommitFacts;
+use finalise::{CommitFacts, FinaliseError, Finalised, Merge};
 use load::{LoadError, Loader, Lookup};
-use produce::{drop_known_rows, produce_batches, produce_sheet_batches, Produced, SheetJob};
-use run::{Checkpoint, CsvDialect, ImportParameters, Layout, Lineage, Progress};
+use plan::PlanError;
+use produce::{
+    drop_known_rows, produce_batches, produce_sheet_batches, Produced, RowIdentity, SheetJob,
+};
+use run::{
+    Checkpoint, CsvDialect, ImportMode, ImportParameters, ImportPlan, Layout, Lineage, OnConflict,
+    Progress,
+};
 
 /// Batches decoded ahead of the loader; two keep both sides busy without piling up.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -58,6 +65,10 @@ pub enum ImportError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Sheet(#[from] SheetError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Finalise(#[from] FinaliseError),
     #[error("{0}")]
     Resume(String),
     /// Shutdown asked the import to stop after its last committed batch; the run stays
@@ -103,7 +114,10 @@ impl ImportError {
             ImportError::Claim(ClaimError::Finished { .. }) => Outcome::AlreadyFinished,
             ImportError::Claim(ClaimError::Held { .. }) => Outcome::HeldElsewhere,
             ImportError::Interrupted => Outcome::Interrupted,
-            ImportError::Load(LoadError::LeaseLost { .. }) => Outcome::TakenOver,
+            ImportError::Load(LoadError::LeaseLost { .. })
+            | ImportError::Finalise(FinaliseError::Load(LoadError::LeaseLost { .. })) => {
+                Outcome::TakenOver
+            }
             error if error.is_transient() => Outcome::Transient,
             _ => Outcome::Permanent,
         }
@@ -124,6 +138,8 @@ impl ImportError {
                 error.is_transient()
             }
             ImportError::Load(LoadError::Database(error))
+            | ImportError::Plan(PlanError::Database(error))
+            | ImportError::Finalise(FinaliseError::Load(LoadError::Database(error)))
             | ImportError::Claim(ClaimError::Database(error)) => db::is_transient(error),
             ImportError::Sheet(error) => error.is_transient(),
             _ => false,
@@ -171,6 +187,11 @@ pub struct ImportSummary {
     pub seconds: f64,
     pub rows_per_second: f64,
     pub tree_hash: String,
+    /// `delete` mode: the dataset's rows removed, and the file's keys it did not have.
+    #[serde(default)]
+    pub deleted_rows: u64,
+    #[serde(default)]
+    pub keys_not_found: u64,
     pub columns: Vec<String>,
     pub header_changes: Vec<HeaderChange>,
     pub source: Lineage,
@@ -320,7 +341,9 @@ impl Importer {
                 .into());
             }
         }
-        let mut loader = Loader::new(&self.pool, lease.clone()).await?;
+        let mut loader = Loader::new(&self.pool, lease.clone())
+            .await?
+            .skip_bad_rows(parameters.options.skip_bad_rows);
         let file_name = parameters.source.file_name().to_owned();
         // Spreadsheets are recognised by their content once spooled; the name only
         // decides which reader gets the bytes (and must agree with the content).
@@ -344,13 +367,15 @@ impl Importer {
             }
             None => {
                 let commit_id = Uuid::new_v4().simple().to_string();
+                let plan = ImportPlan::decide(loader.connection(), dataset_id, &parameters).await?;
                 // A spreadsheet's `{sheet}` is each worksheet's name, set as it is read.
                 let sheet = if spreadsheet {
                     String::new()
                 } else {
-                    decode::sheet_name(parameters.source.file_name())
+                    plan.single_sheet_name(&parameters)
                 };
-                let checkpoint = Checkpoint::start(commit_id, info.etag.clone(), sheet);
+                let mut checkpoint = Checkpoint::start(commit_id, info.etag.clone(), sheet);
+                checkpoint.plan = plan;
                 let message = parameters
                     .options
                     .message
@@ -362,6 +387,12 @@ impl Importer {
                 checkpoint
             }
         };
+        if parameters.options.mode == ImportMode::Append
+            && parameters.options.on_conflict == OnConflict::Fail
+            && checkpoint.plan.keyed()
+        {
+            loader.refuse_keys_of(checkpoint.plan.parent.clone());
+        }
         let resumed_from_byte = checkpoint.byte_offset;
 
         let sheet_format = Arc::new(std::sync::OnceLock::new());
@@ -384,6 +415,7 @@ impl Importer {
                 cursor: checkpoint.clone(),
                 settings: self.settings.clone(),
                 skip_bad_rows: parameters.options.skip_bad_rows,
+                delete: parameters.options.mode == ImportMode::Delete,
                 size: info.size,
                 format: Arc::clone(&sheet_format),
             };
@@ -423,12 +455,25 @@ impl Importer {
 
             // Both connections are taken before any task starts, so a pool that cannot give
             // the second fails here, with nothing left running.
+            let key = checkpoint
+                .plan
+                .key_columns(&header, parameters.source.file_name(), None)?
+                .map(|columns| {
+                    let names = columns.iter().map(|&c| header.columns[c].clone()).collect();
+                    (columns, names)
+                });
+            let identity = RowIdentity {
+                offset: checkpoint.plan.row_offset(&checkpoint.sheet),
+                key,
+                delete: parameters.options.mode == ImportMode::Delete,
+            };
             let lookup = Lookup::new(&self.pool).await?;
             let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
             let producer = tokio::spawn(
                 produce_batches(
                     decoder,
                     Arc::new(RowEncoder::new(&header)),
+                    Arc::new(identity),
                     checkpoint.clone(),
                     self.settings.batch_size,
                     parameters.options.skip_bad_rows,
@@ -487,6 +532,8 @@ impl Importer {
             timings.checkpoint_commit_ms += outcome.commit_duration.as_millis() as u64;
             checkpoint = batch.checkpoint;
             checkpoint.new_rows += outcome.new_rows;
+            checkpoint.loaded_rows -= outcome.repeated_rows;
+            checkpoint.rejected_rows += outcome.repeated_rows;
             tracing::debug!(
                 rows = checkpoint.loaded_rows,
                 byte = checkpoint.byte_offset,
@@ -497,7 +544,7 @@ impl Importer {
 
         let finalise_started = Instant::now();
         let source = match &header {
-            Some(header) => lineage(&parameters, &info, header),
+            Some(header) => lineage(&parameters, &info, header, &checkpoint),
             None => sheet_lineage(&parameters, &info, sheet_format.get().copied(), &checkpoint),
         };
         let elapsed = started.elapsed();
@@ -515,6 +562,8 @@ impl Importer {
             seconds: elapsed.as_secs_f64(),
             rows_per_second: rows_this_attempt as f64 / elapsed.as_secs_f64().max(1e-9),
             tree_hash: checkpoint.tree_state.clone(),
+            deleted_rows: 0,
+            keys_not_found: 0,
             columns: header
                 .as_ref()
                 .map(|header| header.columns.clone())
@@ -533,14 +582,31 @@ impl Importer {
             row_count: checkpoint.loaded_rows,
             tree_hash: &checkpoint.tree_state,
             source,
+            merge: Merge {
+                mode: parameters.options.mode,
+                on_conflict: parameters.options.on_conflict,
+                skip_bad_rows: parameters.options.skip_bad_rows,
+                plan: &checkpoint.plan,
+            },
         };
-        let parent = finalise::finalise(loader.connection(), &lease, facts, |parent| {
+        let complete = |summary: &mut ImportSummary, done: &Finalised| {
+            summary.parent_commit_id = done.parent.clone();
+            summary.rows = done.row_count;
+            summary.tree_hash = done.tree_hash.clone();
+            summary.deleted_rows = done.deleted_rows;
+            summary.keys_not_found = done.keys_not_found;
+            summary.rejected_rows += done.conflicting_rows;
+            if let Some(source) = &done.source {
+                summary.source = source.clone();
+            }
+        };
+        let done = finalise::finalise(loader.connection(), &lease, facts, |done| {
             let mut output = summary.clone();
-            output.parent_commit_id = parent.map(str::to_owned);
+            complete(&mut output, done);
             serde_json::to_value(output).unwrap_or_else(|_| json!({}))
         })
         .await?;
-        summary.parent_commit_id = parent;
+        complete(&mut summary, &done);
         summary.timings.finalise_ms = finalise_started.elapsed().as_millis() as u64;
         summary.seconds = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -555,7 +621,12 @@ impl Importer {
 }
 
 /// The commit's `source` for a CSV file.
-fn lineage(parameters: &ImportParameters, info: &ObjectInfo, header: &Header) -> Lineage {
+fn lineage(
+    parameters: &ImportParameters,
+    info: &ObjectInfo,
+    header: &Header,
+    checkpoint: &Checkpoint,
+) -> Lineage {
     Lineage {
         location: parameters.source.clone(),
         etag: info.etag.clone(),
@@ -565,8 +636,13 @@ fn lineage(parameters: &ImportParameters, info: &ObjectInfo, header: &Header) ->
         layout: Layout::Csv {
             dialect: CsvDialect::default(),
             columns: header.columns.clone(),
+            sheet: Some(checkpoint.sheet.clone()),
         },
         parser: format!("dsa-ingest {} (csv-async)", env!("CARGO_PKG_VERSION")),
+        mode: Some(parameters.options.mode),
+        key: checkpoint.plan.key.clone(),
+        sheet_order: vec![checkpoint.sheet.clone()],
+        numeric_key_sheets: Vec::new(),
     }
 }
 
@@ -589,6 +665,14 @@ fn sheet_lineage(
             sheets_requested: parameters.options.sheets.clone(),
         },
         parser: format!("dsa-ingest {} (calamine 0.38)", env!("CARGO_PKG_VERSION")),
+        mode: Some(parameters.options.mode),
+        key: checkpoint.plan.key.clone(),
+        sheet_order: checkpoint
+            .completed_sheets
+            .iter()
+            .map(|sheet| sheet.name.clone())
+            .collect(),
+        numeric_key_sheets: Vec::new(),
     }
 }
 

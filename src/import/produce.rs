@@ -5,6 +5,7 @@
 //! pool, sheet by sheet. Between the producer and the loader, a look-up task drops the
 //! content of rows that are stored already. Bounded channels keep memory constant.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,15 +14,71 @@ use csv_async::ByteRecord;
 use tokio::sync::mpsc;
 
 use super::decode::csv::{CsvDecoder, CsvStart, RowEncoder};
+use super::decode::sheet::cells::CellValue;
 use super::decode::sheet::rows::{Flow, SheetEvent, TypedRowEncoder};
 use super::decode::sheet::{inspect::inspect, workbook::Workbook};
 use super::decode::sheet::{SheetError, SheetFormat};
-use super::decode::{DecodeError, Header};
-use super::hash::{self, TreeHasher};
+use super::decode::{DecodeError, Header, RowProblem};
+use super::hash::{self, RowHash, TreeHasher};
 use super::load::{Batch, BatchWriter, Lookup, RejectedRow};
+use super::plan::{write_key, KeyValue};
 use super::run::{Checkpoint, SheetLineage};
 use super::ImportError;
 use crate::config::ImportSettings;
+
+/// How the rows of one sheet get their logical ids (see `plan.rs`).
+#[derive(Clone, Debug, Default)]
+pub(super) struct RowIdentity {
+    /// Positional ids: added to each row's number (`append` continues the parent's).
+    pub(super) offset: u64,
+    /// Keyed ids: the key columns' positions in the header, and their names.
+    pub(super) key: Option<(Vec<usize>, Vec<String>)>,
+    /// `delete` mode: rows become deletions of their keys.
+    pub(super) delete: bool,
+}
+
+impl RowIdentity {
+    /// Adds one decoded row to `writer`, or says why it cannot be: an empty key, or a
+    /// key an earlier row of the batch had (`seen` maps the batch's keys to lines).
+    #[allow(clippy::too_many_arguments)]
+    fn push<'v>(
+        &self,
+        writer: &mut BatchWriter,
+        seen: &mut HashMap<String, u64>,
+        n: u64,
+        line: u64,
+        values: impl Fn(usize) -> KeyValue<'v>,
+        row_hash: &RowHash,
+        json: &[u8],
+    ) -> Result<(), RowProblem> {
+        let Some((columns, names)) = &self.key else {
+            writer.push(self.offset + n, row_hash, json);
+            return Ok(());
+        };
+        let mut key = String::new();
+        write_key(columns.iter().map(|&column| values(column)), &mut key).map_err(|index| {
+            RowProblem::EmptyKey {
+                column: columns[index] + 1,
+                name: names[index].clone(),
+            }
+        })?;
+        match seen.entry(key) {
+            std::collections::hash_map::Entry::Occupied(first) => Err(RowProblem::RepeatedKey {
+                key: first.key().clone(),
+                first_line: Some(*first.get()),
+            }),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                if self.delete {
+                    writer.push_tombstone(slot.key(), line);
+                } else {
+                    writer.push_keyed(slot.key(), line, row_hash, json);
+                }
+                slot.insert(line);
+                Ok(())
+            }
+        }
+    }
+}
 
 /// What flows from the producer through the look-up stage to the loader. The end of
 /// the file is said explicitly, so a stage that stops for any other reason (a panic)
@@ -46,6 +103,7 @@ pub(super) const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 pub(super) async fn produce_batches(
     mut decoder: CsvDecoder,
     encoder: Arc<RowEncoder>,
+    identity: Arc<RowIdentity>,
     mut cursor: Checkpoint,
     batch_size: usize,
     skip_bad_rows: bool,
@@ -95,8 +153,17 @@ pub(super) async fn produce_batches(
         next.byte_offset = decoder.next_byte();
         next.line = decoder.next_line();
         let encoder = Arc::clone(&encoder);
+        let identity = Arc::clone(&identity);
         let encoded = tokio::task::spawn_blocking(move || {
-            let result = encode_batch(&records, start, &encoder, &file, skip_bad_rows, next);
+            let result = encode_batch(
+                &records,
+                start,
+                &encoder,
+                &identity,
+                &file,
+                skip_bad_rows,
+                next,
+            );
             (result, records)
         })
         .await;
@@ -169,6 +236,7 @@ pub(super) fn encode_batch(
     records: &[ByteRecord],
     start: CsvStart,
     encoder: &RowEncoder,
+    identity: &RowIdentity,
     file: &str,
     skip_bad_rows: bool,
     mut next: Checkpoint,
@@ -180,19 +248,30 @@ pub(super) fn encode_batch(
     let mut rejected = Vec::new();
     let mut json = Vec::with_capacity(512);
     let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
+    let mut seen = HashMap::new();
     for record in records {
         next.records += 1;
         let n = next.records;
         let (byte, line) = start.position_of(record);
         json.clear();
-        match encoder.encode(record, byte, &mut json) {
-            Ok(()) => {
-                let row_hash = hash::row_hash(&json);
+        let pushed = encoder.encode(record, byte, &mut json).and_then(|()| {
+            let row_hash = hash::row_hash(&json);
+            // Fields are valid UTF-8 once the encoder accepted the record.
+            let field = |column: usize| {
+                KeyValue::Text(std::str::from_utf8(&record[column]).unwrap_or_default())
+            };
+            identity.push(&mut writer, &mut seen, n, line, field, &row_hash, &json)?;
+            if identity.key.is_none() {
+                // Positional ids in file order: the tree hash streams (keyed commits
+                // and merged versions get theirs at finalise, in logical order).
                 logical_row_id.clear();
-                let _ = write!(logical_row_id, "{}:{n}", next.sheet);
+                let _ = write!(logical_row_id, "{}:{}", next.sheet, identity.offset + n);
                 tree.push(&logical_row_id, &row_hash);
-                writer.push(n, &row_hash, &json);
             }
+            Ok(())
+        });
+        match pushed {
+            Ok(()) => {}
             Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
                 line,
                 byte,
@@ -245,6 +324,8 @@ pub(super) struct SheetJob {
     pub(super) cursor: Checkpoint,
     pub(super) settings: ImportSettings,
     pub(super) skip_bad_rows: bool,
+    /// `delete` mode: rows become deletions of their keys.
+    pub(super) delete: bool,
     pub(super) size: u64,
     /// The format found in the content, for the commit's lineage.
     pub(super) format: Arc<std::sync::OnceLock<SheetFormat>>,
@@ -273,6 +354,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
         mut cursor,
         settings,
         skip_bad_rows,
+        delete,
         size,
         format,
     } = job;
@@ -306,6 +388,12 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
             cursor.header = None;
         }
         let mut encoder: Option<TypedRowEncoder> = None;
+        let mut identity = RowIdentity {
+            offset: cursor.plan.row_offset(&planned.name),
+            key: None,
+            delete,
+        };
+        let mut seen = HashMap::new();
         let mut writer = BatchWriter::new(&cursor.commit_id, &cursor.sheet, settings.batch_size);
         let mut rejected: Vec<RejectedRow> = Vec::new();
         let mut batch_bytes = 0usize;
@@ -355,6 +443,18 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                         Some(_) => {}
                         None => cursor.header = Some(header.clone()),
                     }
+                    let columns = cursor
+                        .plan
+                        .key_columns(header, &file_name, Some(&planned.name))
+                        .map_err(|error| SheetError::Read {
+                            file: file_name.clone(),
+                            sheet: planned.name.clone(),
+                            message: error.to_string(),
+                        })?;
+                    identity.key = columns.map(|columns| {
+                        let names = columns.iter().map(|&c| header.columns[c].clone()).collect();
+                        (columns, names)
+                    });
                     encoder = Some(TypedRowEncoder::new(header));
                 }
                 SheetEvent::Progress {
@@ -377,11 +477,50 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             json.clear();
                             encoder.encode(values, &mut json);
                             let row_hash = hash::row_hash(&json);
-                            logical_row_id.clear();
-                            let _ = write!(logical_row_id, "{}:{n}", cursor.sheet);
-                            tree.push(&logical_row_id, &row_hash);
-                            writer.push(n, &row_hash, &json);
-                            batch_bytes += json.len();
+                            let cell = |column: usize| match values.get(column) {
+                                Some(CellValue::Text(text)) => KeyValue::Text(text),
+                                Some(CellValue::Number(number)) => KeyValue::Number(*number),
+                                Some(CellValue::Bool(flag)) => KeyValue::Bool(*flag),
+                                Some(CellValue::Null) | None => KeyValue::Null,
+                            };
+                            let pushed = identity.push(
+                                &mut writer,
+                                &mut seen,
+                                n,
+                                sheet_row,
+                                cell,
+                                &row_hash,
+                                &json,
+                            );
+                            match pushed {
+                                Ok(()) => {
+                                    if identity.key.is_none() {
+                                        logical_row_id.clear();
+                                        let _ = write!(
+                                            logical_row_id,
+                                            "{}:{}",
+                                            cursor.sheet,
+                                            identity.offset + n
+                                        );
+                                        tree.push(&logical_row_id, &row_hash);
+                                    }
+                                    batch_bytes += json.len();
+                                }
+                                Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
+                                    line: sheet_row,
+                                    byte: 0,
+                                    raw: Vec::new(),
+                                    problem,
+                                }),
+                                Err(problem) => {
+                                    return Err(SheetError::BadRow {
+                                        file: file_name.clone(),
+                                        sheet: planned.name.clone(),
+                                        row: sheet_row,
+                                        problem,
+                                    })
+                                }
+                            }
                         }
                         Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
                             line: sheet_row,
@@ -418,6 +557,8 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                         }
                         batch_bytes = 0;
                         batch_started = Instant::now();
+                        // Repeats across batches are caught by the loader.
+                        seen.clear();
                     }
                 }
             }

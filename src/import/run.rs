@@ -2,6 +2,7 @@
 //! and the lineage its commit records. Every stage shares these types, so they live below
 //! all of them and import nothing from a stage but the decoded header.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -194,6 +195,9 @@ pub struct Checkpoint {
     /// Spreadsheets: the sheets read to their end, for the commit's lineage.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub completed_sheets: Vec<SheetLineage>,
+    /// The parent, the key and the sheet naming, decided when the run started.
+    #[serde(default)]
+    pub plan: ImportPlan,
 }
 
 impl Checkpoint {
@@ -214,6 +218,7 @@ impl Checkpoint {
             sheet_index: 0,
             sheet_records: 0,
             completed_sheets: Vec::new(),
+            plan: ImportPlan::default(),
         }
     }
 }
@@ -308,6 +313,20 @@ pub struct Lineage {
     pub layout: Layout,
     /// This program and the parser that read the file, with their versions.
     pub parser: String,
+    /// How the file's rows were combined with the parent (absent: `replace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ImportMode>,
+    /// The key columns that identify the rows (absent: rows are identified by position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
+    /// Every sheet of the commit in logical order, carried-over sheets included (absent
+    /// in commits made before it was recorded: then the layout's sheets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sheet_order: Vec<String>,
+    /// Keyed commits: the sheets whose keys are all numbers, which sort as numbers;
+    /// the keys of other sheets sort bytewise (UTF-8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numeric_key_sheets: Vec<String>,
 }
 
 /// How the file's rows were laid out: one CSV table, or a workbook's sheets.
@@ -317,6 +336,10 @@ pub enum Layout {
     Csv {
         dialect: CsvDialect,
         columns: Vec<String>,
+        /// The `{sheet}` of the file's row ids (absent in older commits: the file's
+        /// base name).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sheet: Option<String>,
     },
     Sheets {
         sheets: Vec<SheetLineage>,
@@ -350,6 +373,24 @@ impl Lineage {
     /// The format for metrics labels and messages: `csv` unless a spreadsheet said more.
     pub fn format(&self) -> &str {
         self.format.as_deref().unwrap_or("other")
+    }
+
+    /// The commit's sheets in logical order.
+    pub fn sheet_names(&self) -> Vec<String> {
+        if !self.sheet_order.is_empty() {
+            return self.sheet_order.clone();
+        }
+        match &self.layout {
+            Layout::Csv {
+                sheet: Some(sheet), ..
+            } => vec![sheet.clone()],
+            Layout::Csv { sheet: None, .. } => {
+                vec![sheet_name(self.location.file_name())]
+            }
+            Layout::Sheets { sheets, .. } => {
+                sheets.iter().map(|sheet| sheet.name.clone()).collect()
+            }
+        }
     }
 
     /// The sheets of a spreadsheet's commit (none for CSV).
@@ -432,4 +473,34 @@ pub struct HeaderChange {
 pub enum HeaderChangeReason {
     Empty,
     Duplicate,
+}
+
+/// The `{sheet}` of a CSV object's logical row ids: its base name up to the first dot.
+pub fn sheet_name(file_name: &str) -> String {
+    match file_name.split('.').next() {
+        Some(stem) if !stem.is_empty() => stem.to_owned(),
+        _ => file_name.to_owned(),
+    }
+}
+
+/// What a run will make of its file, decided when it starts (see `plan.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportPlan {
+    /// What `main` pointed at when the run started; the new commit's parent. A mode
+    /// other than `replace` fails at finalise if `main` moved meanwhile.
+    pub parent: Option<String>,
+    /// The key columns rows are identified by; none for positional ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Vec<String>>,
+    /// Whether finalise records `key` as the dataset's key (its first keyed import, or
+    /// a replace with `rekey`).
+    #[serde(default)]
+    pub set_key: bool,
+    /// The sheets of the parent commit, in its order.
+    #[serde(default)]
+    pub parent_sheets: Vec<String>,
+    /// `append` with positional ids: the parent's highest row number per sheet, after
+    /// which the file's rows continue.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub append_after: BTreeMap<String, u64>,
 }

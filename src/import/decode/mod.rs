@@ -17,7 +17,7 @@ use thiserror::Error;
 
 use crate::import::fetch::FetchError;
 use crate::import::hash::{jcs_key_cmp, write_json_string};
-pub use crate::import::run::{Header, HeaderChange, HeaderChangeReason};
+pub use crate::import::run::{sheet_name, Header, HeaderChange, HeaderChangeReason};
 
 #[derive(Debug, Error)]
 pub enum DecodeError {
@@ -69,17 +69,40 @@ pub enum RowProblem {
     /// rather than dropped or given a made-up name.
     #[error("cell {cell} has a value outside the header's columns {columns}")]
     OutsideHeader { cell: String, columns: String },
+    /// A key column that is empty (or a null cell): the row has no identity.
+    #[error("key column {name:?} is empty")]
+    EmptyKey { column: usize, name: String },
+    /// A key that an earlier row of the same file has already (at `first_line` when
+    /// that row was in the same batch).
+    #[error("key {key} repeats the key of {}", earlier(*.first_line))]
+    RepeatedKey {
+        key: String,
+        first_line: Option<u64>,
+    },
+    /// `append` with `on_conflict fail`: a key the parent commit has already.
+    #[error("key {key} exists in the dataset already (mode append, on_conflict fail)")]
+    ExistingKey { key: String },
 }
 
 impl RowProblem {
     /// The 1-based column the problem is in, when it is in one.
     pub fn column(&self) -> Option<usize> {
         match self {
-            RowProblem::Ragged { .. } | RowProblem::OutsideHeader { .. } => None,
-            RowProblem::InvalidUtf8 { column, .. } | RowProblem::NulCharacter { column } => {
-                Some(*column)
-            }
+            RowProblem::Ragged { .. }
+            | RowProblem::OutsideHeader { .. }
+            | RowProblem::RepeatedKey { .. }
+            | RowProblem::ExistingKey { .. } => None,
+            RowProblem::InvalidUtf8 { column, .. }
+            | RowProblem::NulCharacter { column }
+            | RowProblem::EmptyKey { column, .. } => Some(*column),
         }
+    }
+}
+
+fn earlier(line: Option<u64>) -> String {
+    match line {
+        Some(line) => format!("line {line}"),
+        None => "an earlier row".to_owned(),
     }
 }
 
@@ -146,14 +169,6 @@ fn unique_name(base: &str, taken: &mut HashSet<String>, first_suffix: usize) -> 
             return candidate;
         }
         suffix += 1;
-    }
-}
-
-/// The `{sheet}` of a CSV object's logical row ids: its base name up to the first dot.
-pub fn sheet_name(file_name: &str) -> String {
-    match file_name.split('.').next() {
-        Some(stem) if !stem.is_empty() => stem.to_owned(),
-        _ => file_name.to_owned(),
     }
 }
 
