@@ -496,6 +496,7 @@ impl Importer {
         let mut timings = StageTimings::default();
         let mut rows_this_attempt = 0u64;
         let mut batches = 0u64;
+        let mut repeated_rows = 0u64;
         loop {
             if self.is_stopping() {
                 return Err(ImportError::Interrupted);
@@ -512,6 +513,10 @@ impl Importer {
                 Produced::End => break,
             };
             batch.checkpoint.new_rows = checkpoint.new_rows;
+            // Keyed rows the loader found repeated in earlier batches of this attempt;
+            // the producer counted them as loaded.
+            batch.checkpoint.loaded_rows -= repeated_rows;
+            batch.checkpoint.rejected_rows += repeated_rows;
             batches += 1;
             let progress = batches
                 .is_multiple_of(self.settings.progress_update_interval)
@@ -534,6 +539,7 @@ impl Importer {
             checkpoint.new_rows += outcome.new_rows;
             checkpoint.loaded_rows -= outcome.repeated_rows;
             checkpoint.rejected_rows += outcome.repeated_rows;
+            repeated_rows += outcome.repeated_rows;
             tracing::debug!(
                 rows = checkpoint.loaded_rows,
                 byte = checkpoint.byte_offset,
@@ -640,7 +646,7 @@ fn lineage(
         },
         parser: format!("dsa-ingest {} (csv-async)", env!("CARGO_PKG_VERSION")),
         mode: Some(parameters.options.mode),
-        key: checkpoint.plan.key.clone(),
+        row_key: checkpoint.plan.key.clone(),
         sheet_order: vec![checkpoint.sheet.clone()],
         numeric_key_sheets: Vec::new(),
     }
@@ -666,7 +672,7 @@ fn sheet_lineage(
         },
         parser: format!("dsa-ingest {} (calamine 0.38)", env!("CARGO_PKG_VERSION")),
         mode: Some(parameters.options.mode),
-        key: checkpoint.plan.key.clone(),
+        row_key: checkpoint.plan.key.clone(),
         sheet_order: checkpoint
             .completed_sheets
             .iter()

@@ -317,8 +317,9 @@ pub struct Lineage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ImportMode>,
     /// The key columns that identify the rows (absent: rows are identified by position).
+    /// Named apart from the object's `key`, which sits beside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<Vec<String>>,
+    pub row_key: Option<Vec<String>>,
     /// Every sheet of the commit in logical order, carried-over sheets included (absent
     /// in commits made before it was recorded: then the layout's sheets).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

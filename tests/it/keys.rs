@@ -1,0 +1,560 @@
+//! Row identity by key and the import modes (replace, append, upsert, delete): every
+//! version is checked against rows the test computes itself.
+
+use std::collections::BTreeMap;
+
+use dsa_ingest::config::S3Settings;
+use dsa_ingest::db::DatasetName;
+use dsa_ingest::import::run::{ImportMode, ImportOptions, ImportParameters, OnConflict};
+use dsa_ingest::import::{ImportError, ImportSummary, Importer};
+use rust_xlsxwriter::Workbook;
+use serde_json::{json, Value};
+
+use crate::helpers::{service_settings, spawn_app, test_settings, TestApp};
+use crate::process::slow_endpoint;
+
+/// Imports `key` of the test's bucket into `dataset` with `options`.
+async fn import_as(
+    app: &TestApp,
+    importer: &Importer,
+    dataset: &str,
+    key: &str,
+    options: ImportOptions,
+) -> Result<ImportSummary, ImportError> {
+    let parameters = ImportParameters {
+        source: app.location(key),
+        expected_etag: None,
+        options,
+    };
+    let (run_id, _) = importer
+        .create_run(&DatasetName::parse(dataset).unwrap(), None, &parameters)
+        .await
+        .expect("create run");
+    importer.run(run_id).await
+}
+
+fn keyed(columns: &[&str], mode: ImportMode) -> ImportOptions {
+    ImportOptions {
+        key: Some(columns.iter().map(|column| column.to_string()).collect()),
+        mode,
+        ..ImportOptions::default()
+    }
+}
+
+fn mode(mode: ImportMode) -> ImportOptions {
+    ImportOptions {
+        mode,
+        ..ImportOptions::default()
+    }
+}
+
+/// The rows `main` of `dataset` points at, by logical row id.
+async fn main_rows(app: &TestApp, dataset: &str) -> BTreeMap<String, Value> {
+    let rows: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT cr.logical_row_id, r.data
+           FROM dsa_core.datasets d
+           JOIN dsa_core.refs f ON f.dataset_id = d.id AND f.name = 'main'
+           JOIN dsa_core.commit_rows cr ON cr.commit_id = f.commit_id
+           JOIN dsa_core.rows r USING (row_hash)
+          WHERE d.name = $1",
+    )
+    .bind(dataset)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+/// CSV text from a header and rows.
+fn csv(lines: &[&str]) -> Vec<u8> {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text.into_bytes()
+}
+
+/// A row of the `id,name,qty` files, as the dataset stores it.
+fn row(id: &str, name: &str, qty: &str) -> Value {
+    json!({"id": id, "name": name, "qty": qty})
+}
+
+/// `count` rows `id,name,qty` with ids `first..first+count`, in the given id order.
+fn numbered(ids: &[u64]) -> Vec<u8> {
+    let mut text = String::from("id,name,qty\n");
+    for id in ids {
+        text.push_str(&format!("{id},item-{id},{}\n", id * 3 % 17));
+    }
+    text.into_bytes()
+}
+
+#[tokio::test]
+async fn a_keyed_replace_of_a_shuffled_daily_file_changes_nothing() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    let ids: Vec<u64> = (1..=450).collect();
+    let mut shuffled = ids.clone();
+    // A fixed permutation that moves every row: 7 is coprime with 450.
+    shuffled.sort_by_key(|id| (id * 7) % 450);
+    app.put("orders-2026-11-28.csv", numbered(&ids)).await;
+    app.put("orders-2026-11-29.csv", numbered(&shuffled)).await;
+
+    let first = import_as(
+        &app,
+        &importer,
+        "orders",
+        "orders-2026-11-28.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    // The dataset remembers its key and its one sheet: the next day's file, named
+    // otherwise and in another order, is the same version.
+    let second = import_as(
+        &app,
+        &importer,
+        "orders",
+        "orders-2026-11-29.csv",
+        ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.rows, 450);
+    assert_eq!(second.rows, 450);
+    assert_eq!(second.tree_hash, first.tree_hash);
+    assert_eq!(second.new_rows, 0);
+    let rows = main_rows(&app, "orders").await;
+    assert_eq!(rows.len(), 450);
+    assert_eq!(
+        rows["orders-2026-11-28:17"],
+        row("17", "item-17", &(17 * 3 % 17).to_string())
+    );
+    assert_eq!(
+        second.source.row_key.as_deref(),
+        Some(&["id".to_owned()][..])
+    );
+    assert_eq!(second.source.numeric_key_sheets, ["orders-2026-11-28"]);
+    // Logical order sorts numeric keys as numbers: the tree hash equals one computed
+    // by the test over ids 1..=450 in numeric order.
+    let mut tree = dsa_ingest::import::hash::TreeHasher::new();
+    let hashes: BTreeMap<String, Vec<u8>> = sqlx::query_as::<_, (String, Vec<u8>)>(
+        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
+    )
+    .bind(&second.commit_id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    for id in &ids {
+        let logical = format!("orders-2026-11-28:{id}");
+        let hash: [u8; 32] = hashes[&logical].as_slice().try_into().unwrap();
+        tree.push(&logical, &hash);
+    }
+    assert_eq!(tree.to_hex(), second.tree_hash);
+}
+
+#[tokio::test]
+async fn append_upsert_and_delete_give_exactly_the_expected_rows() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put(
+        "base.csv",
+        csv(&["id,name,qty", "1,apple,3", "2,pear,5", "10,plum,1"]),
+    )
+    .await;
+    app.put("upsert.csv", csv(&["id,name,qty", "2,pear,6", "11,kiwi,9"]))
+        .await;
+    app.put("append.csv", csv(&["id,name,qty", "12,fig,1", "2,other,0"]))
+        .await;
+    app.put("delete.csv", csv(&["id,name", "1,ignored", "99,absent"]))
+        .await;
+
+    import_as(
+        &app,
+        &importer,
+        "fruit",
+        "base.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    let mut expected: BTreeMap<String, Value> = [
+        ("base:1", row("1", "apple", "3")),
+        ("base:2", row("2", "pear", "5")),
+        ("base:10", row("10", "plum", "1")),
+    ]
+    .into_iter()
+    .map(|(id, data)| (id.to_owned(), data))
+    .collect();
+    assert_eq!(main_rows(&app, "fruit").await, expected);
+
+    let upserted = import_as(
+        &app,
+        &importer,
+        "fruit",
+        "upsert.csv",
+        mode(ImportMode::Upsert),
+    )
+    .await
+    .unwrap();
+    expected.insert("base:2".into(), row("2", "pear", "6"));
+    expected.insert("base:11".into(), row("11", "kiwi", "9"));
+    assert_eq!(main_rows(&app, "fruit").await, expected);
+    assert_eq!(upserted.rows, 4);
+
+    // Append with the default on_conflict fails on a key the dataset has, naming the line.
+    let error = import_as(
+        &app,
+        &importer,
+        "fruit",
+        "append.csv",
+        mode(ImportMode::Append),
+    )
+    .await
+    .expect_err("key 2 exists");
+    let message = error.to_string();
+    assert!(
+        message.contains("line 3") && message.contains("key 2 exists"),
+        "{message}"
+    );
+    assert_eq!(main_rows(&app, "fruit").await, expected);
+
+    let ignore = ImportOptions {
+        on_conflict: OnConflict::Ignore,
+        ..mode(ImportMode::Append)
+    };
+    import_as(&app, &importer, "fruit", "append.csv", ignore)
+        .await
+        .unwrap();
+    expected.insert("base:12".into(), row("12", "fig", "1"));
+    assert_eq!(main_rows(&app, "fruit").await, expected);
+
+    let update = ImportOptions {
+        on_conflict: OnConflict::Update,
+        ..mode(ImportMode::Append)
+    };
+    import_as(&app, &importer, "fruit", "append.csv", update)
+        .await
+        .unwrap();
+    expected.insert("base:2".into(), row("2", "other", "0"));
+    assert_eq!(main_rows(&app, "fruit").await, expected);
+
+    let deleted = import_as(
+        &app,
+        &importer,
+        "fruit",
+        "delete.csv",
+        mode(ImportMode::Delete),
+    )
+    .await
+    .unwrap();
+    expected.remove("base:1");
+    assert_eq!(main_rows(&app, "fruit").await, expected);
+    assert_eq!((deleted.deleted_rows, deleted.keys_not_found), (1, 1));
+    assert_eq!(deleted.rows, expected.len() as u64);
+    // Every version is history: six commits, each a full snapshot.
+    assert_eq!(
+        app.count("dsa_core.commits WHERE committed_at IS NOT NULL")
+            .await,
+        5
+    );
+    assert_eq!(
+        app.count("dsa_core.commits WHERE committed_at IS NULL")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn positional_append_continues_the_numbering() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put("log.csv", csv(&["at,event", "1,start", "2,stop"]))
+        .await;
+    app.put("log-more.csv", csv(&["at,event", "3,start"])).await;
+    import_as(&app, &importer, "log", "log.csv", ImportOptions::default())
+        .await
+        .unwrap();
+    let appended = import_as(
+        &app,
+        &importer,
+        "log",
+        "log-more.csv",
+        mode(ImportMode::Append),
+    )
+    .await
+    .unwrap();
+    let ids: Vec<String> = main_rows(&app, "log").await.into_keys().collect();
+    assert_eq!(ids, ["log:1", "log:2", "log:3"]);
+    assert_eq!(appended.rows, 3);
+    // Upsert and delete need a key.
+    let error = import_as(
+        &app,
+        &importer,
+        "log",
+        "log-more.csv",
+        mode(ImportMode::Upsert),
+    )
+    .await
+    .expect_err("no key");
+    assert!(error.to_string().contains("needs a key"), "{error}");
+}
+
+#[tokio::test]
+async fn repeated_empty_and_missing_keys_are_refused_naming_lines() {
+    let app = spawn_app().await;
+    let mut settings = test_settings();
+    // Batches of two rows: the repeat of line 2 at line 5 lies in another batch.
+    settings.batch_size = 2;
+    let importer = app.importer(settings);
+    app.put("dup.csv", csv(&["id,v", "a,1", "b,2", "c,3", "a,4", "d,5"]))
+        .await;
+    app.put("near.csv", csv(&["id,v", "a,1", "a,2"])).await;
+    app.put("empty.csv", csv(&["id,v", "a,1", ",2"])).await;
+    app.put("nokey.csv", csv(&["name,v", "a,1"])).await;
+
+    let error = import_as(
+        &app,
+        &importer,
+        "d1",
+        "near.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .expect_err("repeated key");
+    assert!(
+        error.to_string().contains("line 3")
+            && error.to_string().contains("repeats the key of line 2"),
+        "{error}"
+    );
+    let error = import_as(
+        &app,
+        &importer,
+        "d2",
+        "dup.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .expect_err("repeated key in another batch");
+    assert!(error.to_string().contains("line 5"), "{error}");
+    let error = import_as(
+        &app,
+        &importer,
+        "d3",
+        "empty.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .expect_err("empty key");
+    assert!(
+        error.to_string().contains("line 3")
+            && error.to_string().contains("key column \"id\" is empty"),
+        "{error}"
+    );
+    let error = import_as(
+        &app,
+        &importer,
+        "d4",
+        "nokey.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .expect_err("missing key column");
+    assert!(
+        error
+            .to_string()
+            .contains("key column \"id\" is not in the header"),
+        "{error}"
+    );
+    // Nothing of a failed run stays behind.
+    assert_eq!(app.count("dsa_core.commit_rows").await, 0);
+
+    // With --skip-bad-rows the later row of a repeat is rejected, wherever it is.
+    let skip = ImportOptions {
+        skip_bad_rows: true,
+        ..keyed(&["id"], ImportMode::Replace)
+    };
+    let summary = import_as(&app, &importer, "d5", "dup.csv", skip)
+        .await
+        .unwrap();
+    assert_eq!((summary.rows, summary.rejected_rows), (4, 1));
+    let rows = main_rows(&app, "d5").await;
+    assert_eq!(rows["dup:a"], json!({"id": "a", "v": "1"}));
+    let rejected: (i64, String) = sqlx::query_as("SELECT line, error FROM dsa_jobs.rejected_rows")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected.0, 5);
+    assert!(rejected.1.contains("key a repeats"), "{}", rejected.1);
+}
+
+#[tokio::test]
+async fn a_composite_key_is_the_canonical_array_of_its_values() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put(
+        "stock.csv",
+        csv(&[
+            "store,sku,qty",
+            "s1,A:1,3",
+            "s1,\"B \"\"x\"\"\",4",
+            "s2,A:1,5",
+        ]),
+    )
+    .await;
+    import_as(
+        &app,
+        &importer,
+        "stock",
+        "stock.csv",
+        keyed(&["store", "sku"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    let ids: Vec<String> = main_rows(&app, "stock").await.into_keys().collect();
+    assert_eq!(
+        ids,
+        [
+            r#"stock:["s1","A:1"]"#,
+            r#"stock:["s1","B \"x\""]"#,
+            r#"stock:["s2","A:1"]"#
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_spreadsheet_is_keyed_by_a_number_column() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    let book = |order: &[u32]| {
+        let mut workbook = Workbook::new();
+        let sheet = workbook.add_worksheet().set_name("Items").unwrap();
+        sheet.write(0, 0, "id").unwrap();
+        sheet.write(0, 1, "name").unwrap();
+        for (row, id) in order.iter().enumerate() {
+            sheet.write(row as u32 + 1, 0, *id as f64).unwrap();
+            sheet
+                .write(row as u32 + 1, 1, format!("item {id}"))
+                .unwrap();
+        }
+        workbook.save_to_buffer().unwrap()
+    };
+    app.put("items.xlsx", book(&[7, 10, 8])).await;
+    app.put("items-again.xlsx", book(&[10, 8, 7])).await;
+    let first = import_as(
+        &app,
+        &importer,
+        "items",
+        "items.xlsx",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    let ids: Vec<String> = main_rows(&app, "items").await.into_keys().collect();
+    assert_eq!(ids, ["Items:10", "Items:7", "Items:8"]);
+    let second = import_as(
+        &app,
+        &importer,
+        "items",
+        "items-again.xlsx",
+        ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(second.tree_hash, first.tree_hash);
+    assert_eq!(second.source.numeric_key_sheets, ["Items"]);
+}
+
+#[tokio::test]
+async fn an_upsert_fails_when_main_moves_under_it() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put("base.csv", numbered(&(1..=50).collect::<Vec<_>>()))
+        .await;
+    app.put("big-delta.csv", numbered(&(40..=2_000).collect::<Vec<_>>()))
+        .await;
+    import_as(
+        &app,
+        &importer,
+        "moving",
+        "base.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+
+    // The upsert reads its file through a slow store, so another import can finish first.
+    let services = service_settings();
+    let slow = S3Settings {
+        endpoint: Some(slow_endpoint(20_000).await),
+        region: services
+            .get("S3_REGION")
+            .cloned()
+            .unwrap_or_else(|| "garage".into()),
+        bucket: None,
+    };
+    let slow_importer = Importer::new(
+        app.pool.clone(),
+        Some(dsa_ingest::s3::client(&slow).await),
+        test_settings(),
+    );
+    let upsert = {
+        let parameters = ImportParameters {
+            source: app.location("big-delta.csv"),
+            expected_etag: None,
+            options: mode(ImportMode::Upsert),
+        };
+        let (run_id, _) = slow_importer
+            .create_run(&DatasetName::parse("moving").unwrap(), None, &parameters)
+            .await
+            .unwrap();
+        tokio::spawn(async move { slow_importer.run(run_id).await })
+    };
+    crate::helpers::wait_until(
+        std::time::Duration::from_secs(30),
+        "the upsert to have loaded a batch",
+        || async {
+            app.count("dsa_jobs.analysis_runs WHERE (checkpoint->>'loaded_rows')::bigint > 0")
+                .await
+                > 0
+        },
+    )
+    .await;
+    import_as(
+        &app,
+        &importer,
+        "moving",
+        "base.csv",
+        ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let error = upsert.await.unwrap().expect_err("main moved");
+    assert!(error.to_string().contains("main moved"), "{error}");
+    assert_eq!(main_rows(&app, "moving").await.len(), 50);
+}
+
+#[test]
+fn a_request_carries_key_and_mode() {
+    let body = br#"{"idempotency_key": "k", "dataset": "orders",
+                    "source": {"bucket": "b", "key": "orders.csv"},
+                    "options": {"key": ["order_id"], "mode": "upsert"}}"#;
+    match dsa_ingest::queue::messages::parse(body).unwrap() {
+        dsa_ingest::queue::messages::ImportMessage::Request(request) => {
+            assert_eq!(request.options.key, Some(vec!["order_id".to_owned()]));
+            assert_eq!(request.options.mode, ImportMode::Upsert);
+        }
+        other => panic!("not a request: {other:?}"),
+    }
+    for refused in [
+        br#"{"idempotency_key": "k", "dataset": "d", "source": {"bucket": "b", "key": "k"}, "options": {"mode": "merge"}}"#.as_slice(),
+        br#"{"idempotency_key": "k", "dataset": "d", "source": {"bucket": "b", "key": "k"}, "options": {"keys": ["a"]}}"#,
+        br#"{"idempotency_key": "k", "dataset": "d", "source": {"bucket": "b", "key": "k"}, "options": {"key": []}}"#,
+        br#"{"idempotency_key": "k", "dataset": "d", "source": {"bucket": "b", "key": "k"}, "options": {"rekey": true, "mode": "append"}}"#,
+    ] {
+        assert!(
+            dsa_ingest::queue::messages::parse(refused).is_err(),
+            "{}",
+            String::from_utf8_lossy(refused)
+        );
+    }
+}
