@@ -86,6 +86,7 @@ impl ImportError {
             | ImportError::Claim(ClaimError::Database(error)) => db::is_transient(error),
             ImportError::Sheet(error) => error.is_transient(),
             ImportError::Claim(ClaimError::Held { .. }) => true,
+            ImportError::Load(LoadError::RowsCollected { .. }) => true,
             _ => false,
         }
     }

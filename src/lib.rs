@@ -11,6 +11,7 @@ pub mod decode;
 pub mod fetch;
 pub mod finalise;
 pub mod hash;
+pub mod history;
 pub mod import;
 pub mod load;
 pub mod maintain;

@@ -21,6 +21,11 @@ use crate::hash::RowHash;
 pub enum LoadError {
     #[error("run {run_id} was taken over by another worker (lease token {token} is stale)")]
     LeaseLost { run_id: uuid::Uuid, token: i64 },
+    #[error(
+        "run {run_id}: gc removed rows this batch found stored a moment before; the batch \
+         is read again"
+    )]
+    RowsCollected { run_id: uuid::Uuid },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -58,6 +63,11 @@ pub struct RowsCopy {
     hashes: Vec<RowHash>,
     /// `commit_id \t logical_row_id \t \\x<row_hash hex>` lines.
     commit_rows: Vec<u8>,
+    /// Rows whose content was dropped because the look-up found them stored: the batch
+    /// relies on them without storing them (see `history::gc::fence_batch`).
+    relied_on: Vec<RowHash>,
+    /// The gc generation the look-up saw before it looked.
+    looked_up_at: i64,
 }
 
 impl RowsCopy {
@@ -106,6 +116,7 @@ impl BatchWriter {
                 content_ends: Vec::with_capacity(rows),
                 hashes: Vec::with_capacity(rows),
                 commit_rows: Vec::with_capacity(rows * (row_id_prefix.len() + 80)),
+                ..RowsCopy::default()
             },
             row_id_prefix,
         }
@@ -148,6 +159,7 @@ impl BatchWriter {
             content_ends,
             hashes,
             commit_rows,
+            ..
         } = self.copy;
         let mut order: Vec<usize> = (0..hashes.len()).collect();
         order.sort_unstable_by_key(|&index| hashes[index]);
@@ -156,6 +168,7 @@ impl BatchWriter {
             content_ends: Vec::with_capacity(content_ends.len()),
             hashes: Vec::with_capacity(hashes.len()),
             commit_rows,
+            ..RowsCopy::default()
         };
         let mut previous: Option<RowHash> = None;
         for index in order {
@@ -308,6 +321,14 @@ impl Loader {
 
         if !batch.rows.is_empty() {
             let rows = &batch.rows;
+            // gc removes rows no commit references; this batch may reference rows its
+            // look-up found stored, so it must not overlap a gc that removed them.
+            if !crate::history::gc::fence_batch(&mut tx, rows.looked_up_at, &rows.relied_on).await?
+            {
+                return Err(LoadError::RowsCollected {
+                    run_id: self.lease.run_id,
+                });
+            }
             let content = rows.content.as_slice();
             if !content.is_empty() {
                 let started = Instant::now();
@@ -464,6 +485,7 @@ impl Lookup {
     pub async fn drop_known(&mut self, rows: &mut RowsCopy) -> Result<Duration, LoadError> {
         let started = Instant::now();
         let mut tx = self.conn.begin().await?;
+        rows.looked_up_at = crate::history::gc::generation(&mut tx).await?;
         // The statistics of a table that grows a batch at a time lag behind it; with
         // them the planner may prefer reading the whole table to probing its index once
         // per hash, which would make an import quadratic. Only index probes are allowed
@@ -501,6 +523,7 @@ impl Lookup {
             .into_iter()
             .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
             .collect();
+        rows.relied_on = known.iter().copied().collect();
         known.extend(self.previous_batch.drain());
         self.previous_batch = rows.hashes.iter().copied().collect();
         rows.drop_content_of(&known);
