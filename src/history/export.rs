@@ -165,6 +165,7 @@ pub async fn export(
     for sheet in per_sheet {
         let destination = match (sheet, request.destination.is_folder()) {
             (Some(sheet), true) => request.destination.join(&file_name(sheet)?),
+            (None, true) => request.destination.join(&file_name(&csv_sheet(commit))?),
             _ => request.destination.clone(),
         };
         let statement = match request.format {
@@ -191,6 +192,18 @@ pub async fn export(
         });
     }
     Ok(summary)
+}
+
+/// The one sheet of a CSV commit, named as the import named it: the source's base
+/// name up to its first dot.
+fn csv_sheet(commit: &Commit) -> String {
+    let source = commit.source.clone().unwrap_or_default();
+    let location = source["key"]
+        .as_str()
+        .or(source["path"].as_str())
+        .unwrap_or("export");
+    let file_name = location.rsplit('/').next().unwrap_or(location);
+    crate::decode::sheet_name(file_name)
 }
 
 /// A sheet's file name: `{sheet}.csv`, which a re-import turns back into the same ids.
@@ -271,14 +284,15 @@ fn rows_query(commit: &Commit, sheets: &[String], sheet: Option<&str>, select: &
         "SELECT {select}
            FROM dsa_core.commit_rows cr
            LEFT JOIN dsa_core.rows r ON r.row_hash = cr.row_hash
-          CROSS JOIN LATERAL (SELECT {DATA} AS data) d
           WHERE {filter}
           ORDER BY {order}",
         order = sql_order_by("cr.logical_row_id", &text_array(sheets)),
     )
 }
 
-/// The row's content (`d.data` in the queries), or the server's error naming the row.
+/// The row's content, or the server's error naming the row. The function is volatile,
+/// so the server evaluates the output columns that use it after the sort, row by row
+/// as they are sent: an export streams, and fails at the row, not before the first.
 const DATA: &str =
     "coalesce(r.data, dsa_core.missing_row(cr.commit_id, cr.logical_row_id, cr.row_hash))";
 
@@ -292,7 +306,7 @@ fn csv_statement(
     let fields: Vec<String> = columns
         .iter()
         .map(|column| {
-            let value = format!("nullif(d.data ->> {}, '')", literal(column));
+            let value = format!("nullif({DATA} ->> {}, '')", literal(column));
             if safe_formulas {
                 // OWASP: a leading =, +, -, @, tab or carriage return starts a formula.
                 format!("regexp_replace({value}, '^([=+@\\t\\r-])', '''\\1')")
@@ -315,7 +329,7 @@ fn csv_statement(
 fn jsonl_statement(commit: &Commit, sheets: &[String], sheet: Option<&str>) -> String {
     let line = format!(
         "'{{\"logical_row_id\":' || to_json(cr.logical_row_id::text)::text || ',\"data\":' \
-         || d.data::text || '}}'"
+         || {DATA}::text || '}}'"
     );
     // CSV format with a quote and delimiter that JSON text never contains (JSON escapes
     // control characters) passes each line through untouched.
