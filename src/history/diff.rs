@@ -115,9 +115,9 @@ impl DiffPair {
                     count(*) FILTER (WHERE a.row_hash <> b.row_hash) AS changed,
                     count(*) FILTER (WHERE a.row_hash = b.row_hash) AS unchanged
                FROM (SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
-                      WHERE commit_id = $1) a
+                      WHERE commit_id = $1 ORDER BY logical_row_id) a
                FULL JOIN (SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
-                           WHERE commit_id = $2) b
+                           WHERE commit_id = $2 ORDER BY logical_row_id) b
                  ON a.logical_row_id = b.logical_row_id",
         )
         .bind(self.from_id())
@@ -150,9 +150,9 @@ impl DiffPair {
                FROM (SELECT coalesce(a.logical_row_id, b.logical_row_id) AS id,
                             a.row_hash AS old_hash, b.row_hash AS new_hash
                        FROM (SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
-                              WHERE commit_id = $1) a
+                              WHERE commit_id = $1 ORDER BY logical_row_id) a
                        FULL JOIN (SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
-                                   WHERE commit_id = $2) b
+                                   WHERE commit_id = $2 ORDER BY logical_row_id) b
                          ON a.logical_row_id = b.logical_row_id
                       WHERE a.row_hash IS DISTINCT FROM b.row_hash) d
                LEFT JOIN dsa_core.rows o ON o.row_hash = d.old_hash
@@ -198,13 +198,15 @@ impl DiffPair {
     }
 }
 
-/// Both sides of the merge come out of the primary key's index in the same order; a
-/// hash join would build a table of a whole commit instead. Statistics of a table that
-/// grew by a million rows a minute ago may not know that.
+/// Both sides of the merge come out of the primary key's index in the same order (the
+/// `ORDER BY` inside each side says so to the planner, which otherwise sorted them);
+/// a hash join would build a table of a whole commit instead. The plan is a few
+/// operators over index scans, which compiling (JIT) only slows down.
 async fn prefer_merge(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SET LOCAL enable_hashjoin = off")
         .execute(&mut *tx)
         .await?;
+    sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
     Ok(())
 }
 

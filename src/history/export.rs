@@ -227,21 +227,24 @@ async fn copy_into(
     // A COPY that is not read to its end leaves the connection unusable; an export
     // that fails midway closes it instead of returning it to the pool.
     conn.close_on_drop();
+    let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
     // Literals below are written for standard strings; the sort may use some memory
     // on the server, never here.
-    sqlx::query("SET standard_conforming_strings = on")
-        .execute(&mut *conn)
+    sqlx::query("SET LOCAL standard_conforming_strings = on")
+        .execute(&mut *tx)
         .await?;
-    sqlx::query("SET work_mem = '64MB'")
-        .execute(&mut *conn)
+    sqlx::query("SET LOCAL work_mem = '64MB'")
+        .execute(&mut *tx)
         .await?;
     if !header.is_empty() {
         sink.write(Bytes::from(header)).await?;
     }
-    let mut stream = conn.copy_out_raw(statement).await?;
+    let mut stream = tx.copy_out_raw(statement).await?;
     while let Some(chunk) = stream.try_next().await.map_err(missing_row_error)? {
         sink.write(chunk).await?;
     }
+    drop(stream);
+    tx.commit().await?;
     Ok(())
 }
 

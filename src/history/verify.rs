@@ -91,7 +91,8 @@ pub async fn verify_commit(
     let mut tree = TreeHasher::new();
     let mut gaps = Gaps::default();
     let mut hashing = FuturesOrdered::new();
-    let mut chunk: Vec<(String, RowHash, String)> = Vec::with_capacity(CHUNK_ROWS);
+    // Rows without content go through the chunks too, so problems keep row order.
+    let mut chunk: Vec<(String, RowHash, Option<String>)> = Vec::with_capacity(CHUNK_ROWS);
 
     let mut tx = pool.begin().await?;
     sqlx::query("SET LOCAL work_mem = '64MB'")
@@ -133,25 +134,11 @@ pub async fn verify_commit(
             continue;
         };
         tree.push(&id, &row_hash);
-        if let Some(problem) = gaps.see(&id) {
-            gaps.unexplained.push((id.clone(), problem));
-        }
-        match data {
-            None => note(
-                &mut report,
-                Some(&id),
-                format!(
-                    "row hash {} is missing from dsa_core.rows",
-                    hex::encode(row_hash)
-                ),
-            ),
-            Some(data) => {
-                chunk.push((id, row_hash, data));
-                if chunk.len() == CHUNK_ROWS {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_ROWS));
-                    hashing.push_back(hash_chunk(full));
-                }
-            }
+        gaps.see(&id);
+        chunk.push((id, row_hash, data));
+        if chunk.len() == CHUNK_ROWS {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_ROWS));
+            hashing.push_back(hash_chunk(full));
         }
     }
     drop(rows);
@@ -198,11 +185,21 @@ pub async fn verify_commit(
 
 /// Hashes a chunk's content on the blocking pool; returns the rows that do not match.
 fn hash_chunk(
-    chunk: Vec<(String, RowHash, String)>,
+    chunk: Vec<(String, RowHash, Option<String>)>,
 ) -> impl std::future::Future<Output = Result<Vec<(String, String)>, HistoryError>> {
     let task = tokio::task::spawn_blocking(move || {
         let mut problems = Vec::new();
         for (id, stored, data) in chunk {
+            let Some(data) = data else {
+                problems.push((
+                    id,
+                    format!(
+                        "row hash {} is missing from dsa_core.rows",
+                        hex::encode(stored)
+                    ),
+                ));
+                continue;
+            };
             let computed = serde_json::from_str::<serde_json::Value>(&data)
                 .map_err(|error| error.to_string())
                 .and_then(|value| hash::canonical_json(&value).map_err(|error| error.to_string()))
@@ -234,34 +231,37 @@ fn hash_chunk(
 struct Gaps {
     last: Option<(String, u64)>,
     skipped: u64,
-    /// Skips, named by their first missing id (at most [`MAX_REPORTED`]).
+    /// Skips: the first missing id and what is missing (at most [`MAX_REPORTED`]).
     unexplained: Vec<(String, String)>,
 }
 
 impl Gaps {
-    fn see(&mut self, id: &str) -> Option<String> {
-        let (sheet, n) = split_positional(id)?;
+    fn see(&mut self, id: &str) {
+        let Some((sheet, n)) = split_positional(id) else {
+            return;
+        };
         let expected = match &self.last {
             Some((last_sheet, last)) if last_sheet == sheet => last + 1,
             _ => 1,
         };
         self.last = Some((sheet.to_owned(), n));
         if n <= expected {
-            return None;
+            return;
         }
         let missing = n - expected;
         self.skipped += missing;
-        if self.unexplained.len() >= MAX_REPORTED {
-            return None;
+        if self.unexplained.len() < MAX_REPORTED {
+            let problem = if missing == 1 {
+                format!(
+                    "missing from commit_rows (the ids jump from {sheet}:{} to {id})",
+                    expected - 1
+                )
+            } else {
+                format!("missing from commit_rows, with the {} ids up to {sheet}:{} (the ids jump to {id})", missing - 1, n - 1)
+            };
+            self.unexplained
+                .push((format!("{sheet}:{expected}"), problem));
         }
-        Some(if missing == 1 {
-            format!("{sheet}:{expected} is missing from commit_rows")
-        } else {
-            format!(
-                "{sheet}:{expected} to {sheet}:{} ({missing} rows) are missing from commit_rows",
-                n - 1
-            )
-        })
     }
 }
 
