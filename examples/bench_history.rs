@@ -63,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         let first = folder.join("v1/data.csv");
         let second = folder.join("v2/data.csv");
         ensure_files(&first, &second, rows)?;
+        std::fs::create_dir_all(folder.join("export"))?;
         let exported = folder.join("export/data.csv");
         let baseline_out = folder.join("export/baseline.csv");
 

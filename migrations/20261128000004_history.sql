@@ -4,7 +4,7 @@
 -- missing stops the query, naming the row, instead of being left out of its result:
 -- `coalesce(r.data, dsa_core.missing_row(...))` calls it only for such a row.
 CREATE FUNCTION dsa_core.missing_row(commit_id text, logical_row_id text, row_hash bytea)
-RETURNS jsonb LANGUAGE plpgsql AS $$
+RETURNS jsonb LANGUAGE plpgsql PARALLEL SAFE AS $$
 BEGIN
     RAISE EXCEPTION USING ERRCODE = 'P0002', MESSAGE = format(
         'commit %s: row %s has row hash %s, which dsa_core.rows does not hold '

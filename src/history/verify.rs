@@ -5,7 +5,8 @@
 //! `row_count`; every row hash must be in `dsa_core.rows` and equal sha256 of the JCS of
 //! its `data`; positional ids must not skip a number the run did not reject; and the
 //! parent chain must end at a root commit of the same dataset. Row content is hashed
-//! on the blocking pool, a few thousand rows at a time, while the next rows stream in.
+//! on the blocking pool, a few thousand rows at a time, while the next rows stream in;
+//! the ordered pass reads only ids and hashes, so no wide row is ever sorted.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
-use super::order::{split_positional, sql_order_by};
+use super::order::{self, split_positional, sql_order_by};
 use super::resolve::{commit_by_id, resolve, Commit, Dataset, COMMIT_COLUMNS};
 use super::{HistoryError, Stdout, VerifyArgs};
 use crate::hash::{self, RowHash, TreeHasher};
@@ -61,7 +62,8 @@ impl Report {
     }
 }
 
-/// Verifies one commit; `on_problem` sees each problem as it is found.
+/// Verifies one commit; `on_problem` sees each problem as it is reported (rows in
+/// logical row order, then the commit's own problems).
 pub async fn verify_commit(
     pool: &PgPool,
     commit: &Commit,
@@ -88,69 +90,23 @@ pub async fn verify_commit(
     }
 
     let rejected = rejected_rows(pool, commit).await?;
-    let mut tree = TreeHasher::new();
-    let mut gaps = Gaps::default();
-    let mut hashing = FuturesOrdered::new();
-    // Rows without content go through the chunks too, so problems keep row order.
-    let mut chunk: Vec<(String, RowHash, Option<String>)> = Vec::with_capacity(CHUNK_ROWS);
-
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL work_mem = '64MB'")
-        .execute(&mut *tx)
-        .await?;
-    let sql = format!(
-        "SELECT cr.logical_row_id, cr.row_hash, r.data::text AS data
-           FROM dsa_core.commit_rows cr
-           LEFT JOIN dsa_core.rows r ON r.row_hash = cr.row_hash
-          WHERE cr.commit_id = $1
-          ORDER BY {}",
-        sql_order_by("cr.logical_row_id", "$2")
-    );
-    let mut rows = sqlx::query(&sql)
-        .bind(&commit.commit_id)
-        .bind(commit.sheets())
-        .fetch(&mut *tx);
-    loop {
-        // Take finished chunks first, so problems come out close to their rows.
-        while hashing.len() >= CHUNKS_IN_FLIGHT {
-            let found: Vec<(String, String)> = hashing.next().await.expect("in flight")?;
-            for (id, problem) in found {
-                note(&mut report, Some(&id), problem);
-            }
-        }
-        let Some(row) = rows.try_next().await? else {
-            break;
-        };
-        let id: String = row.try_get("logical_row_id")?;
-        let stored: Vec<u8> = row.try_get("row_hash")?;
-        let data: Option<String> = row.try_get("data")?;
-        report.rows += 1;
-        let Ok(row_hash) = RowHash::try_from(stored.as_slice()) else {
-            note(
-                &mut report,
-                Some(&id),
-                format!("row hash {} is not 32 bytes", hex::encode(&stored)),
-            );
-            continue;
-        };
-        tree.push(&id, &row_hash);
-        gaps.see(&id);
-        chunk.push((id, row_hash, data));
-        if chunk.len() == CHUNK_ROWS {
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_ROWS));
-            hashing.push_back(hash_chunk(full));
-        }
+    // Two passes at once, on two connections: the entries alone in logical row order
+    // (a narrow sort) for the tree hash, the count and the gaps; and every entry with
+    // its content in whatever order the join gives (no sort of wide rows) for the row
+    // hashes. Row problems are put in logical row order before they are reported.
+    let sheets = commit.sheets();
+    let (chain, (mut row_problems, not_listed)) = tokio::try_join!(
+        chain_entries(pool, commit, &sheets),
+        check_contents(pool, commit)
+    )?;
+    report.rows = chain.rows;
+    row_problems.sort_by(|a, b| order::compare(&sheets, &a.0, &b.0));
+    for (id, problem) in row_problems {
+        note(&mut report, Some(&id), problem);
     }
-    drop(rows);
-    tx.commit().await?;
-    if !chunk.is_empty() {
-        hashing.push_back(hash_chunk(chunk));
-    }
-    while let Some(found) = hashing.next().await {
-        for (id, problem) in found? {
-            note(&mut report, Some(&id), problem);
-        }
-    }
+    report.problems_not_listed += not_listed;
+    let mut gaps = chain.gaps;
+    let tree = chain.tree;
 
     // Skipped numbers are rows the run rejected, or entries missing from commit_rows.
     if gaps.skipped > rejected {
@@ -181,6 +137,114 @@ pub async fn verify_commit(
         note(&mut report, None, problem);
     }
     Ok(report)
+}
+
+/// What the entries in logical row order give.
+struct Chain {
+    tree: TreeHasher,
+    rows: u64,
+    gaps: Gaps,
+}
+
+/// Chains the commit's entries into the tree hash in logical row order.
+async fn chain_entries(
+    pool: &PgPool,
+    commit: &Commit,
+    sheets: &[String],
+) -> Result<Chain, HistoryError> {
+    let mut chain = Chain {
+        tree: TreeHasher::new(),
+        rows: 0,
+        gaps: Gaps::default(),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL work_mem = '64MB'")
+        .execute(&mut *tx)
+        .await?;
+    let sql = format!(
+        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
+          WHERE commit_id = $1 ORDER BY {}",
+        sql_order_by("logical_row_id", "$2")
+    );
+    let mut rows = sqlx::query(&sql)
+        .bind(&commit.commit_id)
+        .bind(sheets)
+        .fetch(&mut *tx);
+    while let Some(row) = rows.try_next().await? {
+        let id: &str = row.try_get("logical_row_id")?;
+        let stored: &[u8] = row.try_get("row_hash")?;
+        chain.rows += 1;
+        // A malformed hash is reported by the content pass; it chains as it is here.
+        let mut row_hash = [0u8; 32];
+        let length = stored.len().min(32);
+        row_hash[..length].copy_from_slice(&stored[..length]);
+        chain.tree.push(id, &row_hash);
+        chain.gaps.see(id);
+    }
+    drop(rows);
+    tx.commit().await?;
+    Ok(chain)
+}
+
+/// Checks every entry's content: present, and hashing to its row hash. Returns the
+/// problems (at most [`MAX_REPORTED`]) and how many more there were.
+async fn check_contents(
+    pool: &PgPool,
+    commit: &Commit,
+) -> Result<(Vec<(String, String)>, u64), HistoryError> {
+    let mut problems = Vec::new();
+    let mut not_listed = 0u64;
+    let mut keep = |found: Vec<(String, String)>| {
+        for problem in found {
+            if problems.len() < MAX_REPORTED {
+                problems.push(problem);
+            } else {
+                not_listed += 1;
+            }
+        }
+    };
+    let mut hashing = FuturesOrdered::new();
+    let mut chunk: Vec<(String, RowHash, Option<String>)> = Vec::with_capacity(CHUNK_ROWS);
+    let mut conn = pool.acquire().await?;
+    let mut rows = sqlx::query(
+        "SELECT cr.logical_row_id, cr.row_hash, r.data::text AS data
+           FROM dsa_core.commit_rows cr
+           LEFT JOIN dsa_core.rows r ON r.row_hash = cr.row_hash
+          WHERE cr.commit_id = $1",
+    )
+    .bind(&commit.commit_id)
+    .fetch(&mut *conn);
+    loop {
+        while hashing.len() >= CHUNKS_IN_FLIGHT {
+            keep(hashing.next().await.expect("in flight")?);
+        }
+        let Some(row) = rows.try_next().await? else {
+            break;
+        };
+        let id: String = row.try_get("logical_row_id")?;
+        let stored: Vec<u8> = row.try_get("row_hash")?;
+        let data: Option<String> = row.try_get("data")?;
+        let Ok(row_hash) = RowHash::try_from(stored.as_slice()) else {
+            keep(vec![(
+                id,
+                format!("row hash {} is not 32 bytes", hex::encode(&stored)),
+            )]);
+            continue;
+        };
+        chunk.push((id, row_hash, data));
+        if chunk.len() == CHUNK_ROWS {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_ROWS));
+            hashing.push_back(hash_chunk(full));
+        }
+    }
+    drop(rows);
+    if !chunk.is_empty() {
+        hashing.push_back(hash_chunk(chunk));
+    }
+    while let Some(found) = hashing.next().await {
+        keep(found?);
+    }
+    Ok((problems, not_listed))
 }
 
 /// Hashes a chunk's content on the blocking pool; returns the rows that do not match.
