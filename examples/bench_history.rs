@@ -179,7 +179,7 @@ fn ensure_files(first: &Path, second: &Path, rows: u64) -> anyhow::Result<()> {
         let line = line?;
         let changed = line.split_once(",user").and_then(|(id, rest)| {
             let id: u64 = id.parse().ok()?;
-            (id % 100 == 0).then(|| format!("{id},USER{rest}"))
+            id.is_multiple_of(100).then(|| format!("{id},USER{rest}"))
         });
         writeln!(out, "{}", changed.as_deref().unwrap_or(&line))?;
     }

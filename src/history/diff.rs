@@ -73,7 +73,7 @@ impl DiffPair {
         Ok(Self { from, to })
     }
 
-    fn from_id(&self) -> &str {
+    fn older_id(&self) -> &str {
         // No commit has the empty id, so a root commit is compared with nothing.
         self.from
             .as_ref()
@@ -120,7 +120,7 @@ impl DiffPair {
                            WHERE commit_id = $2 ORDER BY logical_row_id) b
                  ON a.logical_row_id = b.logical_row_id",
         )
-        .bind(self.from_id())
+        .bind(self.older_id())
         .bind(&self.to.commit_id)
         .fetch_one(&mut *tx)
         .await?;
@@ -162,7 +162,7 @@ impl DiffPair {
         );
         let sheets = self.sheets();
         let mut rows = sqlx::query(&sql)
-            .bind(self.from_id())
+            .bind(self.older_id())
             .bind(&self.to.commit_id)
             .bind(&sheets)
             .fetch(&mut *tx);
@@ -172,7 +172,7 @@ impl DiffPair {
             let old: Option<&str> = row.try_get("old")?;
             let new: Option<&str> = row.try_get("new")?;
             for (hash, data, commit) in [
-                ("old_hash", old, self.from_id()),
+                ("old_hash", old, self.older_id()),
                 ("new_hash", new, self.to.commit_id.as_str()),
             ] {
                 let hash: Option<Vec<u8>> = row.try_get(hash)?;
