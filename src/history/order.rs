@@ -33,8 +33,18 @@ pub fn split_positional(logical_row_id: &str) -> Option<(&str, u64)> {
     Some((sheet, n.parse().ok()?))
 }
 
-/// The sheet names of a commit, in the order its `source` lists them.
+/// The sheet names of a commit, in the order its `source` lists them: its explicit
+/// `sheet_order` when it has one (a version merged from a parent), else its `sheets`.
 pub fn sheet_order(source: &serde_json::Value) -> Vec<String> {
+    if let Some(order) = source.get("sheet_order").and_then(|order| order.as_array()) {
+        let names: Vec<String> = order
+            .iter()
+            .filter_map(|name| name.as_str().map(str::to_owned))
+            .collect();
+        if !names.is_empty() {
+            return names;
+        }
+    }
     source
         .get("sheets")
         .and_then(|sheets| sheets.as_array())
@@ -140,5 +150,7 @@ mod tests {
         let source = serde_json::json!({"sheets": [{"name": "B"}, {"name": "A"}]});
         assert_eq!(sheet_order(&source), ["B", "A"]);
         assert!(sheet_order(&serde_json::json!({"format": "csv"})).is_empty());
+        let merged = serde_json::json!({"sheet_order": ["A", "B"], "sheets": [{"name": "B"}]});
+        assert_eq!(sheet_order(&merged), ["A", "B"]);
     }
 }
