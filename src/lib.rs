@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod history;
 pub mod http;
 pub mod import;
 pub mod metrics;

@@ -46,6 +46,9 @@ enum Command {
     /// Refresh the search index on request from the maintenance queue, coalescing bursts
     /// (MAINTENANCE_COALESCE_MS), and relay the outbox, until SIGTERM or Ctrl-C.
     Maintain,
+    /// The dataset history: log, diff, export, verify, gc.
+    #[command(flatten)]
+    History(crate::history::HistoryCommand),
     /// Show a run's status, progress, checkpoint and result.
     Status {
         run_id: Uuid,
@@ -130,6 +133,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consume => consume(settings, pool).await?,
         Command::Submit(args) => return Ok(submit::command(settings, pool, args).await?),
         Command::Maintain => maintain(settings, pool).await?,
+        Command::History(command) => {
+            return Ok(crate::history::run(command, &settings, pool).await?)
+        }
         Command::Status { run_id, json } => {
             let Some(run) = crate::runs::run_status(&pool, run_id).await? else {
                 anyhow::bail!("run {run_id} does not exist");

@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::import::decode::RowProblem;
 use crate::import::hash::{RowHash, TreeHasher};
 use crate::import::load::{LoadError, TOMBSTONE};
+use crate::import::order::{sql_order_by, sql_order_by_keyed, KeyedOrder};
 use crate::import::run::{ImportMode, ImportPlan, Lease, Lineage, OnConflict};
 
 /// The finished commit's facts.
@@ -299,10 +300,10 @@ fn sheet_order(parent: &[String], file: &[String]) -> Vec<String> {
     order
 }
 
-/// Counts the version and computes its tree hash in logical row order: sheets in
-/// `sheets` order; within a sheet, positional ids by their number, keyed ids by their
-/// key, as numbers when every key of the sheet is a number, otherwise bytewise. Returns
-/// the sheets whose keys sorted as numbers.
+/// Counts the version and computes its tree hash in logical row order (`order.rs`):
+/// sheets in `sheets` order; within a sheet, positional ids by their number, keyed ids
+/// by their key, as numbers when every key of the sheet is a number, otherwise
+/// bytewise. Returns the sheets whose keys sorted as numbers.
 async fn hash_in_logical_order(
     tx: &mut Transaction<'_, Postgres>,
     commit_id: &str,
@@ -331,29 +332,38 @@ async fn hash_in_logical_order(
         if numeric {
             numeric_sheets.push(sheet.clone());
         }
-        let order = if !keyed {
-            // Positional: the number after the sheet, as a number.
-            "length(logical_row_id), logical_row_id"
-        } else if numeric {
-            "substr(logical_row_id, length($2) + 2)::numeric, logical_row_id"
-        } else {
-            "logical_row_id"
-        };
-        let statement = format!(
-            "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
-              WHERE commit_id = $1 AND starts_with(logical_row_id, $2 || ':')
-              ORDER BY {order}"
-        );
-        let mut rows = sqlx::query_as::<_, (String, Vec<u8>)>(&statement)
-            .bind(commit_id)
-            .bind(sheet)
-            .fetch(&mut **tx);
-        while let Some((id, hash)) = rows.try_next().await? {
-            let hash: RowHash = hash.as_slice().try_into().unwrap_or([0u8; 32]);
-            tree.push(&id, &hash);
-            count += 1;
-        }
     }
+    let order = if keyed {
+        sql_order_by_keyed(
+            "logical_row_id",
+            &KeyedOrder {
+                sheets: sheets.to_vec(),
+                numeric_sheets: numeric_sheets.clone(),
+            },
+        )
+    } else {
+        let names: Vec<String> = sheets
+            .iter()
+            .map(|sheet| format!("'{}'", sheet.replace('\'', "''")))
+            .collect();
+        sql_order_by(
+            "logical_row_id",
+            &format!("ARRAY[{}]::text[]", names.join(",")),
+        )
+    };
+    let statement = format!(
+        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
+          WHERE commit_id = $1 ORDER BY {order}"
+    );
+    let mut rows = sqlx::query_as::<_, (String, Vec<u8>)>(&statement)
+        .bind(commit_id)
+        .fetch(&mut **tx);
+    while let Some((id, hash)) = rows.try_next().await? {
+        let hash: RowHash = hash.as_slice().try_into().unwrap_or([0u8; 32]);
+        tree.push(&id, &hash);
+        count += 1;
+    }
+    drop(rows);
     done.row_count = count;
     done.tree_hash = tree.to_hex();
     Ok(numeric_sheets)

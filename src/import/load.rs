@@ -27,6 +27,11 @@ pub enum LoadError {
         line: u64,
         problem: RowProblem,
     },
+    #[error(
+        "run {run_id}: gc removed rows this batch found stored a moment before; the batch \
+         is read again"
+    )]
+    RowsCollected { run_id: uuid::Uuid },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -67,6 +72,11 @@ pub struct RowsCopy {
     /// Keyed rows: each entry's key and line, in the order of `commit_rows`, to name
     /// the rows whose key an earlier batch had already.
     keyed: Vec<(String, u64)>,
+    /// Rows whose content was dropped because the look-up found them stored: the batch
+    /// relies on them without storing them (see [`fence_batch`]).
+    relied_on: Vec<RowHash>,
+    /// The gc generation the look-up saw before it looked.
+    looked_up_at: i64,
 }
 
 impl RowsCopy {
@@ -115,7 +125,7 @@ impl BatchWriter {
                 content_ends: Vec::with_capacity(rows),
                 hashes: Vec::with_capacity(rows),
                 commit_rows: Vec::with_capacity(rows * (row_id_prefix.len() + 80)),
-                keyed: Vec::new(),
+                ..RowsCopy::default()
             },
             row_id_prefix,
         }
@@ -197,6 +207,7 @@ impl BatchWriter {
             mut hashes,
             commit_rows,
             keyed,
+            ..
         } = self.copy;
         // Deletions have no content.
         hashes.retain(|hash| *hash != TOMBSTONE);
@@ -208,6 +219,7 @@ impl BatchWriter {
             hashes: Vec::with_capacity(hashes.len()),
             commit_rows,
             keyed,
+            ..RowsCopy::default()
         };
         let mut previous: Option<RowHash> = None;
         for index in order {
@@ -348,6 +360,13 @@ impl Loader {
 
         if !batch.rows.is_empty() {
             let rows = &batch.rows;
+            // gc removes rows no commit references; this batch may reference rows its
+            // look-up found stored, so it must not overlap a gc that removed them.
+            if !fence_batch(&mut tx, rows.looked_up_at, &rows.relied_on).await? {
+                return Err(LoadError::RowsCollected {
+                    run_id: self.lease.run_id,
+                });
+            }
             let content = rows.content.as_slice();
             if !content.is_empty() {
                 let started = Instant::now();
@@ -617,6 +636,43 @@ async fn store_keyed_entries(
     }
 }
 
+/// The advisory lock between gc's row sweep (exclusive) and import batches (shared).
+pub const GC_LOCK: i64 = 0x6473_615f_6763; // "dsa_gc"
+
+/// Reads the gc generation (which gc moves each time it removes rows); an import's
+/// look-up reads it before it looks.
+pub async fn generation(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT generation FROM dsa_core.gc_state")
+        .fetch_one(conn)
+        .await
+}
+
+/// Called at the start of every import batch transaction, before it writes rows or
+/// commit_rows: takes [`GC_LOCK`] shared (held to the end of the transaction), and when
+/// gc has removed rows since the look-up (`looked_up_at` is the generation it saw),
+/// checks that every row the batch relies on without storing it is still stored.
+/// `false` means some were removed: the batch must not commit.
+async fn fence_batch(
+    conn: &mut sqlx::PgConnection,
+    looked_up_at: i64,
+    relied_on: &[RowHash],
+) -> Result<bool, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(GC_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    if relied_on.is_empty() || generation(conn).await? == looked_up_at {
+        return Ok(true);
+    }
+    let hashes: Vec<&[u8]> = relied_on.iter().map(|hash| hash.as_slice()).collect();
+    let present: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows WHERE row_hash = ANY($1)")
+            .bind(&hashes)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(present as usize == relied_on.len())
+}
+
 /// Hashes looked up to guess whether a batch is mostly new or mostly stored.
 const LOOKUP_SAMPLE: usize = 64;
 
@@ -649,6 +705,7 @@ impl Lookup {
     pub async fn drop_known(&mut self, rows: &mut RowsCopy) -> Result<Duration, LoadError> {
         let started = Instant::now();
         let mut tx = self.conn.begin().await?;
+        rows.looked_up_at = generation(&mut tx).await?;
         // The statistics of a table that grows a batch at a time lag behind it; with
         // them the planner may prefer reading the whole table to probing its index once
         // per hash, which would make an import quadratic. Only index probes are allowed
@@ -686,6 +743,7 @@ impl Lookup {
             .into_iter()
             .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
             .collect();
+        rows.relied_on = known.iter().copied().collect();
         known.extend(self.previous_batch.drain());
         self.previous_batch = rows.hashes.iter().copied().collect();
         rows.drop_content_of(&known);

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod finalise;
 pub mod hash;
 pub mod load;
+pub mod order;
 pub mod plan;
 mod produce;
 pub mod run;
@@ -142,6 +143,8 @@ impl ImportError {
             | ImportError::Finalise(FinaliseError::Load(LoadError::Database(error)))
             | ImportError::Claim(ClaimError::Database(error)) => db::is_transient(error),
             ImportError::Sheet(error) => error.is_transient(),
+            // gc removed rows a batch relied on; the batch is read again.
+            ImportError::Load(LoadError::RowsCollected { .. }) => true,
             _ => false,
         }
     }

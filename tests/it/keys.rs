@@ -558,3 +558,90 @@ fn a_request_carries_key_and_mode() {
         );
     }
 }
+
+#[tokio::test]
+async fn keyed_versions_verify_and_diff_by_key() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put(
+        "base.csv",
+        csv(&["sku,qty", "pear,1", "apple,2", "fig,3", "Zed,4"]),
+    )
+    .await;
+    app.put("delta.csv", csv(&["sku,qty", "fig,30", "kiwi,5"]))
+        .await;
+    import_as(
+        &app,
+        &importer,
+        "stock",
+        "base.csv",
+        keyed(&["sku"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    import_as(
+        &app,
+        &importer,
+        "stock",
+        "delta.csv",
+        mode(ImportMode::Upsert),
+    )
+    .await
+    .unwrap();
+
+    // verify recomputes both tree hashes in the same logical order finalise used
+    // (bytewise keys: "Zed" before "apple").
+    let verified = app
+        .cli()
+        .args(["verify", "stock", "--all"])
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let diff = app
+        .cli()
+        .args(["diff", "stock", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(diff.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let changes: Vec<(String, String)> = lines
+        .iter()
+        .filter(|line| line.get("op").is_some())
+        .map(|line| {
+            (
+                line["op"].as_str().unwrap().to_owned(),
+                line["logical_row_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("changed".to_owned(), "base:fig".to_owned()),
+            ("added".to_owned(), "base:kiwi".to_owned())
+        ]
+    );
+    let summary = &lines.last().unwrap()["summary"];
+    assert_eq!(
+        (
+            &summary["added"],
+            &summary["changed"],
+            &summary["removed"],
+            &summary["unchanged"]
+        ),
+        (&json!(1), &json!(1), &json!(0), &json!(3))
+    );
+}

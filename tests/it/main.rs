@@ -5,6 +5,7 @@ mod broker;
 mod consume;
 mod fetch;
 mod helpers;
+mod history;
 mod import;
 mod keys;
 mod maintenance;

@@ -1,0 +1,772 @@
+//! The history commands against the real database and store: log, diff, export,
+//! verify and gc, mostly through the `dsa-ingest` binary as a user runs them.
+
+use std::process::Output;
+use std::time::Duration;
+
+use dsa_ingest::config::S3Settings;
+use dsa_ingest::history::diff::DiffPair;
+use dsa_ingest::history::gc;
+use dsa_ingest::history::resolve::{resolve, Dataset};
+use dsa_ingest::history::verify::verify_commit;
+use dsa_ingest::sample::sample_csv;
+use serde_json::{json, Value};
+
+use crate::helpers::{service_settings, spawn_app, test_settings, wait_until, TestApp};
+use crate::process::{loaded_rows, slow_endpoint};
+
+fn run(app: &TestApp, args: &[&str]) -> Output {
+    app.cli().args(args).output().expect("dsa-ingest runs")
+}
+
+/// Runs the CLI, expects success, returns stdout.
+fn ok(app: &TestApp, args: &[&str]) -> String {
+    let output = run(app, args);
+    assert!(
+        output.status.success(),
+        "dsa-ingest {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// Runs the CLI, expects exit code 1, returns stdout and stderr together.
+fn fails(app: &TestApp, args: &[&str]) -> String {
+    let output = run(app, args);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "dsa-ingest {args:?} should exit 1; stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// A CSV of `rows` rows `id,name,city` with `name` of row `n` as `names(n)`.
+fn people(rows: u64, names: impl Fn(u64) -> String) -> Vec<u8> {
+    let mut csv = String::from("id,name,city\n");
+    for n in 1..=rows {
+        csv += &format!("{n},{},town {n}\n", names(n));
+    }
+    csv.into_bytes()
+}
+
+#[tokio::test]
+async fn log_lists_three_imports_newest_first() {
+    let app = spawn_app().await;
+    let mut commits = Vec::new();
+    for version in 1..=3u64 {
+        app.put("people.csv", people(10 * version, |n| format!("p{n}")))
+            .await;
+        commits.push(app.import("people", "people.csv").await);
+    }
+
+    let log: Vec<Value> = serde_json::from_str(&ok(&app, &["log", "people", "--json"])).unwrap();
+
+    assert_eq!(log.len(), 3);
+    for (entry, summary) in log.iter().zip(commits.iter().rev()) {
+        assert_eq!(entry["commit_id"], summary.commit_id.as_str());
+        assert_eq!(entry["row_count"], summary.rows);
+        assert_eq!(entry["tree_hash"], summary.tree_hash.as_str());
+        assert_eq!(entry["run_id"], summary.run_id.to_string());
+        assert_eq!(entry["author_id"], "tester");
+        assert_eq!(
+            entry["message"],
+            "Import s3://".to_owned() + &app.bucket + "/people.csv"
+        );
+        assert!(entry["committed_at"].is_string());
+    }
+    assert_eq!(log[0]["parent_commit_id"], commits[1].commit_id.as_str());
+    assert_eq!(log[1]["parent_commit_id"], commits[0].commit_id.as_str());
+    assert_eq!(log[2]["parent_commit_id"], Value::Null);
+
+    let limited: Vec<Value> =
+        serde_json::from_str(&ok(&app, &["log", "people", "--limit", "2", "--json"])).unwrap();
+    assert_eq!(limited.len(), 2);
+    let text = ok(&app, &["log", "people"]);
+    let newest = text.find(&commits[2].commit_id).expect("newest listed");
+    let oldest = text.find(&commits[0].commit_id).expect("oldest listed");
+    assert!(newest < oldest, "newest first:\n{text}");
+    assert!(text.contains("Rows:   30"), "{text}");
+}
+
+#[tokio::test]
+async fn diff_names_changed_added_and_removed_rows_in_logical_order() {
+    let app = spawn_app().await;
+    app.put("people.csv", people(12, |n| format!("p{n}"))).await;
+    let first = app.import("people", "people.csv").await;
+    // Rows 2 and 10 change, 12 is gone: 2 must come before 10 (numbers, not text).
+    app.put(
+        "people.csv",
+        people(11, |n| match n {
+            2 | 10 => format!("changed {n}"),
+            _ => format!("p{n}"),
+        }),
+    )
+    .await;
+    let second = app.import("people", "people.csv").await;
+
+    let lines = json_lines(&ok(&app, &["diff", "people", "--json"]));
+    assert_eq!(
+        lines,
+        vec![
+            json!({"op": "changed", "logical_row_id": "people:2",
+                   "old": {"id": "2", "name": "p2", "city": "town 2"},
+                   "new": {"id": "2", "name": "changed 2", "city": "town 2"}}),
+            json!({"op": "changed", "logical_row_id": "people:10",
+                   "old": {"id": "10", "name": "p10", "city": "town 10"},
+                   "new": {"id": "10", "name": "changed 10", "city": "town 10"}}),
+            json!({"op": "removed", "logical_row_id": "people:12",
+                   "old": {"id": "12", "name": "p12", "city": "town 12"}, "new": null}),
+            json!({"summary": {"added": 0, "removed": 1, "changed": 2, "unchanged": 9}}),
+        ]
+    );
+
+    // The other way round, named by prefix and by main~1: the removed row is added.
+    let backwards = json_lines(&ok(
+        &app,
+        &["diff", "people", &second.commit_id[..8], "main~1", "--json"],
+    ));
+    assert_eq!(backwards[2]["op"], "added");
+    assert_eq!(backwards[2]["logical_row_id"], "people:12");
+    assert_eq!(
+        backwards[3],
+        json!({"summary": {"added": 1, "removed": 0, "changed": 2, "unchanged": 9}})
+    );
+
+    // --summary counts from the server-side merge alone.
+    let summary = ok(
+        &app,
+        &[
+            "diff",
+            "people",
+            &first.commit_id,
+            &second.commit_id,
+            "--summary",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        json_lines(&summary),
+        vec![json!({"summary": {"added": 0, "removed": 1, "changed": 2, "unchanged": 9}})]
+    );
+    let text = ok(&app, &["diff", "people", "--summary"]);
+    assert_eq!(text, "0 added, 1 removed, 2 changed, 9 unchanged\n");
+
+    // A root commit is compared with nothing: all its rows are added.
+    let dataset = Dataset::find(&app.pool, "people").await.unwrap();
+    let root = DiffPair::resolve(&app.pool, &dataset, None, Some("main~1"))
+        .await
+        .unwrap();
+    assert!(root.from.is_none());
+    let counts = root.summary(&app.pool).await.unwrap();
+    assert_eq!((counts.added, counts.unchanged), (12, 0));
+}
+
+#[tokio::test]
+async fn identical_tree_hashes_answer_without_reading_rows() {
+    let app = spawn_app().await;
+    app.put("same.csv", sample_csv(300, 4)).await;
+    let first = app.import("same", "same.csv").await;
+    let second = app.import("same", "same.csv").await;
+    assert_eq!(first.tree_hash, second.tree_hash);
+    // With the entries gone, only the tree hashes can give the right answer.
+    sqlx::query("DELETE FROM dsa_core.commit_rows")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let summary = json_lines(&ok(&app, &["diff", "same", "--summary", "--json"]));
+    let streamed = json_lines(&ok(&app, &["diff", "same", "--json"]));
+
+    let expected = json!({"summary": {"added": 0, "removed": 0, "changed": 0, "unchanged": 300}});
+    assert_eq!(summary, vec![expected.clone()]);
+    assert_eq!(streamed, vec![expected]);
+}
+
+#[tokio::test]
+async fn commit_names_are_resolved_within_the_dataset_or_refused() {
+    let app = spawn_app().await;
+    app.put("a.csv", people(3, |n| format!("a{n}"))).await;
+    app.put("b.csv", people(3, |n| format!("b{n}"))).await;
+    let a = app.import("alpha", "a.csv").await;
+    let b = app.import("beta", "b.csv").await;
+    // Two commits of alpha that share a 9-character prefix.
+    let dataset_id = a.dataset_id;
+    for suffix in ["11111111111111111111111", "22222222222222222222222"] {
+        sqlx::query(
+            "INSERT INTO dsa_core.commits (commit_id, dataset_id, message, committed_at, row_count, tree_hash)
+             VALUES ('abcdef012' || $1, $2, 'crafted', now(), 0, $3)",
+        )
+        .bind(suffix)
+        .bind(dataset_id)
+        .bind("0".repeat(64))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+
+    let other = fails(&app, &["export", "alpha", "--commit", &b.commit_id]);
+    assert!(other.contains("belongs to dataset \"beta\""), "{other}");
+    let other_prefix = fails(&app, &["diff", "alpha", &b.commit_id[..10], "main"]);
+    assert!(
+        other_prefix.contains("belongs to dataset \"beta\""),
+        "{other_prefix}"
+    );
+    let unknown = fails(&app, &["verify", "alpha", "--commit", "0123456789abcdef"]);
+    assert!(
+        unknown.contains("no commit \"0123456789abcdef\""),
+        "{unknown}"
+    );
+    let ambiguous = fails(&app, &["diff", "alpha", "abcdef012", "main"]);
+    assert!(ambiguous.contains("ambiguous"), "{ambiguous}");
+    assert!(ambiguous.contains("abcdef0121111"), "{ambiguous}");
+    let short = fails(&app, &["diff", "alpha", "abcdef", "main"]);
+    assert!(short.contains("too short"), "{short}");
+    let too_far = fails(&app, &["diff", "alpha", "main~3"]);
+    assert!(too_far.contains("further than the history"), "{too_far}");
+    let no_dataset = fails(&app, &["log", "gamma"]);
+    assert!(
+        no_dataset.contains("dataset \"gamma\" does not exist"),
+        "{no_dataset}"
+    );
+    // A long enough, unique prefix works.
+    let resolved = ok(&app, &["log", "alpha", "--json"]);
+    assert!(resolved.contains(&a.commit_id));
+    ok(&app, &["verify", "alpha", "--commit", &a.commit_id[..7]]);
+}
+
+/// Quotes, separators and newlines in fields, empty fields, unicode, a header whose
+/// duplicate names the import renames, and a value that looks like a formula.
+const AWKWARD: &str = "name,name,note,empty,\"a,b\"\r\n\
+    plain,\"say \"\"hi\"\"\",\"line one\nline two\",,x\r\n\
+    \"ünïcødé ✓ 😀\",\"a,b\",\"crlf\r\ninside\",\"\",y\r\n\
+    =SUM(A1:A2),+1,-2,@cmd,\"\ttab\"\r\n";
+
+#[tokio::test]
+async fn an_export_imported_again_gives_the_same_tree_hash() {
+    let app = spawn_app().await;
+    app.put("in/awkward.csv", AWKWARD.as_bytes().to_vec()).await;
+    let original = app.import("awkward", "in/awkward.csv").await;
+    assert!(
+        !original.header_changes.is_empty(),
+        "a duplicate header is renamed"
+    );
+
+    // To a local file, then back through the store under the same base name.
+    let folder = std::env::temp_dir().join(format!("export-{}", uuid::Uuid::new_v4()));
+    let path = folder.join("awkward.csv");
+    ok(
+        &app,
+        &["export", "awkward", "--output", path.to_str().unwrap()],
+    );
+    let exported = std::fs::read(&path).unwrap();
+    std::fs::remove_dir_all(&folder).unwrap();
+    app.put("again/awkward.csv", exported.clone()).await;
+    let again = app.import("awkward-again", "again/awkward.csv").await;
+    assert_eq!(again.tree_hash, original.tree_hash);
+    assert_eq!(again.columns, original.columns);
+
+    // Straight to S3 (a single part), and the same bytes as the local file.
+    let target = format!("s3://{}/out/awkward.csv", app.bucket);
+    let written = ok(&app, &["export", "awkward", "--output", &target, "--json"]);
+    let written: Value = serde_json::from_str(&written).unwrap();
+    assert_eq!(written["files"][0]["bytes"], exported.len());
+    let object = app
+        .s3
+        .get_object()
+        .bucket(&app.bucket)
+        .key("out/awkward.csv")
+        .send()
+        .await
+        .unwrap();
+    let body = object.body.collect().await.unwrap().into_bytes();
+    assert_eq!(body.as_ref(), exported.as_slice());
+    let from_s3 = app.import("awkward-s3", "out/awkward.csv").await;
+    assert_eq!(from_s3.tree_hash, original.tree_hash);
+
+    // JSON Lines: one object per row with the stored data.
+    let lines = json_lines(&ok(&app, &["export", "awkward", "--format", "jsonl"]));
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["logical_row_id"], "awkward:1");
+    assert_eq!(lines[1]["data"]["note"], "crlf\r\ninside");
+}
+
+#[tokio::test]
+async fn safe_formulas_defuse_fields_a_spreadsheet_would_run() {
+    let app = spawn_app().await;
+    app.put("awkward.csv", AWKWARD.as_bytes().to_vec()).await;
+    app.import("awkward", "awkward.csv").await;
+
+    let plain = ok(&app, &["export", "awkward"]);
+    let safe = ok(&app, &["export", "awkward", "--safe-formulas"]);
+
+    assert!(
+        plain.contains("\n=SUM(A1:A2),+1,-2,@cmd,\ttab\n"),
+        "{plain}"
+    );
+    assert!(
+        safe.contains("\n'=SUM(A1:A2),'+1,'-2,'@cmd,'\ttab\n"),
+        "{safe}"
+    );
+    // Other fields are untouched.
+    assert!(safe.contains("plain,\"say \"\"hi\"\"\""), "{safe}");
+}
+
+/// A commit of `rows` rows of about a hundred bytes, written straight into the store.
+async fn crafted_commit(app: &TestApp, dataset: &str, rows: i64) -> String {
+    let dataset_id: i64 =
+        sqlx::query_scalar("INSERT INTO dsa_core.datasets (name) VALUES ($1) RETURNING id")
+            .bind(dataset)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let commit_id = uuid::Uuid::new_v4().simple().to_string();
+    sqlx::query(
+        "INSERT INTO dsa_core.rows (row_hash, data)
+         SELECT sha256(convert_to($2 || n::text, 'UTF8')),
+                jsonb_build_object('id', n::text, 'pad', repeat('x', 90))
+           FROM generate_series(1, $1::bigint) n",
+    )
+    .bind(rows)
+    .bind(&commit_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO dsa_core.commits (commit_id, dataset_id, message, committed_at, row_count,
+                                       tree_hash, source)
+         VALUES ($1, $2, 'crafted', now(), $3, $4, '{\"columns\": [\"id\", \"pad\"]}')",
+    )
+    .bind(&commit_id)
+    .bind(dataset_id)
+    .bind(rows)
+    .bind("0".repeat(64))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+         SELECT $1, 'big:' || n, sha256(convert_to($1 || n::text, 'UTF8'))
+           FROM generate_series(1, $2::bigint) n",
+    )
+    .bind(&commit_id)
+    .bind(rows)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO dsa_core.refs (dataset_id, name, commit_id) VALUES ($1, 'main', $2)")
+        .bind(dataset_id)
+        .bind(&commit_id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    commit_id
+}
+
+#[tokio::test]
+async fn an_export_to_s3_that_fails_midway_leaves_no_object_and_no_upload() {
+    let app = spawn_app().await;
+    // About 12 MB of CSV: the first 8 MiB part is uploaded before the export reaches
+    // row 100000, whose content is missing.
+    let commit_id = crafted_commit(&app, "big", 120_000).await;
+    sqlx::query(
+        "DELETE FROM dsa_core.rows WHERE row_hash = sha256(convert_to($1 || '100000', 'UTF8'))",
+    )
+    .bind(&commit_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let target = format!("s3://{}/exports/big.csv", app.bucket);
+    let output = app
+        .cli()
+        .env("RUST_LOG", "dsa_ingest=debug")
+        .args(["export", "big", "--output", &target])
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("row big:100000"), "{stderr}");
+    assert!(
+        stderr.contains("uploaded part"),
+        "a part went up first: {stderr}"
+    );
+    let objects = app
+        .s3
+        .list_objects_v2()
+        .bucket(&app.bucket)
+        .prefix("exports/")
+        .send()
+        .await
+        .unwrap();
+    assert!(objects.contents().is_empty(), "no object is left");
+    let uploads = app
+        .s3
+        .list_multipart_uploads()
+        .bucket(&app.bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        uploads.uploads().is_empty(),
+        "no multipart upload is left open"
+    );
+
+    // The same export to a local file leaves no file either.
+    let folder = std::env::temp_dir().join(format!("export-{}", uuid::Uuid::new_v4()));
+    let path = folder.join("big.csv");
+    let local = run(&app, &["export", "big", "--output", path.to_str().unwrap()]);
+    assert_eq!(local.status.code(), Some(1));
+    let left: Vec<_> = std::fs::read_dir(&folder).unwrap().collect();
+    assert!(left.is_empty(), "no file is left: {left:?}");
+    std::fs::remove_dir_all(&folder).unwrap();
+}
+
+#[tokio::test]
+async fn a_multipart_export_to_s3_completes() {
+    let app = spawn_app().await;
+    crafted_commit(&app, "big", 120_000).await;
+    let target = format!("s3://{}/exports/big.jsonl", app.bucket);
+
+    let written: Value = serde_json::from_str(&ok(
+        &app,
+        &[
+            "export", "big", "--format", "jsonl", "--output", &target, "--json",
+        ],
+    ))
+    .unwrap();
+
+    let head = app
+        .s3
+        .head_object()
+        .bucket(&app.bucket)
+        .key("exports/big.jsonl")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        Some(written["files"][0]["bytes"].as_i64().unwrap()),
+        head.content_length()
+    );
+    assert!(head.content_length().unwrap() > 2 * 8 * 1024 * 1024);
+    // Parts are stored as uploaded: the ETag of a multipart object ends in its count.
+    assert!(head.e_tag().unwrap().contains('-'), "{:?}", head.e_tag());
+}
+
+#[tokio::test]
+async fn verify_names_each_problem() {
+    let app = spawn_app().await;
+    app.put("checked.csv", sample_csv(20, 9)).await;
+    let summary = app.import("checked", "checked.csv").await;
+    let healthy = ok(&app, &["verify", "checked"]);
+    assert!(
+        healthy.contains(&format!("commit {}: ok (20 rows", summary.commit_id)),
+        "{healthy}"
+    );
+
+    let hash_of = |id: &'static str| {
+        let pool = app.pool.clone();
+        let commit_id = summary.commit_id.clone();
+        async move {
+            sqlx::query_scalar::<_, Vec<u8>>(
+                "SELECT row_hash FROM dsa_core.commit_rows WHERE commit_id = $1 AND logical_row_id = $2",
+            )
+            .bind(commit_id)
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let changed = hash_of("checked:3").await;
+    sqlx::query("UPDATE dsa_core.rows SET data = data || '{\"extra\": \"1\"}' WHERE row_hash = $1")
+        .bind(&changed)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let missing = hash_of("checked:5").await;
+    sqlx::query("DELETE FROM dsa_core.rows WHERE row_hash = $1")
+        .bind(&missing)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "DELETE FROM dsa_core.commit_rows WHERE commit_id = $1 AND logical_row_id = 'checked:7'",
+    )
+    .bind(&summary.commit_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE dsa_core.commits SET row_count = 99 WHERE commit_id = $1")
+        .bind(&summary.commit_id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let text = fails(&app, &["verify", "checked"]);
+    let c = &summary.commit_id;
+    assert!(
+        text.contains(&format!("commit {c}: row checked:3: data hashes to")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "commit {c}: row checked:5: row hash {} is missing from dsa_core.rows",
+            hex::encode(&missing)
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "commit {c}: row checked:7: missing from commit_rows \
+             (the ids jump from checked:6 to checked:8)"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "commit {c}: row_count 99, but commit_rows holds 19 entries"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("tree hash recomputed from commit_rows is"),
+        "{text}"
+    );
+
+    let report: Value =
+        serde_json::from_str(&fails(&app, &["verify", "checked", "--json"])).unwrap();
+    assert_eq!(report["ok"], false);
+    let rows_named: Vec<&str> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|problem| problem["logical_row_id"].as_str())
+        .collect();
+    assert_eq!(rows_named, ["checked:3", "checked:5", "checked:7"]);
+}
+
+/// A failed run that died before it cleaned up: an unfinished commit whose entries
+/// reference one row another commit also uses and one row nothing else uses.
+async fn failed_leftovers(app: &TestApp, dataset_id: i64, shared_hash: &[u8]) -> Vec<u8> {
+    let run_id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO dsa_jobs.analysis_runs (id, run_type, status, dataset_id, error_message)
+         VALUES ($1, 'import', 'failed', $2, 'crashed')",
+    )
+    .bind(run_id)
+    .bind(dataset_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let commit_id = uuid::Uuid::new_v4().simple().to_string();
+    sqlx::query(
+        "INSERT INTO dsa_core.commits (commit_id, dataset_id, message, run_id)
+         VALUES ($1, $2, 'unfinished', $3)",
+    )
+    .bind(&commit_id)
+    .bind(dataset_id)
+    .bind(run_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let orphan: Vec<u8> = sqlx::query_scalar(
+        "INSERT INTO dsa_core.rows (row_hash, data)
+         VALUES (sha256(convert_to($1, 'UTF8')), '{\"left\": \"over\"}') RETURNING row_hash",
+    )
+    .bind(&commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+         VALUES ($1, 'x:1', $2), ($1, 'x:2', $3)",
+    )
+    .bind(&commit_id)
+    .bind(shared_hash)
+    .bind(&orphan)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    orphan
+}
+
+#[tokio::test]
+async fn gc_removes_a_failed_runs_leftovers_and_is_idempotent() {
+    let app = spawn_app().await;
+    app.put("kept.csv", sample_csv(50, 2)).await;
+    let kept = app.import("kept", "kept.csv").await;
+    let shared: Vec<u8> = sqlx::query_scalar(
+        "SELECT row_hash FROM dsa_core.commit_rows WHERE commit_id = $1 AND logical_row_id = 'kept:1'",
+    )
+    .bind(&kept.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let orphan = failed_leftovers(&app, kept.dataset_id, &shared).await;
+    let rows_before = app.count("dsa_core.rows").await;
+
+    let dry: Value = serde_json::from_str(&ok(&app, &["gc", "--dry-run", "--json"])).unwrap();
+    assert_eq!(dry["commits"], 1);
+    assert_eq!(dry["commit_rows"], 2);
+    assert_eq!(dry["rows"], 1);
+    assert_eq!(
+        app.count("dsa_core.rows").await,
+        rows_before,
+        "a dry run removes nothing"
+    );
+
+    let removed: Value = serde_json::from_str(&ok(&app, &["gc", "--json"])).unwrap();
+    assert_eq!(removed["commits"], 1);
+    assert_eq!(removed["commit_rows"], 2);
+    assert_eq!(removed["rows"], 1);
+    assert!(removed["rows_bytes"].as_u64().unwrap() > 32);
+    assert_eq!(app.count("dsa_core.rows").await, rows_before - 1);
+    let orphan_left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows WHERE row_hash = $1")
+            .bind(&orphan)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(orphan_left, 0);
+    assert_eq!(
+        app.count("dsa_core.commits WHERE committed_at IS NULL")
+            .await,
+        0
+    );
+
+    let again: Value = serde_json::from_str(&ok(&app, &["gc", "--json"])).unwrap();
+    assert_eq!(
+        again,
+        json!({"dry_run": false, "abandoned_runs": 0, "commits": 0, "commit_rows": 0,
+               "commit_rows_bytes": 0, "rows": 0, "rows_bytes": 0})
+    );
+    ok(&app, &["verify", "kept"]);
+    let text = ok(&app, &["gc"]);
+    assert!(
+        text.contains("removed 0 rows no commit references"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn gc_keeps_the_rows_of_an_import_in_flight() {
+    let app = spawn_app().await;
+    app.put("first.csv", sample_csv(400, 5)).await;
+    let first = app.import("busy", "first.csv").await;
+    let shared: Vec<u8> = sqlx::query_scalar(
+        "SELECT row_hash FROM dsa_core.commit_rows WHERE commit_id = $1 AND logical_row_id = 'first:1'",
+    )
+    .bind(&first.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    failed_leftovers(&app, first.dataset_id, &shared).await;
+    // The second file repeats the first's rows (found stored by the look-up) and adds
+    // new ones, read slowly enough to be caught in the middle.
+    let mut second = sample_csv(400, 5);
+    let more = sample_csv(3_000, 6);
+    let body = more.iter().position(|&byte| byte == b'\n').unwrap() + 1;
+    second.extend_from_slice(&more[body..]);
+    app.put("second.csv", second).await;
+    let slow_s3 = dsa_ingest::s3::client(&S3Settings {
+        endpoint: Some(slow_endpoint(60_000).await),
+        region: service_settings()
+            .get("S3_REGION")
+            .cloned()
+            .unwrap_or_else(|| "garage".into()),
+        bucket: None,
+    })
+    .await;
+    let importer =
+        dsa_ingest::import::Importer::new(app.pool.clone(), Some(slow_s3), test_settings());
+    let (run_id, _) = app.create_run(&importer, "busy", "second.csv", false).await;
+    let import = tokio::spawn(async move { importer.run(run_id).await });
+    wait_until(
+        Duration::from_secs(60),
+        "the import's first batches",
+        || {
+            let app = &app;
+            async move { loaded_rows(app, run_id).await >= 500 }
+        },
+    )
+    .await;
+
+    let report = gc::collect(&app.pool, Duration::from_secs(30), false)
+        .await
+        .unwrap();
+
+    assert_eq!(report.commits, 1, "the failed run's commit goes");
+    assert_eq!(report.rows, 1, "only the failed run's own row goes");
+    let dangling = app
+        .count(
+            "dsa_core.commit_rows cr WHERE NOT EXISTS
+               (SELECT 1 FROM dsa_core.rows r WHERE r.row_hash = cr.row_hash)",
+        )
+        .await;
+    assert_eq!(dangling, 0, "every row the running import stored is kept");
+    assert!(!import.is_finished(), "gc ran beside the import");
+    let summary = import.await.unwrap().expect("the import completes");
+    assert_eq!(summary.rows, 3_400);
+
+    let dataset = Dataset::find(&app.pool, "busy").await.unwrap();
+    let commit = resolve(&app.pool, &dataset, "main").await.unwrap();
+    assert_eq!(commit.commit_id, summary.commit_id);
+    let report = verify_commit(&app.pool, &commit, |_| {}).await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.tree_hash, summary.tree_hash);
+}
+
+#[tokio::test]
+async fn logical_row_order_is_the_same_in_sql_and_in_rust() {
+    let app = spawn_app().await;
+    let sheets: Vec<String> = vec!["Zeta".into(), "a:b".into(), "Alpha".into()];
+    let ids = [
+        "Alpha:10",
+        "Alpha:9",
+        "Alpha:1",
+        "Zeta:100",
+        "Zeta:20",
+        "a:b:3",
+        "a:b:12",
+        "a:2",
+        "a:10",
+        "other",
+        "x:k",
+        "x:1",
+        "Zeta:3",
+        "Alpha:100000",
+        "ünï:2",
+        "ünï:10",
+    ];
+    let sql = format!(
+        "SELECT id FROM unnest($1::text[]) AS t(id) ORDER BY {}",
+        dsa_ingest::import::order::sql_order_by("(id COLLATE \"C\")", "$2")
+    );
+    let from_sql: Vec<String> = sqlx::query_scalar(&sql)
+        .bind(&ids[..])
+        .bind(&sheets)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+
+    let mut from_rust: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    from_rust.sort_by(|a, b| dsa_ingest::import::order::compare(&sheets, a, b));
+    assert_eq!(from_sql, from_rust);
+    assert_eq!(
+        &from_rust[..6],
+        ["Zeta:3", "Zeta:20", "Zeta:100", "a:b:3", "a:b:12", "Alpha:1"]
+    );
+}
