@@ -46,6 +46,11 @@ struct Args {
     /// Also import four files of this many rows, one after another and in parallel.
     #[arg(long, value_parser = support::parse_count, default_value = "0")]
     parallel_rows: u64,
+    /// Also measure keyed imports at each size: a keyed replace against a positional
+    /// one, and an upsert and an append of 10,000 rows into the keyed dataset against
+    /// a server-side copy of its commit_rows.
+    #[arg(long)]
+    keyed: bool,
 }
 
 #[tokio::main]
@@ -54,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         row_counts,
         repeat,
         parallel_rows,
+        keyed,
     } = clap::Parser::parse();
     let settings = Settings::from_env()?;
     let bucket = settings
@@ -78,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
         let key = format!("bench/sample-{rows}.csv");
         upload(&s3, &bucket, &key, &path, bytes).await?;
         let source = format!("s3://{bucket}/{key}");
+        if keyed {
+            keyed_modes(&binary, &database_url, &source, rows, repeat).await?;
+        }
 
         let mut baseline = Vec::new();
         let mut first = Vec::new();
@@ -126,6 +135,98 @@ async fn main() -> anyhow::Result<()> {
 
     if parallel_rows > 0 {
         job_parallelism(&settings, &s3, &bucket, &database_url, parallel_rows).await?;
+    }
+    Ok(())
+}
+
+/// Keyed imports of the `rows`-row sample (its `id` column is unique): a keyed replace
+/// beside a positional one, then an upsert (5,000 changed rows and 5,000 new ones) and
+/// an append (10,000 new rows) into the keyed dataset, beside the baseline the issue
+/// names: a server-side `INSERT ... SELECT` of the dataset's commit_rows into a table.
+async fn keyed_modes(
+    binary: &Path,
+    database_url: &str,
+    source: &str,
+    rows: u64,
+    repeat: usize,
+) -> anyhow::Result<()> {
+    let dir = PathBuf::from("target/bench");
+    let delta = |name: &str, ids: &mut dyn Iterator<Item = u64>| -> anyhow::Result<String> {
+        let path = dir.join(format!("{name}-{rows}.csv"));
+        let mut text = format!("{}\n", dsa_ingest::sample::SAMPLE_HEADER);
+        for id in ids {
+            text.push_str(&format!(
+                "{id},changed{id},c{id}@example.com,Oslo,NO,{}.00,active,2026-11-29,{id:08x},delta\n",
+                id % 1000
+            ));
+        }
+        std::fs::write(&path, text)?;
+        Ok(path.display().to_string())
+    };
+    let upsert = delta("upsert", &mut (1..=5_000).chain(rows + 1..=rows + 5_000))?;
+    let append = delta("append", &mut (rows + 10_001..=rows + 20_000))?;
+    let (mut positional, mut keyed, mut copies, mut upserts, mut appends) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..repeat {
+        reset_store(database_url).await?;
+        positional.push(time_import(binary, database_url, &format!("pos-{round}"), source)?);
+        let dataset = format!("keyed-{round}");
+        let started = Instant::now();
+        run(
+            binary,
+            database_url,
+            &["import", "--dataset", &dataset, "--key", "id", source, "--json"],
+        )?;
+        keyed.push(started.elapsed().as_secs_f64());
+        let copy = format!(
+            "CREATE TABLE IF NOT EXISTS public.scratch_commit_rows (LIKE dsa_core.commit_rows);
+             TRUNCATE public.scratch_commit_rows;
+             INSERT INTO public.scratch_commit_rows
+             SELECT c.* FROM dsa_core.commit_rows c
+               JOIN dsa_core.refs r ON r.commit_id = c.commit_id AND r.name = 'main'
+               JOIN dsa_core.datasets d ON d.id = r.dataset_id AND d.name = '{dataset}';"
+        );
+        let started = Instant::now();
+        let output = Command::new("psql")
+            .args([database_url, "-v", "ON_ERROR_STOP=1", "-q", "-c", &copy])
+            .output()?;
+        if !output.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        copies.push(started.elapsed().as_secs_f64());
+        for (mode, file, times) in [
+            ("upsert", &upsert, &mut upserts),
+            ("append", &append, &mut appends),
+        ] {
+            let started = Instant::now();
+            run(
+                binary,
+                database_url,
+                &["import", "--dataset", &dataset, "--mode", mode, file, "--json"],
+            )?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    let middle = |mut values: Vec<f64>| {
+        values.sort_by(|a, b| a.total_cmp(b));
+        values[values.len() / 2]
+    };
+    let positional = median(positional).seconds;
+    let keyed = middle(keyed);
+    let copy = middle(copies);
+    println!("\nkeyed imports, {rows} rows (medians of {repeat}):");
+    println!("  positional replace {positional:>8.2} s");
+    println!(
+        "  keyed replace      {keyed:>8.2} s  {:.2}x the positional replace",
+        keyed / positional
+    );
+    println!("  INSERT ... SELECT of the dataset's commit_rows {copy:>8.2} s (baseline)");
+    for (mode, times) in [("upsert 10,000", upserts), ("append 10,000", appends)] {
+        let seconds = middle(times);
+        println!(
+            "  {mode:<18} {seconds:>8.2} s  {:.2}x the baseline",
+            seconds / copy
+        );
     }
     Ok(())
 }
