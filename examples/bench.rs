@@ -169,13 +169,26 @@ async fn keyed_modes(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..repeat {
         reset_store(database_url).await?;
-        positional.push(time_import(binary, database_url, &format!("pos-{round}"), source)?);
+        positional.push(time_import(
+            binary,
+            database_url,
+            &format!("pos-{round}"),
+            source,
+        )?);
         let dataset = format!("keyed-{round}");
         let started = Instant::now();
         run(
             binary,
             database_url,
-            &["import", "--dataset", &dataset, "--key", "id", source, "--json"],
+            &[
+                "import",
+                "--dataset",
+                &dataset,
+                "--key",
+                "id",
+                source,
+                "--json",
+            ],
         )?;
         keyed.push(started.elapsed().as_secs_f64());
         let copy = format!(
@@ -202,7 +215,15 @@ async fn keyed_modes(
             run(
                 binary,
                 database_url,
-                &["import", "--dataset", &dataset, "--mode", mode, file, "--json"],
+                &[
+                    "import",
+                    "--dataset",
+                    &dataset,
+                    "--mode",
+                    mode,
+                    file,
+                    "--json",
+                ],
             )?;
             times.push(started.elapsed().as_secs_f64());
         }

@@ -134,45 +134,34 @@ impl BatchWriter {
     /// Adds row `n` of the sheet. `canonical_json` comes from the encoder, which escapes
     /// every control character, so only backslashes need doubling for COPY text.
     pub fn push(&mut self, n: u64, row_hash: &RowHash, canonical_json: &[u8]) {
-        let mut hex = [0u8; 64];
-        hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
-
-        let content = &mut self.copy.content;
-        content.extend_from_slice(b"\\\\x");
-        content.extend_from_slice(&hex);
-        content.push(b'\t');
-        push_copy_escaped(canonical_json, content);
-        content.push(b'\n');
-        self.copy.content_ends.push(content.len());
-        self.copy.hashes.push(*row_hash);
-
-        let entries = &mut self.copy.commit_rows;
-        entries.extend_from_slice(&self.row_id_prefix);
-        push_decimal(n, entries);
-        entries.extend_from_slice(b"\t\\\\x");
-        entries.extend_from_slice(&hex);
-        entries.push(b'\n');
+        let hex = hash_hex(row_hash);
+        self.push_content(row_hash, &hex, canonical_json);
+        self.push_entry(&hex, |entries| push_decimal(n, entries));
     }
 
     /// Adds a keyed row: its id is `{sheet}:{key}`; `line` names it in errors.
     pub fn push_keyed(&mut self, key: &str, line: u64, row_hash: &RowHash, canonical_json: &[u8]) {
-        self.push_content(row_hash, canonical_json);
-        self.push_entry(key, line, row_hash);
+        let hex = hash_hex(row_hash);
+        self.push_content(row_hash, &hex, canonical_json);
+        self.push_entry(&hex, |entries| push_copy_escaped(key.as_bytes(), entries));
+        self.copy.keyed.push((key.to_owned(), line));
     }
 
     /// Adds a deletion: an entry whose hash is all zeros, which no row has, and no
     /// content. Finalise removes the key from the new version and then the entry.
     pub fn push_tombstone(&mut self, key: &str, line: u64) {
-        self.push_entry(key, line, &TOMBSTONE);
+        self.push_entry(&hash_hex(&TOMBSTONE), |entries| {
+            push_copy_escaped(key.as_bytes(), entries)
+        });
+        self.copy.keyed.push((key.to_owned(), line));
         self.copy.hashes.push(TOMBSTONE);
     }
 
-    fn push_content(&mut self, row_hash: &RowHash, canonical_json: &[u8]) {
-        let mut hex = [0u8; 64];
-        hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
+    /// `\\x<row_hash hex> \t <canonical JSON>`, for `dsa_core.rows`.
+    fn push_content(&mut self, row_hash: &RowHash, hex: &[u8; 64], canonical_json: &[u8]) {
         let content = &mut self.copy.content;
         content.extend_from_slice(b"\\\\x");
-        content.extend_from_slice(&hex);
+        content.extend_from_slice(hex);
         content.push(b'\t');
         push_copy_escaped(canonical_json, content);
         content.push(b'\n');
@@ -180,16 +169,15 @@ impl BatchWriter {
         self.copy.hashes.push(*row_hash);
     }
 
-    fn push_entry(&mut self, key: &str, line: u64, row_hash: &RowHash) {
-        let mut hex = [0u8; 64];
-        hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
+    /// `commit_id \t sheet:<id> \t \\x<row_hash hex>`, for `dsa_core.commit_rows`;
+    /// `write_id` writes what follows the sheet's colon.
+    fn push_entry(&mut self, hex: &[u8; 64], write_id: impl FnOnce(&mut Vec<u8>)) {
         let entries = &mut self.copy.commit_rows;
         entries.extend_from_slice(&self.row_id_prefix);
-        push_copy_escaped(key.as_bytes(), entries);
+        write_id(entries);
         entries.extend_from_slice(b"\t\\\\x");
-        entries.extend_from_slice(&hex);
+        entries.extend_from_slice(hex);
         entries.push(b'\n');
-        self.copy.keyed.push((key.to_owned(), line));
     }
 
     pub fn rows(&self) -> u64 {
@@ -247,6 +235,12 @@ impl BatchWriter {
 /// The row hash of a deletion entry in an unfinished commit (see
 /// [`BatchWriter::push_tombstone`]); sha256 never gives it for any row.
 pub const TOMBSTONE: RowHash = [0u8; 32];
+
+fn hash_hex(row_hash: &RowHash) -> [u8; 64] {
+    let mut hex = [0u8; 64];
+    hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
+    hex
+}
 
 /// Writes `n` in decimal without allocating; called once per row.
 fn push_decimal(mut n: u64, out: &mut Vec<u8>) {

@@ -471,57 +471,37 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                     }
                     cursor.records += 1;
                     cursor.sheet_records = n;
-                    match values {
-                        Ok(values) => {
-                            let encoder = encoder.as_ref().expect("the header comes first");
-                            json.clear();
-                            encoder.encode(values, &mut json);
-                            let row_hash = hash::row_hash(&json);
-                            let cell = |column: usize| match values.get(column) {
-                                Some(CellValue::Text(text)) => KeyValue::Text(text),
-                                Some(CellValue::Number(number)) => KeyValue::Number(*number),
-                                Some(CellValue::Bool(flag)) => KeyValue::Bool(*flag),
-                                Some(CellValue::Null) | None => KeyValue::Null,
-                            };
-                            let pushed = identity.push(
-                                &mut writer,
-                                &mut seen,
-                                n,
-                                sheet_row,
-                                cell,
-                                &row_hash,
-                                &json,
-                            );
-                            match pushed {
-                                Ok(()) => {
-                                    if identity.key.is_none() {
-                                        logical_row_id.clear();
-                                        let _ = write!(
-                                            logical_row_id,
-                                            "{}:{}",
-                                            cursor.sheet,
-                                            identity.offset + n
-                                        );
-                                        tree.push(&logical_row_id, &row_hash);
-                                    }
-                                    batch_bytes += json.len();
-                                }
-                                Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
-                                    line: sheet_row,
-                                    byte: 0,
-                                    raw: Vec::new(),
-                                    problem,
-                                }),
-                                Err(problem) => {
-                                    return Err(SheetError::BadRow {
-                                        file: file_name.clone(),
-                                        sheet: planned.name.clone(),
-                                        row: sheet_row,
-                                        problem,
-                                    })
-                                }
-                            }
+                    let pushed = values.and_then(|values| {
+                        let encoder = encoder.as_ref().expect("the header comes first");
+                        json.clear();
+                        encoder.encode(values, &mut json);
+                        let row_hash = hash::row_hash(&json);
+                        let cell = |column: usize| match values.get(column) {
+                            Some(CellValue::Text(text)) => KeyValue::Text(text),
+                            Some(CellValue::Number(number)) => KeyValue::Number(*number),
+                            Some(CellValue::Bool(flag)) => KeyValue::Bool(*flag),
+                            Some(CellValue::Null) | None => KeyValue::Null,
+                        };
+                        identity.push(
+                            &mut writer,
+                            &mut seen,
+                            n,
+                            sheet_row,
+                            cell,
+                            &row_hash,
+                            &json,
+                        )?;
+                        if identity.key.is_none() {
+                            logical_row_id.clear();
+                            let _ =
+                                write!(logical_row_id, "{}:{}", cursor.sheet, identity.offset + n);
+                            tree.push(&logical_row_id, &row_hash);
                         }
+                        batch_bytes += json.len();
+                        Ok(())
+                    });
+                    match pushed {
+                        Ok(()) => {}
                         Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
                             line: sheet_row,
                             byte: 0,
