@@ -190,8 +190,18 @@ pub struct ImportSettings {
     /// xls files and ods content are parsed whole in memory; this caps the xls file
     /// and the ods `content.xml` (uncompressed), and through it the cells of a sheet.
     pub max_unstreamed_size: u64,
-    /// The widest sheet accepted, by its declared dimension or its header row.
+    /// The widest table accepted: a CSV header, or a sheet by its declared dimension
+    /// or its header row (`IMPORT_MAX_COLUMNS`).
     pub max_sheet_columns: u64,
+    /// Data rows one sheet may hold (`IMPORT_MAX_SHEET_ROWS`).
+    pub max_sheet_rows: u64,
+    /// Worksheets one workbook may hold (`IMPORT_MAX_SHEETS`).
+    pub max_sheets: u64,
+    /// The longest run of empty rows between two data rows of a sheet; more is a
+    /// sparse-sheet bomb (two cells, a million rows of nulls) and is refused.
+    pub max_empty_rows: u64,
+    /// The largest text of one spreadsheet cell, in bytes (CSV has its record limit).
+    pub max_cell_bytes: u64,
 }
 
 impl Default for ImportSettings {
@@ -210,9 +220,17 @@ impl Default for ImportSettings {
             max_shared_strings_size: 128 * 1024 * 1024,
             max_unstreamed_size: 64 * 1024 * 1024,
             max_sheet_columns: 4096,
+            max_sheet_rows: EXCEL_MAX_ROWS,
+            max_sheets: 1024,
+            max_empty_rows: 65_536,
+            max_cell_bytes: 1024 * 1024,
         }
     }
 }
+
+/// Rows in an Excel worksheet (2^20): the default row limit of a sheet, so any workbook
+/// Excel itself can save is read.
+pub const EXCEL_MAX_ROWS: u64 = 1_048_576;
 
 /// Where the local development database lives when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/dsa_ingest";
@@ -286,10 +304,15 @@ impl Settings {
                     "IMPORT_MAX_UNSTREAMED_SIZE",
                     defaults.max_unstreamed_size,
                 )?,
-                max_sheet_columns: positive(
+                max_sheet_columns: positive_aliased(
+                    "IMPORT_MAX_COLUMNS",
                     "IMPORT_MAX_SHEET_COLUMNS",
                     defaults.max_sheet_columns,
                 )?,
+                max_sheet_rows: positive("IMPORT_MAX_SHEET_ROWS", defaults.max_sheet_rows)?,
+                max_sheets: positive("IMPORT_MAX_SHEETS", defaults.max_sheets)?,
+                max_empty_rows: positive("IMPORT_MAX_EMPTY_ROWS", defaults.max_empty_rows)?,
+                max_cell_bytes: positive("IMPORT_MAX_CELL_BYTES", defaults.max_cell_bytes)?,
             },
         })
     }
@@ -345,6 +368,19 @@ fn part_size() -> Result<u64, ConfigError> {
 
 fn non_empty(name: &str) -> Option<String> {
     env::var(name).ok().filter(|value| !value.trim().is_empty())
+}
+
+/// `name`, or when it is unset its older name `alias` (kept so existing deployments
+/// keep their setting).
+fn positive_aliased(
+    name: &'static str,
+    alias: &'static str,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    match non_empty(name) {
+        Some(_) => positive(name, default),
+        None => positive(alias, default),
+    }
 }
 
 fn positive(name: &'static str, default: u64) -> Result<u64, ConfigError> {

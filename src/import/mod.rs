@@ -412,7 +412,7 @@ impl Importer {
             let header = match checkpoint.header.clone() {
                 Some(header) => header,
                 None => {
-                    let header = decoder.read_header().await?;
+                    let header = decoder.read_header(self.settings.max_sheet_columns).await?;
                     checkpoint.byte_offset = decoder.next_byte();
                     checkpoint.line = decoder.next_line();
                     checkpoint.header = Some(header.clone());

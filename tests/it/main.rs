@@ -6,6 +6,7 @@ mod consume;
 mod fetch;
 mod helpers;
 mod import;
+mod limits;
 mod maintenance;
 mod metrics;
 mod process;
