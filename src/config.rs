@@ -40,6 +40,13 @@ pub struct Settings {
     /// `S3_EVENT_DATASET`: the dataset every S3 event record imports into, instead of
     /// the one its key or metadata names.
     pub s3_event_dataset: Option<DatasetName>,
+    /// `S3_EVENT_DATASET_FROM_METADATA`: whether an S3 event's object may name its
+    /// dataset through its `x-amz-meta-dataset` metadata. Off by default: the uploader
+    /// would otherwise choose which dataset's `main` moves.
+    pub s3_event_dataset_from_metadata: bool,
+    /// `IMPORT_ALLOWED_BUCKETS` and `IMPORT_ALLOW_LOCAL_SOURCES`: what sources the
+    /// messages `consume` takes may name.
+    pub source_policy: crate::policy::SourcePolicy,
 }
 
 /// The knobs of `dsa-ingest submit`.
@@ -268,6 +275,8 @@ impl Settings {
                 }
                 None => None,
             },
+            s3_event_dataset_from_metadata: flag("S3_EVENT_DATASET_FROM_METADATA")?,
+            source_policy: crate::policy::SourcePolicy::from_env()?,
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,
@@ -363,6 +372,22 @@ fn part_size() -> Result<u64, ConfigError> {
                 "S3 accepts parts of {MIN_PART_SIZE} (5 MiB) to {MAX_PART_SIZE} (5 GiB) bytes"
             ),
         })
+    }
+}
+
+/// A boolean setting: `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`; unset is false.
+fn flag(name: &'static str) -> Result<bool, ConfigError> {
+    let Some(value) = non_empty(name) else {
+        return Ok(false);
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError {
+            name,
+            value,
+            reason: "expected true or false".to_owned(),
+        }),
     }
 }
 

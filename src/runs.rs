@@ -319,6 +319,22 @@ pub async fn exists(pool: &PgPool, run_id: Uuid) -> Result<bool, sqlx::Error> {
     Ok(found.is_some())
 }
 
+/// The parameters of a run that is not finished yet; `None` for a finished or missing
+/// run, or one whose parameters this version cannot read (claiming it fails it).
+pub async fn unfinished_parameters(
+    pool: &PgPool,
+    run_id: Uuid,
+) -> Result<Option<ImportParameters>, sqlx::Error> {
+    let parameters: Option<Json<serde_json::Value>> = sqlx::query_scalar(
+        "SELECT run_parameters FROM dsa_jobs.analysis_runs
+          WHERE id = $1 AND status IN ('pending', 'running')",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(parameters.and_then(|json| serde_json::from_value(json.0).ok()))
+}
+
 /// Whether the run is unfinished and its lease is still live (someone is working on it).
 pub async fn held_by_live_lease(pool: &PgPool, run_id: Uuid) -> Result<bool, sqlx::Error> {
     let state: Option<(String, bool)> = sqlx::query_as(

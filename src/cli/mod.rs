@@ -188,6 +188,11 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
 
 async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let s3 = crate::s3::client(&settings.s3).await;
+    if settings.source_policy.allows_any_bucket() {
+        tracing::warn!(
+            "IMPORT_ALLOWED_BUCKETS is unset: messages may import any object these credentials can read"
+        );
+    }
     let stop = crate::shutdown::on_signals();
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
     let setup = crate::queue::consume::ConsumerSetup {
@@ -197,6 +202,8 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         amqp: settings.amqp.clone(),
         workers: settings.parallel_workers,
         event_dataset: settings.s3_event_dataset.clone(),
+        event_dataset_from_metadata: settings.s3_event_dataset_from_metadata,
+        policy: settings.source_policy.clone(),
         health: sidecars.health.clone(),
         committed: Some(sidecars.nudge.clone()),
     };

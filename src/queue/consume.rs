@@ -42,6 +42,7 @@ use crate::import::run::ImportParameters;
 use crate::import::run::SourceLocation;
 use crate::import::{ImportSummary, Importer, Outcome};
 use crate::metrics::{metrics, AmqpOutcome};
+use crate::policy::SourcePolicy;
 use crate::queue::amqp::{self, AmqpError};
 use crate::queue::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
 use crate::runs;
@@ -65,6 +66,10 @@ pub struct ConsumerSetup {
     pub workers: usize,
     /// `S3_EVENT_DATASET`: one dataset for every S3 event, overriding key and metadata.
     pub event_dataset: Option<DatasetName>,
+    /// `S3_EVENT_DATASET_FROM_METADATA`: an event's object may name its dataset.
+    pub event_dataset_from_metadata: bool,
+    /// The allow-lists every source a message names must pass.
+    pub policy: SourcePolicy,
     /// Told when the broker connection comes and goes (for `/readyz`).
     pub health: Health,
     /// Told after each completed import, so the outbox relay publishes at once.
@@ -345,12 +350,31 @@ async fn process(setup: &ConsumerSetup, importer: &Importer, body: &[u8]) -> Set
         }
     };
     for run_id in runs {
+        if let Err(transient) = refuse_unless_allowed(setup, run_id).await {
+            tracing::warn!(run.id = %run_id, error = %transient, "cannot check the run's source yet; requeueing");
+            return Settle::Requeue;
+        }
         match import_to_end(setup, importer, run_id).await {
             Settle::Ack => {}
             other => return other,
         }
     }
     Settle::Ack
+}
+
+/// Fails an unfinished run whose source the allow-lists refuse, naming the rule,
+/// before a byte of it is read; the import that follows then finds the run failed and
+/// the message is acknowledged.
+async fn refuse_unless_allowed(setup: &ConsumerSetup, run_id: Uuid) -> Result<(), sqlx::Error> {
+    let Some(parameters) = runs::unfinished_parameters(&setup.pool, run_id).await? else {
+        return Ok(());
+    };
+    if let Err(refused) = setup.policy.check(&parameters.source) {
+        metrics().record_import_failed("other");
+        tracing::warn!(run.id = %run_id, reason = %refused, "source refused");
+        runs::fail_run(&setup.pool, run_id, None, &refused.to_string()).await?;
+    }
+    Ok(())
 }
 
 enum Refusal {
@@ -471,12 +495,17 @@ async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result
     if let Some(run_id) = runs::run_by_key(&setup.pool, &key).await? {
         return Ok(run_id);
     }
+    // Checked before the metadata HEAD: a refused bucket is not touched at all.
+    setup
+        .policy
+        .check_object(&object.bucket, &object.key)
+        .map_err(|refused| Refusal::DeadLetter(refused.to_string()))?;
     let name = match &setup.event_dataset {
         Some(name) => name.clone(),
         None => {
-            let from_metadata = match &setup.s3 {
-                Some(s3) => dataset_metadata(s3, object).await?,
-                None => None,
+            let from_metadata = match (&setup.s3, setup.event_dataset_from_metadata) {
+                (Some(s3), true) => dataset_metadata(s3, object).await?,
+                _ => None,
             };
             let name = from_metadata.unwrap_or_else(|| object.dataset_from_key());
             DatasetName::parse(&name).map_err(|error| {

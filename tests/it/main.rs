@@ -1,6 +1,7 @@
 //! Integration tests: the real PostgreSQL, RabbitMQ and S3 store; one database, bucket
 //! and set of queues per test.
 
+mod allowlists;
 mod broker;
 mod consume;
 mod fetch;
