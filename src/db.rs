@@ -24,6 +24,17 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
         .await
 }
 
+/// A pool of one connection, opened on first use, for health probes: it never
+/// competes with imports for the main pool, and a probe that cannot get it within the
+/// readiness timeout reports the database as down.
+pub fn probe_pool(database_url: &str) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = database_url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(options.log_statements(log::LevelFilter::Trace)))
+}
+
 /// Whether trying again later may succeed: the connection or the server was away or
 /// overloaded, or the transaction lost a race (SQLSTATE classes 08, 40, 53, 57, 58).
 /// Anything else (a constraint, bad data) fails the same way every time.

@@ -189,6 +189,52 @@ pub async fn claim(
     })
 }
 
+/// Extends the lease by its duration from now, if it is still ours (same token) and
+/// the run is still running; `false` when it is not, which the next batch's fencing
+/// will find too.
+pub async fn renew_lease(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs
+            SET lease_expires_at = now() + make_interval(secs => $3)
+          WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+    )
+    .bind(lease.run_id)
+    .bind(lease.token)
+    .bind(lease.duration.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(updated == 1)
+}
+
+/// Renews the lease every third of its duration for as long as the returned handle
+/// lives, so spooling a large spreadsheet or one slow batch never makes a live run
+/// claimable. The timer stops by itself once the lease is no longer ours; fencing by
+/// token still guards every write, this only keeps a live worker from being replaced.
+pub fn keep_lease_alive(pool: PgPool, lease: Lease) -> tokio_util::task::AbortOnDropHandle<()> {
+    let period = (lease.duration / 3).max(std::time::Duration::from_millis(500));
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the claim itself just set the lease
+        loop {
+            ticks.tick().await;
+            match renew_lease(&pool, &lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(run.id = %lease.run_id, "the lease is no longer ours; no more renewals");
+                    return;
+                }
+                // A database that does not answer now may answer at the next tick,
+                // still within the lease.
+                Err(error) => {
+                    tracing::warn!(run.id = %lease.run_id, error = %error, "could not renew the lease")
+                }
+            }
+        }
+    }))
+}
+
 /// Gives up the lease without ending the run, so a retry (here or in another process)
 /// can claim it at once and resume from its checkpoint. `note` says why, for `status`.
 pub async fn release(

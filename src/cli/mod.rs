@@ -244,7 +244,8 @@ impl Sidecars {
         pool: &sqlx::PgPool,
         stop: &crate::shutdown::CancellationToken,
     ) -> anyhow::Result<Self> {
-        let health = crate::http::Health::new(pool.clone());
+        let probe = db::probe_pool(settings.database_url.expose())?;
+        let health = crate::http::Health::with_probe(pool.clone(), probe);
         let server = crate::http::spawn_server(
             &settings.metrics_addr,
             health.clone(),

@@ -257,6 +257,8 @@ impl Importer {
         )
         .await?;
         let token = claimed.lease.token;
+        // Renewed on a timer while the import runs, not only when a batch commits.
+        let _renewal = runs::keep_lease_alive(self.pool.clone(), claimed.lease.clone());
         let span = tracing::info_span!(
             "import",
             run.id = %run_id,

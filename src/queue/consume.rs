@@ -170,8 +170,9 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
                 Some(Ok(delivery)) => {
                     let setup = Arc::clone(&setup);
                     let importer = importer.clone();
+                    let channel = channel.clone();
                     tasks.spawn(async move {
-                        handle(&setup, &importer, delivery).await;
+                        handle(&setup, &importer, delivery, &channel).await;
                         drop(permit);
                     });
                 }
@@ -274,13 +275,13 @@ async fn subscribe(
 }
 
 /// Works one delivery to its end and settles it on the channel it came from.
-async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) {
+async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery, channel: &Channel) {
     let span = tracing::info_span!(
         "delivery",
         delivery.tag = delivery.delivery_tag,
         redelivered = delivery.redelivered
     );
-    let settle = process(setup, importer, &delivery.data)
+    let settle = process(setup, importer, &delivery.data, channel)
         .instrument(span.clone())
         .await;
     metrics().amqp_outcome(match &settle {
@@ -319,7 +320,12 @@ async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) 
     }
 }
 
-async fn process(setup: &ConsumerSetup, importer: &Importer, body: &[u8]) -> Settle {
+async fn process(
+    setup: &ConsumerSetup,
+    importer: &Importer,
+    body: &[u8],
+    channel: &Channel,
+) -> Settle {
     let message = match messages::parse(body) {
         Ok(message) => message,
         Err(error) => return Settle::DeadLetter(error.to_string()),
@@ -354,7 +360,7 @@ async fn process(setup: &ConsumerSetup, importer: &Importer, body: &[u8]) -> Set
             tracing::warn!(run.id = %run_id, error = %transient, "cannot check the run's source yet; requeueing");
             return Settle::Requeue;
         }
-        match import_to_end(setup, importer, run_id).await {
+        match import_to_end(setup, importer, run_id, channel).await {
             Settle::Ack => {}
             other => return other,
         }
@@ -609,7 +615,12 @@ fn dataset_refusal(error: DatasetError) -> Refusal {
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Imports the run, resuming it if needed, until it is completed or failed for good.
-async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid) -> Settle {
+async fn import_to_end(
+    setup: &ConsumerSetup,
+    importer: &Importer,
+    run_id: Uuid,
+    channel: &Channel,
+) -> Settle {
     let mut retries: Option<ExponentialBackoff> = None;
     loop {
         // Claiming after the stop would take a fresh lease that nobody then uses.
@@ -642,7 +653,7 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
                     // would be wrong; holding the message until the run ends keeps
                     // someone responsible for it should that worker die.
                     tracing::info!(run.id = %run_id, reason = %error, "run is held by a live worker; waiting for it");
-                    match wait_while_held(&setup.pool, run_id, importer).await {
+                    match wait_while_held(&setup.pool, run_id, importer, channel).await {
                         Ok(()) => continue,
                         Err(settle) => return settle,
                     }
@@ -689,10 +700,22 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
 }
 
 /// Waits until the run is no longer held by a live lease. Gives up (requeueing) when
-/// this process is stopping.
-async fn wait_while_held(pool: &PgPool, run_id: Uuid, importer: &Importer) -> Result<(), Settle> {
+/// this process is stopping, and at once when the delivery's own channel died: the
+/// broker has handed the message to someone else by then, and a waiter that stayed
+/// would pin a worker slot for nothing (each `consumer_timeout` would add another).
+async fn wait_while_held(
+    pool: &PgPool,
+    run_id: Uuid,
+    importer: &Importer,
+    channel: &Channel,
+) -> Result<(), Settle> {
     loop {
         if importer.is_stopping() {
+            return Err(Settle::Requeue);
+        }
+        if !channel.status().connected() {
+            tracing::info!(run.id = %run_id, "the delivery's channel closed while waiting for the run; giving the worker slot back");
+            metrics().record_waiter_released();
             return Err(Settle::Requeue);
         }
         match runs::held_by_live_lease(pool, run_id).await {

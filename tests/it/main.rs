@@ -4,6 +4,7 @@
 mod allowlists;
 mod broker;
 mod consume;
+mod faults;
 mod fetch;
 mod helpers;
 mod import;
