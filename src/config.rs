@@ -79,24 +79,48 @@ pub struct MaintenanceSettings {
     /// refreshes under load and a later search index; it also stops taking requests
     /// once the queue has been quiet for a moment, so a lone request waits little.
     pub coalesce_window: Duration,
+    /// How often the sweeper looks for abandoned runs (`SWEEPER_INTERVAL_SECONDS`).
+    pub sweep_interval: Duration,
+    /// How long after its lease expired a running run that nobody claimed is
+    /// republished (`SWEEPER_GRACE_SECONDS`): a waiting redelivery claims it within a
+    /// second, so a run still unclaimed after this has no message bringing it back.
+    pub sweep_grace: Duration,
+    /// How long a run may sit unfinished with nobody holding it before the sweeper
+    /// fails it and removes its unfinished commit (`SWEEPER_ABANDONED_AFTER_SECONDS`).
+    pub abandoned_after: Duration,
 }
 
 impl Default for MaintenanceSettings {
     fn default() -> Self {
         Self {
             coalesce_window: Duration::from_millis(1000),
+            sweep_interval: Duration::from_secs(60),
+            sweep_grace: Duration::from_secs(300),
+            abandoned_after: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
 
 impl MaintenanceSettings {
-    /// Reads `MAINTENANCE_COALESCE_MS`.
+    /// Reads `MAINTENANCE_COALESCE_MS` and the `SWEEPER_*` settings.
     pub fn from_env() -> Result<Self, ConfigError> {
         let defaults = Self::default();
         Ok(Self {
             coalesce_window: Duration::from_millis(positive(
                 "MAINTENANCE_COALESCE_MS",
                 defaults.coalesce_window.as_millis() as u64,
+            )?),
+            sweep_interval: Duration::from_secs(positive(
+                "SWEEPER_INTERVAL_SECONDS",
+                defaults.sweep_interval.as_secs(),
+            )?),
+            sweep_grace: Duration::from_secs(positive(
+                "SWEEPER_GRACE_SECONDS",
+                defaults.sweep_grace.as_secs(),
+            )?),
+            abandoned_after: Duration::from_secs(positive(
+                "SWEEPER_ABANDONED_AFTER_SECONDS",
+                defaults.abandoned_after.as_secs(),
             )?),
         })
     }

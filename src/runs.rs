@@ -314,6 +314,89 @@ pub async fn fail_run(
     Ok(updated == 1)
 }
 
+// ---------------------------------------------------------------------------------------
+// What the sweeper in `maintain` looks for
+// ---------------------------------------------------------------------------------------
+
+/// Running imports from the object store whose lease expired more than `grace` ago
+/// (and less than `abandoned_after`), with their lease token: nobody claimed them
+/// since, so no delivery is waiting for them.
+pub async fn expired_unclaimed(
+    pool: &PgPool,
+    grace: std::time::Duration,
+    abandoned_after: std::time::Duration,
+) -> Result<Vec<(Uuid, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, lease_token FROM dsa_jobs.analysis_runs
+          WHERE run_type = 'import' AND status = 'running'
+            AND lease_expires_at < now() - make_interval(secs => $1)
+            AND lease_expires_at >= now() - make_interval(secs => $2)
+            AND run_parameters->'source'->>'kind' = 's3'
+          ORDER BY lease_expires_at
+          LIMIT 1000",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(abandoned_after.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// Unfinished imports nobody has held for longer than `abandoned_after`: their lease
+/// (or, never claimed, their creation) is that old.
+pub async fn abandoned(
+    pool: &PgPool,
+    abandoned_after: std::time::Duration,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM dsa_jobs.analysis_runs
+          WHERE run_type = 'import' AND status IN ('pending', 'running')
+            AND coalesce(lease_expires_at, created_at) < now() - make_interval(secs => $1)
+          LIMIT 1000",
+    )
+    .bind(abandoned_after.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// Fails an abandoned run and removes its unfinished commit and commit_rows, in one
+/// transaction, if it is still abandoned (a worker that claimed it meanwhile wins).
+pub async fn fail_abandoned(
+    pool: &PgPool,
+    run_id: Uuid,
+    abandoned_after: std::time::Duration,
+    message: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs
+            SET status = 'failed', error_message = $2, completed_at = now(),
+                lease_owner = NULL, lease_expires_at = NULL
+          WHERE id = $1 AND status IN ('pending', 'running')
+            AND coalesce(lease_expires_at, created_at) < now() - make_interval(secs => $3)",
+    )
+    .bind(run_id)
+    .bind(message)
+    .bind(abandoned_after.as_secs_f64())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        sqlx::query(
+            "DELETE FROM dsa_core.commit_rows WHERE commit_id IN
+               (SELECT commit_id FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL)",
+        )
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL")
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(updated == 1)
+}
+
 /// The run created for an idempotency key, if any.
 pub async fn run_by_key(pool: &PgPool, key: &str) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")

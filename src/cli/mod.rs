@@ -215,6 +215,12 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
 async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signals();
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
+    let sweeper = tokio::spawn(crate::queue::sweeper::run_sweeper(
+        pool.clone(),
+        settings.amqp.clone(),
+        settings.maintenance.clone(),
+        stop.clone(),
+    ));
     crate::queue::maintain::run(
         pool,
         settings.amqp,
@@ -223,6 +229,10 @@ async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> 
         stop.clone(),
     )
     .await;
+    stop.cancel();
+    if let Err(error) = sweeper.await {
+        tracing::error!(error = %error, "the sweeper failed");
+    }
     sidecars.stop(&stop).await;
     Ok(())
 }

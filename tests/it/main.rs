@@ -17,3 +17,4 @@ mod resume;
 mod schemas;
 mod sheets;
 mod submit;
+mod sweeper;
