@@ -156,6 +156,22 @@ pub async fn claim(
         });
     };
 
+    // Taken over from another worker whose lease ran out: that worker may be frozen
+    // (SIGSTOP, a VM pause) in the middle of a batch transaction, whose locks and
+    // uncommitted rows would block ours until it wakes. Its writes could never count
+    // (fencing), so its open work on this database is ended now.
+    if let Some(previous) = holder.as_deref().filter(|previous| *previous != owner) {
+        match end_transactions_of(pool, previous).await {
+            Ok(0) => {}
+            Ok(ended) => {
+                tracing::warn!(run.id = %run_id, previous, ended, "ended the open transactions of the worker whose lease ran out")
+            }
+            Err(error) => {
+                tracing::warn!(run.id = %run_id, previous, error = %error, "could not end the previous worker's transactions")
+            }
+        }
+    }
+
     let parsed = serde_json::from_value::<ImportParameters>(parameters.0)
         .map_err(|error| error.to_string())
         .and_then(|parameters| {
@@ -233,6 +249,20 @@ pub fn keep_lease_alive(pool: PgPool, lease: Lease) -> tokio_util::task::AbortOn
             }
         }
     }))
+}
+
+/// Terminates the non-idle connections `owner` holds on this database (matched by
+/// the `application_name` every pool sets to its worker identity); returns how many.
+async fn end_transactions_of(pool: &PgPool, owner: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = left($1, 63)
+            AND pid <> pg_backend_pid() AND state <> 'idle'
+            AND pg_terminate_backend(pid)",
+    )
+    .bind(owner)
+    .fetch_one(pool)
+    .await
 }
 
 /// Gives up the lease without ending the run, so a retry (here or in another process)

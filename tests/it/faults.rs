@@ -12,7 +12,7 @@ use dsa_ingest::sample::sample_csv;
 use crate::broker::TestBroker;
 use crate::helpers::{spawn_app, wait_until, TestApp};
 use crate::metrics::{get, sample};
-use crate::process::{pending_run, reference, wait_for_status, Consumer};
+use crate::process::{import_caught_mid_file, pending_run, reference, wait_for_status, Consumer};
 
 /// The broker's name for the connection a `dsa-ingest` child opened for `role`.
 pub fn broker_connection(pid: u32, role: &str) -> Option<String> {
@@ -257,4 +257,212 @@ async fn the_lease_is_renewed_on_a_timer_while_a_spreadsheet_is_spooled() {
     assert!(checks > 10);
     assert_eq!(crate::process::attempts(&app, run_id).await, 1);
     assert_eq!(app.count("dsa_core.commit_rows").await, 8_000);
+}
+
+#[tokio::test]
+async fn database_connections_killed_mid_batch_cost_a_retry_not_a_row() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let (consumer, run_id) =
+        import_caught_mid_file(&app, &broker, "killed", "killed.csv", 20_000, 21).await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND backend_type = 'client backend') t",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(
+        killed >= 2,
+        "the consumer's connections were killed ({killed})"
+    );
+    wait_for_status(&app, run_id, "completed", Duration::from_secs(120)).await;
+    assert_eq!(app.count("dsa_core.commits").await, 1);
+    assert_commit_is_the_file(&app, run_id, &sample_csv(20_000, 21), "killed").await;
+    wait_until(Duration::from_secs(20), "the queue to drain", || async {
+        broker.waiting().await == 0
+    })
+    .await;
+    assert_eq!(broker.dead_letters().await, 0);
+    drop(consumer);
+}
+
+#[tokio::test]
+async fn a_consumer_paused_past_its_lease_neither_writes_a_batch_nor_finalises_when_resumed() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let rows = 20_000;
+    let run_id = pending_run(&app, "paused", "paused.csv", rows, 22).await;
+    let slow = crate::process::slow_endpoint(400_000).await;
+    // One worker, so its prefetch is full: a frozen consumer with a free slot would
+    // be handed the republished message too (until the broker's heartbeat gives up).
+    let paused = Consumer::start(
+        &app,
+        &broker,
+        &[
+            ("S3_ENDPOINT", slow.as_str()),
+            ("IMPORT_LEASE_SECONDS", "2"),
+            ("IMPORT_PARALLEL_WORKERS", "1"),
+        ],
+    );
+    broker.wait_for_consumers(1).await;
+    broker.publish_json(&reference(run_id)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "some committed batches",
+        || async { crate::process::loaded_rows(&app, run_id).await >= 1_000 },
+    )
+    .await;
+    paused.signal(libc::SIGSTOP);
+    let token_before: i64 =
+        sqlx::query_scalar("SELECT lease_token FROM dsa_jobs.analysis_runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    // Its delivery stays on its frozen channel; the sweeper sees the expired lease
+    // and republishes, and a second consumer takes the run over.
+    let _other = Consumer::start(&app, &broker, &[("IMPORT_LEASE_SECONDS", "2")]);
+    let _maintainer = Consumer::start_maintainer(
+        &app,
+        &broker,
+        &[
+            ("SWEEPER_INTERVAL_SECONDS", "1"),
+            ("SWEEPER_GRACE_SECONDS", "1"),
+        ],
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "the run to be taken over and completed",
+        || async { app.run_state(run_id).await.0 == "completed" },
+    )
+    .await;
+    let (token_after, owner): (i64, Option<String>) = sqlx::query_as(
+        "SELECT lease_token, output_summary->>'worker' FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(token_after > token_before);
+    let _ = owner;
+    let committed_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT committed_at FROM dsa_core.commits WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+
+    // Resumed, the paused consumer finds its lease gone at its next write (or its
+    // connection ended by the worker that took over) and leaves the run alone.
+    paused.signal(libc::SIGCONT);
+    wait_until(
+        Duration::from_secs(60),
+        "the resumed consumer to notice",
+        || async {
+            let log = paused.log();
+            log.contains("another worker took the run over") || log.contains("nothing to do")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.count("dsa_core.commits").await, 1);
+    let still: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT committed_at FROM dsa_core.commits WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(still, committed_at, "finalised once");
+    assert_commit_is_the_file(&app, run_id, &sample_csv(rows, 22), "paused").await;
+    assert_eq!(app.run_state(run_id).await.0, "completed");
+}
+
+#[tokio::test]
+async fn event_keys_with_plus_signs_spaces_and_non_ascii_letters_name_the_right_objects() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let objects = [
+        ("in/plus+sign.csv", "in%2Fplus%2Bsign.csv", "plus+sign", 31),
+        ("in/with space.csv", "in/with+space.csv", "with space", 32),
+        (
+            "in/café ñandú.csv",
+            "in/caf%C3%A9+%C3%B1and%C3%BA.csv",
+            "café ñandú",
+            33,
+        ),
+        (
+            "in/日本 2%.csv",
+            "in/%E6%97%A5%E6%9C%AC+2%25.csv",
+            "日本 2%",
+            34,
+        ),
+    ];
+    for (key, _, _, seed) in &objects {
+        app.put(key, sample_csv(40, *seed)).await;
+    }
+    let records: Vec<serde_json::Value> = objects
+        .iter()
+        .map(|(_, encoded, _, _)| {
+            serde_json::json!({
+                "eventName": "s3:ObjectCreated:Put",
+                "s3": {"bucket": {"name": app.bucket}, "object": {"key": encoded}}
+            })
+        })
+        .collect();
+    let _consumer = Consumer::start(&app, &broker, &[]);
+    broker
+        .publish_json(&serde_json::json!({ "Records": records }))
+        .await;
+    wait_until(Duration::from_secs(60), "four imports", || async {
+        app.count("dsa_jobs.analysis_runs WHERE status = 'completed'")
+            .await
+            == 4
+    })
+    .await;
+    for (key, _, sheet, seed) in &objects {
+        let run_id: Uuid = sqlx::query_scalar(
+            "SELECT id FROM dsa_jobs.analysis_runs WHERE run_parameters->'source'->>'key' = $1",
+        )
+        .bind(key)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap_or_else(|error| panic!("no run for {key}: {error}"));
+        assert_commit_is_the_file(&app, run_id, &sample_csv(40, *seed), sheet).await;
+    }
+    assert_eq!(app.count("dsa_core.commits").await, 4);
+    assert_eq!(broker.dead_letters().await, 0);
+}
+
+#[tokio::test]
+async fn the_import_queue_deleted_under_a_consumer_is_declared_again_and_work_goes_on() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let consumer = Consumer::start(&app, &broker, &[]);
+    broker.wait_for_consumers(1).await;
+    broker
+        .channel
+        .queue_delete(
+            broker.settings.import_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the import queue");
+    // The broker cancels the subscription; the consumer declares its topology again.
+    wait_until(
+        Duration::from_secs(30),
+        "the consumer to subscribe again",
+        || async { consumer.log().matches("consuming import messages").count() == 2 },
+    )
+    .await;
+    let run_id = pending_run(&app, "redeclared", "redeclared.csv", 600, 35).await;
+    broker.publish_json(&reference(run_id)).await;
+    wait_for_status(&app, run_id, "completed", Duration::from_secs(60)).await;
+    assert_commit_is_the_file(&app, run_id, &sample_csv(600, 35), "redeclared").await;
+    assert!(
+        consumer.log().contains("reconnecting"),
+        "{}",
+        consumer.log()
+    );
 }
