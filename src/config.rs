@@ -18,6 +18,16 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl From<crate::policy::PolicyError> for ConfigError {
+    fn from(error: crate::policy::PolicyError) -> Self {
+        Self {
+            name: error.name,
+            value: error.value,
+            reason: error.reason,
+        }
+    }
+}
+
 /// Everything the process reads from its environment, parsed once at start.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -40,6 +50,13 @@ pub struct Settings {
     /// `S3_EVENT_DATASET`: the dataset every S3 event record imports into, instead of
     /// the one its key or metadata names.
     pub s3_event_dataset: Option<DatasetName>,
+    /// `S3_EVENT_DATASET_FROM_METADATA`: whether an S3 event's object may name its
+    /// dataset through its `x-amz-meta-dataset` metadata. Off by default: the uploader
+    /// would otherwise choose which dataset's `main` moves.
+    pub s3_event_dataset_from_metadata: bool,
+    /// `IMPORT_ALLOWED_BUCKETS` and `IMPORT_ALLOW_LOCAL_SOURCES`: what sources the
+    /// messages `consume` takes may name.
+    pub source_policy: crate::policy::SourcePolicy,
 }
 
 /// The knobs of `dsa-ingest submit`.
@@ -72,24 +89,48 @@ pub struct MaintenanceSettings {
     /// refreshes under load and a later search index; it also stops taking requests
     /// once the queue has been quiet for a moment, so a lone request waits little.
     pub coalesce_window: Duration,
+    /// How often the sweeper looks for abandoned runs (`SWEEPER_INTERVAL_SECONDS`).
+    pub sweep_interval: Duration,
+    /// How long after its lease expired a running run that nobody claimed is
+    /// republished (`SWEEPER_GRACE_SECONDS`): a waiting redelivery claims it within a
+    /// second, so a run still unclaimed after this has no message bringing it back.
+    pub sweep_grace: Duration,
+    /// How long a run may sit unfinished with nobody holding it before the sweeper
+    /// fails it and removes its unfinished commit (`SWEEPER_ABANDONED_AFTER_SECONDS`).
+    pub abandoned_after: Duration,
 }
 
 impl Default for MaintenanceSettings {
     fn default() -> Self {
         Self {
             coalesce_window: Duration::from_millis(1000),
+            sweep_interval: Duration::from_secs(60),
+            sweep_grace: Duration::from_secs(300),
+            abandoned_after: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
 
 impl MaintenanceSettings {
-    /// Reads `MAINTENANCE_COALESCE_MS`.
+    /// Reads `MAINTENANCE_COALESCE_MS` and the `SWEEPER_*` settings.
     pub fn from_env() -> Result<Self, ConfigError> {
         let defaults = Self::default();
         Ok(Self {
             coalesce_window: Duration::from_millis(positive(
                 "MAINTENANCE_COALESCE_MS",
                 defaults.coalesce_window.as_millis() as u64,
+            )?),
+            sweep_interval: Duration::from_secs(positive(
+                "SWEEPER_INTERVAL_SECONDS",
+                defaults.sweep_interval.as_secs(),
+            )?),
+            sweep_grace: Duration::from_secs(positive(
+                "SWEEPER_GRACE_SECONDS",
+                defaults.sweep_grace.as_secs(),
+            )?),
+            abandoned_after: Duration::from_secs(positive(
+                "SWEEPER_ABANDONED_AFTER_SECONDS",
+                defaults.abandoned_after.as_secs(),
             )?),
         })
     }
@@ -190,8 +231,18 @@ pub struct ImportSettings {
     /// xls files and ods content are parsed whole in memory; this caps the xls file
     /// and the ods `content.xml` (uncompressed), and through it the cells of a sheet.
     pub max_unstreamed_size: u64,
-    /// The widest sheet accepted, by its declared dimension or its header row.
+    /// The widest table accepted: a CSV header, or a sheet by its declared dimension
+    /// or its header row (`IMPORT_MAX_COLUMNS`).
     pub max_sheet_columns: u64,
+    /// Data rows one sheet may hold (`IMPORT_MAX_SHEET_ROWS`).
+    pub max_sheet_rows: u64,
+    /// Worksheets one workbook may hold (`IMPORT_MAX_SHEETS`).
+    pub max_sheets: u64,
+    /// The longest run of empty rows between two data rows of a sheet; more is a
+    /// sparse-sheet bomb (two cells, a million rows of nulls) and is refused.
+    pub max_empty_rows: u64,
+    /// The largest text of one spreadsheet cell, in bytes (CSV has its record limit).
+    pub max_cell_bytes: u64,
 }
 
 impl Default for ImportSettings {
@@ -210,9 +261,17 @@ impl Default for ImportSettings {
             max_shared_strings_size: 128 * 1024 * 1024,
             max_unstreamed_size: 64 * 1024 * 1024,
             max_sheet_columns: 4096,
+            max_sheet_rows: EXCEL_MAX_ROWS,
+            max_sheets: 1024,
+            max_empty_rows: 65_536,
+            max_cell_bytes: 1024 * 1024,
         }
     }
 }
+
+/// Rows in an Excel worksheet (2^20): the default row limit of a sheet, so any workbook
+/// Excel itself can save is read.
+pub const EXCEL_MAX_ROWS: u64 = 1_048_576;
 
 /// Where the local development database lives when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/dsa_ingest";
@@ -250,6 +309,8 @@ impl Settings {
                 }
                 None => None,
             },
+            s3_event_dataset_from_metadata: flag("S3_EVENT_DATASET_FROM_METADATA")?,
+            source_policy: crate::policy::SourcePolicy::from_env()?,
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,
@@ -286,10 +347,15 @@ impl Settings {
                     "IMPORT_MAX_UNSTREAMED_SIZE",
                     defaults.max_unstreamed_size,
                 )?,
-                max_sheet_columns: positive(
+                max_sheet_columns: positive_aliased(
+                    "IMPORT_MAX_COLUMNS",
                     "IMPORT_MAX_SHEET_COLUMNS",
                     defaults.max_sheet_columns,
                 )?,
+                max_sheet_rows: positive("IMPORT_MAX_SHEET_ROWS", defaults.max_sheet_rows)?,
+                max_sheets: positive("IMPORT_MAX_SHEETS", defaults.max_sheets)?,
+                max_empty_rows: positive("IMPORT_MAX_EMPTY_ROWS", defaults.max_empty_rows)?,
+                max_cell_bytes: positive("IMPORT_MAX_CELL_BYTES", defaults.max_cell_bytes)?,
             },
         })
     }
@@ -343,8 +409,37 @@ fn part_size() -> Result<u64, ConfigError> {
     }
 }
 
+/// A boolean setting: `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`; unset is false.
+fn flag(name: &'static str) -> Result<bool, ConfigError> {
+    let Some(value) = non_empty(name) else {
+        return Ok(false);
+    };
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError {
+            name,
+            value,
+            reason: "expected true or false".to_owned(),
+        }),
+    }
+}
+
 fn non_empty(name: &str) -> Option<String> {
     env::var(name).ok().filter(|value| !value.trim().is_empty())
+}
+
+/// `name`, or when it is unset its older name `alias` (kept so existing deployments
+/// keep their setting).
+fn positive_aliased(
+    name: &'static str,
+    alias: &'static str,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    match non_empty(name) {
+        Some(_) => positive(name, default),
+        None => positive(alias, default),
+    }
 }
 
 fn positive(name: &'static str, default: u64) -> Result<u64, ConfigError> {

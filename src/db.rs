@@ -15,6 +15,7 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
     let options: PgConnectOptions = database_url.parse()?;
     // Statement logging at INFO would print every batch's SQL; keep it for debugging.
     let options = options
+        .application_name(&application_name())
         .log_statements(log::LevelFilter::Debug)
         .log_slow_statements(log::LevelFilter::Warn, Duration::from_secs(10));
     PgPoolOptions::new()
@@ -22,6 +23,28 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(options)
         .await
+}
+
+/// The `application_name` of this process's connections: its worker identity (what
+/// a lease names), so that a worker taking a run over can end the transactions a
+/// frozen predecessor left open (see `runs::claim`). PostgreSQL keeps 63 bytes.
+pub fn application_name() -> String {
+    let mut name = crate::process::worker_identity();
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+/// A pool of one connection, opened on first use, for health probes: it never
+/// competes with imports for the main pool, and a probe that cannot get it within the
+/// readiness timeout reports the database as down.
+pub fn probe_pool(database_url: &str) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = database_url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(options.log_statements(log::LevelFilter::Trace)))
 }
 
 /// Whether trying again later may succeed: the connection or the server was away or

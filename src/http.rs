@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -24,11 +24,22 @@ use crate::metrics::{metrics, text_content_type};
 /// must answer well within the orchestrator's own timeout (often a few seconds).
 pub const READY_DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a `/readyz` answer about the database is reused: probes from several
+/// orchestrators (or an attacker hammering the port) cost one `SELECT 1` a second.
+pub const READY_CACHE: Duration = Duration::from_secs(1);
+
 /// What `/readyz` checks: the database answers, and the broker connection is up.
 /// Cheap to clone; the consumer keeps a clone to report its connection.
 #[derive(Clone)]
 pub struct Health {
+    /// The pool whose connections `/metrics` reports.
     pool: PgPool,
+    /// Where `SELECT 1` runs: a pool of one connection of its own, so probes can never
+    /// take a connection an import is waiting for.
+    probe: PgPool,
+    /// The last answer about the database and when it was found; the lock also makes
+    /// concurrent probes wait for one query instead of each running their own.
+    database: Arc<tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>>,
     /// Set by the consumer when its channel is open, cleared when the connection is
     /// lost, so a replica that cannot receive work is taken out of rotation.
     broker_connected: Arc<AtomicBool>,
@@ -44,8 +55,15 @@ pub struct NotReady {
 impl Health {
     /// Starts with the broker reported as not connected.
     pub fn new(pool: PgPool) -> Self {
+        Self::with_probe(pool.clone(), pool)
+    }
+
+    /// Reports `pool` in `/metrics` and runs the readiness query on `probe`.
+    pub fn with_probe(pool: PgPool, probe: PgPool) -> Self {
         Self {
             pool,
+            probe,
+            database: Arc::new(tokio::sync::Mutex::new(None)),
             broker_connected: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -66,14 +84,8 @@ impl Health {
     /// broker flag.
     pub async fn check_ready(&self) -> Result<(), NotReady> {
         let mut reasons = Vec::new();
-        let query = sqlx::query("SELECT 1").execute(&self.pool);
-        match tokio::time::timeout(READY_DATABASE_TIMEOUT, query).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => reasons.push(format!("database: {error}")),
-            Err(_) => reasons.push(format!(
-                "database: no answer to SELECT 1 within {} ms",
-                READY_DATABASE_TIMEOUT.as_millis()
-            )),
+        if let Err(reason) = self.database_ready().await {
+            reasons.push(reason);
         }
         if !self.broker_connected() {
             reasons.push("broker: not connected".to_owned());
@@ -83,6 +95,30 @@ impl Health {
         } else {
             Err(NotReady { reasons })
         }
+    }
+}
+
+impl Health {
+    /// `SELECT 1` on the probe pool within [`READY_DATABASE_TIMEOUT`], or the answer
+    /// found less than [`READY_CACHE`] ago.
+    async fn database_ready(&self) -> Result<(), String> {
+        let mut cached = self.database.lock().await;
+        if let Some((at, answer)) = cached.as_ref() {
+            if at.elapsed() < READY_CACHE {
+                return answer.clone();
+            }
+        }
+        let query = sqlx::query("SELECT 1").execute(&self.probe);
+        let answer = match tokio::time::timeout(READY_DATABASE_TIMEOUT, query).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("database: {error}")),
+            Err(_) => Err(format!(
+                "database: no answer to SELECT 1 within {} ms",
+                READY_DATABASE_TIMEOUT.as_millis()
+            )),
+        };
+        *cached = Some((Instant::now(), answer.clone()));
+        answer
     }
 }
 

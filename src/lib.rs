@@ -14,6 +14,7 @@ pub mod http;
 pub mod import;
 pub mod metrics;
 pub mod outbox;
+pub mod policy;
 pub mod process;
 pub mod queue;
 pub mod runs;

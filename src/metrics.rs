@@ -154,6 +154,16 @@ label_enum! {
 }
 
 label_enum! {
+    /// What the sweeper did to an abandoned run, for `dsa_runs_swept_total{action}`.
+    SweepAction {
+        /// Its lease expired and no message held it: its reference was published again.
+        Republished => "republished",
+        /// Abandoned past `SWEEPER_ABANDONED_AFTER_SECONDS`: failed, commit removed.
+        Failed => "failed",
+    }
+}
+
+label_enum! {
     /// Connection states, for `dsa_db_pool_connections{state}`.
     PoolState {
         InUse => "in_use",
@@ -180,6 +190,8 @@ pub struct Metrics {
     s3_retries: IntCounter,
     search_refreshes: IntCounterVec,
     search_refresh_duration: prometheus::Histogram,
+    runs_swept: IntCounterVec,
+    waiters_released: IntCounter,
     /// The gauges that are read from their source when the registry is gathered.
     scrape_time: ScrapeTimeGauges,
 }
@@ -296,6 +308,19 @@ impl Metrics {
             .buckets(SEARCH_REFRESH_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let runs_swept = IntCounterVec::new(
+            Opts::new(
+                "dsa_runs_swept_total",
+                "Abandoned runs the sweeper in maintain republished or failed, by action.",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
+        let waiters_released = IntCounter::new(
+            "dsa_waiters_released_total",
+            "Deliveries that stopped waiting for a run held elsewhere because their own channel closed.",
+        )
+        .expect("valid metric");
         let scrape_time = ScrapeTimeGauges::new();
 
         // Every series of a closed label set exists from the start, at zero, so that a
@@ -320,6 +345,9 @@ impl Metrics {
         for result in RefreshResult::ALL {
             search_refreshes.with_label_values(&[result.as_str()]);
         }
+        for action in SweepAction::ALL {
+            runs_swept.with_label_values(&[action.as_str()]);
+        }
 
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(import_runs.clone()),
@@ -336,6 +364,8 @@ impl Metrics {
             Box::new(s3_retries.clone()),
             Box::new(search_refreshes.clone()),
             Box::new(search_refresh_duration.clone()),
+            Box::new(runs_swept.clone()),
+            Box::new(waiters_released.clone()),
             Box::new(scrape_time.clone()),
         ];
         for collector in collectors {
@@ -371,6 +401,8 @@ impl Metrics {
             s3_retries,
             search_refreshes,
             search_refresh_duration,
+            runs_swept,
+            waiters_released,
             scrape_time,
         }
     }
@@ -452,6 +484,18 @@ impl Metrics {
             .with_label_values(&[result.as_str()])
             .inc();
         self.search_refresh_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Counts runs the sweeper republished or failed.
+    pub fn runs_swept(&self, action: SweepAction, count: u64) {
+        self.runs_swept
+            .with_label_values(&[action.as_str()])
+            .inc_by(count);
+    }
+
+    /// Counts a waiting delivery that gave its worker slot back when its channel closed.
+    pub fn record_waiter_released(&self) {
+        self.waiters_released.inc();
     }
 
     /// Makes `dsa_db_pool_connections` report this pool, read at each scrape. A later
@@ -642,6 +686,8 @@ mod tests {
             "dsa_s3_retries_total",
             "dsa_search_refreshes_total",
             "dsa_search_refresh_duration_seconds",
+            "dsa_runs_swept_total",
+            "dsa_waiters_released_total",
             "dsa_process_peak_resident_memory_bytes",
         ] {
             assert!(
@@ -802,7 +848,8 @@ mod tests {
 
     #[test]
     fn label_values_are_distinct_snake_case() {
-        let labels: [Vec<&str>; 6] = [
+        let labels: [Vec<&str>; 7] = [
+            SweepAction::ALL.iter().map(|v| v.as_str()).collect(),
             ImportStatus::ALL.iter().map(|v| v.as_str()).collect(),
             AmqpOutcome::ALL.iter().map(|v| v.as_str()).collect(),
             PublishResult::ALL.iter().map(|v| v.as_str()).collect(),

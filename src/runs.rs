@@ -156,6 +156,22 @@ pub async fn claim(
         });
     };
 
+    // Taken over from another worker whose lease ran out: that worker may be frozen
+    // (SIGSTOP, a VM pause) in the middle of a batch transaction, whose locks and
+    // uncommitted rows would block ours until it wakes. Its writes could never count
+    // (fencing), so its open work on this database is ended now.
+    if let Some(previous) = holder.as_deref().filter(|previous| *previous != owner) {
+        match end_transactions_of(pool, previous).await {
+            Ok(0) => {}
+            Ok(ended) => {
+                tracing::warn!(run.id = %run_id, previous, ended, "ended the open transactions of the worker whose lease ran out")
+            }
+            Err(error) => {
+                tracing::warn!(run.id = %run_id, previous, error = %error, "could not end the previous worker's transactions")
+            }
+        }
+    }
+
     let parsed = serde_json::from_value::<ImportParameters>(parameters.0)
         .map_err(|error| error.to_string())
         .and_then(|parameters| {
@@ -187,6 +203,66 @@ pub async fn claim(
         attempts,
         user_id,
     })
+}
+
+/// Extends the lease by its duration from now, if it is still ours (same token) and
+/// the run is still running; `false` when it is not, which the next batch's fencing
+/// will find too.
+pub async fn renew_lease(pool: &PgPool, lease: &Lease) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs
+            SET lease_expires_at = now() + make_interval(secs => $3)
+          WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+    )
+    .bind(lease.run_id)
+    .bind(lease.token)
+    .bind(lease.duration.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(updated == 1)
+}
+
+/// Renews the lease every third of its duration for as long as the returned handle
+/// lives, so spooling a large spreadsheet or one slow batch never makes a live run
+/// claimable. The timer stops by itself once the lease is no longer ours; fencing by
+/// token still guards every write, this only keeps a live worker from being replaced.
+pub fn keep_lease_alive(pool: PgPool, lease: Lease) -> tokio_util::task::AbortOnDropHandle<()> {
+    let period = (lease.duration / 3).max(std::time::Duration::from_millis(500));
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the claim itself just set the lease
+        loop {
+            ticks.tick().await;
+            match renew_lease(&pool, &lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(run.id = %lease.run_id, "the lease is no longer ours; no more renewals");
+                    return;
+                }
+                // A database that does not answer now may answer at the next tick,
+                // still within the lease.
+                Err(error) => {
+                    tracing::warn!(run.id = %lease.run_id, error = %error, "could not renew the lease")
+                }
+            }
+        }
+    }))
+}
+
+/// Terminates the non-idle connections `owner` holds on this database (matched by
+/// the `application_name` every pool sets to its worker identity); returns how many.
+async fn end_transactions_of(pool: &PgPool, owner: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = left($1, 63)
+            AND pid <> pg_backend_pid() AND state <> 'idle'
+            AND pg_terminate_backend(pid)",
+    )
+    .bind(owner)
+    .fetch_one(pool)
+    .await
 }
 
 /// Gives up the lease without ending the run, so a retry (here or in another process)
@@ -268,6 +344,89 @@ pub async fn fail_run(
     Ok(updated == 1)
 }
 
+// ---------------------------------------------------------------------------------------
+// What the sweeper in `maintain` looks for
+// ---------------------------------------------------------------------------------------
+
+/// Running imports from the object store whose lease expired more than `grace` ago
+/// (and less than `abandoned_after`), with their lease token: nobody claimed them
+/// since, so no delivery is waiting for them.
+pub async fn expired_unclaimed(
+    pool: &PgPool,
+    grace: std::time::Duration,
+    abandoned_after: std::time::Duration,
+) -> Result<Vec<(Uuid, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, lease_token FROM dsa_jobs.analysis_runs
+          WHERE run_type = 'import' AND status = 'running'
+            AND lease_expires_at < now() - make_interval(secs => $1)
+            AND lease_expires_at >= now() - make_interval(secs => $2)
+            AND run_parameters->'source'->>'kind' = 's3'
+          ORDER BY lease_expires_at
+          LIMIT 1000",
+    )
+    .bind(grace.as_secs_f64())
+    .bind(abandoned_after.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// Unfinished imports nobody has held for longer than `abandoned_after`: their lease
+/// (or, never claimed, their creation) is that old.
+pub async fn abandoned(
+    pool: &PgPool,
+    abandoned_after: std::time::Duration,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM dsa_jobs.analysis_runs
+          WHERE run_type = 'import' AND status IN ('pending', 'running')
+            AND coalesce(lease_expires_at, created_at) < now() - make_interval(secs => $1)
+          LIMIT 1000",
+    )
+    .bind(abandoned_after.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// Fails an abandoned run and removes its unfinished commit and commit_rows, in one
+/// transaction, if it is still abandoned (a worker that claimed it meanwhile wins).
+pub async fn fail_abandoned(
+    pool: &PgPool,
+    run_id: Uuid,
+    abandoned_after: std::time::Duration,
+    message: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs
+            SET status = 'failed', error_message = $2, completed_at = now(),
+                lease_owner = NULL, lease_expires_at = NULL
+          WHERE id = $1 AND status IN ('pending', 'running')
+            AND coalesce(lease_expires_at, created_at) < now() - make_interval(secs => $3)",
+    )
+    .bind(run_id)
+    .bind(message)
+    .bind(abandoned_after.as_secs_f64())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 1 {
+        sqlx::query(
+            "DELETE FROM dsa_core.commit_rows WHERE commit_id IN
+               (SELECT commit_id FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL)",
+        )
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL")
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(updated == 1)
+}
+
 /// The run created for an idempotency key, if any.
 pub async fn run_by_key(pool: &PgPool, key: &str) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
@@ -317,6 +476,22 @@ pub async fn exists(pool: &PgPool, run_id: Uuid) -> Result<bool, sqlx::Error> {
             .fetch_optional(pool)
             .await?;
     Ok(found.is_some())
+}
+
+/// The parameters of a run that is not finished yet; `None` for a finished or missing
+/// run, or one whose parameters this version cannot read (claiming it fails it).
+pub async fn unfinished_parameters(
+    pool: &PgPool,
+    run_id: Uuid,
+) -> Result<Option<ImportParameters>, sqlx::Error> {
+    let parameters: Option<Json<serde_json::Value>> = sqlx::query_scalar(
+        "SELECT run_parameters FROM dsa_jobs.analysis_runs
+          WHERE id = $1 AND status IN ('pending', 'running')",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(parameters.and_then(|json| serde_json::from_value(json.0).ok()))
 }
 
 /// Whether the run is unfinished and its lease is still live (someone is working on it).

@@ -192,6 +192,11 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
 
 async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let s3 = crate::s3::client(&settings.s3).await;
+    if settings.source_policy.allows_any_bucket() {
+        tracing::warn!(
+            "IMPORT_ALLOWED_BUCKETS is unset: messages may import any object these credentials can read"
+        );
+    }
     let stop = crate::shutdown::on_signals();
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
     let setup = crate::queue::consume::ConsumerSetup {
@@ -201,6 +206,8 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         amqp: settings.amqp.clone(),
         workers: settings.parallel_workers,
         event_dataset: settings.s3_event_dataset.clone(),
+        event_dataset_from_metadata: settings.s3_event_dataset_from_metadata,
+        policy: settings.source_policy.clone(),
         health: sidecars.health.clone(),
         committed: Some(sidecars.nudge.clone()),
     };
@@ -212,6 +219,12 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
 async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signals();
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
+    let sweeper = tokio::spawn(crate::queue::sweeper::run_sweeper(
+        pool.clone(),
+        settings.amqp.clone(),
+        settings.maintenance.clone(),
+        stop.clone(),
+    ));
     crate::queue::maintain::run(
         pool,
         settings.amqp,
@@ -220,6 +233,10 @@ async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> 
         stop.clone(),
     )
     .await;
+    stop.cancel();
+    if let Err(error) = sweeper.await {
+        tracing::error!(error = %error, "the sweeper failed");
+    }
     sidecars.stop(&stop).await;
     Ok(())
 }
@@ -241,7 +258,8 @@ impl Sidecars {
         pool: &sqlx::PgPool,
         stop: &crate::shutdown::CancellationToken,
     ) -> anyhow::Result<Self> {
-        let health = crate::http::Health::new(pool.clone());
+        let probe = db::probe_pool(settings.database_url.expose())?;
+        let health = crate::http::Health::with_probe(pool.clone(), probe);
         let server = crate::http::spawn_server(
             &settings.metrics_addr,
             health.clone(),

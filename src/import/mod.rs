@@ -281,6 +281,8 @@ impl Importer {
         )
         .await?;
         let token = claimed.lease.token;
+        // Renewed on a timer while the import runs, not only when a batch commits.
+        let _renewal = runs::keep_lease_alive(self.pool.clone(), claimed.lease.clone());
         let span = tracing::info_span!(
             "import",
             run.id = %run_id,
@@ -448,7 +450,7 @@ impl Importer {
             let header = match checkpoint.header.clone() {
                 Some(header) => header,
                 None => {
-                    let header = decoder.read_header().await?;
+                    let header = decoder.read_header(self.settings.max_sheet_columns).await?;
                     checkpoint.byte_offset = decoder.next_byte();
                     checkpoint.line = decoder.next_line();
                     checkpoint.header = Some(header.clone());

@@ -362,7 +362,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
     let found = inspect(&mut file, &file_name, &settings)?;
     let _ = format.set(found);
     let mut workbook = Workbook::open(found, file, &file_name)?;
-    let plan = workbook.plan(wanted.as_deref(), &file_name)?;
+    let plan = workbook.plan(wanted.as_deref(), &file_name, settings.max_sheets)?;
     tracing::info!(
         format = found.name(),
         sheets = plan.len(),

@@ -42,6 +42,7 @@ use crate::import::run::SourceLocation;
 use crate::import::run::{ImportOptions, ImportParameters};
 use crate::import::{ImportSummary, Importer, Outcome};
 use crate::metrics::{metrics, AmqpOutcome};
+use crate::policy::SourcePolicy;
 use crate::queue::amqp::{self, AmqpError};
 use crate::queue::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
 use crate::runs;
@@ -65,6 +66,10 @@ pub struct ConsumerSetup {
     pub workers: usize,
     /// `S3_EVENT_DATASET`: one dataset for every S3 event, overriding key and metadata.
     pub event_dataset: Option<DatasetName>,
+    /// `S3_EVENT_DATASET_FROM_METADATA`: an event's object may name its dataset.
+    pub event_dataset_from_metadata: bool,
+    /// The allow-lists every source a message names must pass.
+    pub policy: SourcePolicy,
     /// Told when the broker connection comes and goes (for `/readyz`).
     pub health: Health,
     /// Told after each completed import, so the outbox relay publishes at once.
@@ -165,8 +170,9 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
                 Some(Ok(delivery)) => {
                     let setup = Arc::clone(&setup);
                     let importer = importer.clone();
+                    let channel = channel.clone();
                     tasks.spawn(async move {
-                        handle(&setup, &importer, delivery).await;
+                        handle(&setup, &importer, delivery, &channel).await;
                         drop(permit);
                     });
                 }
@@ -269,13 +275,13 @@ async fn subscribe(
 }
 
 /// Works one delivery to its end and settles it on the channel it came from.
-async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) {
+async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery, channel: &Channel) {
     let span = tracing::info_span!(
         "delivery",
         delivery.tag = delivery.delivery_tag,
         redelivered = delivery.redelivered
     );
-    let settle = process(setup, importer, &delivery.data)
+    let settle = process(setup, importer, &delivery.data, channel)
         .instrument(span.clone())
         .await;
     metrics().amqp_outcome(match &settle {
@@ -314,7 +320,12 @@ async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery) 
     }
 }
 
-async fn process(setup: &ConsumerSetup, importer: &Importer, body: &[u8]) -> Settle {
+async fn process(
+    setup: &ConsumerSetup,
+    importer: &Importer,
+    body: &[u8],
+    channel: &Channel,
+) -> Settle {
     let message = match messages::parse(body) {
         Ok(message) => message,
         Err(error) => return Settle::DeadLetter(error.to_string()),
@@ -345,12 +356,31 @@ async fn process(setup: &ConsumerSetup, importer: &Importer, body: &[u8]) -> Set
         }
     };
     for run_id in runs {
-        match import_to_end(setup, importer, run_id).await {
+        if let Err(transient) = refuse_unless_allowed(setup, run_id).await {
+            tracing::warn!(run.id = %run_id, error = %transient, "cannot check the run's source yet; requeueing");
+            return Settle::Requeue;
+        }
+        match import_to_end(setup, importer, run_id, channel).await {
             Settle::Ack => {}
             other => return other,
         }
     }
     Settle::Ack
+}
+
+/// Fails an unfinished run whose source the allow-lists refuse, naming the rule,
+/// before a byte of it is read; the import that follows then finds the run failed and
+/// the message is acknowledged.
+async fn refuse_unless_allowed(setup: &ConsumerSetup, run_id: Uuid) -> Result<(), sqlx::Error> {
+    let Some(parameters) = runs::unfinished_parameters(&setup.pool, run_id).await? else {
+        return Ok(());
+    };
+    if let Err(refused) = setup.policy.check(&parameters.source) {
+        metrics().record_import_failed("other");
+        tracing::warn!(run.id = %run_id, reason = %refused, "source refused");
+        runs::fail_run(&setup.pool, run_id, None, &refused.to_string()).await?;
+    }
+    Ok(())
 }
 
 enum Refusal {
@@ -469,12 +499,17 @@ async fn run_for_object(setup: &ConsumerSetup, object: &CreatedObject) -> Result
     if let Some(run_id) = runs::run_by_key(&setup.pool, &key).await? {
         return Ok(run_id);
     }
+    // Checked before the metadata HEAD: a refused bucket is not touched at all.
+    setup
+        .policy
+        .check_object(&object.bucket, &object.key)
+        .map_err(|refused| Refusal::DeadLetter(refused.to_string()))?;
     let name = match &setup.event_dataset {
         Some(name) => name.clone(),
         None => {
-            let from_metadata = match &setup.s3 {
-                Some(s3) => dataset_metadata(s3, object).await?,
-                None => None,
+            let from_metadata = match (&setup.s3, setup.event_dataset_from_metadata) {
+                (Some(s3), true) => dataset_metadata(s3, object).await?,
+                _ => None,
             };
             let name = from_metadata.unwrap_or_else(|| object.dataset_from_key());
             DatasetName::parse(&name).map_err(|error| {
@@ -579,7 +614,12 @@ fn dataset_refusal(error: DatasetError) -> Refusal {
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Imports the run, resuming it if needed, until it is completed or failed for good.
-async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid) -> Settle {
+async fn import_to_end(
+    setup: &ConsumerSetup,
+    importer: &Importer,
+    run_id: Uuid,
+    channel: &Channel,
+) -> Settle {
     let mut retries: Option<ExponentialBackoff> = None;
     loop {
         // Claiming after the stop would take a fresh lease that nobody then uses.
@@ -612,7 +652,7 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
                     // would be wrong; holding the message until the run ends keeps
                     // someone responsible for it should that worker die.
                     tracing::info!(run.id = %run_id, reason = %error, "run is held by a live worker; waiting for it");
-                    match wait_while_held(&setup.pool, run_id, importer).await {
+                    match wait_while_held(&setup.pool, run_id, importer, channel).await {
                         Ok(()) => continue,
                         Err(settle) => return settle,
                     }
@@ -659,10 +699,22 @@ async fn import_to_end(setup: &ConsumerSetup, importer: &Importer, run_id: Uuid)
 }
 
 /// Waits until the run is no longer held by a live lease. Gives up (requeueing) when
-/// this process is stopping.
-async fn wait_while_held(pool: &PgPool, run_id: Uuid, importer: &Importer) -> Result<(), Settle> {
+/// this process is stopping, and at once when the delivery's own channel died: the
+/// broker has handed the message to someone else by then, and a waiter that stayed
+/// would pin a worker slot for nothing (each `consumer_timeout` would add another).
+async fn wait_while_held(
+    pool: &PgPool,
+    run_id: Uuid,
+    importer: &Importer,
+    channel: &Channel,
+) -> Result<(), Settle> {
     loop {
         if importer.is_stopping() {
+            return Err(Settle::Requeue);
+        }
+        if !channel.status().connected() {
+            tracing::info!(run.id = %run_id, "the delivery's channel closed while waiting for the run; giving the worker slot back");
+            metrics().record_waiter_released();
             return Err(Settle::Requeue);
         }
         match runs::held_by_live_lease(pool, run_id).await {

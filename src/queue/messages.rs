@@ -192,6 +192,10 @@ struct S3Object {
     sequencer: Option<String>,
 }
 
+/// Most records one S3 event body may hold. AWS and MinIO send one per event; a body
+/// with thousands would become as many runs from one message, resolved in one delivery.
+pub const MAX_EVENT_RECORDS: usize = 100;
+
 /// Longest idempotency key accepted; it is stored in a unique index.
 const MAX_IDEMPOTENCY_KEY: usize = 200;
 
@@ -247,6 +251,12 @@ pub fn parse(body: &[u8]) -> Result<ImportMessage, MessageError> {
             form: "S3 event",
             reason,
         };
+        let records = object["Records"].as_array().map_or(0, Vec::len);
+        if records > MAX_EVENT_RECORDS {
+            return Err(invalid(format!(
+                "{records} records in one body, more than the limit of {MAX_EVENT_RECORDS}"
+            )));
+        }
         let event: S3Event =
             serde_json::from_value(value).map_err(|error| invalid(error.to_string()))?;
         let mut objects = Vec::with_capacity(event.records.len());
@@ -373,5 +383,18 @@ mod tests {
         assert!(url_decode("%zz").is_err());
         assert!(url_decode("%").is_err());
         assert!(url_decode("%+1").is_err());
+    }
+
+    #[test]
+    fn an_s3_event_with_too_many_records_is_refused() {
+        let record = r#"{"eventName": "s3:ObjectCreated:Put",
+            "s3": {"bucket": {"name": "in"}, "object": {"key": "a.csv"}}}"#;
+        let body = |count: usize| format!(r#"{{"Records": [{}]}}"#, vec![record; count].join(","));
+        assert!(parse(body(MAX_EVENT_RECORDS).as_bytes()).is_ok());
+        let error = parse(body(MAX_EVENT_RECORDS + 1).as_bytes()).unwrap_err();
+        assert!(
+            error.to_string().contains("more than the limit of 100"),
+            "{error}"
+        );
     }
 }

@@ -1,13 +1,16 @@
 //! Integration tests: the real PostgreSQL, RabbitMQ and S3 store; one database, bucket
 //! and set of queues per test.
 
+mod allowlists;
 mod broker;
 mod consume;
+mod faults;
 mod fetch;
 mod helpers;
 mod history;
 mod import;
 mod keys;
+mod limits;
 mod maintenance;
 mod metrics;
 mod process;
@@ -16,3 +19,4 @@ mod resume;
 mod schemas;
 mod sheets;
 mod submit;
+mod sweeper;

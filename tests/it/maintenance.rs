@@ -428,6 +428,7 @@ async fn a_body_that_is_not_a_request_is_dropped_and_the_rest_refreshed() {
         broker.settings.clone(),
         MaintenanceSettings {
             coalesce_window: Duration::from_millis(300),
+            ..MaintenanceSettings::default()
         },
         None,
         stop.clone(),

@@ -4,6 +4,7 @@
 //! are checked on a child process of their own, which imports only what its test gives.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use dsa_ingest::http::{spawn_server, Health};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +16,7 @@ use crate::process::{pending_run, reference, status_of, summary_of, Consumer};
 
 /// One HTTP/1.1 GET; returns the status code, the headers (lower-cased names) and the
 /// body. `Connection: close` lets the body run to the end of the stream.
-async fn get(addr: SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream
@@ -186,5 +187,35 @@ async fn a_consumer_counts_exactly_the_import_it_did() {
             "dsa_import_runs_total{format=\"csv\",status=\"failed\"}"
         ),
         0.0
+    );
+}
+
+#[tokio::test]
+async fn readiness_uses_its_own_connection_and_caches_its_answer_for_a_second() {
+    let app = spawn_app().await;
+    // The import pool is exhausted: its only connection is held by a transaction.
+    let imports = dsa_ingest::db::connect(&app.database_url, 1)
+        .await
+        .expect("connect");
+    let _busy = imports.begin().await.expect("hold the only connection");
+    let probe = dsa_ingest::db::probe_pool(&app.database_url).expect("probe pool");
+    let health = Health::with_probe(imports.clone(), probe.clone());
+    health.set_broker_connected(true);
+    let started = std::time::Instant::now();
+    health
+        .check_ready()
+        .await
+        .expect("ready on the probe's own connection");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Within the cache window the answer is reused, even though the database is gone
+    // for the probe now; after it, the probe asks again and finds it gone.
+    probe.close().await;
+    health.check_ready().await.expect("the cached answer");
+    tokio::time::sleep(dsa_ingest::http::READY_CACHE + Duration::from_millis(100)).await;
+    let not_ready = health.check_ready().await.expect_err("asked again");
+    assert!(
+        not_ready.reasons[0].starts_with("database: "),
+        "{not_ready}"
     );
 }

@@ -22,10 +22,25 @@ pub struct Consumer {
 
 impl Consumer {
     pub fn start(app: &TestApp, broker: &TestBroker, extra: &[(&str, &str)]) -> Self {
-        let log = std::env::temp_dir().join(format!("dsa-consumer-{}.log", Uuid::new_v4()));
+        Self::start_as("consume", app, broker, extra)
+    }
+
+    /// `dsa-ingest maintain` (the maintenance consumer, the relay and the sweeper) on
+    /// the same settings, with the same handling.
+    pub fn start_maintainer(app: &TestApp, broker: &TestBroker, extra: &[(&str, &str)]) -> Self {
+        Self::start_as("maintain", app, broker, extra)
+    }
+
+    fn start_as(
+        subcommand: &str,
+        app: &TestApp,
+        broker: &TestBroker,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let log = std::env::temp_dir().join(format!("dsa-{subcommand}-{}.log", Uuid::new_v4()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
         command
-            .arg("consume")
+            .arg(subcommand)
             .envs(app.child_env())
             .envs(broker.env())
             .env("IMPORT_PARALLEL_WORKERS", "2")

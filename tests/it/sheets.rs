@@ -412,7 +412,10 @@ async fn the_spool_directory_is_left_as_it_was() {
 // ---------------------------------------------------------------------------------------
 
 /// Rewrites a zip archive, replacing parts by `change` (which may return new content).
-fn rewrite_zip(original: &[u8], change: impl Fn(&str, &[u8]) -> Option<Vec<u8>>) -> Vec<u8> {
+pub(crate) fn rewrite_zip(
+    original: &[u8],
+    change: impl Fn(&str, &[u8]) -> Option<Vec<u8>>,
+) -> Vec<u8> {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(original)).unwrap();
     let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default()
@@ -437,6 +440,17 @@ fn rewrite_zip(original: &[u8], change: impl Fn(&str, &[u8]) -> Option<Vec<u8>>)
 /// compressor has to chew through the gigabytes; the CRC of the bomb part is left 0,
 /// since nothing may ever read that far.
 fn zip_bomb(workbook: &[u8], name: &str, spaces: u64) -> Vec<u8> {
+    zip_bomb_declaring(workbook, name, spaces, None)
+}
+
+/// [`zip_bomb`], but the bomb part declares `declared` bytes (its directory lies) when
+/// given, instead of the size it really inflates to.
+pub(crate) fn zip_bomb_declaring(
+    workbook: &[u8],
+    name: &str,
+    spaces: u64,
+    declared: Option<u64>,
+) -> Vec<u8> {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(workbook)).unwrap();
     let mut parts = Vec::new();
     for index in 0..archive.len() {
@@ -452,7 +466,8 @@ fn zip_bomb(workbook: &[u8], name: &str, spaces: u64) -> Vec<u8> {
         let offset = out.len() as u32;
         let (method, data, crc, size) = if part_name == name {
             let data = deflate_with_spaces(content, spaces);
-            (8u16, data, 0u32, content.len() as u64 + spaces)
+            let size = declared.unwrap_or(content.len() as u64 + spaces);
+            (8u16, data, 0u32, size)
         } else {
             (0u16, content.clone(), crc32(content), content.len() as u64)
         };
@@ -575,7 +590,7 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-fn small_workbook() -> Vec<u8> {
+pub(crate) fn small_workbook() -> Vec<u8> {
     let mut workbook = Workbook::new();
     let sheet = workbook.add_worksheet();
     sheet.write_string(0, 0, "name").unwrap();
@@ -634,7 +649,7 @@ async fn baseline_rss(app: &TestApp, size: usize) -> u64 {
     peak
 }
 
-async fn assert_refused(
+pub(crate) async fn assert_refused(
     app: &TestApp,
     key: &str,
     body: Vec<u8>,

@@ -186,6 +186,28 @@ fn read_error(file: &str, byte: u64, error: std::io::Error) -> DecodeError {
     }
 }
 
+/// The header's names, each checked (UTF-8, no NUL) and made unique.
+fn resolve_header(first: &PositionedRecord, file: &str) -> Result<Header, DecodeError> {
+    let mut names = Vec::with_capacity(first.record.len());
+    for (index, field) in first.record.iter().enumerate() {
+        if field.contains(&0) {
+            return Err(DecodeError::BadHeader {
+                file: file.to_owned(),
+                problem: RowProblem::NulCharacter { column: index + 1 },
+            });
+        }
+        let name = std::str::from_utf8(field).map_err(|error| DecodeError::BadHeader {
+            file: file.to_owned(),
+            problem: RowProblem::InvalidUtf8 {
+                column: index + 1,
+                byte: first.byte + field_offset(&first.record, index) + error.valid_up_to() as u64,
+            },
+        })?;
+        names.push(name.to_owned());
+    }
+    Ok(Header::resolve(&names))
+}
+
 /// One record with its absolute position.
 pub struct PositionedRecord {
     pub record: ByteRecord,
@@ -274,35 +296,36 @@ impl CsvDecoder {
         }
     }
 
-    /// Reads the header row; only valid at the top of the object.
-    pub async fn read_header(&mut self) -> Result<Header, DecodeError> {
+    /// Reads the header row; only valid at the top of the object. A header wider than
+    /// `max_columns` is refused before its names are looked at, and the names are
+    /// checked and made unique on the blocking pool: a hostile header is CPU work that
+    /// must not hold an async worker (lease renewals and `/healthz` run there).
+    pub async fn read_header(&mut self, max_columns: u64) -> Result<Header, DecodeError> {
         let Some(first) = self.next_record().await? else {
             return Err(DecodeError::MissingHeader {
                 file: self.file.clone(),
             });
         };
-        let mut names = Vec::with_capacity(first.record.len());
-        for (index, field) in first.record.iter().enumerate() {
-            if field.contains(&0) {
-                return Err(DecodeError::BadHeader {
-                    file: self.file.clone(),
-                    problem: RowProblem::NulCharacter { column: index + 1 },
-                });
-            }
-            let name = std::str::from_utf8(field).map_err(|error| DecodeError::BadHeader {
+        if first.record.len() as u64 > max_columns {
+            return Err(DecodeError::TooManyColumns {
                 file: self.file.clone(),
-                problem: RowProblem::InvalidUtf8 {
-                    column: index + 1,
-                    byte: first.byte
-                        + field_offset(&first.record, index)
-                        + error.valid_up_to() as u64,
-                },
-            })?;
-            names.push(name.to_owned());
+                columns: first.record.len(),
+                limit: max_columns,
+            });
         }
-        let mut header = Header::resolve(&names);
-        header.crlf = self.start.crlf;
-        Ok(header)
+        let file = self.file.clone();
+        let crlf = self.start.crlf;
+        tokio::task::spawn_blocking(move || {
+            let mut header = resolve_header(&first, &file)?;
+            header.crlf = crlf;
+            Ok(header)
+        })
+        .await
+        .map_err(|panic| DecodeError::Read {
+            file: self.file.clone(),
+            byte: 0,
+            message: format!("resolving the header panicked: {panic}"),
+        })?
     }
 
     /// The next record, or `None` at the end of the object.
@@ -429,7 +452,7 @@ mod tests {
         let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
             .await
             .unwrap();
-        let header = decoder.read_header().await.unwrap();
+        let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["h1", "h2"]);
         assert!(header.crlf);
         let first = decoder.next_record().await.unwrap().unwrap();
@@ -455,7 +478,7 @@ mod tests {
         let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
             .await
             .unwrap();
-        let header = decoder.read_header().await.unwrap();
+        let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["id, with comma", "b"]);
         let first = decoder.next_record().await.unwrap().unwrap();
         assert_eq!((first.byte, first.line), (23, 2));
@@ -467,7 +490,7 @@ mod tests {
         let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
             .await
             .unwrap();
-        let error = decoder.read_header().await.unwrap_err().to_string();
+        let error = decoder.read_header(4096).await.unwrap_err().to_string();
         assert_eq!(
             error,
             "t.csv: header (line 1): column 2 contains a NUL character, which PostgreSQL cannot store in JSON"
@@ -482,7 +505,7 @@ mod tests {
         let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
             .await
             .unwrap();
-        decoder.read_header().await.unwrap();
+        decoder.read_header(4096).await.unwrap();
         let mut record = ByteRecord::new();
         assert!(decoder.read_record(&mut record).await.unwrap());
         let error = decoder.read_record(&mut record).await.unwrap_err();

@@ -134,13 +134,52 @@ pub enum SheetError {
     },
     #[error(
         "{file}: sheet {sheet:?} spans {span}, {columns} columns, more than the limit of \
-         {limit} (IMPORT_MAX_SHEET_COLUMNS)"
+         {limit} (IMPORT_MAX_COLUMNS)"
     )]
     TooWide {
         file: String,
         sheet: String,
         span: String,
         columns: u64,
+        limit: u64,
+    },
+    #[error(
+        "{file}: sheet {sheet:?} has data at row {sheet_row}, more than the limit of {limit} \
+         data rows per sheet (IMPORT_MAX_SHEET_ROWS)"
+    )]
+    TooManyRows {
+        file: String,
+        sheet: String,
+        sheet_row: u64,
+        limit: u64,
+    },
+    #[error("{file}: has {sheets} worksheets, more than the limit of {limit} (IMPORT_MAX_SHEETS)")]
+    TooManySheets {
+        file: String,
+        sheets: u64,
+        limit: u64,
+    },
+    #[error(
+        "{file}: sheet {sheet:?} has {empty} empty rows before row {sheet_row}, more than the \
+         limit of {limit} (IMPORT_MAX_EMPTY_ROWS); refusing a sparse sheet that would \
+         become rows of nulls"
+    )]
+    SparseSheet {
+        file: String,
+        sheet: String,
+        sheet_row: u64,
+        empty: u64,
+        limit: u64,
+    },
+    #[error(
+        "{file}: sheet {sheet:?}, cell {cell} holds {bytes} bytes of text, more than the \
+         limit of {limit} (IMPORT_MAX_CELL_BYTES)"
+    )]
+    CellTooLarge {
+        file: String,
+        sheet: String,
+        cell: String,
+        bytes: u64,
         limit: u64,
     },
     #[error(

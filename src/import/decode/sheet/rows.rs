@@ -106,6 +106,17 @@ pub(super) fn assemble_rows(
                 Some(_) => {}
             }
             last_row = Some(row);
+            if let CellValue::Text(text) = &value {
+                if text.len() as u64 > settings.max_cell_bytes {
+                    return Err(SheetError::CellTooLarge {
+                        file: file.to_owned(),
+                        sheet: sheet.to_owned(),
+                        cell: format!("{}{}", column_letters(column), row + 1),
+                        bytes: text.len() as u64,
+                        limit: settings.max_cell_bytes,
+                    });
+                }
+            }
             if value != CellValue::Null {
                 row_cells.push((column, value));
             }
@@ -157,6 +168,26 @@ pub(super) fn assemble_rows(
         };
         let width = names.columns.len();
         let n = (row - header_row) as u64;
+        // Checked before the empty rows in between are handed out: two cells in A1 and
+        // A1048576 are a small file that would become a million rows of nulls.
+        if n > settings.max_sheet_rows {
+            return Err(SheetError::TooManyRows {
+                file: file.to_owned(),
+                sheet: sheet.to_owned(),
+                sheet_row: row as u64 + 1,
+                limit: settings.max_sheet_rows,
+            });
+        }
+        let empty = n - last_emitted - 1;
+        if empty > settings.max_empty_rows {
+            return Err(SheetError::SparseSheet {
+                file: file.to_owned(),
+                sheet: sheet.to_owned(),
+                sheet_row: row as u64 + 1,
+                empty,
+                limit: settings.max_empty_rows,
+            });
+        }
         // Empty rows between the last data row and this one.
         while last_emitted + 1 < n {
             last_emitted += 1;

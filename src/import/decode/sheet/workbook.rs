@@ -57,7 +57,18 @@ impl Workbook {
         &self,
         wanted: Option<&[String]>,
         file: &str,
+        max_sheets: u64,
     ) -> Result<Vec<PlannedSheet>, SheetError> {
+        // Every sheet costs a header, a lineage entry and a checkpoint; a workbook of
+        // thousands of tiny sheets is refused before any is read.
+        let sheets = self.metadata().len() as u64;
+        if sheets > max_sheets {
+            return Err(SheetError::TooManySheets {
+                file: file.to_owned(),
+                sheets,
+                limit: max_sheets,
+            });
+        }
         let worksheets: Vec<PlannedSheet> = self
             .metadata()
             .iter()
