@@ -645,3 +645,117 @@ async fn keyed_versions_verify_and_diff_by_key() {
         (&json!(1), &json!(1), &json!(0), &json!(3))
     );
 }
+
+/// Runs `dsa-ingest ARGS` to success and parses its stdout as JSON.
+fn cli_json(app: &TestApp, args: &[&str]) -> ImportSummary {
+    let output = app.cli().args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "dsa-ingest {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn each_mode_resumes_after_a_kill_to_the_same_version() {
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let app = spawn_app().await;
+    // The sample's `id` column is unique: the delta changes ids 1..=5,000 and adds the rest.
+    app.put("base.csv", dsa_ingest::sample::sample_csv(5_000, 1))
+        .await;
+    app.put("delta.csv", dsa_ingest::sample::sample_csv(60_000, 2))
+        .await;
+    let base = format!("s3://{}/base.csv", app.bucket);
+    let delta = format!("s3://{}/delta.csv", app.bucket);
+    for (mode, extra) in [
+        ("upsert", &[][..]),
+        ("append", &["--on-conflict", "update"][..]),
+        ("delete", &[][..]),
+    ] {
+        let killed = format!("killed-{mode}");
+        let reference = format!("reference-{mode}");
+        for dataset in [&killed, &reference] {
+            cli_json(
+                &app,
+                &[
+                    "import",
+                    "--dataset",
+                    dataset,
+                    "--key",
+                    "id",
+                    &base,
+                    "--json",
+                ],
+            );
+        }
+        let mut args = vec![
+            "import",
+            "--dataset",
+            &killed,
+            "--mode",
+            mode,
+            &delta,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = app
+            .cli()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let running = format!(
+            "dsa_jobs.analysis_runs a JOIN dsa_core.datasets d ON d.id = a.dataset_id
+              WHERE d.name = '{killed}' AND a.status = 'running'
+                AND (a.checkpoint->>'records')::bigint >= 2000"
+        );
+        crate::helpers::wait_until(
+            Duration::from_secs(60),
+            "some committed batches",
+            || async { app.count(&running).await == 1 },
+        )
+        .await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let run_id: uuid::Uuid = sqlx::query_scalar(&format!("SELECT a.id FROM {running}"))
+            .fetch_one(&app.pool)
+            .await
+            .expect("the child was killed mid-file");
+
+        let resumed = cli_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
+        let mut args = vec![
+            "import",
+            "--dataset",
+            &reference,
+            "--mode",
+            mode,
+            &delta,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let uninterrupted = cli_json(&app, &args);
+        assert_eq!(resumed.run_id, run_id);
+        assert!(resumed.resumed_from_byte > 0, "{mode}");
+        assert_eq!(
+            (resumed.rows, &resumed.tree_hash),
+            (uninterrupted.rows, &uninterrupted.tree_hash),
+            "{mode}"
+        );
+        let expected_rows = if mode == "delete" { 0 } else { 60_000 };
+        assert_eq!(resumed.rows, expected_rows, "{mode}");
+        assert_eq!(
+            main_rows(&app, &killed).await.len() as u64,
+            expected_rows,
+            "{mode}"
+        );
+        assert_eq!(
+            app.count("dsa_core.commits WHERE committed_at IS NULL")
+                .await,
+            0
+        );
+    }
+}
