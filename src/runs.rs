@@ -99,14 +99,15 @@ pub async fn claim(
     owner: &str,
     duration: std::time::Duration,
 ) -> Result<ClaimedRun, ClaimError> {
-    let current: Option<(String, Option<String>, bool)> = sqlx::query_as(
-        "SELECT status::text, lease_owner, coalesce(lease_expires_at > now(), false)
+    let current: Option<(String, Option<String>, bool, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT status::text, lease_owner, coalesce(lease_expires_at > now(), false),
+                lease_expires_at
            FROM dsa_jobs.analysis_runs WHERE id = $1",
     )
     .bind(run_id)
     .fetch_optional(pool)
     .await?;
-    let Some((status, holder, live)) = current else {
+    let Some((status, holder, live, expired_at)) = current else {
         return Err(ClaimError::NotFound(run_id));
     };
     if !matches!(status.as_str(), "pending" | "running") {
@@ -160,8 +161,14 @@ pub async fn claim(
     // (SIGSTOP, a VM pause) in the middle of a batch transaction, whose locks and
     // uncommitted rows would block ours until it wakes. Its writes could never count
     // (fencing), so its open work on this database is ended now.
-    if let Some(previous) = holder.as_deref().filter(|previous| *previous != owner) {
-        match end_transactions_of(pool, previous).await {
+    // A released lease names no holder (see `release`): only a holder that stopped
+    // answering is ended, and of its work only the transactions it opened before its
+    // lease ran out, which a live worker would have finished long since.
+    if let (Some(previous), Some(expired_at)) = (
+        holder.as_deref().filter(|previous| *previous != owner),
+        expired_at,
+    ) {
+        match end_transactions_of(pool, previous, expired_at).await {
             Ok(0) => {}
             Ok(ended) => {
                 tracing::warn!(run.id = %run_id, previous, ended, "ended the open transactions of the worker whose lease ran out")
@@ -251,16 +258,22 @@ pub fn keep_lease_alive(pool: PgPool, lease: Lease) -> tokio_util::task::AbortOn
     }))
 }
 
-/// Terminates the non-idle connections `owner` holds on this database (matched by
-/// the `application_name` every pool sets to its worker identity); returns how many.
-async fn end_transactions_of(pool: &PgPool, owner: &str) -> Result<i64, sqlx::Error> {
+/// Terminates the connections `owner` holds on this database (matched by the
+/// `application_name` every pool sets to its worker identity) whose transaction has
+/// been open since before `since`; returns how many.
+async fn end_transactions_of(
+    pool: &PgPool,
+    owner: &str,
+    since: DateTime<Utc>,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
           WHERE datname = current_database() AND application_name = left($1, 63)
-            AND pid <> pg_backend_pid() AND state <> 'idle'
+            AND pid <> pg_backend_pid() AND state <> 'idle' AND xact_start < $2
             AND pg_terminate_backend(pid)",
     )
     .bind(owner)
+    .bind(since)
     .fetch_one(pool)
     .await
 }
@@ -275,7 +288,7 @@ pub async fn release(
 ) -> Result<bool, sqlx::Error> {
     let updated = sqlx::query(
         "UPDATE dsa_jobs.analysis_runs
-            SET lease_expires_at = now(), error_message = $3
+            SET lease_expires_at = now(), lease_owner = NULL, error_message = $3
           WHERE id = $1 AND lease_token = $2 AND status = 'running'",
     )
     .bind(run_id)
