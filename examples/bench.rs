@@ -175,6 +175,9 @@ async fn keyed_modes(
             &format!("pos-{round}"),
             source,
         )?);
+        // The keyed import starts from an empty store too, or it would find every row
+        // stored by the positional one.
+        reset_store(database_url).await?;
         let dataset = format!("keyed-{round}");
         let started = Instant::now();
         run(
