@@ -124,6 +124,21 @@ impl TestBroker {
         Some(message.delivery.data.clone())
     }
 
+    /// Takes every message waiting on `queue` (acknowledged on delivery), with its
+    /// properties.
+    pub async fn take_all(&self, queue: &str) -> Vec<lapin::message::Delivery> {
+        let mut messages = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            messages.push(message.delivery);
+        }
+        messages
+    }
+
     /// (messages ready, consumers) of a queue, as the broker counts them.
     pub async fn queue_state(&self, queue: &str) -> (u32, u32) {
         let declared = self

@@ -13,103 +13,14 @@ use dsa_ingest::import::run::ImportParameters;
 use dsa_ingest::import::ImportSummary;
 use dsa_ingest::queue::amqp;
 use dsa_ingest::sample::sample_csv;
-use lapin::options::BasicGetOptions;
-use lapin::{Connection, ConnectionProperties};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::helpers::{service_settings, spawn_app, test_settings, wait_until, TestApp};
+use crate::broker::TestBroker;
+use crate::helpers::{spawn_app, test_settings, wait_until, TestApp};
 
 /// The smallest part S3 accepts, so a ~12 MB file goes up in three parts.
 const PART_SIZE: u64 = 5 * 1024 * 1024;
-
-/// This test's own import and dead-letter exchanges and queues.
-struct TestBroker {
-    url: String,
-    import_exchange: String,
-    import_queue: String,
-    dead_letter_exchange: String,
-    dead_letter_queue: String,
-    /// `consume` declares the maintenance topology too; these keep it off the defaults.
-    maintenance_exchange: String,
-    maintenance_queue: String,
-}
-
-impl TestBroker {
-    fn new() -> Self {
-        let suffix = Uuid::new_v4().simple().to_string();
-        Self {
-            url: service_settings()
-                .get("AMQP_URL")
-                .cloned()
-                .unwrap_or_else(|| dsa_ingest::config::DEFAULT_AMQP_URL.to_owned()),
-            import_exchange: format!("test.imports.{suffix}"),
-            import_queue: format!("test.imports.{suffix}"),
-            dead_letter_exchange: format!("test.imports.dead.{suffix}"),
-            dead_letter_queue: format!("test.imports.dead.{suffix}"),
-            maintenance_exchange: format!("test.maintenance.{suffix}"),
-            maintenance_queue: format!("test.maintenance.{suffix}"),
-        }
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AMQP_URL", self.url.clone()),
-            ("AMQP_IMPORT_EXCHANGE", self.import_exchange.clone()),
-            ("AMQP_IMPORT_QUEUE", self.import_queue.clone()),
-            (
-                "AMQP_DEAD_LETTER_EXCHANGE",
-                self.dead_letter_exchange.clone(),
-            ),
-            ("AMQP_DEAD_LETTER_QUEUE", self.dead_letter_queue.clone()),
-            (
-                "AMQP_MAINTENANCE_EXCHANGE",
-                self.maintenance_exchange.clone(),
-            ),
-            ("AMQP_MAINTENANCE_QUEUE", self.maintenance_queue.clone()),
-        ]
-    }
-
-    async fn connect(url: &str) -> Connection {
-        Connection::connect(url, ConnectionProperties::default())
-            .await
-            .expect("connect to the broker")
-    }
-
-    /// Takes every message on the import queue (acknowledged on delivery).
-    async fn take_import_messages(&self) -> Vec<lapin::message::Delivery> {
-        let connection = Self::connect(&self.url).await;
-        let channel = connection.create_channel().await.unwrap();
-        let mut messages = Vec::new();
-        while let Some(message) = channel
-            .basic_get(
-                self.import_queue.as_str().into(),
-                BasicGetOptions { no_ack: true },
-            )
-            .await
-            .expect("basic.get on the import queue")
-        {
-            messages.push(message.delivery);
-        }
-        let _ = connection.close(200, "done".into()).await;
-        messages
-    }
-}
-
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        crate::broker::delete_topology(AmqpSettings {
-            url: self.url.clone().into(),
-            import_exchange: self.import_exchange.clone(),
-            import_queue: self.import_queue.clone(),
-            dead_letter_exchange: self.dead_letter_exchange.clone(),
-            dead_letter_queue: self.dead_letter_queue.clone(),
-            maintenance_exchange: self.maintenance_exchange.clone(),
-            maintenance_queue: self.maintenance_queue.clone(),
-            ..AmqpSettings::default()
-        });
-    }
-}
 
 /// A file in the temporary directory, removed when the test ends.
 struct TempFile(PathBuf);
@@ -224,7 +135,7 @@ fn run_id_of(printed: &serde_json::Value) -> Uuid {
 
 /// Asserts that the import queue holds exactly one message, naming `run_id`.
 async fn assert_one_message_for(broker: &TestBroker, run_id: Uuid) {
-    let messages = broker.take_import_messages().await;
+    let messages = broker.take_all(&broker.settings.import_queue).await;
     assert_eq!(messages.len(), 1, "messages on the import queue");
     let body: serde_json::Value = serde_json::from_slice(&messages[0].data).unwrap();
     assert_eq!(
@@ -241,7 +152,7 @@ async fn assert_one_message_for(broker: &TestBroker, run_id: Uuid) {
 #[tokio::test]
 async fn a_local_file_larger_than_a_part_is_uploaded_in_parts_and_queued() {
     let app = spawn_app().await;
-    let broker = TestBroker::new();
+    let broker = TestBroker::new().await;
     let csv = sample_csv(120_000, 31);
     assert!(csv.len() as u64 > 2 * PART_SIZE, "{} bytes", csv.len());
     let file = TempFile::with("orders.2026.csv", &csv);
@@ -302,7 +213,7 @@ async fn a_local_file_larger_than_a_part_is_uploaded_in_parts_and_queued() {
 #[tokio::test]
 async fn submit_wait_follows_the_run_through_a_consumer_to_its_summary() {
     let app = spawn_app().await;
-    let broker = TestBroker::new();
+    let broker = TestBroker::new().await;
     let csv = sample_csv(20_000, 32);
     let file = TempFile::with("events.csv", &csv);
     let consumer = KillOnDrop(
@@ -360,13 +271,13 @@ async fn submit_wait_follows_the_run_through_a_consumer_to_its_summary() {
     assert_eq!(message, "Weekly events");
     assert_eq!(user.as_deref(), Some("ana"));
     drop(consumer);
-    assert!(broker.take_import_messages().await.is_empty());
+    assert!(broker.take_all(&broker.settings.import_queue).await.is_empty());
 }
 
 #[tokio::test]
 async fn ctrl_c_while_waiting_exits_2_and_leaves_the_run_queued() {
     let app = spawn_app().await;
-    let broker = TestBroker::new();
+    let broker = TestBroker::new().await;
     let file = TempFile::with("late.csv", &sample_csv(100, 33));
     // No consumer runs, so the run stays pending for as long as submit waits.
     let mut submit = KillOnDrop(
@@ -395,8 +306,8 @@ async fn ctrl_c_while_waiting_exits_2_and_leaves_the_run_queued() {
         .unwrap();
     // The message is published after the run is created; once it is on the queue,
     // submit is waiting (or about to).
-    wait_until(Duration::from_secs(60), "the message to be queued", || {
-        queue_depth(&broker)
+    wait_until(Duration::from_secs(60), "the message to be queued", || async {
+        broker.waiting().await > 0
     })
     .await;
 
@@ -417,7 +328,7 @@ async fn ctrl_c_while_waiting_exits_2_and_leaves_the_run_queued() {
 #[tokio::test]
 async fn a_file_over_the_size_limit_is_refused_before_any_upload() {
     let app = spawn_app().await;
-    let broker = TestBroker::new();
+    let broker = TestBroker::new().await;
     let csv = sample_csv(200, 34);
     let file = TempFile::with("big.csv", &csv);
 
@@ -443,7 +354,7 @@ async fn a_file_over_the_size_limit_is_refused_before_any_upload() {
 #[tokio::test]
 async fn an_s3_source_is_queued_where_it_is_without_a_new_upload() {
     let app = spawn_app().await;
-    let broker = TestBroker::new();
+    let broker = TestBroker::new().await;
     app.put("incoming/stock.csv", sample_csv(300, 35)).await;
     let source = format!("s3://{}/incoming/stock.csv", app.bucket);
 
@@ -491,7 +402,7 @@ async fn an_s3_source_is_queued_where_it_is_without_a_new_upload() {
 #[tokio::test]
 async fn ctrl_c_during_the_upload_aborts_it_and_submits_nothing() {
     let app = spawn_app().await;
-    let broker = TestBroker::new();
+    let broker = TestBroker::new().await;
     // Five parts: the signal lands while parts are still to be sent.
     let csv = sample_csv(240_000, 36);
     assert!(csv.len() as u64 > 4 * PART_SIZE, "{} bytes", csv.len());
@@ -533,7 +444,7 @@ async fn ctrl_c_during_the_upload_aborts_it_and_submits_nothing() {
     assert_eq!(open_multipart_uploads(&app).await, 0);
     assert!(object_keys(&app).await.is_empty());
     assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
-    assert!(broker.take_import_messages().await.is_empty());
+    assert!(broker.take_all(&broker.settings.import_queue).await.is_empty());
 }
 
 #[tokio::test]
@@ -545,7 +456,7 @@ async fn a_run_whose_message_cannot_be_published_is_marked_failed() {
         .await;
     // An exchange that does not exist: the broker refuses the publish.
     let settings = AmqpSettings {
-        url: TestBroker::new().url.clone().into(),
+        url: TestBroker::new().await.settings.url.clone(),
         import_exchange: format!("test.missing.{}", Uuid::new_v4().simple()),
         ..AmqpSettings::default()
     };
@@ -565,24 +476,6 @@ async fn a_run_whose_message_cannot_be_published_is_marked_failed() {
     let message = message.unwrap();
     assert!(message.starts_with("never queued:"), "{message}");
     assert!(message.contains(&settings.import_exchange), "{message}");
-}
-
-/// Whether the import queue holds a message (a passive declare reports its depth).
-async fn queue_depth(broker: &TestBroker) -> bool {
-    let connection = TestBroker::connect(&broker.url).await;
-    let channel = connection.create_channel().await.unwrap();
-    let declared = channel
-        .queue_declare(
-            broker.import_queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await;
-    let _ = connection.close(200, "done".into()).await;
-    declared.is_ok_and(|queue| queue.message_count() > 0)
 }
 
 async fn wait_for_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
