@@ -59,9 +59,30 @@ pub struct TestApp {
     database_name: String,
     admin_url: String,
     services: HashMap<String, String>,
+    /// This test's turn on the broker (a guard of [`BROKER_TURNS`], shared or alone),
+    /// held for as long as the test's world lives.
+    _turn: Box<dyn std::any::Any + Send + Sync>,
 }
 
+/// Tests that change the broker for everyone (a lowered `consumer_timeout`, a
+/// restart) run alone: every other test holds this lock shared for as long as its
+/// [`TestApp`] lives, and those take it exclusively (see [`spawn_app_alone`]).
+static BROKER_TURNS: std::sync::LazyLock<std::sync::Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A fresh database and bucket, sharing the broker with the other tests.
 pub async fn spawn_app() -> TestApp {
+    build_app(Box::new(BROKER_TURNS.clone().read_owned().await)).await
+}
+
+/// A fresh database and bucket for a test that changes the broker for everyone: it
+/// starts once every other test has finished with the broker, and none starts until
+/// it is done.
+pub async fn spawn_app_alone() -> TestApp {
+    build_app(Box::new(BROKER_TURNS.clone().write_owned().await)).await
+}
+
+async fn build_app(turn: Box<dyn std::any::Any + Send + Sync>) -> TestApp {
     let services = service_settings();
     let admin_url = services["DATABASE_ADMIN_URL"].clone();
     let template = migrated_template(&admin_url).await;
@@ -96,6 +117,7 @@ pub async fn spawn_app() -> TestApp {
         database_name,
         admin_url,
         services,
+        _turn: turn,
     }
 }
 

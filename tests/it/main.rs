@@ -3,6 +3,7 @@
 
 mod allowlists;
 mod broker;
+mod broker_wide;
 mod consume;
 mod faults;
 mod fetch;

@@ -1,31 +1,15 @@
 //! Tests that change the broker for everyone: a lowered `consumer_timeout`, and a broker
-//! restart. Cargo runs each test binary on its own, so no other test shares the broker
-//! with these; inside this binary they take turns through `BROKER`.
-
-// The scaffolding modules are shared with tests/it, which uses more of them.
-#![allow(dead_code)]
-
-#[path = "it/broker.rs"]
-mod broker;
-#[path = "it/helpers.rs"]
-mod helpers;
-#[path = "it/process.rs"]
-mod process;
-#[path = "it/proxy.rs"]
-mod proxy;
+//! restart. Each runs alone (`spawn_app_alone`): it starts once every other test has
+//! finished with the broker, and no other test starts until it is done.
 
 use std::process::Command;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
-
-use broker::TestBroker;
-use helpers::{spawn_app, wait_until};
-use process::{
+use crate::broker::TestBroker;
+use crate::helpers::{spawn_app_alone, wait_until};
+use crate::process::{
     attempts, import_caught_mid_file, pending_run, reference, slow_endpoint, status_of, Consumer,
 };
-
-static BROKER: Mutex<()> = Mutex::const_new(());
 
 fn rabbitmqctl(args: &[&str]) -> String {
     let output = Command::new("rabbitmqctl")
@@ -81,12 +65,11 @@ impl Drop for BrokerSetting {
 
 #[tokio::test]
 async fn an_import_longer_than_the_consumer_timeout_completes_exactly_once() {
-    let _turn = BROKER.lock().await;
+    let app = spawn_app_alone().await;
     // Channels opened from now on time out unacknowledged deliveries after 2 s, checked
     // every 500 ms (the defaults are 30 minutes and a minute).
     let _timeout = BrokerSetting::set("consumer_timeout", 2_000);
     let _tick = BrokerSetting::set("channel_tick_interval", 500);
-    let app = spawn_app().await;
     let broker = TestBroker::new().await;
     let run_id = pending_run(&app, "long", "long.csv", 30_000, 77).await;
     // About 3 MB at 400 kB/s: the import outlasts the timeout several times over.
@@ -122,8 +105,7 @@ async fn an_import_longer_than_the_consumer_timeout_completes_exactly_once() {
 
 #[tokio::test]
 async fn a_broker_restart_mid_import_is_survived_and_the_import_completes_once() {
-    let _turn = BROKER.lock().await;
-    let app = spawn_app().await;
+    let app = spawn_app_alone().await;
     let broker = TestBroker::new().await;
     let (consumer, run_id) =
         import_caught_mid_file(&app, &broker, "long", "restart.csv", 30_000, 77).await;
