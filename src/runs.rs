@@ -266,11 +266,16 @@ async fn end_transactions_of(
     owner: &str,
     since: DateTime<Utc>,
 ) -> Result<i64, sqlx::Error> {
+    // The candidates are chosen first, in a materialized step: in one WHERE clause the
+    // planner may call pg_terminate_backend before the other conditions have ruled a
+    // backend out, and end connections of other databases and processes.
     sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND application_name = left($1, 63)
-            AND pid <> pg_backend_pid() AND state <> 'idle' AND xact_start < $2
-            AND pg_terminate_backend(pid)",
+        "WITH candidates AS MATERIALIZED (
+             SELECT pid FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = left($1, 63)
+                AND pid <> pg_backend_pid() AND state <> 'idle' AND xact_start < $2
+         )
+         SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM candidates",
     )
     .bind(owner)
     .bind(since)

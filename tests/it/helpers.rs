@@ -299,16 +299,25 @@ impl TestApp {
         result.expect("import succeeds")
     }
 
-    /// `dsa-ingest` as a child process on this test's services, with small batches and
-    /// ranges so that even small files cross many of each.
-    pub fn cli(&self) -> std::process::Command {
+    /// The one way tests start `dsa-ingest`: a child process pointed at this test's
+    /// services, logging warnings, with no standard input. Callers add arguments and
+    /// settings (a later `env` of the same name wins).
+    pub fn child(&self) -> std::process::Command {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
         command
             .envs(self.child_env())
-            .env("IMPORT_BATCH_SIZE", "200")
-            .env("IMPORT_CHUNK_SIZE", "65536")
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null());
+        command
+    }
+
+    /// [`TestApp::child`] with small batches and ranges, so that even small files
+    /// cross many of each.
+    pub fn cli(&self) -> std::process::Command {
+        let mut command = self.child();
+        command
+            .env("IMPORT_BATCH_SIZE", "200")
+            .env("IMPORT_CHUNK_SIZE", "65536");
         command
     }
 

@@ -125,9 +125,8 @@ struct ChildMaintainer {
 impl ChildMaintainer {
     fn spawn(app: &TestApp, broker: &TestBroker) -> Self {
         let settings = &broker.settings;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsa-ingest"))
+        let mut child = tokio::process::Command::from(app.child())
             .arg("maintain")
-            .envs(app.child_env())
             .env("AMQP_URL", settings.url.expose())
             .env("AMQP_MAINTENANCE_EXCHANGE", &settings.maintenance_exchange)
             .env("AMQP_MAINTENANCE_QUEUE", &settings.maintenance_queue)
@@ -138,7 +137,6 @@ impl ChildMaintainer {
             .env("MAINTENANCE_COALESCE_MS", "1000")
             .env("RUST_LOG", "warn,dsa_ingest=info")
             .env("METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -38,10 +38,9 @@ impl Consumer {
         extra: &[(&str, &str)],
     ) -> Self {
         let log = std::env::temp_dir().join(format!("dsa-{subcommand}-{}.log", Uuid::new_v4()));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
+        let mut command = app.child();
         command
             .arg(subcommand)
-            .envs(app.child_env())
             .envs(broker.env())
             .env("IMPORT_PARALLEL_WORKERS", "2")
             .env("IMPORT_BATCH_SIZE", "500")
@@ -50,7 +49,6 @@ impl Consumer {
             .env("SHUTDOWN_GRACE_SECONDS", "20")
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
         for (key, value) in extra {

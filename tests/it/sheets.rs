@@ -1,7 +1,7 @@
 //! Spreadsheet imports: types, sheets, formats from real writers, hostile files, resume.
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use dsa_ingest::db::DatasetName;
@@ -604,12 +604,11 @@ pub(crate) fn small_workbook() -> Vec<u8> {
 /// process's own high-water mark.)
 fn refuse(app: &TestApp, key: &str, env: &[(&str, &str)]) -> (String, u64) {
     let source = format!("s3://{}/{key}", app.bucket);
-    let output = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"))
-        .envs(app.child_env())
+    let output = app
+        .child()
         .envs(env.iter().copied())
         .env("RUST_LOG", "warn,dsa_ingest::cli=debug")
         .args(["import", "--dataset", "hostile", &source, "--json"])
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();

@@ -58,14 +58,11 @@ impl Drop for KillOnDrop {
 }
 
 fn dsa_ingest(app: &TestApp, broker: &TestBroker) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dsa-ingest"));
+    let mut command = app.child();
     command
-        .envs(app.child_env())
         .envs(broker.env())
         .env("S3_BUCKET", &app.bucket)
-        .env("SUBMIT_PART_SIZE", PART_SIZE.to_string())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
+        .env("SUBMIT_PART_SIZE", PART_SIZE.to_string());
     command
 }
 
@@ -271,7 +268,10 @@ async fn submit_wait_follows_the_run_through_a_consumer_to_its_summary() {
     assert_eq!(message, "Weekly events");
     assert_eq!(user.as_deref(), Some("ana"));
     drop(consumer);
-    assert!(broker.take_all(&broker.settings.import_queue).await.is_empty());
+    assert!(broker
+        .take_all(&broker.settings.import_queue)
+        .await
+        .is_empty());
 }
 
 #[tokio::test]
@@ -306,9 +306,11 @@ async fn ctrl_c_while_waiting_exits_2_and_leaves_the_run_queued() {
         .unwrap();
     // The message is published after the run is created; once it is on the queue,
     // submit is waiting (or about to).
-    wait_until(Duration::from_secs(60), "the message to be queued", || async {
-        broker.waiting().await > 0
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the message to be queued",
+        || async { broker.waiting().await > 0 },
+    )
     .await;
 
     // SAFETY: kill(2) with the pid of our own child process.
@@ -444,7 +446,10 @@ async fn ctrl_c_during_the_upload_aborts_it_and_submits_nothing() {
     assert_eq!(open_multipart_uploads(&app).await, 0);
     assert!(object_keys(&app).await.is_empty());
     assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
-    assert!(broker.take_all(&broker.settings.import_queue).await.is_empty());
+    assert!(broker
+        .take_all(&broker.settings.import_queue)
+        .await
+        .is_empty());
 }
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 //! hostile file could declare (zip directory, shared strings, XML prologs, xlsb record
 //! forms, ods repeats, xls extents) checked before anything is inflated or parsed.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
 use calamine::Data;
@@ -15,8 +14,8 @@ use super::{SheetError, SheetFormat, DENSE_CELL_BYTES, PROLOG_LIMIT, RATIO_CHECK
 /// Recognises the format from the first bytes (and, for zip files, the directory),
 /// checks it against the name's extension, and runs the checks that refuse hostile
 /// files before any part is inflated.
-pub fn inspect(
-    handle: &mut File,
+pub fn inspect<R: Read + Seek>(
+    handle: &mut R,
     file: &str,
     settings: &ImportSettings,
 ) -> Result<SheetFormat, SheetError> {
@@ -57,9 +56,8 @@ pub fn inspect(
     }
     if format == SheetFormat::Xls {
         let size = handle
-            .metadata()
-            .map_err(|error| corrupt(error.to_string(), "xls"))?
-            .len();
+            .seek(SeekFrom::End(0))
+            .map_err(|error| corrupt(error.to_string(), "xls"))?;
         if size > settings.max_unstreamed_size {
             return Err(SheetError::Unstreamed {
                 file: file.to_owned(),
@@ -105,9 +103,12 @@ pub(super) fn describe_magic(magic: &[u8]) -> String {
     }
 }
 
-pub(super) type Archive<'a> = zip::ZipArchive<&'a mut File>;
+pub(super) type Archive<'a, R> = zip::ZipArchive<&'a mut R>;
 
-pub(super) fn zip_format(archive: &mut Archive<'_>, file: &str) -> Result<SheetFormat, SheetError> {
+pub(super) fn zip_format<R: Read + Seek>(
+    archive: &mut Archive<'_, R>,
+    file: &str,
+) -> Result<SheetFormat, SheetError> {
     if archive.index_for_name("mimetype").is_some() {
         let mut mimetype = String::new();
         if let Ok(entry) = archive.by_name("mimetype") {
@@ -153,8 +154,8 @@ pub(super) fn zip_format(archive: &mut Archive<'_>, file: &str) -> Result<SheetF
 }
 
 /// The checks on the zip directory and on each XML part's prolog.
-pub(super) fn check_zip(
-    archive: &mut Archive<'_>,
+pub(super) fn check_zip<R: Read + Seek>(
+    archive: &mut Archive<'_, R>,
     file: &str,
     format: SheetFormat,
     settings: &ImportSettings,
@@ -340,8 +341,8 @@ pub(super) fn has_short_cell_records(bytes: &[u8]) -> bool {
 /// repeated rows and columns expanded, so a small `content.xml` can ask for billions
 /// of cells. This walks the XML once (it is capped by `IMPORT_MAX_UNSTREAMED_SIZE`)
 /// and adds up the extent of each sheet's non-empty cells, repeats included.
-pub(super) fn check_ods_extent(
-    archive: &mut Archive<'_>,
+pub(super) fn check_ods_extent<R: Read + Seek>(
+    archive: &mut Archive<'_, R>,
     file: &str,
     settings: &ImportSettings,
 ) -> Result<(), SheetError> {
@@ -455,8 +456,8 @@ pub(super) fn check_ods_extent(
 /// declares). This reads the BIFF records once, without keeping them, and refuses a
 /// workbook whose ranges would together take more than `IMPORT_MAX_UNSTREAMED_SIZE`:
 /// two cells in opposite corners of a sheet are enough to ask for half a gigabyte.
-pub(super) fn check_xls_extent(
-    handle: &mut File,
+pub(super) fn check_xls_extent<R: Read + Seek>(
+    handle: &mut R,
     file: &str,
     settings: &ImportSettings,
 ) -> Result<(), SheetError> {

@@ -271,6 +271,7 @@ mod tests {
     use super::cells::{column_letters, duration_iso, ods_duration, CellValue};
     use super::inspect::{declared_unique_count, scan_prolog, Prolog};
     use super::rows::TypedRowEncoder;
+    use super::{SheetError, SheetFormat};
     use crate::import::decode::Header;
 
     #[test]
@@ -329,5 +330,98 @@ mod tests {
             String::from_utf8(out).unwrap(),
             r#"{"a":"x\"y","b":1,"c":null,"d":true}"#
         );
+    }
+
+    // The hostile-file checks as pure functions over bytes: `inspect` reads any
+    // `Read + Seek`, so these run without a store, a spool file or a child process
+    // (tests/it/sheets.rs keeps a few end-to-end cases that also measure memory).
+
+    fn small_xlsx() -> Vec<u8> {
+        let mut workbook = rust_xlsxwriter::Workbook::new();
+        let sheet = workbook.add_worksheet();
+        for row in 0..50u32 {
+            sheet.write_string(row, 0, format!("text {row}")).unwrap();
+            sheet.write_number(row, 1, row as f64).unwrap();
+        }
+        workbook.save_to_buffer().unwrap()
+    }
+
+    fn inspect_bytes(
+        bytes: Vec<u8>,
+        name: &str,
+        settings: &crate::config::ImportSettings,
+    ) -> Result<SheetFormat, SheetError> {
+        super::inspect::inspect(&mut std::io::Cursor::new(bytes), name, settings)
+    }
+
+    #[test]
+    fn a_plain_workbook_passes_every_check() {
+        let settings = crate::config::ImportSettings::default();
+        assert_eq!(
+            inspect_bytes(small_xlsx(), "book.xlsx", &settings).unwrap(),
+            SheetFormat::Xlsx
+        );
+    }
+
+    #[test]
+    fn declared_sizes_past_the_limits_are_refused_before_anything_is_inflated() {
+        let settings = crate::config::ImportSettings {
+            max_uncompressed_size: 1_000,
+            ..Default::default()
+        };
+        let error = inspect_bytes(small_xlsx(), "book.xlsx", &settings).unwrap_err();
+        assert!(
+            matches!(error, SheetError::Uncompressed { limit: 1_000, .. }),
+            "{error}"
+        );
+
+        let settings = crate::config::ImportSettings {
+            max_shared_strings_size: 10,
+            ..Default::default()
+        };
+        let error = inspect_bytes(small_xlsx(), "book.xlsx", &settings).unwrap_err();
+        assert!(
+            matches!(error, SheetError::SharedStringsTooLarge { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_part_that_compresses_too_well_is_refused() {
+        use std::io::Write as _;
+        // A real workbook's parts, plus a sheet of 17 MiB of spaces: a few kilobytes
+        // once deflated, far past any ratio a real sheet reaches.
+        let mut original = zip::ZipArchive::new(std::io::Cursor::new(small_xlsx())).unwrap();
+        let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for index in 0..original.len() {
+            let mut part = original.by_index(index).unwrap();
+            let name = part.name().unwrap().to_string();
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut part, &mut content).unwrap();
+            if name == "xl/worksheets/sheet1.xml" {
+                content = vec![b' '; 17 << 20];
+            }
+            writer.start_file(name, options).unwrap();
+            writer.write_all(&content).unwrap();
+        }
+        let bomb = writer.finish().unwrap().into_inner();
+        assert!(bomb.len() < 1 << 20);
+        let settings = crate::config::ImportSettings::default();
+        let error = inspect_bytes(bomb, "bomb.xlsx", &settings).unwrap_err();
+        assert!(
+            matches!(error, SheetError::CompressionRatio { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn content_that_is_no_spreadsheet_is_named() {
+        let settings = crate::config::ImportSettings::default();
+        let error = inspect_bytes(b"%PDF-1.7 ...".to_vec(), "report.xlsx", &settings).unwrap_err();
+        assert!(error.to_string().contains("PDF"), "{error}");
+        let error = inspect_bytes(b"a,b\n1,2\n".to_vec(), "data.xlsx", &settings).unwrap_err();
+        assert!(error.to_string().contains("text"), "{error}");
     }
 }
