@@ -33,6 +33,7 @@ use crate::import::fetch::{FetchError, Fetcher};
 use crate::import::run::{ImportOptions, ImportParameters, SourceLocation};
 use crate::import::{ImportError, ImportSummary};
 use crate::queue::amqp::{self, AmqpError};
+use crate::queue::messages::RunReference;
 use crate::runs::{self, RunStatus};
 
 /// The arguments of `dsa-ingest submit`.
@@ -330,7 +331,9 @@ pub async fn queue_run(
         channel,
         &settings.import_exchange,
         &settings.import_routing_key,
-        &serde_json::json!({ "analysis_run_id": id }),
+        &RunReference {
+            analysis_run_id: run_id,
+        },
         Some(&id),
     )
     .await;

@@ -336,7 +336,39 @@ impl Loader {
     }
 
     /// Loads one batch and moves the checkpoint, atomically.
+    ///
+    /// A worker whose lease was taken over learns it here, whatever its batch ran into
+    /// first: the new holder may have written the same ids already, so a stale batch can
+    /// fail on the primary key before it reaches its checkpoint's token check. Any
+    /// failure is therefore reported as [`LoadError::LeaseLost`] when the token is no
+    /// longer ours.
     pub async fn load(
+        &mut self,
+        batch: &Batch,
+        progress: Option<&Progress>,
+    ) -> Result<BatchOutcome, LoadError> {
+        match self.load_batch(batch, progress).await {
+            Err(error) if !matches!(error, LoadError::LeaseLost { .. }) => {
+                let token: Option<i64> = sqlx::query_scalar(
+                    "SELECT lease_token FROM dsa_jobs.analysis_runs WHERE id = $1",
+                )
+                .bind(self.lease.run_id)
+                .fetch_optional(&mut *self.conn)
+                .await
+                .unwrap_or(Some(self.lease.token));
+                if token.is_some_and(|token| token != self.lease.token) {
+                    return Err(LoadError::LeaseLost {
+                        run_id: self.lease.run_id,
+                        token: self.lease.token,
+                    });
+                }
+                Err(error)
+            }
+            other => other,
+        }
+    }
+
+    async fn load_batch(
         &mut self,
         batch: &Batch,
         progress: Option<&Progress>,

@@ -34,10 +34,12 @@ pub enum ImportMessage {
     ObjectsCreated(Vec<CreatedObject>),
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// The body that names a run that exists: `{"analysis_run_id": "<uuid>"}`: the first
+/// form [`ImportMessage`] reads, and what `submit` and the sweeper publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct RunReference {
-    analysis_run_id: Uuid,
+pub struct RunReference {
+    pub analysis_run_id: Uuid,
 }
 
 /// A request from a system that has no database access.

@@ -101,7 +101,9 @@ impl Sweeper {
                         &channel,
                         &amqp_settings.import_exchange,
                         &amqp_settings.import_routing_key,
-                        &serde_json::json!({ "analysis_run_id": run_id }),
+                        &crate::queue::messages::RunReference {
+                            analysis_run_id: *run_id,
+                        },
                         Some(&format!("sweep-{run_id}-{token}")),
                     )
                     .await?;
