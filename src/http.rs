@@ -28,6 +28,9 @@ pub const READY_DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// orchestrators (or an attacker hammering the port) cost one `SELECT 1` a second.
 pub const READY_CACHE: Duration = Duration::from_secs(1);
 
+/// When the database was last asked, and what it answered.
+type CachedAnswer = (Instant, Result<(), String>);
+
 /// What `/readyz` checks: the database answers, and the broker connection is up.
 /// Cheap to clone; the consumer keeps a clone to report its connection.
 #[derive(Clone)]
@@ -39,7 +42,7 @@ pub struct Health {
     probe: PgPool,
     /// The last answer about the database and when it was found; the lock also makes
     /// concurrent probes wait for one query instead of each running their own.
-    database: Arc<tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>>,
+    database: Arc<tokio::sync::Mutex<Option<CachedAnswer>>>,
     /// Set by the consumer when its channel is open, cleared when the connection is
     /// lost, so a replica that cannot receive work is taken out of rotation.
     broker_connected: Arc<AtomicBool>,

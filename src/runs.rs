@@ -91,6 +91,9 @@ type ClaimedColumns = (
     Option<String>,
 );
 
+/// status, lease_owner, whether the lease is live, lease_expires_at.
+type RunLease = (String, Option<String>, bool, Option<DateTime<Utc>>);
+
 /// Takes the run if it is pending, or running under a lease that expired or whose
 /// holder is a dead process on this host; increments the fencing token.
 pub async fn claim(
@@ -99,7 +102,7 @@ pub async fn claim(
     owner: &str,
     duration: std::time::Duration,
 ) -> Result<ClaimedRun, ClaimError> {
-    let current: Option<(String, Option<String>, bool, Option<DateTime<Utc>>)> = sqlx::query_as(
+    let current: Option<RunLease> = sqlx::query_as(
         "SELECT status::text, lease_owner, coalesce(lease_expires_at > now(), false),
                 lease_expires_at
            FROM dsa_jobs.analysis_runs WHERE id = $1",

@@ -42,7 +42,8 @@ use finalise::{CommitFacts, FinaliseError, Finalised, Merge};
 use load::{LoadError, Loader, Lookup};
 use plan::PlanError;
 use produce::{
-    drop_known_rows, produce_batches, produce_sheet_batches, Produced, RowIdentity, SheetJob,
+    drop_known_rows, produce_batches, produce_sheet_batches, CsvRows, Produced, RowIdentity,
+    SheetJob,
 };
 use run::{
     Checkpoint, CsvDialect, ImportMode, ImportParameters, ImportPlan, Layout, Lineage, OnConflict,
@@ -477,8 +478,10 @@ impl Importer {
             let producer = tokio::spawn(
                 produce_batches(
                     decoder,
-                    Arc::new(RowEncoder::new(&header)),
-                    Arc::new(identity),
+                    Arc::new(CsvRows {
+                        encoder: RowEncoder::new(&header),
+                        identity,
+                    }),
                     checkpoint.clone(),
                     self.settings.batch_size,
                     parameters.options.skip_bad_rows,

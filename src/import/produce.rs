@@ -80,6 +80,12 @@ impl RowIdentity {
     }
 }
 
+/// How a CSV's records become rows: their canonical JSON and their ids.
+pub(super) struct CsvRows {
+    pub(super) encoder: RowEncoder,
+    pub(super) identity: RowIdentity,
+}
+
 /// What flows from the producer through the look-up stage to the loader. The end of
 /// the file is said explicitly, so a stage that stops for any other reason (a panic)
 /// can never pass for a complete file.
@@ -102,8 +108,7 @@ pub(super) const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 /// that reaches the loader sits on a record boundary.
 pub(super) async fn produce_batches(
     mut decoder: CsvDecoder,
-    encoder: Arc<RowEncoder>,
-    identity: Arc<RowIdentity>,
+    rows: Arc<CsvRows>,
     mut cursor: Checkpoint,
     batch_size: usize,
     skip_bad_rows: bool,
@@ -152,14 +157,13 @@ pub(super) async fn produce_batches(
         let mut next = cursor.clone();
         next.byte_offset = decoder.next_byte();
         next.line = decoder.next_line();
-        let encoder = Arc::clone(&encoder);
-        let identity = Arc::clone(&identity);
+        let rows = Arc::clone(&rows);
         let encoded = tokio::task::spawn_blocking(move || {
             let result = encode_batch(
                 &records,
                 start,
-                &encoder,
-                &identity,
+                &rows.encoder,
+                &rows.identity,
                 &file,
                 skip_bad_rows,
                 next,

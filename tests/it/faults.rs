@@ -112,7 +112,7 @@ pub async fn expected_tree_of_csv(csv: &[u8], sheet: &str) -> (u64, String) {
         let object: serde_json::Map<String, serde_json::Value> = header
             .iter()
             .cloned()
-            .zip(record.iter().map(|field| serde_json::Value::from(field)))
+            .zip(record.iter().map(serde_json::Value::from))
             .collect();
         let hash = row_hash(&canonical_json(&serde_json::Value::Object(object)).unwrap());
         tree.push(&format!("{sheet}:{n}"), &hash);

@@ -131,7 +131,7 @@ async fn a_zip_part_that_inflates_past_its_declared_size_fails_the_run() {
         (name == "xl/worksheets/sheet1.xml").then(|| {
             let text = String::from_utf8(content.to_vec()).unwrap();
             let end = text.find("</sheetData>").expect("a sheet has sheetData");
-            text[..end].as_bytes().to_vec()
+            text.as_bytes()[..end].to_vec()
         })
     });
     let prefix_len = {
