@@ -414,10 +414,6 @@ impl Metrics {
     /// Counts a completed import: its run, rows, bytes read, rows already stored,
     /// rejected rows, and its duration under the size class of the whole object.
     pub fn record_import_finished(&self, import: &CompletedImport, format: &str) {
-        self.record_completed(import, format);
-    }
-
-    fn record_completed(&self, import: &CompletedImport, format: &str) {
         self.record_import_run(ImportStatus::Completed, format);
         self.rows_processed.inc_by(import.rows);
         self.bytes_processed.inc_by(import.bytes_read);
@@ -740,7 +736,7 @@ mod tests {
     #[test]
     fn a_finished_import_moves_the_run_level_counters() {
         let metrics = Metrics::new();
-        metrics.record_completed(&completed(100, 30, 5 << 20), "csv");
+        metrics.record_import_finished(&completed(100, 30, 5 << 20), "csv");
         metrics.record_import_failed("xlsx");
         metrics.record_import_retried("something-new");
         let text = metrics.encode().unwrap();

@@ -349,20 +349,30 @@ pub async fn fail_run(
     .await?
     .rows_affected();
     if updated == 1 {
-        sqlx::query(
-            "DELETE FROM dsa_core.commit_rows WHERE commit_id IN
-               (SELECT commit_id FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL)",
-        )
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL")
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await?;
+        delete_unfinished_commit(&mut tx, run_id).await?;
     }
     tx.commit().await?;
     Ok(updated == 1)
+}
+
+/// Removes the run's unfinished commit and its commit_rows (the rows it stored stay:
+/// they are shared, content-addressed, and `gc` removes those nothing references).
+async fn delete_unfinished_commit(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    run_id: Uuid,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM dsa_core.commit_rows WHERE commit_id IN
+           (SELECT commit_id FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL)",
+    )
+    .bind(run_id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("DELETE FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL")
+        .bind(run_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -432,17 +442,7 @@ pub async fn fail_abandoned(
     .await?
     .rows_affected();
     if updated == 1 {
-        sqlx::query(
-            "DELETE FROM dsa_core.commit_rows WHERE commit_id IN
-               (SELECT commit_id FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL)",
-        )
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM dsa_core.commits WHERE run_id = $1 AND committed_at IS NULL")
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await?;
+        delete_unfinished_commit(&mut tx, run_id).await?;
     }
     tx.commit().await?;
     Ok(updated == 1)

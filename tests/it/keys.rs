@@ -33,6 +33,20 @@ async fn import_as(
     importer.run(run_id).await
 }
 
+/// The message of a keyed `replace` of `key` into `dataset` that must fail.
+async fn keyed_failure(app: &TestApp, importer: &Importer, dataset: &str, key: &str) -> String {
+    import_as(
+        app,
+        importer,
+        dataset,
+        key,
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .expect_err("the import must fail")
+    .to_string()
+}
+
 fn keyed(columns: &[&str], mode: ImportMode) -> ImportOptions {
     ImportOptions {
         key: Some(columns.iter().map(|column| column.to_string()).collect()),
@@ -312,57 +326,21 @@ async fn repeated_empty_and_missing_keys_are_refused_naming_lines() {
     app.put("empty.csv", csv(&["id,v", "a,1", ",2"])).await;
     app.put("nokey.csv", csv(&["name,v", "a,1"])).await;
 
-    let error = import_as(
-        &app,
-        &importer,
-        "d1",
-        "near.csv",
-        keyed(&["id"], ImportMode::Replace),
-    )
-    .await
-    .expect_err("repeated key");
+    let error = keyed_failure(&app, &importer, "d1", "near.csv").await;
     assert!(
-        error.to_string().contains("line 3")
-            && error.to_string().contains("repeats the key of line 2"),
+        error.contains("line 3") && error.contains("repeats the key of line 2"),
         "{error}"
     );
-    let error = import_as(
-        &app,
-        &importer,
-        "d2",
-        "dup.csv",
-        keyed(&["id"], ImportMode::Replace),
-    )
-    .await
-    .expect_err("repeated key in another batch");
-    assert!(error.to_string().contains("line 5"), "{error}");
-    let error = import_as(
-        &app,
-        &importer,
-        "d3",
-        "empty.csv",
-        keyed(&["id"], ImportMode::Replace),
-    )
-    .await
-    .expect_err("empty key");
+    let error = keyed_failure(&app, &importer, "d2", "dup.csv").await;
+    assert!(error.contains("line 5"), "{error}");
+    let error = keyed_failure(&app, &importer, "d3", "empty.csv").await;
     assert!(
-        error.to_string().contains("line 3")
-            && error.to_string().contains("key column \"id\" is empty"),
+        error.contains("line 3") && error.contains("key column \"id\" is empty"),
         "{error}"
     );
-    let error = import_as(
-        &app,
-        &importer,
-        "d4",
-        "nokey.csv",
-        keyed(&["id"], ImportMode::Replace),
-    )
-    .await
-    .expect_err("missing key column");
+    let error = keyed_failure(&app, &importer, "d4", "nokey.csv").await;
     assert!(
-        error
-            .to_string()
-            .contains("key column \"id\" is not in the header"),
+        error.contains("key column \"id\" is not in the header"),
         "{error}"
     );
     // Nothing of a failed run stays behind.
