@@ -7,6 +7,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use thiserror::Error;
 
+/// The statement that lets one ordered read of a whole version (finalise's tree hash,
+/// `export`, `verify`, `gc`) sort a 1M-row commit in the server's memory rather than
+/// on its disk. It applies to the transaction that runs it only.
+pub const SET_SORT_MEMORY: &str = "SET LOCAL work_mem = '256MB'";
+
 /// The schema, embedded in the binary so `dsa-ingest migrate` needs no files beside it.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 

@@ -157,13 +157,11 @@ impl DiffPair {
                LEFT JOIN dsa_core.rows o ON o.row_hash = d.old_hash
                LEFT JOIN dsa_core.rows n ON n.row_hash = d.new_hash
               ORDER BY {}",
-            self.to.order_by("d.id", "$3")
+            self.to.order_by("d.id", &self.sheets())
         );
-        let sheets = self.sheets();
         let mut rows = sqlx::query(&sql)
             .bind(self.older_id())
             .bind(&self.to.commit_id)
-            .bind(&sheets)
             .fetch(&mut *tx);
         while let Some(row) = rows.try_next().await? {
             let op = Op::parse(row.try_get("op")?);

@@ -232,7 +232,7 @@ async fn copy_into(
     sqlx::query("SET LOCAL standard_conforming_strings = on")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("SET LOCAL work_mem = '64MB'")
+    sqlx::query(crate::db::SET_SORT_MEMORY)
         .execute(&mut *tx)
         .await?;
     if !header.is_empty() {
@@ -262,14 +262,21 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn text_array(items: &[String]) -> String {
-    let items: Vec<String> = items.iter().map(|item| literal(item)).collect();
-    format!("ARRAY[{}]::text[]", items.join(","))
-}
-
-/// The commit's rows (one sheet's, when `sheet` is given) in logical row order, each
-/// with its content, or an error naming the first row whose content is missing.
-fn rows_query(commit: &Commit, sheets: &[String], sheet: Option<&str>, select: &str) -> String {
+/// The commit's rows (one sheet's, when `sheet` is given) in logical row order: the
+/// `fields` (expressions over the row's content `r.data`), or an error naming the first
+/// row whose content is missing.
+///
+/// The fields are computed before the sort, so the server sorts their text rather than
+/// whole JSON documents (a narrower sort that stays in memory longer). The missing-row
+/// check runs after it, row by row as rows are sent: the function it calls is volatile,
+/// so the server cannot move it before the sort, and an export streams and fails at the
+/// row, not before the first.
+fn rows_query(
+    commit: &Commit,
+    sheets: &[String],
+    sheet: Option<&str>,
+    fields: &[String],
+) -> String {
     let mut filter = format!("cr.commit_id = {}", literal(&commit.commit_id));
     if let Some(sheet) = sheet {
         // The range lets the primary key find the sheet; the equality keeps out a
@@ -282,21 +289,33 @@ fn rows_query(commit: &Commit, sheets: &[String], sheet: Option<&str>, select: &
             name = literal(sheet),
         );
     }
+    let inner: Vec<String> = fields
+        .iter()
+        .enumerate()
+        .map(|(index, field)| format!("{field} AS f{index}"))
+        .collect();
+    let mut outer: Vec<String> = (0..fields.len())
+        .map(|index| format!("s.f{index}"))
+        .collect();
+    if let Some(first) = outer.first_mut() {
+        *first = "CASE WHEN s.missing \
+                  THEN dsa_core.missing_row(s.commit_id, s.logical_row_id, s.row_hash)::text \
+                  ELSE s.f0 END"
+            .to_owned();
+    }
     format!(
-        "SELECT {select}
-           FROM dsa_core.commit_rows cr
-           LEFT JOIN dsa_core.rows r ON r.row_hash = cr.row_hash
-          WHERE {filter}
-          ORDER BY {order}",
-        order = commit.order_by("cr.logical_row_id", &text_array(sheets)),
+        "SELECT {outer}
+           FROM (SELECT cr.commit_id, cr.logical_row_id, cr.row_hash,
+                        r.row_hash IS NULL AS missing, {inner}
+                   FROM dsa_core.commit_rows cr
+                   LEFT JOIN dsa_core.rows r ON r.row_hash = cr.row_hash
+                  WHERE {filter}
+                  ORDER BY {order}) s",
+        outer = outer.join(", "),
+        inner = inner.join(", "),
+        order = commit.order_by("cr.logical_row_id", sheets),
     )
 }
-
-/// The row's content, or the server's error naming the row. The function is volatile,
-/// so the server evaluates the output columns that use it after the sort, row by row
-/// as they are sent: an export streams, and fails at the row, not before the first.
-const DATA: &str =
-    "coalesce(r.data, dsa_core.missing_row(cr.commit_id, cr.logical_row_id, cr.row_hash))";
 
 fn csv_statement(
     commit: &Commit,
@@ -305,10 +324,10 @@ fn csv_statement(
     safe_formulas: bool,
 ) -> Result<String, HistoryError> {
     let columns = columns(commit, sheet)?;
-    let fields: Vec<String> = columns
+    let mut fields: Vec<String> = columns
         .iter()
         .map(|column| {
-            let value = format!("nullif({DATA} ->> {}, '')", literal(column));
+            let value = format!("nullif(r.data ->> {}, '')", literal(column));
             if safe_formulas {
                 // OWASP: a leading =, +, -, @, tab or carriage return starts a formula.
                 format!("regexp_replace({value}, '^([=+@\\t\\r-])', '''\\1')")
@@ -317,27 +336,24 @@ fn csv_statement(
             }
         })
         .collect();
-    let select = if fields.is_empty() {
-        "''".to_owned()
-    } else {
-        fields.join(", ")
-    };
+    if fields.is_empty() {
+        fields.push("''".to_owned());
+    }
     Ok(format!(
         "COPY ({}) TO STDOUT (FORMAT csv)",
-        rows_query(commit, sheets, sheet, &select)
+        rows_query(commit, sheets, sheet, &fields)
     ))
 }
 
 fn jsonl_statement(commit: &Commit, sheets: &[String], sheet: Option<&str>) -> String {
-    let line = format!(
-        "'{{\"logical_row_id\":' || to_json(cr.logical_row_id::text)::text || ',\"data\":' \
-         || {DATA}::text || '}}'"
-    );
+    let line = "'{\"logical_row_id\":' || to_json(cr.logical_row_id::text)::text \
+                || ',\"data\":' || r.data::text || '}'"
+        .to_owned();
     // CSV format with a quote and delimiter that JSON text never contains (JSON escapes
     // control characters) passes each line through untouched.
     format!(
         "COPY ({}) TO STDOUT (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')",
-        rows_query(commit, sheets, sheet, &line)
+        rows_query(commit, sheets, sheet, &[line])
     )
 }
 

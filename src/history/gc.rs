@@ -129,7 +129,7 @@ pub async fn collect(
     // Step 2: rows no commit references, under the lock (see the module's comment).
     let mut tx = pool.begin().await?;
     // An anti-join of two large tables: let the server hash, not sort on disk.
-    sqlx::query("SET LOCAL work_mem = '256MB'")
+    sqlx::query(crate::db::SET_SORT_MEMORY)
         .execute(&mut *tx)
         .await?;
     let (rows, bytes): (i64, i64) = if dry_run {

@@ -49,8 +49,8 @@ pub struct Commit {
 impl Commit {
     /// The commit's sheet names in logical row order (empty for a CSV commit).
     /// The `ORDER BY` that reads this commit's rows (`column`) in logical row order;
-    /// `sheets` is the SQL expression of the sheet names positional ids follow.
-    pub fn order_by(&self, column: &str, sheets: &str) -> String {
+    /// `sheets` are the sheet names positional ids follow.
+    pub fn order_by(&self, column: &str, sheets: &[String]) -> String {
         match self
             .source
             .as_ref()

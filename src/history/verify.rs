@@ -166,18 +166,15 @@ async fn chain_entries(
         .and_then(KeyedOrder::of_source)
         .is_some();
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL work_mem = '64MB'")
+    sqlx::query(crate::db::SET_SORT_MEMORY)
         .execute(&mut *tx)
         .await?;
     let sql = format!(
         "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
           WHERE commit_id = $1 ORDER BY {}",
-        commit.order_by("logical_row_id", "$2")
+        commit.order_by("logical_row_id", sheets)
     );
-    let mut rows = sqlx::query(&sql)
-        .bind(&commit.commit_id)
-        .bind(sheets)
-        .fetch(&mut *tx);
+    let mut rows = sqlx::query(&sql).bind(&commit.commit_id).fetch(&mut *tx);
     while let Some(row) = rows.try_next().await? {
         let id: &str = row.try_get("logical_row_id")?;
         let stored: &[u8] = row.try_get("row_hash")?;

@@ -601,6 +601,7 @@ impl Importer {
                 on_conflict: parameters.options.on_conflict,
                 skip_bad_rows: parameters.options.skip_bad_rows,
                 plan: &checkpoint.plan,
+                key_trail: &checkpoint.key_trail,
             },
         };
         let complete = |summary: &mut ImportSummary, done: &Finalised| {

@@ -86,14 +86,16 @@ impl ImportPlan {
                 mode: options.mode.as_str(),
             });
         }
-        let (parent, parent_sheets) = match main {
-            Some((commit_id, source)) => {
-                let sheets = source
-                    .map(|source| source.0.sheet_names())
-                    .unwrap_or_default();
-                (Some(commit_id), sheets)
-            }
-            None => (None, Vec::new()),
+        let (parent, parent_sheets, parent_numeric_key_sheets) = match main {
+            Some((commit_id, source)) => match source {
+                Some(source) => (
+                    Some(commit_id),
+                    source.0.sheet_names(),
+                    Some(source.0.numeric_key_sheets.clone()),
+                ),
+                None => (Some(commit_id), Vec::new(), None),
+            },
+            None => (None, Vec::new(), Some(Vec::new())),
         };
         let mut plan = Self {
             parent,
@@ -101,6 +103,7 @@ impl ImportPlan {
             set_key,
             parent_sheets,
             append_after: BTreeMap::new(),
+            parent_numeric_key_sheets,
         };
         if options.mode == ImportMode::Append && plan.key.is_none() {
             if let Some(parent) = &plan.parent {

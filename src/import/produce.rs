@@ -40,20 +40,22 @@ pub(super) struct RowIdentity {
 impl RowIdentity {
     /// Adds one decoded row to `writer`, or says why it cannot be: an empty key, or a
     /// key an earlier row of the batch had (`seen` maps the batch's keys to lines).
+    /// Returns whether the row is a keyed row of the version (not a deletion); its key
+    /// is then in `seen.last`.
     #[allow(clippy::too_many_arguments)]
     fn push<'v>(
         &self,
         writer: &mut BatchWriter,
-        seen: &mut HashMap<String, u64>,
+        seen: &mut BatchKeys,
         n: u64,
         line: u64,
         values: impl Fn(usize) -> KeyValue<'v>,
         row_hash: &RowHash,
         json: &[u8],
-    ) -> Result<(), RowProblem> {
+    ) -> Result<bool, RowProblem> {
         let Some((columns, names)) = &self.key else {
             writer.push(self.offset + n, row_hash, json);
-            return Ok(());
+            return Ok(false);
         };
         let mut key = String::new();
         write_key(columns.iter().map(|&column| values(column)), &mut key).map_err(|index| {
@@ -62,7 +64,7 @@ impl RowIdentity {
                 name: names[index].clone(),
             }
         })?;
-        match seen.entry(key) {
+        match seen.lines.entry(key) {
             std::collections::hash_map::Entry::Occupied(first) => Err(RowProblem::RepeatedKey {
                 key: first.key().clone(),
                 first_line: Some(*first.get()),
@@ -70,14 +72,25 @@ impl RowIdentity {
             std::collections::hash_map::Entry::Vacant(slot) => {
                 if self.delete {
                     writer.push_tombstone(slot.key(), line);
-                } else {
-                    writer.push_keyed(slot.key(), line, row_hash, json);
+                    slot.insert(line);
+                    return Ok(false);
                 }
+                writer.push_keyed(slot.key(), line, row_hash, json);
+                seen.last.clear();
+                seen.last.push_str(slot.key());
                 slot.insert(line);
-                Ok(())
+                Ok(true)
             }
         }
     }
+}
+
+/// The keys of one batch: the line of each (a key must not repeat), and the key of the
+/// row pushed last.
+#[derive(Default)]
+pub(super) struct BatchKeys {
+    lines: HashMap<String, u64>,
+    last: String,
 }
 
 /// How a CSV's records become rows: their canonical JSON and their ids.
@@ -252,7 +265,7 @@ pub(super) fn encode_batch(
     let mut rejected = Vec::new();
     let mut json = Vec::with_capacity(512);
     let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
-    let mut seen = HashMap::new();
+    let mut seen = BatchKeys::default();
     for record in records {
         next.records += 1;
         let n = next.records;
@@ -264,11 +277,16 @@ pub(super) fn encode_batch(
             let field = |column: usize| {
                 KeyValue::Text(std::str::from_utf8(&record[column]).unwrap_or_default())
             };
-            identity.push(&mut writer, &mut seen, n, line, field, &row_hash, &json)?;
-            if identity.key.is_none() {
-                // Positional ids in file order: the tree hash streams (keyed commits
-                // and merged versions get theirs at finalise, in logical order).
-                logical_row_id.clear();
+            let keyed = identity.push(&mut writer, &mut seen, n, line, field, &row_hash, &json)?;
+            // The tree hash streams in file order. That is logical row order for
+            // positional ids; for keyed ids, finalise uses it when the trail shows the
+            // keys came in order, and reads the version back in order otherwise.
+            logical_row_id.clear();
+            if keyed {
+                next.key_trail.see(&next.sheet, &seen.last);
+                let _ = write!(logical_row_id, "{}:{}", next.sheet, seen.last);
+                tree.push(&logical_row_id, &row_hash);
+            } else if identity.key.is_none() {
                 let _ = write!(logical_row_id, "{}:{}", next.sheet, identity.offset + n);
                 tree.push(&logical_row_id, &row_hash);
             }
@@ -397,7 +415,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
             key: None,
             delete,
         };
-        let mut seen = HashMap::new();
+        let mut seen = BatchKeys::default();
         let mut writer = BatchWriter::new(&cursor.commit_id, &cursor.sheet, settings.batch_size);
         let mut rejected: Vec<RejectedRow> = Vec::new();
         let mut batch_bytes = 0usize;
@@ -486,7 +504,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             Some(CellValue::Bool(flag)) => KeyValue::Bool(*flag),
                             Some(CellValue::Null) | None => KeyValue::Null,
                         };
-                        identity.push(
+                        let keyed = identity.push(
                             &mut writer,
                             &mut seen,
                             n,
@@ -495,8 +513,12 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             &row_hash,
                             &json,
                         )?;
-                        if identity.key.is_none() {
-                            logical_row_id.clear();
+                        logical_row_id.clear();
+                        if keyed {
+                            cursor.key_trail.see(&cursor.sheet, &seen.last);
+                            let _ = write!(logical_row_id, "{}:{}", cursor.sheet, seen.last);
+                            tree.push(&logical_row_id, &row_hash);
+                        } else if identity.key.is_none() {
                             let _ =
                                 write!(logical_row_id, "{}:{}", cursor.sheet, identity.offset + n);
                             tree.push(&logical_row_id, &row_hash);
@@ -542,7 +564,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                         batch_bytes = 0;
                         batch_started = Instant::now();
                         // Repeats across batches are caught by the loader.
-                        seen.clear();
+                        seen.lines.clear();
                     }
                 }
             }

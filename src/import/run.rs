@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::import::hash::TreeHasher;
+use crate::import::order::KeyTrail;
 
 /// What an import run was asked to do; stored as the run's `run_parameters`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +199,9 @@ pub struct Checkpoint {
     /// The parent, the key and the sheet naming, decided when the run started.
     #[serde(default)]
     pub plan: ImportPlan,
+    /// Keyed runs: what the loaded keys said about their order (see `order.rs`).
+    #[serde(default)]
+    pub key_trail: KeyTrail,
 }
 
 impl Checkpoint {
@@ -219,6 +223,7 @@ impl Checkpoint {
             sheet_records: 0,
             completed_sheets: Vec::new(),
             plan: ImportPlan::default(),
+            key_trail: KeyTrail::new(),
         }
     }
 }
@@ -504,4 +509,8 @@ pub struct ImportPlan {
     /// which the file's rows continue.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub append_after: BTreeMap<String, u64>,
+    /// The parent's sheets whose keys are all numbers (its `numeric_key_sheets`);
+    /// `None` when that is not known (a run planned before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_numeric_key_sheets: Option<Vec<String>>,
 }

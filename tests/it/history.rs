@@ -732,7 +732,7 @@ async fn gc_keeps_the_rows_of_an_import_in_flight() {
 #[tokio::test]
 async fn logical_row_order_is_the_same_in_sql_and_in_rust() {
     let app = spawn_app().await;
-    let sheets: Vec<String> = vec!["Zeta".into(), "a:b".into(), "Alpha".into()];
+    let sheets: Vec<String> = vec!["Zeta".into(), "a:b".into(), "Alpha".into(), "ünï".into()];
     let ids = [
         "Alpha:10",
         "Alpha:9",
@@ -753,11 +753,10 @@ async fn logical_row_order_is_the_same_in_sql_and_in_rust() {
     ];
     let sql = format!(
         "SELECT id FROM unnest($1::text[]) AS t(id) ORDER BY {}",
-        dsa_ingest::import::order::sql_order_by("(id COLLATE \"C\")", "$2")
+        dsa_ingest::import::order::sql_order_by("(id COLLATE \"C\")", &sheets)
     );
     let from_sql: Vec<String> = sqlx::query_scalar(&sql)
         .bind(&ids[..])
-        .bind(&sheets)
         .fetch_all(&app.pool)
         .await
         .unwrap();

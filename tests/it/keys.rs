@@ -442,6 +442,182 @@ async fn a_spreadsheet_is_keyed_by_a_number_column() {
     assert_eq!(second.source.numeric_key_sheets, ["Items"]);
 }
 
+/// The tree hash of `commit_id`'s rows chained in the order of `ids`, computed here.
+async fn tree_in_order(app: &TestApp, commit_id: &str, ids: &[&str]) -> String {
+    let hashes: BTreeMap<String, Vec<u8>> = sqlx::query_as::<_, (String, Vec<u8>)>(
+        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
+    )
+    .bind(commit_id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(hashes.len(), ids.len(), "{hashes:?}");
+    let mut tree = dsa_ingest::import::hash::TreeHasher::new();
+    for id in ids {
+        let hash: [u8; 32] = hashes[*id].as_slice().try_into().unwrap();
+        tree.push(id, &hash);
+    }
+    tree.to_hex()
+}
+
+#[tokio::test]
+async fn keys_sort_as_numbers_exactly_while_every_key_of_the_version_is_one() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put("s.csv", csv(&["id,v", "1,a", "2,b", "10,c"])).await;
+    app.put("word.csv", csv(&["id,v", "x,d"])).await;
+    app.put("gone.csv", csv(&["id", "x"])).await;
+    app.put("more.csv", csv(&["id,v", "3,e", "-4,f"])).await;
+    // In numeric order in the file: the streamed tree hash is the commit's.
+    let first = import_as(
+        &app,
+        &importer,
+        "s",
+        "s.csv",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.source.numeric_key_sheets, ["s"]);
+    assert_eq!(
+        first.tree_hash,
+        tree_in_order(&app, &first.commit_id, &["s:1", "s:2", "s:10"]).await
+    );
+    // A word among the keys: the sheet sorts bytewise.
+    let worded = import_as(&app, &importer, "s", "word.csv", mode(ImportMode::Upsert))
+        .await
+        .unwrap();
+    assert!(worded.source.numeric_key_sheets.is_empty());
+    assert_eq!(
+        worded.tree_hash,
+        tree_in_order(&app, &worded.commit_id, &["s:1", "s:10", "s:2", "s:x"]).await
+    );
+    // The word deleted: numbers again (the version is scanned to know it).
+    let deleted = import_as(&app, &importer, "s", "gone.csv", mode(ImportMode::Delete))
+        .await
+        .unwrap();
+    assert_eq!(deleted.source.numeric_key_sheets, ["s"]);
+    assert_eq!(deleted.tree_hash, first.tree_hash);
+    // Numbers out of order, one negative: sorted by the server, as numbers.
+    let appended = import_as(&app, &importer, "s", "more.csv", mode(ImportMode::Append))
+        .await
+        .unwrap();
+    assert_eq!(appended.source.numeric_key_sheets, ["s"]);
+    assert_eq!(
+        appended.tree_hash,
+        tree_in_order(
+            &app,
+            &appended.commit_id,
+            &["s:-4", "s:1", "s:2", "s:3", "s:10"]
+        )
+        .await
+    );
+}
+
+#[tokio::test]
+async fn a_spreadsheet_appends_upserts_and_deletes_by_key() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    let book = |rows: &[(u32, &str)]| {
+        let mut workbook = Workbook::new();
+        let sheet = workbook.add_worksheet().set_name("Items").unwrap();
+        sheet.write(0, 0, "id").unwrap();
+        sheet.write(0, 1, "name").unwrap();
+        for (row, (id, name)) in rows.iter().enumerate() {
+            sheet.write(row as u32 + 1, 0, *id as f64).unwrap();
+            sheet.write(row as u32 + 1, 1, *name).unwrap();
+        }
+        workbook.save_to_buffer().unwrap()
+    };
+    app.put("base.xlsx", book(&[(1, "one"), (2, "two"), (3, "three")]))
+        .await;
+    app.put("append.xlsx", book(&[(4, "four")])).await;
+    app.put("upsert.xlsx", book(&[(5, "five"), (2, "TWO")]))
+        .await;
+    app.put("delete.xlsx", book(&[(1, "whatever"), (9, "absent")]))
+        .await;
+    let item = |id: u32, name: &str| json!({"id": id, "name": name});
+    import_as(
+        &app,
+        &importer,
+        "items",
+        "base.xlsx",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    let mut expected: BTreeMap<String, Value> = [(1, "one"), (2, "two"), (3, "three")]
+        .into_iter()
+        .map(|(id, name)| (format!("Items:{id}"), item(id, name)))
+        .collect();
+    assert_eq!(main_rows(&app, "items").await, expected);
+
+    import_as(
+        &app,
+        &importer,
+        "items",
+        "append.xlsx",
+        mode(ImportMode::Append),
+    )
+    .await
+    .unwrap();
+    expected.insert("Items:4".into(), item(4, "four"));
+    assert_eq!(main_rows(&app, "items").await, expected);
+
+    let upserted = import_as(
+        &app,
+        &importer,
+        "items",
+        "upsert.xlsx",
+        mode(ImportMode::Upsert),
+    )
+    .await
+    .unwrap();
+    expected.insert("Items:5".into(), item(5, "five"));
+    expected.insert("Items:2".into(), item(2, "TWO"));
+    assert_eq!(main_rows(&app, "items").await, expected);
+    assert_eq!(upserted.rows, 5);
+
+    // Appending a key the dataset has fails, naming the sheet's row.
+    let error = import_as(
+        &app,
+        &importer,
+        "items",
+        "upsert.xlsx",
+        mode(ImportMode::Append),
+    )
+    .await
+    .expect_err("key 5 exists")
+    .to_string();
+    assert!(error.contains("Items") && error.contains("5"), "{error}");
+    assert_eq!(main_rows(&app, "items").await, expected);
+
+    let deleted = import_as(
+        &app,
+        &importer,
+        "items",
+        "delete.xlsx",
+        mode(ImportMode::Delete),
+    )
+    .await
+    .unwrap();
+    expected.remove("Items:1");
+    assert_eq!(main_rows(&app, "items").await, expected);
+    assert_eq!((deleted.deleted_rows, deleted.keys_not_found), (1, 1));
+    assert_eq!(deleted.source.numeric_key_sheets, ["Items"]);
+    assert_eq!(
+        deleted.tree_hash,
+        tree_in_order(
+            &app,
+            &deleted.commit_id,
+            &["Items:2", "Items:3", "Items:4", "Items:5"]
+        )
+        .await
+    );
+}
+
 #[tokio::test]
 async fn an_upsert_fails_when_main_moves_under_it() {
     let app = spawn_app().await;
