@@ -198,6 +198,7 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         );
     }
     let stop = crate::shutdown::on_signals();
+    crate::metrics::metrics().watch_spool_dir(&settings.import.spool_dir);
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
     let setup = crate::queue::consume::ConsumerSetup {
         importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
@@ -218,6 +219,10 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
 
 async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signals();
+    crate::metrics::metrics().before_scrape(crate::queue::backlog::probe(
+        pool.clone(),
+        settings.amqp.clone(),
+    ));
     let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
     let sweeper = tokio::spawn(crate::queue::sweeper::run_sweeper(
         pool.clone(),
