@@ -16,6 +16,7 @@ mod maintenance;
 mod metrics;
 mod process;
 mod proxy;
+mod publish;
 mod resume;
 mod schemas;
 mod sheets;
