@@ -21,3 +21,4 @@ mod schemas;
 mod sheets;
 mod submit;
 mod sweeper;
+mod watch;
