@@ -605,3 +605,48 @@ async fn many_objects_in_an_unordered_prefix_are_each_queued_once() {
         peak_rss / 1e6,
     );
 }
+
+#[tokio::test]
+async fn a_watcher_restarted_with_changed_rules_imports_nothing_twice() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let _consumer = Consumer::start(&app, &broker, &[]);
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    let path = rules.path().to_str().unwrap().to_owned();
+    let write_rules = |dataset: &str, after: &str| {
+        std::fs::write(
+            rules.path(),
+            format!(
+                "[[rule]]\nname = \"in\"\nbucket = \"{}\"\nprefix = \"in/\"\npattern = \"*.csv\"\n\
+                 dataset = \"{dataset}\"\nafter = \"{after}\"\n",
+                app.bucket
+            ),
+        )
+        .unwrap();
+    };
+    write_rules("first", "keep");
+    let mut watcher =
+        Consumer::start_watcher(&app, &broker, &[], &[("WATCH_RULES_FILE", path.as_str())]);
+    app.put("in/a.csv", sample_csv(10, 1)).await;
+    wait_for_runs(&app, "in/a.csv", "completed", 1).await;
+    watcher.signal(libc::SIGTERM);
+    assert!(watcher.exit(Duration::from_secs(20)).await.success());
+
+    // The same rule name, another dataset and an after-action: what was imported stays
+    // imported once; what comes now follows the new rule.
+    write_rules("second", "delete");
+    let watcher =
+        Consumer::start_watcher(&app, &broker, &[], &[("WATCH_RULES_FILE", path.as_str())]);
+    app.put("in/b.csv", sample_csv(12, 2)).await;
+    wait_until(IMPORTED, "b.csv imported and deleted", || async {
+        !exists(&app, "in/b.csv").await
+    })
+    .await;
+    wait_for_listings(&watcher, 2.0).await;
+    assert_eq!(runs_of(&app, "in/a.csv").await.len(), 1);
+    assert_eq!(runs_of(&app, "in/b.csv").await.len(), 1);
+    assert_eq!(commit_rows_of(&app, "first").await, vec![10]);
+    assert_eq!(commit_rows_of(&app, "second").await, vec![12]);
+    // a.csv was recorded under the old rule, which kept objects.
+    assert!(exists(&app, "in/a.csv").await);
+}
