@@ -22,3 +22,4 @@ mod schemas;
 mod sheets;
 mod submit;
 mod sweeper;
+mod watch;
