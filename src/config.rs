@@ -57,6 +57,71 @@ pub struct Settings {
     /// `IMPORT_ALLOWED_BUCKETS` and `IMPORT_ALLOW_LOCAL_SOURCES`: what sources the
     /// messages `consume` takes may name.
     pub source_policy: crate::policy::SourcePolicy,
+    /// How `watch` lists buckets and what it leaves alone.
+    pub watch: WatchSettings,
+}
+
+/// The knobs of `dsa-ingest watch`.
+#[derive(Clone, Debug)]
+pub struct WatchSettings {
+    /// `WATCH_RULES_FILE`: the TOML file of rules, when the command line gives none.
+    pub rules_file: Option<PathBuf>,
+    /// `WATCH_INTERVAL_SECONDS`: the pause between two listings of every rule.
+    pub interval: Duration,
+    /// `WATCH_SETTLE_SECONDS`: objects younger than this (by their `LastModified`) are
+    /// left for a later listing, so a tool that writes then renames is not caught
+    /// halfway.
+    pub settle: Duration,
+    /// `WATCH_RETENTION_DAYS`: how long the record of an object is kept. An object
+    /// still in the bucket after that is recognised by its run's identity instead, so
+    /// it is not imported again.
+    pub retention: Duration,
+    /// `WATCH_IGNORE_PREFIXES`: a key whose name, or any folder below the rule's
+    /// prefix, starts with one of these is skipped.
+    pub ignore_prefixes: Vec<String>,
+    /// `WATCH_IGNORE_SUFFIXES`: a key whose name ends with one of these is skipped.
+    pub ignore_suffixes: Vec<String>,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            rules_file: None,
+            interval: Duration::from_secs(10),
+            settle: Duration::from_secs(5),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            ignore_prefixes: vec![".".to_owned(), "_".to_owned()],
+            ignore_suffixes: vec![
+                ".tmp".to_owned(),
+                ".part".to_owned(),
+                ".crdownload".to_owned(),
+            ],
+        }
+    }
+}
+
+impl WatchSettings {
+    /// Reads the `WATCH_*` settings.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        Ok(Self {
+            rules_file: non_empty("WATCH_RULES_FILE").map(PathBuf::from),
+            interval: Duration::from_secs(positive(
+                "WATCH_INTERVAL_SECONDS",
+                defaults.interval.as_secs(),
+            )?),
+            settle: Duration::from_secs(whole("WATCH_SETTLE_SECONDS", defaults.settle.as_secs())?),
+            retention: Duration::from_secs(
+                positive(
+                    "WATCH_RETENTION_DAYS",
+                    defaults.retention.as_secs() / 86_400,
+                )?
+                .saturating_mul(86_400),
+            ),
+            ignore_prefixes: list("WATCH_IGNORE_PREFIXES", defaults.ignore_prefixes),
+            ignore_suffixes: list("WATCH_IGNORE_SUFFIXES", defaults.ignore_suffixes),
+        })
+    }
 }
 
 /// The knobs of `dsa-ingest submit`.
@@ -311,6 +376,7 @@ impl Settings {
             },
             s3_event_dataset_from_metadata: flag("S3_EVENT_DATASET_FROM_METADATA")?,
             source_policy: crate::policy::SourcePolicy::from_env()?,
+            watch: WatchSettings::from_env()?,
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,
@@ -440,6 +506,31 @@ fn positive_aliased(
         Some(_) => positive(name, default),
         None => positive(alias, default),
     }
+}
+
+/// A comma-separated list; set but empty means an empty list (unset: the default).
+fn list(name: &str, default: Vec<String>) -> Vec<String> {
+    match env::var(name) {
+        Ok(value) => value
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => default,
+    }
+}
+
+/// A whole number, zero allowed.
+fn whole(name: &'static str, default: u64) -> Result<u64, ConfigError> {
+    let Some(value) = non_empty(name) else {
+        return Ok(default);
+    };
+    value.trim().parse::<u64>().map_err(|_| ConfigError {
+        name,
+        value,
+        reason: "expected a whole number".to_owned(),
+    })
 }
 
 fn positive(name: &'static str, default: u64) -> Result<u64, ConfigError> {

@@ -2,7 +2,8 @@
 //! git-like versioned dataset in PostgreSQL. See ARCHITECTURE.md for the map.
 //!
 //! The folders follow the architecture: `import/` is the pipeline (one file per stage),
-//! `queue/` the broker-driven processes, `cli/` the command line. The files at this level
+//! `queue/` the broker-driven processes, `watch/` the bucket watcher, `cli/` the command
+//! line. The files at this level
 //! are what all of them share: settings, the database, the store, the run lifecycle,
 //! metrics and the HTTP server of the long-running commands.
 
@@ -22,3 +23,4 @@ pub mod s3;
 pub mod sample;
 pub mod shutdown;
 pub mod telemetry;
+pub mod watch;

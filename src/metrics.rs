@@ -157,6 +157,12 @@ label_enum! {
         MultipartUploadPart => "multipart_upload_part",
         MultipartComplete => "multipart_complete",
         MultipartAbort => "multipart_abort",
+        /// One page of a bucket listing (`watch`).
+        List => "list",
+        /// An object deleted (`watch --after delete` or `move:`).
+        Delete => "delete",
+        /// An object copied (`watch --after move:`).
+        Copy => "copy",
     }
 }
 
@@ -197,6 +203,27 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why `watch` did not queue a listed object, for
+    /// `dsa_watch_objects_skipped_total{reason}`.
+    WatchSkip {
+        /// A folder marker (a key ending in `/`).
+        Folder => "folder",
+        /// A hidden or temporary-looking name (`WATCH_IGNORE_PREFIXES`, `WATCH_IGNORE_SUFFIXES`).
+        IgnoredName => "ignored_name",
+        /// Not matched by the rule's pattern.
+        Pattern => "pattern",
+        /// Younger than `WATCH_SETTLE_SECONDS`; a later listing looks again.
+        Unsettled => "unsettled",
+        /// This version was seen before (queued already, or imported by an S3 event).
+        Seen => "seen",
+        /// Outside `IMPORT_ALLOWED_BUCKETS`.
+        Refused => "refused",
+        /// A run existed for this version already (an S3 event record named it).
+        HasRun => "has_run",
+    }
+}
+
+label_enum! {
     /// The queues whose depth `maintain` reports, for `dsa_amqp_queue_messages_ready{queue}`.
     QueueName {
         /// `AMQP_IMPORT_QUEUE`.
@@ -205,6 +232,23 @@ label_enum! {
         DeadLetter => "dead_letter",
     }
 }
+
+label_enum! {
+    /// What `watch` did with an object after its run ended, for
+    /// `dsa_watch_after_actions_total{action}`.
+    WatchAfter {
+        Deleted => "deleted",
+        Moved => "moved",
+        /// Left where it was: it had changed (a newer version) or was gone already.
+        Left => "left",
+    }
+}
+
+/// A listing of one rule takes milliseconds for a small prefix and minutes for a huge
+/// one.
+const WATCH_LISTING_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 
 label_enum! {
     /// Connection states, for `dsa_db_pool_connections{state}`.
@@ -243,6 +287,13 @@ pub struct Metrics {
     outbox_oldest_age: Gauge,
     /// The work run before each scrape, if any (see [`Metrics::before_scrape`]).
     scrape_probe: Mutex<Option<ScrapeProbe>>,
+    watch_listed: IntCounter,
+    watch_queued: IntCounter,
+    watch_skipped: IntCounterVec,
+    watch_listing_duration: prometheus::Histogram,
+    watch_oldest_unqueued: prometheus::Gauge,
+    watch_active: IntGauge,
+    watch_after_actions: IntCounterVec,
     /// The gauges that are read from their source when the registry is gathered.
     scrape_time: ScrapeTimeGauges,
 }
@@ -413,6 +464,50 @@ impl Metrics {
             "Age of the oldest unsent outbox row; 0 when none (reported by maintain).",
         )
         .expect("valid metric");
+        let watch_listed = IntCounter::new(
+            "dsa_watch_objects_listed_total",
+            "Objects watch listed (every listing counts each object it returns).",
+        )
+        .expect("valid metric");
+        let watch_queued = IntCounter::new(
+            "dsa_watch_objects_queued_total",
+            "Objects watch created a run for and queued.",
+        )
+        .expect("valid metric");
+        let watch_skipped = IntCounterVec::new(
+            Opts::new(
+                "dsa_watch_objects_skipped_total",
+                "Listed objects watch did not queue, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let watch_listing_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "dsa_watch_listing_duration_seconds",
+                "Time of one listing of one watch rule, every page and its records included.",
+            )
+            .buckets(WATCH_LISTING_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let watch_oldest_unqueued = prometheus::Gauge::new(
+            "dsa_watch_oldest_unqueued_age_seconds",
+            "Age of the oldest object the last listings saw but did not queue yet (0: none).",
+        )
+        .expect("valid metric");
+        let watch_active = IntGauge::new(
+            "dsa_watch_active",
+            "1 while this watch replica is the lister, 0 while it stands by.",
+        )
+        .expect("valid metric");
+        let watch_after_actions = IntCounterVec::new(
+            Opts::new(
+                "dsa_watch_after_actions_total",
+                "Objects watch deleted, moved or left after their run ended.",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
         let scrape_time = ScrapeTimeGauges::new();
 
         // Every series of a closed label set exists from the start, at zero, so that a
@@ -448,6 +543,12 @@ impl Metrics {
         for queue in QueueName::ALL {
             queue_messages_ready.with_label_values(&[queue.as_str()]);
         }
+        for reason in WatchSkip::ALL {
+            watch_skipped.with_label_values(&[reason.as_str()]);
+        }
+        for action in WatchAfter::ALL {
+            watch_after_actions.with_label_values(&[action.as_str()]);
+        }
 
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(import_runs.clone()),
@@ -472,6 +573,13 @@ impl Metrics {
             Box::new(queue_messages_ready.clone()),
             Box::new(outbox_unsent.clone()),
             Box::new(outbox_oldest_age.clone()),
+            Box::new(watch_listed.clone()),
+            Box::new(watch_queued.clone()),
+            Box::new(watch_skipped.clone()),
+            Box::new(watch_listing_duration.clone()),
+            Box::new(watch_oldest_unqueued.clone()),
+            Box::new(watch_active.clone()),
+            Box::new(watch_after_actions.clone()),
             Box::new(scrape_time.clone()),
         ];
         for collector in collectors {
@@ -514,6 +622,13 @@ impl Metrics {
             outbox_unsent,
             outbox_oldest_age,
             scrape_probe: Mutex::new(None),
+            watch_listed,
+            watch_queued,
+            watch_skipped,
+            watch_listing_duration,
+            watch_oldest_unqueued,
+            watch_active,
+            watch_after_actions,
             scrape_time,
         }
     }
@@ -681,6 +796,43 @@ impl Metrics {
     /// Counts a waiting delivery that gave its worker slot back when its channel closed.
     pub fn record_waiter_released(&self) {
         self.waiters_released.inc();
+    }
+
+    /// Counts objects one page of a `watch` listing returned.
+    pub fn watch_listed(&self, objects: u64) {
+        self.watch_listed.inc_by(objects);
+    }
+
+    /// Counts objects `watch` created a run for and queued.
+    pub fn watch_queued(&self, objects: u64) {
+        self.watch_queued.inc_by(objects);
+    }
+
+    pub fn watch_skipped(&self, reason: WatchSkip) {
+        self.watch_skipped
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Records one listing of one rule.
+    pub fn watch_listing(&self, duration: Duration) {
+        self.watch_listing_duration.observe(duration.as_secs_f64());
+    }
+
+    /// The age of the oldest object seen but not queued (zero: none).
+    pub fn watch_oldest_unqueued(&self, age: Duration) {
+        self.watch_oldest_unqueued.set(age.as_secs_f64());
+    }
+
+    /// Whether this replica is the lister.
+    pub fn watch_active(&self, active: bool) {
+        self.watch_active.set(i64::from(active));
+    }
+
+    pub fn watch_after_action(&self, action: WatchAfter) {
+        self.watch_after_actions
+            .with_label_values(&[action.as_str()])
+            .inc();
     }
 
     /// Makes `dsa_db_pool_connections` report this pool, read at each scrape. A later

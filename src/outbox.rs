@@ -3,7 +3,8 @@
 //!
 //! This is the contract between the import core, which writes rows here and knows
 //! nothing of the broker, and the queue processes, which publish and consume them.
-//! Today it carries one kind of message: the search-refresh request.
+//! It carries two kinds of message: the search-refresh request a commit queues, and
+//! the run reference (`{"analysis_run_id"}`) `watch` queues with each run it creates.
 
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
@@ -13,6 +14,11 @@ use thiserror::Error;
 /// the configured `AMQP_MAINTENANCE_EXCHANGE` (see `queue::relay::destination`).
 pub const MAINTENANCE_EXCHANGE: &str = "dsa.maintenance";
 pub const REFRESH_ROUTING_KEY: &str = "refresh_search_index";
+
+/// The exchange an outbox row names for import messages. The relay maps it to the
+/// configured `AMQP_IMPORT_EXCHANGE` and `AMQP_IMPORT_ROUTING_KEY`.
+pub const IMPORT_EXCHANGE: &str = "dsa.imports";
+pub const IMPORT_ROUTING_KEY: &str = "import";
 
 /// A body on the maintenance queue, as `docs/schemas/maintenance-request.schema.json`
 /// describes it.
@@ -85,6 +91,22 @@ pub async fn queue_refresh(
         .bind(MAINTENANCE_EXCHANGE)
         .bind(REFRESH_ROUTING_KEY)
         .bind(sqlx::types::Json(&request))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Queues `{"analysis_run_id": run_id}` for the import consumers, in the caller's
+/// transaction: the transaction that creates a run can queue its message with it, so
+/// neither exists without the other. A duplicate publish is harmless: a run reference
+/// delivered twice never yields two commits.
+pub async fn queue_import(conn: &mut PgConnection, run_id: uuid::Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO dsa_jobs.outbox (exchange, routing_key, payload) VALUES ($1, $2, $3)")
+        .bind(IMPORT_EXCHANGE)
+        .bind(IMPORT_ROUTING_KEY)
+        .bind(sqlx::types::Json(
+            serde_json::json!({ "analysis_run_id": run_id }),
+        ))
         .execute(conn)
         .await?;
     Ok(())

@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -464,6 +464,23 @@ pub async fn create_keyed_run(
     parameters: &ImportParameters,
     key: &str,
 ) -> Result<Uuid, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let (run_id, _) = create_keyed_run_in(&mut conn, dataset_id, user_id, parameters, key).await?;
+    Ok(run_id)
+}
+
+/// [`create_keyed_run`] on the caller's connection, so the run can be created in the
+/// same transaction as what must follow it (`watch` queues its message through the
+/// outbox there). Also says whether this call created the run: `false` when a run
+/// with the key existed already (or another transaction committed one meanwhile,
+/// which the insert waits for).
+pub async fn create_keyed_run_in(
+    conn: &mut PgConnection,
+    dataset_id: Option<i64>,
+    user_id: Option<&str>,
+    parameters: &ImportParameters,
+    key: &str,
+) -> Result<(Uuid, bool), sqlx::Error> {
     let created: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO dsa_jobs.analysis_runs
                 (id, run_type, status, dataset_id, user_id, run_parameters, idempotency_key)
@@ -476,15 +493,18 @@ pub async fn create_keyed_run(
     .bind(user_id)
     .bind(sqlx::types::Json(parameters))
     .bind(key)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     match created {
-        Some(run_id) => Ok(run_id),
+        Some(run_id) => Ok((run_id, true)),
         None => {
-            sqlx::query_scalar("SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1")
-                .bind(key)
-                .fetch_one(pool)
-                .await
+            let run_id = sqlx::query_scalar(
+                "SELECT id FROM dsa_jobs.analysis_runs WHERE idempotency_key = $1",
+            )
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok((run_id, false))
         }
     }
 }

@@ -37,3 +37,30 @@ pub async fn client(settings: &S3Settings) -> aws_sdk_s3::Client {
         .build();
     aws_sdk_s3::Client::from_conf(config)
 }
+
+/// The object's user metadata `dataset` (`x-amz-meta-dataset`, trimmed), when it has
+/// one; a missing object has none (the import's own HEAD then reports it). Any other
+/// failure is returned as a message naming the object, for the caller to retry.
+pub async fn dataset_metadata(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<String>, String> {
+    let head = match client.head_object().bucket(bucket).key(key).send().await {
+        Ok(head) => head,
+        Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => {
+            return Ok(None)
+        }
+        Err(error) => {
+            return Err(format!(
+                "HEAD s3://{bucket}/{key} for its dataset metadata: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&error)
+            ))
+        }
+    };
+    Ok(head
+        .metadata()
+        .and_then(|metadata| metadata.get("dataset"))
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty()))
+}

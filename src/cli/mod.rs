@@ -46,6 +46,10 @@ enum Command {
     /// Refresh the search index on request from the maintenance queue, coalescing bursts
     /// (MAINTENANCE_COALESCE_MS), and relay the outbox, until SIGTERM or Ctrl-C.
     Maintain,
+    /// Turn objects dropped under a bucket prefix into queued runs, by listing (any S3
+    /// store), until SIGTERM or Ctrl-C: one rule from the arguments, or the rules of
+    /// WATCH_RULES_FILE.
+    Watch(WatchArgs),
     /// The dataset history: log, diff, export, verify, gc.
     #[command(flatten)]
     History(crate::history::HistoryCommand),
@@ -84,6 +88,89 @@ struct ImportArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// One rule: the bucket and the key prefix to watch (without it, the rules come from
+    /// WATCH_RULES_FILE).
+    #[arg(value_name = "s3://BUCKET/PREFIX")]
+    location: Option<String>,
+    /// The dataset: a name, or a name built from the key with {segment:N} (its Nth path
+    /// segment, from 1). Default: as for S3 events (S3_EVENT_DATASET, else the key's
+    /// first segment, else the file's base name).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Only keys whose part below the prefix matches this glob (*.csv, **/*.xlsx).
+    #[arg(long, value_name = "GLOB")]
+    pattern: Option<String>,
+    /// Keys only grow (dated names): list only after the last key seen.
+    #[arg(long)]
+    ordered: bool,
+    /// What to do with an object once its run completed: keep, delete or move:PREFIX/.
+    #[arg(long, value_name = "ACTION")]
+    after: Option<String>,
+    /// What to do with an object once its run failed: keep, delete or move:PREFIX/.
+    #[arg(long, value_name = "ACTION")]
+    after_failure: Option<String>,
+    #[command(flatten)]
+    options: RunOptions,
+}
+
+impl WatchArgs {
+    /// Whether any flag of a command-line rule was given.
+    fn has_rule_flags(&self) -> bool {
+        self.dataset.is_some()
+            || self.pattern.is_some()
+            || self.ordered
+            || self.after.is_some()
+            || self.after_failure.is_some()
+            || self.options.user.is_some()
+            || self.options.import_options().ok() != Some(Default::default())
+    }
+
+    /// The rules to watch, checked: the one these arguments give, or WATCH_RULES_FILE's.
+    fn rules(self, settings: &Settings) -> anyhow::Result<Vec<crate::watch::rules::Rule>> {
+        use crate::watch::rules::{check_rules, load_rules_file, Rule, RuleSpec};
+        match (&self.location, &settings.watch.rules_file) {
+            (Some(_), Some(path)) => anyhow::bail!(
+                "give one rule as s3://BUCKET/PREFIX or set WATCH_RULES_FILE ({}), not both",
+                path.display()
+            ),
+            (None, None) => anyhow::bail!(
+                "nothing to watch: give s3://BUCKET/PREFIX --dataset NAME, or set WATCH_RULES_FILE to a rules file"
+            ),
+            (None, Some(path)) => {
+                if self.has_rule_flags() {
+                    anyhow::bail!(
+                        "rule options on the command line need s3://BUCKET/PREFIX; with WATCH_RULES_FILE ({}) put them in the file",
+                        path.display()
+                    );
+                }
+                Ok(load_rules_file(path, &settings.source_policy)?)
+            }
+            (Some(location), None) => {
+                let origin = "the command line";
+                let spec = RuleSpec {
+                    dataset: self.dataset.clone(),
+                    pattern: self.pattern.clone(),
+                    ordered: self.ordered,
+                    after: self.after.clone(),
+                    after_failure: self.after_failure.clone(),
+                    user: self.options.user.clone(),
+                    ..RuleSpec::from_location(location)
+                        .map_err(|message| anyhow::anyhow!("{origin}: {message}"))?
+                };
+                let options = self
+                    .options
+                    .import_options()
+                    .map_err(|message| anyhow::anyhow!("{origin}: {message}"))?;
+                let rules = vec![Rule::build(spec, options, origin)?];
+                check_rules(&rules, &settings.source_policy, origin)?;
+                Ok(rules)
+            }
+        }
+    }
 }
 
 /// Runs the command; errors are printed here, once, and become the exit code.
@@ -133,6 +220,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Consume => consume(settings, pool).await?,
         Command::Submit(args) => return Ok(submit::command(settings, pool, args).await?),
         Command::Maintain => maintain(settings, pool).await?,
+        Command::Watch(args) => watch(settings, pool, args).await?,
         Command::History(command) => {
             return Ok(crate::history::run(command, &settings, pool).await?)
         }
@@ -199,7 +287,7 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     }
     let stop = crate::shutdown::on_signals();
     crate::metrics::metrics().watch_spool_dir(&settings.import.spool_dir);
-    let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
+    let sidecars = Sidecars::start(&settings, &pool, &stop, false).await?;
     let setup = crate::queue::consume::ConsumerSetup {
         importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
         pool,
@@ -223,7 +311,7 @@ async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> 
         pool.clone(),
         settings.amqp.clone(),
     ));
-    let sidecars = Sidecars::start(&settings, &pool, &stop).await?;
+    let sidecars = Sidecars::start(&settings, &pool, &stop, false).await?;
     let sweeper = tokio::spawn(crate::queue::sweeper::run_sweeper(
         pool.clone(),
         settings.amqp.clone(),
@@ -246,10 +334,48 @@ async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// What runs beside the consumers of `consume` and `maintain`: the health and metrics
-/// server, and an outbox relay that publishes each commit's search-refresh request
-/// (nudged after every import `consume` completes, and sweeping every few seconds for
-/// what `import` runs and dead processes left behind).
+async fn watch(settings: Settings, pool: sqlx::PgPool, args: WatchArgs) -> anyhow::Result<()> {
+    // Rules first: a mistake in them stops the process before anything is listed.
+    let rules = args.rules(&settings)?;
+    for rule in &rules {
+        tracing::info!(
+            rule = %rule.name,
+            bucket = %rule.bucket,
+            prefix = %rule.prefix,
+            pattern = rule.pattern.as_ref().map(|p| p.as_str()).unwrap_or("**"),
+            ordered = rule.ordered,
+            after = %rule.after,
+            after_failure = %rule.after_failure,
+            "watch rule"
+        );
+    }
+    let s3 = crate::s3::client(&settings.s3).await;
+    let stop = crate::shutdown::on_signals();
+    let sidecars = Sidecars::start(&settings, &pool, &stop, true).await?;
+    crate::watch::declare_import_topology(&settings.amqp, &stop)
+        .await
+        .context("declaring the import queue")?;
+    let setup = crate::watch::WatchSetup {
+        pool,
+        database_url: settings.database_url.clone(),
+        s3,
+        rules,
+        settings: settings.watch.clone(),
+        event_dataset: settings.s3_event_dataset.clone(),
+        event_dataset_from_metadata: settings.s3_event_dataset_from_metadata,
+        policy: settings.source_policy.clone(),
+        nudge: sidecars.nudge.clone(),
+    };
+    crate::watch::run(setup, stop.clone()).await;
+    sidecars.stop(&stop).await;
+    Ok(())
+}
+
+/// What runs beside the work of `consume`, `maintain` and `watch`: the health and
+/// metrics server, and an outbox relay that publishes each commit's search-refresh
+/// request and the run references `watch` queues (nudged after every import `consume`
+/// completes and every page `watch` queues, and sweeping every few seconds for what
+/// `import` runs and dead processes left behind).
 struct Sidecars {
     health: crate::http::Health,
     nudge: tokio::sync::mpsc::Sender<()>,
@@ -262,6 +388,7 @@ impl Sidecars {
         settings: &Settings,
         pool: &sqlx::PgPool,
         stop: &crate::shutdown::CancellationToken,
+        relay_reports_broker: bool,
     ) -> anyhow::Result<Self> {
         let probe = db::probe_pool(settings.database_url.expose())?;
         let health = crate::http::Health::with_probe(pool.clone(), probe);
@@ -276,6 +403,7 @@ impl Sidecars {
             pool.clone(),
             settings.amqp.clone(),
             nudges,
+            relay_reports_broker.then(|| health.clone()),
             stop.clone(),
         ));
         Ok(Self {

@@ -577,38 +577,16 @@ async fn failed_keyed_run(
     Ok(run_id)
 }
 
-/// The object's user metadata `dataset` (`x-amz-meta-dataset`), when it has one. A
-/// missing object has none (the import's own HEAD then reports it); any other failure
-/// is retried, since guessing from the key could put the rows in the wrong dataset.
+/// The object's user metadata `dataset` (see `s3::dataset_metadata`); a failure to
+/// read it is retried, since guessing from the key could put the rows in the wrong
+/// dataset.
 async fn dataset_metadata(
     s3: &aws_sdk_s3::Client,
     object: &CreatedObject,
 ) -> Result<Option<String>, Refusal> {
-    let head = s3
-        .head_object()
-        .bucket(&object.bucket)
-        .key(&object.key)
-        .send()
-        .await;
-    let head = match head {
-        Ok(head) => head,
-        Err(error) if error.as_service_error().is_some_and(|e| e.is_not_found()) => {
-            return Ok(None)
-        }
-        Err(error) => {
-            return Err(Refusal::Transient(format!(
-                "HEAD s3://{}/{} for its dataset metadata: {}",
-                object.bucket,
-                object.key,
-                aws_sdk_s3::error::DisplayErrorContext(&error)
-            )))
-        }
-    };
-    Ok(head
-        .metadata()
-        .and_then(|metadata| metadata.get("dataset"))
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty()))
+    crate::s3::dataset_metadata(s3, &object.bucket, &object.key)
+        .await
+        .map_err(Refusal::Transient)
 }
 
 fn dataset_refusal(error: DatasetError) -> Refusal {

@@ -6,8 +6,9 @@
 //! without the other. The relay publishes unsent rows in id order, each with publisher
 //! confirms and `mandatory`, and sets `sent_at` only after the broker confirmed. A crash
 //! between the confirm and the update publishes the row again on the next pass; that
-//! is harmless because every message the outbox carries today asks for a refresh, and
-//! refreshing twice gives the same view as refreshing once.
+//! is harmless because every message the outbox carries is idempotent: refreshing
+//! twice gives the same view as refreshing once, and a run reference delivered twice
+//! imports the run once.
 //!
 //! Any number of relays may run at once (one inside each `consume` and `maintain`):
 //! each pass claims its rows with `FOR UPDATE SKIP LOCKED` inside a transaction, so two
@@ -48,8 +49,10 @@ const CLAIM_BATCH: i64 = 100;
 /// `dsa.maintenance`) because the database does not know this deployment's settings.
 /// A row naming that exchange is therefore published to the configured
 /// `AMQP_MAINTENANCE_EXCHANGE` with `AMQP_MAINTENANCE_ROUTING_KEY`, which are the same
-/// names unless a deployment (or a test) renamed them. Rows naming any other exchange
-/// are published exactly as written.
+/// names unless a deployment (or a test) renamed them. Likewise a row naming the built-in
+/// `dsa.imports` (a run reference `watch` queued) goes to `AMQP_IMPORT_EXCHANGE` with
+/// `AMQP_IMPORT_ROUTING_KEY`. Rows naming any other exchange are published exactly as
+/// written.
 pub fn destination<'a>(
     exchange: &'a str,
     routing_key: &'a str,
@@ -57,6 +60,8 @@ pub fn destination<'a>(
 ) -> (&'a str, &'a str) {
     if exchange == crate::outbox::MAINTENANCE_EXCHANGE {
         (&amqp.maintenance_exchange, &amqp.maintenance_routing_key)
+    } else if exchange == crate::outbox::IMPORT_EXCHANGE {
+        (&amqp.import_exchange, &amqp.import_routing_key)
     } else {
         (exchange, routing_key)
     }
@@ -168,12 +173,22 @@ pub async fn relay_once(
 /// with `tokio::sync::mpsc::channel(1)` and `try_send(())` after each import, so nudges
 /// that arrive during a pass collapse into one more pass. When every sender is dropped
 /// the relay goes on sweeping.
+///
+/// With `health`, the relay reports its broker connection to `/readyz` (for `watch`,
+/// whose only broker session is this relay's; `consume` and `maintain` report their
+/// consumers' instead).
 pub async fn run_relay(
     pool: PgPool,
     amqp: AmqpSettings,
     mut nudge: mpsc::Receiver<()>,
+    health: Option<crate::http::Health>,
     stop: CancellationToken,
 ) {
+    let set_connected = |connected: bool| {
+        if let Some(health) = &health {
+            health.set_broker_connected(connected);
+        }
+    };
     let mut reconnect = amqp::Reconnect::default();
     let mut nudges_open = true;
 
@@ -195,6 +210,7 @@ pub async fn run_relay(
             }
         };
         tracing::debug!(exchange = %amqp.maintenance_exchange, "outbox relay connected");
+        set_connected(true);
         // The first sweep is one interval away: the pass below runs at once anyway.
         let mut sweep =
             tokio::time::interval_at(tokio::time::Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
@@ -211,6 +227,7 @@ pub async fn run_relay(
                     tracing::warn!(error = %error, "outbox relay cannot read the outbox; trying again at the next sweep");
                 }
                 Err(RelayError::Amqp(error)) => {
+                    set_connected(false);
                     let _ = connection.close(200, "reconnecting".into()).await;
                     reconnect
                         .wait_after(&error, "outbox relay lost the broker; reconnecting", &stop)
@@ -228,6 +245,7 @@ pub async fn run_relay(
                 }
                 _ = sweep.tick() => {}
                 _ = stop.cancelled() => {
+                    set_connected(false);
                     let _ = connection.close(200, "shutting down".into()).await;
                     break;
                 }
@@ -246,6 +264,8 @@ mod tests {
         let amqp = AmqpSettings {
             maintenance_exchange: "test.maintenance".to_owned(),
             maintenance_routing_key: "refresh".to_owned(),
+            import_exchange: "test.imports".to_owned(),
+            import_routing_key: "imp".to_owned(),
             ..AmqpSettings::default()
         };
         assert_eq!(
@@ -255,6 +275,14 @@ mod tests {
                 &amqp
             ),
             ("test.maintenance", "refresh")
+        );
+        assert_eq!(
+            destination(
+                crate::outbox::IMPORT_EXCHANGE,
+                crate::outbox::IMPORT_ROUTING_KEY,
+                &amqp
+            ),
+            ("test.imports", "imp")
         );
         assert_eq!(destination("elsewhere", "key", &amqp), ("elsewhere", "key"));
     }

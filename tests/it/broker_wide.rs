@@ -1,6 +1,7 @@
-//! Tests that change the broker for everyone: a lowered `consumer_timeout`, and a broker
-//! restart. Each runs alone (`spawn_app_alone`): it starts once every other test has
-//! finished with the broker, and no other test starts until it is done.
+//! Tests that change a shared service for everyone: a lowered `consumer_timeout`, a
+//! broker restart, a PostgreSQL restart. Each runs alone (`spawn_app_alone`): it starts
+//! once every other test has finished with the services, and no other test starts
+//! until it is done.
 
 use std::process::Command;
 use std::time::Duration;
@@ -143,4 +144,63 @@ async fn a_broker_restart_mid_import_is_survived_and_the_import_completes_once()
         || async { status_of(&app, next).await == "completed" },
     )
     .await;
+}
+
+/// Restarts the machine's PostgreSQL cluster, as the project's scripts start it.
+fn restart_postgresql() {
+    let versions = std::fs::read_dir("/etc/postgresql").expect("a PostgreSQL cluster");
+    let version = versions
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .max()
+        .expect("a PostgreSQL version");
+    let output = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+        .output()
+        .expect("run pg_ctlcluster");
+    assert!(
+        output.status.success(),
+        "pg_ctlcluster restart: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_postgresql_restart_mid_import_costs_a_retry_not_a_row() {
+    let app = spawn_app_alone().await;
+    let broker = TestBroker::new().await;
+    let (consumer, run_id) =
+        import_caught_mid_file(&app, &broker, "long", "pg-restart.csv", 30_000, 79).await;
+
+    // Every connection of the consumer (its import's, its lease renewer's, its pool's)
+    // dies with the server.
+    restart_postgresql();
+    wait_until(
+        Duration::from_secs(60),
+        "PostgreSQL to accept connections",
+        || async { sqlx::PgPool::connect(&app.database_url).await.is_ok() },
+    )
+    .await;
+
+    wait_until(Duration::from_secs(180), "the run to complete", || async {
+        status_of(&app, run_id).await == "completed"
+    })
+    .await;
+    let file = dsa_ingest::sample::sample_csv(30_000, 79);
+    crate::faults::assert_commit_is_the_file(&app, run_id, &file, "pg-restart").await;
+    assert_eq!(app.count("dsa_core.commits").await, 1);
+    assert_eq!(app.count("dsa_core.commit_rows").await, 30_000);
+    assert_eq!(
+        app.count("dsa_core.commits WHERE committed_at IS NULL")
+            .await,
+        0
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the message to be settled",
+        || async { broker.queue_state(&broker.settings.import_queue).await == (0, 1) },
+    )
+    .await;
+    assert_eq!(broker.dead_letters().await, 0);
+    drop(consumer);
 }

@@ -31,8 +31,33 @@ impl Consumer {
         Self::start_as("maintain", app, broker, extra)
     }
 
+    /// `dsa-ingest watch ARGS` on the same settings, with the same handling, listing
+    /// every second and taking objects a second old.
+    pub fn start_watcher(
+        app: &TestApp,
+        broker: &TestBroker,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let fast = [
+            ("WATCH_INTERVAL_SECONDS", "1"),
+            ("WATCH_SETTLE_SECONDS", "1"),
+        ];
+        Self::start_with("watch", args, app, broker, &[&fast[..], extra].concat())
+    }
+
     fn start_as(
         subcommand: &str,
+        app: &TestApp,
+        broker: &TestBroker,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        Self::start_with(subcommand, &[], app, broker, extra)
+    }
+
+    fn start_with(
+        subcommand: &str,
+        args: &[&str],
         app: &TestApp,
         broker: &TestBroker,
         extra: &[(&str, &str)],
@@ -41,6 +66,7 @@ impl Consumer {
         let mut command = app.child();
         command
             .arg(subcommand)
+            .args(args)
             .envs(broker.env())
             .env("IMPORT_PARALLEL_WORKERS", "2")
             .env("IMPORT_BATCH_SIZE", "500")
@@ -55,7 +81,7 @@ impl Consumer {
             command.env(key, value);
         }
         Self {
-            child: command.spawn().expect("start dsa-ingest consume"),
+            child: command.spawn().expect("start dsa-ingest"),
             log,
         }
     }

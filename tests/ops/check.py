@@ -137,6 +137,9 @@ def _():
     missing = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"} - kinds
     if missing:
         raise RuntimeError(f"missing {missing}")
+    watch = find(rendered["override"], "Deployment", "watch")["spec"]["template"]["spec"]
+    if watch["serviceAccountName"] != find(rendered["override"], "ServiceAccount")["metadata"]["name"]:
+        raise RuntimeError("the watchers do not use the ServiceAccount")
     consume = find(rendered["override"], "Deployment", "consume")
     if "replicas" in consume["spec"]:
         raise RuntimeError("with KEDA the ScaledObject owns the replica count")

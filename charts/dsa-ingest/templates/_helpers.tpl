@@ -88,9 +88,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-The container of `consume` and `maintain`: image, settings, probes and the writable /tmp.
-Called with a dict of the root context ("root"), the subcommand ("command") and the
-component's values ("component").
+The container of `consume`, `maintain` and `watch`: image, settings, probes and the
+writable /tmp. Called with a dict of the root context ("root"), the subcommand
+("command") and the component's values ("component"), and optionally "env" (extra
+variables) and "volumeMounts" (extra mounts).
 */}}
 {{- define "dsa-ingest.container" -}}
 {{- $root := .root -}}
@@ -103,6 +104,10 @@ component's values ("component").
         name: {{ include "dsa-ingest.fullname" $root }}
     - secretRef:
         name: {{ include "dsa-ingest.secretName" $root }}
+  {{- with .env }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   ports:
     - name: metrics
       containerPort: {{ $root.Values.metricsPort }}
@@ -133,6 +138,9 @@ component's values ("component").
   volumeMounts:
     - name: tmp
       mountPath: /tmp
+    {{- with .volumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end -}}
 
 {{/*
