@@ -68,9 +68,6 @@ struct Args {
 const DEAD_LETTER_QUEUE: &str = "dsa.imports.dead";
 const IMPORT_QUEUE: &str = "dsa.imports";
 const CONSUMERS: usize = 3;
-/// Unfinished runs the run keeps queued while faults are injected: more than the
-/// consumers import at once (three times `IMPORT_PARALLEL_WORKERS`), so some wait.
-const BACKLOG: usize = 8;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -160,9 +157,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut waiting = submissions.iter();
     let mut injected = Vec::new();
     for (number, kind) in plan.iter().enumerate() {
-        // Files go in as the consumers take them, so that every fault finds a backlog
-        // and imports in flight for as long as files remain.
-        while unfinished_runs(&pool).await? < BACKLOG {
+        // Files go in spread over the faults (and sooner when the consumers ran out
+        // of work), so that every fault finds imports in flight.
+        let share = submissions.len() * (number + 1) / (plan.len() + 1);
+        while submitted.len() < share.max(1) || unfinished_runs(&pool).await? == 0 {
             let Some(&index) = waiting.next() else { break };
             submitted.push(submit(&binary, &env, &files, index).await?);
         }
