@@ -195,10 +195,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let deadline = Duration::from_secs(120 + 5 * submitted.len() as u64);
     let finished = await_runs_finished(&pool, submitted.len(), deadline).await;
-    if let Err(error) = &finished {
-        eprintln!("chaos: {error:#}");
+    match &finished {
+        Ok(()) => progress(started, format_args!("all runs finished; checking")),
+        Err(error) => progress(started, format_args!("{error:#}; checking what there is")),
     }
-    progress(started, format_args!("all runs finished; checking"));
     let report = check(&pool, &services, &files, &submitted).await?;
     stop_monitor.cancel();
     let observations = monitor.await?;
@@ -209,12 +209,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     fleet.stop();
     let effects = effects_of_faults(&injected, &observations);
     for (number, (fault, effect)) in injected.iter().zip(&effects).enumerate() {
+        let slowest = match effect.runs_in_flight {
+            0 => String::new(),
+            _ => format!(
+                ", the slowest moved again after {:.1} s",
+                effect.longest_wait.as_secs_f64()
+            ),
+        };
         eprintln!(
-            "fault {:>2}: {:<24} {} runs in flight, the slowest moved again after {:.1} s",
+            "fault {:>2}: {:<24} {} runs in flight{slowest}",
             number + 1,
             fault.kind.label(),
             effect.runs_in_flight,
-            effect.longest_wait.as_secs_f64()
         );
     }
 
@@ -508,12 +514,37 @@ struct FaultContext<'a> {
 }
 
 impl FaultContext<'_> {
+    /// A consumer picked at random among those holding a running import (its pid ends
+    /// the lease owner, the worker identity), or among all when none does.
+    async fn consumer_mid_import(&mut self) -> usize {
+        let owners: Vec<String> = sqlx::query_scalar(
+            "SELECT lease_owner FROM dsa_jobs.analysis_runs
+              WHERE status = 'running' AND lease_owner IS NOT NULL",
+        )
+        .fetch_all(self.pool)
+        .await
+        .unwrap_or_default();
+        let pids = self.fleet.consumer_pids();
+        let holding: Vec<usize> = (0..pids.len())
+            .filter(|&index| {
+                owners
+                    .iter()
+                    .any(|owner| owner.rsplit(':').next() == Some(pids[index].as_str()))
+            })
+            .collect();
+        if holding.is_empty() {
+            self.random.between(0, pids.len() as u64 - 1) as usize
+        } else {
+            *self.random.pick(&holding)
+        }
+    }
+
     /// Injects one fault and undoes it (restart, resume) before returning.
     async fn inject(&mut self, kind: FaultKind) -> anyhow::Result<Injected> {
         let at = Instant::now();
         let detail = match kind {
             FaultKind::KillConsumer => {
-                let index = self.random.between(0, CONSUMERS as u64 - 1) as usize;
+                let index = self.consumer_mid_import().await;
                 let pid = self.fleet.kill_consumer(index)?;
                 let down = self.random.between(500, 2_000);
                 tokio::time::sleep(Duration::from_millis(down)).await;
@@ -524,7 +555,7 @@ impl FaultContext<'_> {
                 )
             }
             FaultKind::PauseConsumer => {
-                let index = self.random.between(0, CONSUMERS as u64 - 1) as usize;
+                let index = self.consumer_mid_import().await;
                 let paused = Duration::from_millis(
                     self.lease_seconds * 1_000 + self.random.between(1_500, 4_000),
                 );
@@ -757,6 +788,9 @@ struct Report {
     runs_failed: usize,
     runs_unfinished: usize,
     unexpected_runs: usize,
+    /// Runs claimed more than once: resumed from a checkpoint after a fault.
+    runs_resumed: usize,
+    most_attempts: i32,
     expected_rows: u64,
     committed_rows: u64,
     rows_lost: u64,
@@ -788,15 +822,17 @@ async fn check(
     submitted: &[Submitted],
 ) -> anyhow::Result<Report> {
     let mut report = Report::default();
-    let runs: Vec<(Uuid, String, Option<String>)> = sqlx::query_as(
-        "SELECT id, status::text, error_message FROM dsa_jobs.analysis_runs
+    let runs: Vec<(Uuid, String, Option<String>, i32)> = sqlx::query_as(
+        "SELECT id, status::text, error_message, attempts FROM dsa_jobs.analysis_runs
           WHERE run_type = 'import'",
     )
     .fetch_all(pool)
     .await?;
+    report.runs_resumed = runs.iter().filter(|run| run.3 > 1).count();
+    report.most_attempts = runs.iter().map(|run| run.3).max().unwrap_or(0);
     let runs: HashMap<Uuid, (String, Option<String>)> = runs
         .into_iter()
-        .map(|(id, status, error)| (id, (status, error)))
+        .map(|(id, status, error, _)| (id, (status, error)))
         .collect();
     report.unexpected_runs = runs
         .keys()
@@ -1133,6 +1169,13 @@ fn print_table(
         ("runs failed", report.runs_failed.to_string()),
         ("runs not finished", report.runs_unfinished.to_string()),
         ("runs no submit created", report.unexpected_runs.to_string()),
+        (
+            "runs claimed more than once",
+            format!(
+                "{} (at most {} times)",
+                report.runs_resumed, report.most_attempts
+            ),
+        ),
         (
             "rows expected (from files)",
             report.expected_rows.to_string(),
