@@ -59,6 +59,48 @@ pub struct Settings {
     pub source_policy: crate::policy::SourcePolicy,
     /// How `watch` lists buckets and what it leaves alone.
     pub watch: WatchSettings,
+    /// Where and how `serve` answers HTTP.
+    pub http: HttpSettings,
+}
+
+/// The knobs of `dsa-ingest serve`.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    /// `HTTP_ADDR`: where the API, `/healthz`, `/readyz` and `/metrics` are served.
+    pub addr: String,
+    /// `HTTP_BODY_TIMEOUT_SECONDS`: an upload whose body sends nothing for this long is
+    /// cut off, so a stalled client cannot hold an upload slot and a part in memory.
+    pub body_timeout: Duration,
+    /// `API_TOKENS_FILE`: the TOML file of clients and the hashes of their tokens.
+    pub tokens_file: Option<PathBuf>,
+}
+
+/// Where `serve` listens when `HTTP_ADDR` is not set.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_HTTP_ADDR.to_owned(),
+            body_timeout: Duration::from_secs(30),
+            tokens_file: None,
+        }
+    }
+}
+
+impl HttpSettings {
+    /// Reads `HTTP_ADDR`, `HTTP_BODY_TIMEOUT_SECONDS` and `API_TOKENS_FILE`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        Ok(Self {
+            addr: non_empty("HTTP_ADDR").unwrap_or(defaults.addr),
+            body_timeout: Duration::from_secs(positive(
+                "HTTP_BODY_TIMEOUT_SECONDS",
+                defaults.body_timeout.as_secs(),
+            )?),
+            tokens_file: non_empty("API_TOKENS_FILE").map(PathBuf::from),
+        })
+    }
 }
 
 /// The knobs of `dsa-ingest watch`.
@@ -377,6 +419,7 @@ impl Settings {
             s3_event_dataset_from_metadata: flag("S3_EVENT_DATASET_FROM_METADATA")?,
             source_policy: crate::policy::SourcePolicy::from_env()?,
             watch: WatchSettings::from_env()?,
+            http: HttpSettings::from_env()?,
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,

@@ -175,7 +175,8 @@ pub async fn serve(
         .await
 }
 
-fn router(health: Health) -> Router {
+/// The `/healthz`, `/readyz` and `/metrics` routes, for a server of its own or beside an API.
+pub fn router(health: Health) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -21,6 +21,7 @@ pub mod queue;
 pub mod runs;
 pub mod s3;
 pub mod sample;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 pub mod watch;

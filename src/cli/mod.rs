@@ -50,6 +50,14 @@ enum Command {
     /// store), until SIGTERM or Ctrl-C: one rule from the arguments, or the rules of
     /// WATCH_RULES_FILE.
     Watch(WatchArgs),
+    /// Serve the HTTP API on HTTP_ADDR (uploads that become queued runs, runs and their
+    /// events) with /healthz, /readyz and /metrics, until SIGTERM or Ctrl-C.
+    Serve {
+        /// Serve without API_TOKENS_FILE: every caller may read and import into every
+        /// dataset. Only for a trusted network or local development.
+        #[arg(long)]
+        insecure_no_auth: bool,
+    },
     /// The dataset history: log, diff, export, verify, gc.
     #[command(flatten)]
     History(crate::history::HistoryCommand),
@@ -221,6 +229,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(args) => return Ok(submit::command(settings, pool, args).await?),
         Command::Maintain => maintain(settings, pool).await?,
         Command::Watch(args) => watch(settings, pool, args).await?,
+        Command::Serve { insecure_no_auth } => serve(settings, pool, insecure_no_auth).await?,
         Command::History(command) => {
             return Ok(crate::history::run(command, &settings, pool).await?)
         }
@@ -368,6 +377,52 @@ async fn watch(settings: Settings, pool: sqlx::PgPool, args: WatchArgs) -> anyho
     };
     crate::watch::run(setup, stop.clone()).await;
     sidecars.stop(&stop).await;
+    Ok(())
+}
+
+async fn serve(
+    settings: Settings,
+    pool: sqlx::PgPool,
+    insecure_no_auth: bool,
+) -> anyhow::Result<()> {
+    use crate::serve::{Clients, ServeSetup};
+    let clients = match (&settings.http.tokens_file, insecure_no_auth) {
+        (Some(_), true) => anyhow::bail!("give API_TOKENS_FILE or --insecure-no-auth, not both"),
+        (Some(path), false) => Clients::load(path).map_err(anyhow::Error::msg)?,
+        (None, true) => {
+            tracing::warn!(
+                "--insecure-no-auth: every caller may read and import into every dataset"
+            );
+            Clients::insecure_anyone()
+        }
+        (None, false) => anyhow::bail!(
+            "API_TOKENS_FILE is not set: give it a tokens file (see the README), or pass \
+             --insecure-no-auth to serve without authentication"
+        ),
+    };
+    let bucket = settings.s3.bucket.clone().ok_or_else(|| {
+        anyhow::anyhow!("S3_BUCKET is not set: serve stores uploads in that bucket")
+    })?;
+    let s3 = crate::s3::client(&settings.s3).await;
+    let probe = db::probe_pool(settings.database_url.expose())?;
+    let health = crate::http::Health::with_probe(pool.clone(), probe);
+    let listener = tokio::net::TcpListener::bind(&settings.http.addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (HTTP_ADDR)", settings.http.addr))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        "serving /healthz, /readyz, /metrics and the API under /v1"
+    );
+    let stop = crate::shutdown::on_signals();
+    let setup = ServeSetup {
+        pool,
+        s3,
+        bucket,
+        settings,
+        clients,
+        health,
+    };
+    crate::serve::run(setup, listener, stop).await?;
     Ok(())
 }
 

@@ -19,6 +19,7 @@ mod proxy;
 mod publish;
 mod resume;
 mod schemas;
+mod serve;
 mod sheets;
 mod submit;
 mod sweeper;

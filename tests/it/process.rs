@@ -46,6 +46,26 @@ impl Consumer {
         Self::start_with("watch", args, app, broker, &[&fast[..], extra].concat())
     }
 
+    /// `dsa-ingest serve` on a port of its own (`metrics_addr` finds it), storing uploads
+    /// in the test's bucket.
+    pub fn start_server(app: &TestApp, broker: &TestBroker, extra: &[(&str, &str)]) -> Self {
+        Self::start_server_with_args(app, broker, &[], extra)
+    }
+
+    /// [`Consumer::start_server`] with arguments after `serve`.
+    pub fn start_server_with_args(
+        app: &TestApp,
+        broker: &TestBroker,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let server = [
+            ("HTTP_ADDR", "127.0.0.1:0"),
+            ("S3_BUCKET", app.bucket.as_str()),
+        ];
+        Self::start_with("serve", args, app, broker, &[&server[..], extra].concat())
+    }
+
     fn start_as(
         subcommand: &str,
         app: &TestApp,

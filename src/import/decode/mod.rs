@@ -10,6 +10,7 @@
 
 pub mod csv;
 pub mod sheet;
+pub mod sniff;
 
 use std::collections::{HashMap, HashSet};
 

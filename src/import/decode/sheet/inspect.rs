@@ -89,7 +89,7 @@ pub(super) fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::
 }
 
 /// A few words on what a file that is no spreadsheet seems to be.
-pub(super) fn describe_magic(magic: &[u8]) -> String {
+pub(crate) fn describe_magic(magic: &[u8]) -> String {
     if magic.is_empty() {
         "the file is empty".to_owned()
     } else if magic.starts_with(b"%PDF") {

@@ -1,0 +1,101 @@
+//! Recognising what a file is from its first bytes, before it is stored: the checks the
+//! decoders make when they open a file, made early so an upload that no import could
+//! read is refused before a byte of it is kept.
+
+use super::sheet::SheetFormat;
+
+/// How many leading bytes [`refuse_content`] wants (fewer only for shorter files).
+pub const HEAD_BYTES: usize = 8;
+
+const ZIP: &[u8] = b"PK\x03\x04";
+const EMPTY_ZIP: &[u8] = b"PK\x05\x06";
+const OLE2: &[u8] = &[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
+
+/// Why a file named `file_name` whose content starts with `head` cannot be imported,
+/// or `None` when the first bytes fit the name: a spreadsheet name needs a zip or OLE2
+/// file (its full check runs in the import), any other name is read as CSV, which must
+/// not be a zip, an OLE2 file or another recognisable binary format.
+pub fn refuse_content(file_name: &str, head: &[u8]) -> Option<String> {
+    let found = binary_kind(head);
+    match SheetFormat::from_file_name(file_name) {
+        Some(claimed) => {
+            let fits = match claimed {
+                SheetFormat::Xls => head.starts_with(OLE2),
+                _ => head.starts_with(ZIP) || head.starts_with(EMPTY_ZIP),
+            };
+            if fits {
+                return None;
+            }
+            let found = match found {
+                Some(kind) => kind.to_owned(),
+                None if head.is_empty() => "empty".to_owned(),
+                None => super::sheet::inspect::describe_magic(head),
+            };
+            Some(format!(
+                "{file_name}: the name says {} but the content is {found}",
+                claimed.name()
+            ))
+        }
+        None => found.map(|kind| {
+            format!(
+                "{file_name}: the content is {kind}, not CSV; name it with its format's \
+                 extension (.xlsx, .xlsb, .xls, .ods) to import it as a spreadsheet"
+            )
+        }),
+    }
+}
+
+/// What a binary file seems to be, from its magic number; `None` for anything else
+/// (text, or bytes no format claims).
+fn binary_kind(head: &[u8]) -> Option<&'static str> {
+    const KINDS: &[(&[u8], &str)] = &[
+        (ZIP, "a zip archive (xlsx, xlsb or ods?)"),
+        (EMPTY_ZIP, "a zip archive (empty)"),
+        (OLE2, "an OLE2 compound file (xls?)"),
+        (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+        (&[0xFF, 0xD8, 0xFF], "a JPEG image"),
+        (b"GIF8", "a GIF image"),
+        (b"%PDF", "a PDF document"),
+        (&[0x1F, 0x8B], "gzip-compressed data"),
+        (b"7z\xBC\xAF\x27\x1C", "a 7-Zip archive"),
+        (b"Rar!", "a RAR archive"),
+        (b"\x7FELF", "an ELF executable"),
+        (b"MZ", "a Windows executable"),
+        (b"SQLite format 3", "an SQLite database"),
+        (b"PAR1", "a Parquet file"),
+    ];
+    KINDS
+        .iter()
+        .find(|(magic, _)| head.starts_with(magic))
+        .map(|(_, kind)| *kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_names_take_text_and_refuse_known_binaries() {
+        assert_eq!(refuse_content("a.csv", b"id,name\n1,"), None);
+        assert_eq!(refuse_content("a.txt", b""), None);
+        let png = refuse_content("a.csv", b"\x89PNG\r\n\x1a\n").unwrap();
+        assert!(png.contains("a PNG image"), "{png}");
+        let zip = refuse_content("a.csv", b"PK\x03\x04\x14\0\0\0").unwrap();
+        assert!(zip.contains("a zip archive"), "{zip}");
+    }
+
+    #[test]
+    fn spreadsheet_names_need_their_container() {
+        assert_eq!(refuse_content("a.xlsx", b"PK\x03\x04\x14\0\0\0"), None);
+        assert_eq!(
+            refuse_content("a.xls", &[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]),
+            None
+        );
+        let text = refuse_content("a.xlsx", b"id,name\n").unwrap();
+        assert!(text.starts_with("a.xlsx: the name says xlsx"), "{text}");
+        let pdf = refuse_content("a.ods", b"%PDF-1.7").unwrap();
+        assert!(pdf.contains("a PDF document"), "{pdf}");
+        let xls = refuse_content("a.xls", b"PK\x03\x04\x14\0\0\0").unwrap();
+        assert!(xls.contains("zip archive"), "{xls}");
+    }
+}

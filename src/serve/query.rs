@@ -1,0 +1,185 @@
+//! The query string of an upload: the file name and the import options, mapped onto
+//! the one [`ImportOptions`] every entry point shares and checked by it.
+
+use percent_encoding::percent_decode_str;
+
+use crate::import::run::{ImportMode, ImportOptions, OnConflict};
+
+/// Query strings longer than this are refused: no option needs more, and a limit
+/// keeps a request's cost bounded before anything is looked up.
+pub const MAX_QUERY_BYTES: usize = 8 * 1024;
+
+/// What `POST /v1/datasets/{name}/imports?...` asks for.
+#[derive(Debug, PartialEq)]
+pub struct UploadQuery {
+    /// The file's name: its extension decides how it is read, its base name becomes the
+    /// `{sheet}` of a CSV's row ids on a dataset's first import.
+    pub filename: String,
+    pub options: ImportOptions,
+}
+
+/// The `name=value` pairs of a query string, decoded (`+` is a space).
+pub fn pairs(query: &str) -> Result<Vec<(String, String)>, String> {
+    let decode = |text: &str| {
+        percent_decode_str(&text.replace('+', " "))
+            .decode_utf8()
+            .map(|text| text.into_owned())
+            .map_err(|_| format!("the query parameter {text:?} is not valid UTF-8"))
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(name)?, decode(value)?))
+        })
+        .collect()
+}
+
+fn boolean(name: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "" | "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{name}={value:?}: expected true or false")),
+    }
+}
+
+impl UploadQuery {
+    /// Parses and checks the query; every message names the parameter at fault.
+    pub fn parse(query: Option<&str>) -> Result<Self, String> {
+        let query = query.unwrap_or("");
+        if query.len() > MAX_QUERY_BYTES {
+            return Err(format!(
+                "the query string has {} bytes, more than the limit of {MAX_QUERY_BYTES}",
+                query.len()
+            ));
+        }
+        let mut filename = None;
+        let mut options = ImportOptions::default();
+        let mut sheets = Vec::new();
+        for (name, value) in pairs(query)? {
+            let once = |seen: bool| {
+                if seen {
+                    Err(format!("{name} is given twice"))
+                } else {
+                    Ok(())
+                }
+            };
+            match name.as_str() {
+                "filename" => {
+                    once(filename.is_some())?;
+                    filename = Some(value);
+                }
+                "sheet" => sheets.push(value),
+                "skip_bad_rows" => options.skip_bad_rows = boolean(&name, &value)?,
+                "rekey" => options.rekey = boolean(&name, &value)?,
+                "message" => {
+                    once(options.message.is_some())?;
+                    options.message = Some(value);
+                }
+                "sheet_name" => {
+                    once(options.sheet_name.is_some())?;
+                    options.sheet_name = Some(value);
+                }
+                // COL or COL,COL,... as on the command line.
+                "key" => {
+                    once(options.key.is_some())?;
+                    options.key = Some(value.split(',').map(str::to_owned).collect());
+                }
+                "mode" => {
+                    options.mode = match value.as_str() {
+                        "replace" => ImportMode::Replace,
+                        "append" => ImportMode::Append,
+                        "upsert" => ImportMode::Upsert,
+                        "delete" => ImportMode::Delete,
+                        _ => {
+                            return Err(format!(
+                                "mode={value:?}: expected replace, append, upsert or delete"
+                            ))
+                        }
+                    }
+                }
+                "on_conflict" => {
+                    options.on_conflict = match value.as_str() {
+                        "fail" => OnConflict::Fail,
+                        "ignore" => OnConflict::Ignore,
+                        "update" => OnConflict::Update,
+                        _ => {
+                            return Err(format!(
+                                "on_conflict={value:?}: expected fail, ignore or update"
+                            ))
+                        }
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown query parameter {name:?}; the parameters are filename, \
+                         sheet (repeatable), skip_bad_rows, message, key, mode, \
+                         on_conflict, rekey and sheet_name"
+                    ))
+                }
+            }
+        }
+        if !sheets.is_empty() {
+            options.sheets = Some(sheets);
+        }
+        let filename = filename.ok_or_else(|| {
+            "filename is missing: give the file's name as ?filename=NAME.csv (its \
+             extension decides how it is read)"
+                .to_owned()
+        })?;
+        if filename.is_empty()
+            || filename.len() > 255
+            || filename.contains(['/', '\\'])
+            || filename.chars().any(char::is_control)
+            || filename == "."
+            || filename == ".."
+        {
+            return Err(format!(
+                "filename={filename:?}: give a plain file name of 1 to 255 bytes, \
+                 without folders or control characters"
+            ));
+        }
+        options.check()?;
+        Ok(Self { filename, options })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_map_onto_import_options() {
+        let query = UploadQuery::parse(Some(
+            "filename=q%201.xlsx&sheet=A&sheet=B+2&skip_bad_rows=true&message=hi&key=id,region&mode=append&on_conflict=update",
+        ))
+        .unwrap();
+        assert_eq!(query.filename, "q 1.xlsx");
+        assert_eq!(
+            query.options,
+            ImportOptions {
+                skip_bad_rows: true,
+                message: Some("hi".into()),
+                sheets: Some(vec!["A".into(), "B 2".into()]),
+                key: Some(vec!["id".into(), "region".into()]),
+                mode: ImportMode::Append,
+                on_conflict: OnConflict::Update,
+                ..ImportOptions::default()
+            }
+        );
+    }
+
+    #[test]
+    fn mistakes_name_the_parameter() {
+        let error = |query| UploadQuery::parse(Some(query)).unwrap_err();
+        assert!(error("").starts_with("filename is missing"));
+        assert!(error("filename=a.csv&colour=red").contains("\"colour\""));
+        assert!(error("filename=a/b.csv").starts_with("filename=\"a/b.csv\""));
+        assert!(error("filename=a.csv&mode=merge").starts_with("mode=\"merge\""));
+        assert_eq!(
+            error("filename=a.csv&on_conflict=ignore"),
+            "on_conflict is for mode append only, not replace"
+        );
+    }
+}

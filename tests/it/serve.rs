@@ -1,0 +1,442 @@
+//! `dsa-ingest serve` as a child process, spoken to over plain HTTP/1.1 on a socket, so
+//! each test decides exactly what is sent and when (chunked bodies, huge declared
+//! lengths, bodies that stop).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use dsa_ingest::sample::sample_csv;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::broker::TestBroker;
+use crate::helpers::{spawn_app, TestApp};
+use crate::process::Consumer;
+
+const WRITER: &str = "writer-token";
+const READER: &str = "reader-token";
+
+/// A tokens file: `web` may import into `sales*`, `bi` may read everything.
+fn tokens_file() -> tempfile::NamedTempFile {
+    let hash = |token: &str| hex::encode(Sha256::digest(token.as_bytes()));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        format!(
+            "[[clients]]\nname = \"web\"\ntoken_sha256 = \"{}\"\ndatasets = [\"sales*\"]\nscopes = [\"read\", \"write\"]\n\n\
+             [[clients]]\nname = \"bi\"\ntoken_sha256 = \"{}\"\ndatasets = [\"**\"]\nscopes = [\"read\"]\n",
+            hash(WRITER),
+            hash(READER)
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// A response as read off the socket.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|error| panic!("{error}: not JSON: {}", self.body))
+    }
+}
+
+/// Reads a whole response from a connection the server closes or that says
+/// `Connection: close`; decodes a chunked body.
+async fn read_answer(stream: &mut TcpStream) -> Answer {
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    parse_answer(&raw)
+}
+
+fn parse_answer(raw: &[u8]) -> Answer {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(key, value)| key.eq_ignore_ascii_case("transfer-encoding") && value == "chunked");
+    let body = if chunked {
+        let mut body = String::new();
+        let mut rest = rest;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 || after.len() < size {
+                break;
+            }
+            body.push_str(&after[..size]);
+            rest = after[size..].trim_start_matches("\r\n");
+        }
+        body
+    } else {
+        rest.to_owned()
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A request without a body.
+async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    });
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_answer(&mut stream).await
+}
+
+/// Opens a POST whose body is sent chunked by the caller.
+async fn start_post(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    extra_headers: &str,
+) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    });
+    stream
+        .write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: test\r\n{auth}{extra_headers}Connection: close\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+async fn send_chunk(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    stream
+        .write_all(format!("{:x}\r\n", bytes.len()).as_bytes())
+        .await?;
+    stream.write_all(bytes).await?;
+    stream.write_all(b"\r\n").await
+}
+
+/// POSTs `body` chunked, 64 KiB at a time, and reads the answer.
+async fn upload(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    extra_headers: &str,
+    body: &[u8],
+) -> Answer {
+    let mut stream = start_post(addr, path, token, extra_headers).await;
+    for chunk in body.chunks(64 * 1024) {
+        if send_chunk(&mut stream, chunk).await.is_err() {
+            // The server answered early and closed; its answer is what counts.
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    read_answer(&mut stream).await
+}
+
+/// The events of a stream up to and including the first `completed` or `failed`.
+async fn follow_events(addr: SocketAddr, path: &str, token: &str) -> Vec<(String, String)> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let events = sse_events(&text);
+        if events
+            .iter()
+            .any(|(name, _)| name == "completed" || name == "failed")
+        {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "no end event in {text}");
+        let read = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buffer))
+            .await
+            .expect("the event stream went quiet")
+            .unwrap();
+        assert!(read > 0, "the event stream ended early: {text}");
+        raw.extend_from_slice(&buffer[..read]);
+    }
+}
+
+/// `(event, data)` pairs found in a (chunked) event-stream response so far.
+fn sse_events(text: &str) -> Vec<(String, String)> {
+    let mut events = Vec::new();
+    let mut name = None;
+    for line in text.lines() {
+        if let Some(value) = line.strip_prefix("event: ") {
+            name = Some(value.to_owned());
+        } else if let Some(value) = line.strip_prefix("data: ") {
+            if let Some(name) = name.take() {
+                events.push((name, value.to_owned()));
+            }
+        }
+    }
+    events
+}
+
+async fn multipart_uploads(app: &TestApp) -> usize {
+    app.s3
+        .list_multipart_uploads()
+        .bucket(&app.bucket)
+        .send()
+        .await
+        .unwrap()
+        .uploads()
+        .len()
+}
+
+async fn objects(app: &TestApp) -> usize {
+    app.s3
+        .list_objects_v2()
+        .bucket(&app.bucket)
+        .send()
+        .await
+        .unwrap()
+        .contents()
+        .len()
+}
+
+#[tokio::test]
+async fn an_upload_is_imported_and_its_events_end_completed() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    let csv = sample_csv(3_000, 7);
+    let path = "/v1/datasets/sales/imports?filename=q1.csv&message=first+upload";
+    let answer = upload(addr, path, Some(WRITER), "Idempotency-Key: k-1\r\n", &csv).await;
+    assert_eq!(answer.status, 202, "{answer:?}\n{}", server.log());
+    let body = answer.json();
+    let run_id = body["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["dataset"], "sales");
+    assert_eq!(body["status"], "pending");
+    assert_eq!(
+        answer.header("location"),
+        Some(format!("/v1/runs/{run_id}").as_str())
+    );
+
+    // The retry returns the first run; nothing else is stored.
+    let retry = upload(addr, path, Some(WRITER), "Idempotency-Key: k-1\r\n", &csv).await;
+    assert_eq!(retry.status, 202, "{retry:?}");
+    assert_eq!(retry.json()["run_id"].as_str(), Some(run_id.as_str()));
+    assert_eq!(objects(&app).await, 1);
+
+    // No consumer yet: the stream starts at pending and ends when one takes the run.
+    let events = tokio::spawn(async move {
+        follow_events(addr, &format!("/v1/runs/{run_id}/events"), READER).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _consumer = Consumer::start(&app, &broker, &[]);
+    let events = events.await.unwrap();
+    let (first, data) = &events[0];
+    assert_eq!(first, "progress");
+    assert!(data.contains("\"status\":\"pending\""), "{events:?}");
+    let (last, summary) = events.last().unwrap();
+    assert_eq!(last, "completed", "{events:?}");
+    let summary: serde_json::Value = serde_json::from_str(summary).unwrap();
+    assert_eq!(summary["rows"], 3_000, "{summary}");
+
+    let run_id = body["run_id"].as_str().unwrap();
+    let run = get(addr, &format!("/v1/runs/{run_id}"), Some(READER)).await;
+    assert_eq!(run.status, 200);
+    assert_eq!(run.json()["status"], "completed");
+    let user: Option<String> =
+        sqlx::query_scalar("SELECT user_id FROM dsa_jobs.analysis_runs WHERE id = $1::uuid")
+            .bind(run_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(user.as_deref(), Some("web"));
+}
+
+#[tokio::test]
+async fn refusals_store_nothing() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let tokens = tokens_file();
+    let limit = 10 * 1024 * 1024;
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[
+            ("API_TOKENS_FILE", tokens.path().to_str().unwrap()),
+            ("IMPORT_MAX_FILE_SIZE", &limit.to_string()),
+        ],
+    );
+    let addr = server.metrics_addr().await;
+    let path = "/v1/datasets/sales/imports?filename=big.csv";
+
+    // A declared 10 GiB body is refused at once, before a byte of it is sent.
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {WRITER}\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                10u64 << 30
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert!(answer.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("IMPORT_MAX_FILE_SIZE"));
+
+    // A chunked body that passes the limit: its multipart upload (begun at 8 MiB) is
+    // aborted.
+    let mut big = sample_csv(150_000, 1);
+    big.truncate(limit as usize + 2 * 1024 * 1024);
+    assert!(big.len() > limit as usize);
+    let answer = upload(addr, path, Some(WRITER), "", &big).await;
+    assert_eq!(answer.status, 413, "{answer:?}\n{}", server.log());
+
+    // A PNG named .csv, and text named .xlsx.
+    let png = upload(
+        addr,
+        "/v1/datasets/sales/imports?filename=photo.csv",
+        Some(WRITER),
+        "",
+        b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
+    )
+    .await;
+    assert_eq!(png.status, 415, "{png:?}");
+    assert!(png.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("a PNG image"));
+    let text = upload(
+        addr,
+        "/v1/datasets/sales/imports?filename=book.xlsx",
+        Some(WRITER),
+        "",
+        b"id,name\n1,a\n",
+    )
+    .await;
+    assert_eq!(text.status, 415, "{text:?}");
+
+    // Who may do what.
+    let csv = b"id,name\n1,a\n";
+    assert_eq!(upload(addr, path, None, "", csv).await.status, 401);
+    assert_eq!(upload(addr, path, Some("wrong"), "", csv).await.status, 401);
+    let read_only = upload(addr, path, Some(READER), "", csv).await;
+    assert_eq!(read_only.status, 403, "{read_only:?}");
+    let elsewhere = upload(
+        addr,
+        "/v1/datasets/hr/imports?filename=a.csv",
+        Some(WRITER),
+        "",
+        csv,
+    )
+    .await;
+    assert_eq!(elsewhere.status, 403);
+    let detail = elsewhere.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("\"hr\"") && !detail.contains("sales") && !detail.contains(WRITER));
+
+    // A bad option is named.
+    let bad = upload(
+        addr,
+        "/v1/datasets/sales/imports?filename=a.csv&mode=merge",
+        Some(WRITER),
+        "",
+        csv,
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["detail"].as_str().unwrap().starts_with("mode="));
+
+    assert_eq!(multipart_uploads(&app).await, 0);
+    assert_eq!(objects(&app).await, 0);
+    assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_midway_leaves_nothing() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    // Without a tokens file the server refuses to start.
+    let mut refused = Consumer::start_server(&app, &broker, &[]);
+    let status = refused.exit(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    assert!(
+        refused.log().contains("API_TOKENS_FILE is not set"),
+        "{}",
+        refused.log()
+    );
+
+    let server = Consumer::start_server_with_args(&app, &broker, &["--insecure-no-auth"], &[]);
+    let addr = server.metrics_addr().await;
+    let mut stream = start_post(addr, "/v1/datasets/sales/imports?filename=a.csv", None, "").await;
+    let csv = sample_csv(120_000, 3);
+    // More than one part (8 MiB), so a multipart upload is open when the client goes.
+    for chunk in csv.chunks(64 * 1024).take(200) {
+        send_chunk(&mut stream, chunk).await.unwrap();
+    }
+    drop(stream);
+    crate::helpers::wait_until(
+        Duration::from_secs(30),
+        "the upload to be aborted",
+        || async { server.log().contains("upload refused") && multipart_uploads(&app).await == 0 },
+    )
+    .await;
+    assert_eq!(objects(&app).await, 0);
+    assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
+}
