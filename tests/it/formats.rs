@@ -455,6 +455,29 @@ async fn a_zip_of_one_table_is_read_and_a_zip_of_several_needs_a_member() {
         result.unwrap_err().to_string(),
         "two.zip: the zip has no member \"c.csv\"; it holds \"a.csv\", \"b.tsv\""
     );
+    // A zipped JSON Lines member is read as JSON Lines, by its own name.
+    app.put(
+        "events.zip",
+        zip_of(
+            &[("events.jsonl", &b"{\"a\":1}\n{\"a\":true,\"b\":null}\n"[..])],
+            true,
+        ),
+    )
+    .await;
+    let events = import(&app, "events", "events.zip", ImportOptions::default()).await;
+    assert_eq!(
+        app.commit_rows(&events.commit_id).await,
+        vec![
+            ("events:1".to_owned(), json!({"a": 1})),
+            ("events:2".to_owned(), json!({"a": true, "b": null})),
+        ]
+    );
+    let source = serde_json::to_value(&events.source).unwrap();
+    assert_eq!(source["format"], "jsonl");
+    assert_eq!(
+        source["text"],
+        json!({"encoding": "utf-8", "compression": "zip", "member": "events.jsonl"})
+    );
 }
 
 #[tokio::test]
