@@ -118,6 +118,18 @@ async fn import(app: &TestApp, dataset: &str, key: &str, options: ImportOptions)
     result.expect("import succeeds")
 }
 
+/// Resumes a stopped run as another process would: with a pool of its own (the stopped
+/// import's tasks were aborted mid-query, and a resume elsewhere never shares their
+/// connections).
+async fn resume(app: &TestApp, run_id: Uuid) -> ImportSummary {
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let importer = dsa_ingest::import::Importer::new(pool, Some(app.s3.clone()), test_settings());
+    importer
+        .run(run_id)
+        .await
+        .expect("the resumed import succeeds")
+}
+
 /// The commit's recorded dialect.
 fn dialect(summary: &ImportSummary) -> Value {
     serde_json::to_value(&summary.source).unwrap()["dialect"].clone()
@@ -584,7 +596,7 @@ async fn a_gzip_import_stopped_mid_file_resumes_to_the_same_tree() {
     assert!(checkpoint_byte > 0 && (checkpoint_byte as usize) < csv.len());
     assert!(object_byte > 0);
 
-    let resumed = app.importer(test_settings()).run(run_id).await.unwrap();
+    let resumed = resume(&app, run_id).await;
 
     assert_eq!(resumed.resumed_from_byte, checkpoint_byte as u64);
     assert_eq!(resumed.rows, 30_000);
@@ -784,4 +796,74 @@ async fn a_json_line_that_is_not_an_object_fails_its_row() {
         "{}",
         rejected[1].2
     );
+}
+
+#[tokio::test]
+async fn a_json_lines_import_stopped_mid_file_resumes_with_the_columns_it_had_seen() {
+    let app = spawn_app().await;
+    // 20,000 objects; the key `late` first appears after the stop.
+    let mut text = String::new();
+    for n in 1..=20_000u32 {
+        let row = if n > 15_000 {
+            json!({"n": n, "even": n % 2 == 0, "late": format!("x{n}")})
+        } else {
+            json!({"n": n, "even": n % 2 == 0})
+        };
+        text.push_str(&serde_json::to_string(&row).unwrap());
+        text.push('\n');
+    }
+    app.put("lines.jsonl", text.clone().into_bytes()).await;
+    app.put("reference.jsonl", text.into_bytes()).await;
+    let reference = import(
+        &app,
+        "reference",
+        "reference.jsonl",
+        ImportOptions::default(),
+    )
+    .await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let importer = app.importer(test_settings()).stop_on(stop.clone());
+    let parameters = ImportParameters {
+        source: app.location("lines.jsonl"),
+        expected_etag: None,
+        options: ImportOptions {
+            sheet_name: Some("reference".into()),
+            ..ImportOptions::default()
+        },
+    };
+    let (run_id, _) = importer
+        .create_run(&DatasetName::parse("lines").unwrap(), None, &parameters)
+        .await
+        .unwrap();
+    let running = tokio::spawn({
+        let importer = importer.clone();
+        async move { importer.run(run_id).await }
+    });
+    let pool = app.pool.clone();
+    wait_until(Duration::from_secs(60), "some batches to commit", || {
+        let pool = pool.clone();
+        async move {
+            let loaded: Option<i64> = sqlx::query_scalar(
+                "SELECT (checkpoint->>'loaded_rows')::bigint FROM dsa_jobs.analysis_runs WHERE id = $1",
+            )
+            .bind(run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            loaded.unwrap_or(0) >= 2_000
+        }
+    })
+    .await;
+    stop.cancel();
+    let error = running.await.unwrap().unwrap_err();
+    assert!(matches!(error, ImportError::Interrupted), "{error}");
+
+    let resumed = resume(&app, run_id).await;
+
+    assert!(resumed.resumed_from_byte > 0);
+    assert_eq!((resumed.rows, resumed.new_rows), (20_000, 0));
+    assert_eq!(resumed.tree_hash, reference.tree_hash);
+    assert_eq!(resumed.columns, vec!["even", "n", "late"]);
+    assert_eq!(resumed.columns, reference.columns);
 }
