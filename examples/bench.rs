@@ -9,7 +9,8 @@
 //! and, with `--parallel-rows N`, four files of N rows imported in one process one after
 //! another and then `IMPORT_PARALLEL_WORKERS` at a time.
 //!
-//! `cargo run --release --example bench -- [--rows N]... [--repeat R] [--parallel-rows N]`
+//! `cargo run --release --example bench -- [--rows N]... [--repeat R] [--parallel-rows N]
+//! [--keyed] [--gzip]`
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -51,6 +52,10 @@ struct Args {
     /// a server-side copy of its commit_rows.
     #[arg(long)]
     keyed: bool,
+    /// Also import the file gzip-compressed: a first import into an empty store, beside
+    /// the uncompressed first import.
+    #[arg(long)]
+    gzip: bool,
 }
 
 #[tokio::main]
@@ -60,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         repeat,
         parallel_rows,
         keyed,
+        gzip,
     } = clap::Parser::parse();
     let settings = Settings::from_env()?;
     let bucket = settings
@@ -84,6 +90,15 @@ async fn main() -> anyhow::Result<()> {
         let key = format!("bench/sample-{rows}.csv");
         upload(&s3, &bucket, &key, &path, bytes).await?;
         let source = format!("s3://{bucket}/{key}");
+        let gzip_source = if gzip {
+            let gz_path = path.with_extension("csv.gz");
+            let gz_bytes = ensure_gzip(&path, &gz_path)?;
+            let gz_key = format!("{key}.gz");
+            upload(&s3, &bucket, &gz_key, &gz_path, gz_bytes).await?;
+            Some(format!("s3://{bucket}/{gz_key}"))
+        } else {
+            None
+        };
         if keyed {
             keyed_modes(&binary, &database_url, &source, rows, repeat).await?;
         }
@@ -91,20 +106,30 @@ async fn main() -> anyhow::Result<()> {
         let mut baseline = Vec::new();
         let mut first = Vec::new();
         let mut second = Vec::new();
+        let mut compressed = Vec::new();
         for round in 0..repeat {
             reset_store(&database_url).await?;
             baseline.push(time_psql_copy(&database_url, &path)?);
             let dataset = format!("bench-{rows}-{round}");
             first.push(time_import(&binary, &database_url, &dataset, &source)?);
             second.push(time_import(&binary, &database_url, &dataset, &source)?);
+            if let Some(gzip_source) = &gzip_source {
+                reset_store(&database_url).await?;
+                let dataset = format!("bench-{rows}-{round}-gzip");
+                compressed.push(time_import(&binary, &database_url, &dataset, gzip_source)?);
+            }
         }
         let baseline = median(baseline);
         let base_seconds = baseline.seconds;
-        for (case, measurement) in [
+        let mut cases = vec![
             ("psql \\copy", baseline),
             ("first import", median(first)),
             ("second import", median(second)),
-        ] {
+        ];
+        if !compressed.is_empty() {
+            cases.push(("gzip import", median(compressed)));
+        }
+        for (case, measurement) in cases {
             let rss = measurement
                 .summary
                 .as_ref()
@@ -373,6 +398,21 @@ fn ensure_sample(path: &Path, rows: u64, seed: u64) -> anyhow::Result<u64> {
         std::fs::rename(&partial, path)?;
     }
     Ok(std::fs::metadata(path)?.len())
+}
+
+/// Writes `path` gzip-compressed (default level) to `gz_path` once; returns its size.
+fn ensure_gzip(path: &Path, gz_path: &Path) -> anyhow::Result<u64> {
+    if !gz_path.exists() {
+        let partial = gz_path.with_extension("partial");
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&partial)?),
+            flate2::Compression::default(),
+        );
+        std::io::copy(&mut std::fs::File::open(path)?, &mut encoder)?;
+        encoder.finish()?.into_inner()?.sync_all()?;
+        std::fs::rename(&partial, gz_path)?;
+    }
+    Ok(std::fs::metadata(gz_path)?.len())
 }
 
 async fn upload(

@@ -322,6 +322,9 @@ pub struct ImportSettings {
     pub max_file_size: u64,
     /// A CSV record longer than this fails the import (an unterminated quote, mostly).
     pub max_record_bytes: u64,
+    /// A compressed file that decompresses to more than this fails the import: a
+    /// decompression bomb is stopped while it streams (`IMPORT_MAX_DECOMPRESSED_SIZE`).
+    pub max_decompressed_size: u64,
     /// How long a claimed run stays ours without a new batch committing.
     pub lease_duration: Duration,
     /// Where spreadsheets are copied before they are read: their readers need to seek,
@@ -361,6 +364,7 @@ impl Default for ImportSettings {
             progress_update_interval: 10,
             max_file_size: 5 * 1024 * 1024 * 1024,
             max_record_bytes: 64 * 1024 * 1024,
+            max_decompressed_size: 64 * 1024 * 1024 * 1024,
             lease_duration: Duration::from_secs(60),
             spool_dir: env::temp_dir(),
             max_uncompressed_size: 16 * 1024 * 1024 * 1024,
@@ -433,6 +437,10 @@ impl Settings {
                 )?,
                 max_file_size: positive("IMPORT_MAX_FILE_SIZE", defaults.max_file_size)?,
                 max_record_bytes: positive("IMPORT_MAX_RECORD_BYTES", defaults.max_record_bytes)?,
+                max_decompressed_size: positive(
+                    "IMPORT_MAX_DECOMPRESSED_SIZE",
+                    defaults.max_decompressed_size,
+                )?,
                 lease_duration: Duration::from_secs(positive(
                     "IMPORT_LEASE_SECONDS",
                     defaults.lease_duration.as_secs(),

@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use crate::import::run::{ImportMode, ImportOptions, OnConflict};
+use crate::import::run::{ImportMode, ImportOptions, OnConflict, TextFormat};
 
 /// What a new run is asked to do, the same for `import` and `submit`.
 #[derive(Debug, Args)]
@@ -36,6 +36,30 @@ pub struct RunOptions {
     /// file's base name for its first import).
     #[arg(long, value_name = "NAME")]
     pub sheet_name: Option<String>,
+    /// Delimited text: the field delimiter, one byte (`\t` or `tab` for a tab; default:
+    /// a tab for .tsv and .tab, otherwise sniffed among , ; tab |).
+    #[arg(long, value_name = "BYTE")]
+    pub delimiter: Option<String>,
+    /// Delimited text: the quote character (default `"`).
+    #[arg(long, value_name = "BYTE")]
+    pub quote: Option<String>,
+    /// Delimited text: a byte that escapes a quote inside quotes (such as `\`).
+    #[arg(long, value_name = "BYTE")]
+    pub escape: Option<String>,
+    /// Delimited text: the first line is data; columns are named column_1, column_2, ...
+    #[arg(long)]
+    pub no_header: bool,
+    /// The text's encoding, any WHATWG label such as windows-1252 or shift_jis
+    /// (default: UTF-8, or UTF-16 by its byte order mark).
+    #[arg(long, value_name = "NAME")]
+    pub encoding: Option<String>,
+    /// A zip of several files: the member to import (its full name in the zip).
+    #[arg(long, value_name = "NAME")]
+    pub member: Option<String>,
+    /// Read a file that is not a spreadsheet as CSV or JSON Lines (default: JSON Lines
+    /// for .jsonl and .ndjson, CSV otherwise).
+    #[arg(long, value_enum)]
+    pub format: Option<TextFormat>,
 }
 
 impl RunOptions {
@@ -50,6 +74,13 @@ impl RunOptions {
             on_conflict: self.on_conflict,
             rekey: self.rekey,
             sheet_name: self.sheet_name.clone(),
+            delimiter: self.delimiter.clone(),
+            quote: self.quote.clone(),
+            escape: self.escape.clone(),
+            no_header: self.no_header,
+            encoding: self.encoding.clone(),
+            member: self.member.clone(),
+            format: self.format,
         };
         options.check()?;
         Ok(options)

@@ -655,7 +655,10 @@ impl ProgressReading {
         let progress = run.progress.as_deref().cloned().unwrap_or_default();
         let (checkpoint_bytes, checkpoint_rows) =
             run.checkpoint.as_deref().map_or((0, 0), |checkpoint| {
-                (checkpoint.byte_offset, checkpoint.records)
+                (
+                    checkpoint.object_offset.unwrap_or(checkpoint.byte_offset),
+                    checkpoint.records,
+                )
             });
         Self {
             status: run.status.clone(),

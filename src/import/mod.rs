@@ -34,7 +34,8 @@ use crate::config::ImportSettings;
 use crate::db::{self, DatasetError, DatasetName};
 use crate::metrics::{CompletedImport, FailureReason};
 use crate::runs::{self, ClaimError, ClaimedRun};
-use decode::csv::{CsvDecoder, CsvStart, RowEncoder};
+use decode::csv::{read_error, CsvDecoder, CsvFormat, CsvStart, RowEncoder};
+use decode::lines::LineReader;
 use decode::sheet::{self, SheetError, SheetFormat};
 use decode::{DecodeError, Header, HeaderChange};
 use fetch::{FetchError, Fetcher, ObjectInfo};
@@ -42,13 +43,14 @@ use finalise::{CommitFacts, FinaliseError, Finalised, Merge};
 use load::{LoadError, Loader, Lookup};
 use plan::PlanError;
 use produce::{
-    drop_known_rows, produce_batches, produce_sheet_batches, CsvRows, Produced, RowIdentity,
-    SheetJob,
+    drop_known_rows, produce_batches, produce_json_batches, produce_sheet_batches, CsvRows,
+    ObjectBytes, Produced, RowIdentity, SheetJob,
 };
 use run::{
     Checkpoint, CsvDialect, ImportMode, ImportParameters, ImportPlan, Layout, Lineage, OnConflict,
-    Progress,
+    Progress, TextFormat,
 };
+use tokio::io::AsyncReadExt;
 
 /// Batches decoded ahead of the loader; two keep both sides busy without piling up.
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -461,6 +463,7 @@ impl Importer {
         let resumed_from_byte = checkpoint.byte_offset;
 
         let sheet_format = Arc::new(std::sync::OnceLock::new());
+        let mut json_lines = false;
         let (producer, looker, mut receiver, header) = if spreadsheet {
             let input = fetcher.reader_from(&info, 0).await?;
             let (spooled, spool_usage) = sheet::spool::spool(
@@ -494,65 +497,203 @@ impl Importer {
             let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
             (producer, looker, receiver, None)
         } else {
-            let input = fetcher.reader_from(&info, checkpoint.byte_offset).await?;
-            let start = CsvStart {
-                byte: checkpoint.byte_offset,
-                line: checkpoint.line,
-                crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
-                at_top: false,
+            let file = parameters.source.file_name();
+            let resuming = checkpoint.header.is_some();
+            // Older checkpoints have no dialect: they were read with the default one.
+            let recorded = resuming.then(|| checkpoint.dialect.clone().unwrap_or_default());
+            let text = match &recorded {
+                Some(dialect) if !dialect.transformed() => None,
+                // Compressed or encoded text is read from the top on every attempt: a
+                // stream cannot be entered in the middle.
+                _ => Some(
+                    open_text(
+                        &fetcher,
+                        &info,
+                        file,
+                        &parameters.options,
+                        self.settings.max_decompressed_size,
+                    )
+                    .await?,
+                ),
             };
-            let mut decoder = CsvDecoder::open(
-                input,
-                parameters.source.file_name(),
-                start,
-                self.settings.max_record_bytes,
-            )
-            .await?;
-            let header = match checkpoint.header.clone() {
-                Some(header) => header,
-                None => {
-                    let header = decoder.read_header(self.settings.max_sheet_columns).await?;
-                    checkpoint.byte_offset = decoder.next_byte();
-                    checkpoint.line = decoder.next_line();
-                    checkpoint.header = Some(header.clone());
-                    header
+            let transformed = text.as_ref().is_some_and(|(text, _)| text.transformed());
+            let (input, object_bytes, end) = match text {
+                None => (
+                    fetcher.reader_from(&info, checkpoint.byte_offset).await?,
+                    None,
+                    info.size,
+                ),
+                Some((mut text, member)) => {
+                    if resuming {
+                        // Skipped, not parsed: these rows are in the commit already.
+                        let skipped = tokio::io::copy(
+                            &mut (&mut text.reader).take(checkpoint.byte_offset),
+                            &mut tokio::io::sink(),
+                        )
+                        .await
+                        .map_err(|error| read_error(file, 0, error))?;
+                        if skipped != checkpoint.byte_offset {
+                            return Err(ImportError::Resume(format!(
+                                "{file}: the decoded text ends at byte {skipped}, before the \
+                                 checkpoint's byte {}",
+                                checkpoint.byte_offset
+                            )));
+                        }
+                    }
+                    let object_bytes = transformed.then(|| Arc::clone(&text.object_bytes));
+                    let compression = text.compression.map(|c| c.name().to_owned());
+                    let encoding = decode::text::encoding_name(text.encoding);
+                    let end = member.as_ref().map_or(info.size, |member| {
+                        member.data_offset + member.compressed_size
+                    });
+                    if !resuming {
+                        checkpoint.dialect = Some(CsvDialect {
+                            encoding,
+                            compression,
+                            member: member.map(|member| member.name),
+                            ..CsvDialect::default()
+                        });
+                    }
+                    (text.reader, object_bytes, end)
                 }
             };
-
-            // Both connections are taken before any task starts, so a pool that cannot give
-            // the second fails here, with nothing left running.
-            let key = checkpoint
-                .plan
-                .key_columns(&header, parameters.source.file_name(), None)?
-                .map(|columns| {
-                    let names = columns.iter().map(|&c| header.columns[c].clone()).collect();
-                    (columns, names)
-                });
-            let identity = RowIdentity {
-                offset: checkpoint.plan.row_offset(&checkpoint.sheet),
-                key,
-                delete: parameters.options.mode == ImportMode::Delete,
-            };
-            let lookup = Lookup::new(&self.pool).await?;
-            let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
-            let producer = tokio::spawn(
-                produce_batches(
-                    decoder,
-                    Arc::new(CsvRows {
-                        encoder: RowEncoder::new(&header),
-                        identity,
-                    }),
-                    checkpoint.clone(),
-                    self.settings.batch_size,
-                    parameters.options.skip_bad_rows,
-                    info.size,
-                    sender,
+            let read_from = checkpoint
+                .dialect
+                .as_ref()
+                .and_then(|dialect| dialect.member.as_deref())
+                .unwrap_or(file);
+            if TextFormat::of(&parameters.options, read_from) == TextFormat::Jsonl {
+                json_lines = true;
+                let reader = LineReader::open(
+                    input,
+                    file,
+                    checkpoint.byte_offset,
+                    checkpoint.line,
+                    self.settings.max_record_bytes,
                 )
-                .in_current_span(),
-            );
-            let (sender, receiver) = mpsc::channel(1);
-            let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
-            (producer, looker, receiver, Some(header))
+                .await?;
+                if checkpoint.header.is_none() {
+                    checkpoint.byte_offset = reader.next_byte();
+                    checkpoint.header = Some(Header::resolve(&[]));
+                    checkpoint.dialect = Some(checkpoint.dialect.take().unwrap_or_default());
+                }
+                // Keys are looked up by name in each object: the columns grow as the
+                // file is read, so there is no header to find them in first.
+                let identity = RowIdentity {
+                    offset: checkpoint.plan.row_offset(&checkpoint.sheet),
+                    key: checkpoint
+                        .plan
+                        .key
+                        .clone()
+                        .map(|names| ((0..names.len()).collect(), names)),
+                    delete: parameters.options.mode == ImportMode::Delete,
+                };
+                let lookup = Lookup::new(&self.pool).await?;
+                let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+                let producer = tokio::spawn(
+                    produce_json_batches(
+                        reader,
+                        Arc::new(identity),
+                        checkpoint.clone(),
+                        self.settings.batch_size,
+                        parameters.options.skip_bad_rows,
+                        ObjectBytes {
+                            end,
+                            read: object_bytes,
+                        },
+                        sender,
+                    )
+                    .in_current_span(),
+                );
+                let (sender, receiver) = mpsc::channel(1);
+                let looker =
+                    tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+                (producer, looker, receiver, checkpoint.header.clone())
+            } else {
+                let format = match &recorded {
+                    Some(dialect) => csv_format(dialect),
+                    None => CsvFormat {
+                        delimiter: parameters
+                            .options
+                            .delimiter_byte()
+                            .or_else(|| tab_separated(read_from).then_some(b'\t')),
+                        quote: parameters.options.quote_byte(),
+                        escape: parameters.options.escape_byte(),
+                        header: !parameters.options.no_header,
+                    },
+                };
+                let start = CsvStart {
+                    byte: checkpoint.byte_offset,
+                    line: checkpoint.line,
+                    crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
+                    at_top: false,
+                };
+                let mut decoder =
+                    CsvDecoder::open(input, file, start, self.settings.max_record_bytes, format)
+                        .await?;
+                let header = match checkpoint.header.clone() {
+                    Some(header) => header,
+                    None => {
+                        let header = decoder.read_header(self.settings.max_sheet_columns).await?;
+                        if format.header {
+                            checkpoint.byte_offset = decoder.next_byte();
+                            checkpoint.line = decoder.next_line();
+                        }
+                        checkpoint.header = Some(header.clone());
+                        let (delimiter, sniffed) = decoder.delimiter();
+                        let read = checkpoint.dialect.take().unwrap_or_default();
+                        checkpoint.dialect = Some(CsvDialect {
+                            delimiter: char::from(delimiter).to_string(),
+                            quote: char::from(format.quote).to_string(),
+                            header: format.header,
+                            escape: format.escape.map(|escape| char::from(escape).to_string()),
+                            delimiter_sniffed: sniffed,
+                            ..read
+                        });
+                        header
+                    }
+                };
+                let dialect = checkpoint.dialect.clone().unwrap_or_default();
+
+                // Both connections are taken before any task starts, so a pool that cannot give
+                // the second fails here, with nothing left running.
+                let key = checkpoint
+                    .plan
+                    .key_columns(&header, parameters.source.file_name(), None)?
+                    .map(|columns| {
+                        let names = columns.iter().map(|&c| header.columns[c].clone()).collect();
+                        (columns, names)
+                    });
+                let identity = RowIdentity {
+                    offset: checkpoint.plan.row_offset(&checkpoint.sheet),
+                    key,
+                    delete: parameters.options.mode == ImportMode::Delete,
+                };
+                let lookup = Lookup::new(&self.pool).await?;
+                let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+                let producer = tokio::spawn(
+                    produce_batches(
+                        decoder,
+                        Arc::new(CsvRows {
+                            encoder: RowEncoder::new(&header).decoded_from(&dialect.encoding),
+                            identity,
+                        }),
+                        checkpoint.clone(),
+                        self.settings.batch_size,
+                        parameters.options.skip_bad_rows,
+                        ObjectBytes {
+                            end,
+                            read: object_bytes,
+                        },
+                        sender,
+                    )
+                    .in_current_span(),
+                );
+                let (sender, receiver) = mpsc::channel(1);
+                let looker =
+                    tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+                (producer, looker, receiver, Some(header))
+            }
         };
         // Dropping the guards aborts both tasks on every way out of this function (a
         // blocking producer stops at its next send, which finds the channel closed).
@@ -627,8 +768,14 @@ impl Importer {
         }
 
         let finalise_started = Instant::now();
+        // JSON Lines: the columns grew with the file; the last checkpoint has them all.
+        let header = if json_lines {
+            checkpoint.header.clone()
+        } else {
+            header
+        };
         let source = match &header {
-            Some(header) => lineage(&parameters, &info, header, &checkpoint),
+            Some(header) => lineage(&parameters, &info, header, &checkpoint, json_lines),
             None => sheet_lineage(&parameters, &info, sheet_format.get().copied(), &checkpoint),
         };
         let elapsed = started.elapsed();
@@ -705,25 +852,119 @@ impl Importer {
     }
 }
 
+/// The text of a file that may be compressed, encoded or zipped: the decoding thread's
+/// output when it is any of those, otherwise the object's own stream (from byte 0), and
+/// the zip member read, if any.
+async fn open_text(
+    fetcher: &Fetcher,
+    info: &ObjectInfo,
+    file: &str,
+    options: &run::ImportOptions,
+    max_decompressed: u64,
+) -> Result<(decode::text::Text, Option<decode::archive::Member>), ImportError> {
+    let declared = options.encoding.as_deref();
+    let mut input = fetcher.reader_from(info, 0).await?;
+    let mut magic = Vec::with_capacity(10);
+    (&mut input)
+        .take(10)
+        .read_to_end(&mut magic)
+        .await
+        .map_err(|error| read_error(file, 0, error))?;
+    if magic.starts_with(decode::archive::ZIP_MAGIC) {
+        drop(input);
+        let member =
+            decode::archive::locate(fetcher, info, file, options.member.as_deref()).await?;
+        let data = fetcher
+            .reader_from(info, member.data_offset)
+            .await?
+            .take(member.compressed_size);
+        let compression = decode::text::Compression::Zip {
+            deflated: member.deflated,
+        };
+        let text = decode::text::open(
+            Box::pin(data),
+            declared,
+            max_decompressed,
+            Some(compression),
+            member.data_offset,
+        )
+        .await
+        .map_err(|error| read_error(file, member.data_offset, error))?;
+        return Ok((text, Some(member)));
+    }
+    let input: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> =
+        Box::pin(std::io::Cursor::new(magic.clone()).chain(input));
+    let text = if decode::text::needs_decoding(&magic, declared) {
+        decode::text::open(input, declared, max_decompressed, None, 0)
+            .await
+            .map_err(|error| read_error(file, 0, error))?
+    } else {
+        decode::text::Text {
+            reader: input,
+            compression: None,
+            encoding: encoding_rs::UTF_8,
+            object_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    };
+    Ok((text, None))
+}
+
+/// How a resumed run splits records: as the dialect its checkpoint recorded.
+fn csv_format(dialect: &CsvDialect) -> CsvFormat {
+    let byte = |text: &str| text.chars().next().map(|c| c as u32 as u8);
+    CsvFormat {
+        delimiter: Some(byte(&dialect.delimiter).unwrap_or(b',')),
+        quote: byte(&dialect.quote).unwrap_or(b'"'),
+        escape: dialect.escape.as_deref().and_then(byte),
+        header: dialect.header,
+    }
+}
+
+/// Whether the name (the object's, or a zip member's) says tab-separated values (`.tsv`,
+/// `.tab`, also before a compression suffix: `data.tsv.gz`).
+fn tab_separated(file_name: &str) -> bool {
+    file_name.split('.').skip(1).any(|extension| {
+        extension.eq_ignore_ascii_case("tsv") || extension.eq_ignore_ascii_case("tab")
+    })
+}
+
 /// The commit's `source` for a CSV file.
 fn lineage(
     parameters: &ImportParameters,
     info: &ObjectInfo,
     header: &Header,
     checkpoint: &Checkpoint,
+    json_lines: bool,
 ) -> Lineage {
+    let dialect = checkpoint.dialect.clone().unwrap_or_default();
+    let (format, layout, parser) = if json_lines {
+        let text = run::TextLineage {
+            encoding: dialect.encoding,
+            compression: dialect.compression,
+            member: dialect.member,
+        };
+        let layout = Layout::JsonLines {
+            text,
+            columns: header.columns.clone(),
+            sheet: Some(checkpoint.sheet.clone()),
+        };
+        ("jsonl", layout, "serde_json")
+    } else {
+        let layout = Layout::Csv {
+            dialect,
+            columns: header.columns.clone(),
+            sheet: Some(checkpoint.sheet.clone()),
+        };
+        ("csv", layout, "csv-async")
+    };
     Lineage {
         location: parameters.source.clone(),
         etag: info.etag.clone(),
         version_id: info.version_id.clone(),
         size: info.size,
-        format: Some("csv".to_owned()),
-        layout: Layout::Csv {
-            dialect: CsvDialect::default(),
-            columns: header.columns.clone(),
-            sheet: Some(checkpoint.sheet.clone()),
-        },
-        parser: format!("dsa-ingest {} (csv-async)", env!("CARGO_PKG_VERSION")),
+        format: Some(format.to_owned()),
+        layout,
+        parser: format!("dsa-ingest {} ({parser})", env!("CARGO_PKG_VERSION")),
         mode: Some(parameters.options.mode),
         row_key: checkpoint.plan.key.clone(),
         sheet_order: vec![checkpoint.sheet.clone()],

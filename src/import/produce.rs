@@ -14,6 +14,7 @@ use csv_async::ByteRecord;
 use tokio::sync::mpsc;
 
 use super::decode::csv::{CsvDecoder, CsvStart, RowEncoder};
+use super::decode::lines::{parse_line, Line, LineReader};
 use super::decode::sheet::cells::CellValue;
 use super::decode::sheet::rows::{Flow, SheetEvent, TypedRowEncoder};
 use super::decode::sheet::{inspect::inspect, workbook::Workbook};
@@ -109,6 +110,24 @@ pub(super) enum Produced {
 
 pub(super) type Pipe = mpsc::Sender<Result<Produced, ImportError>>;
 
+/// Where the object's bytes stand while its text is parsed.
+pub(super) struct ObjectBytes {
+    /// Where they must end: the object's size, or the end of a zip member's data.
+    pub(super) end: u64,
+    /// Decoded text (see `decode::text`): the object's bytes read so far, since the
+    /// parser's positions count the text. `None` when the parser reads the object's
+    /// own bytes.
+    pub(super) read: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl ObjectBytes {
+    fn read(&self) -> Option<u64> {
+        self.read
+            .as_ref()
+            .map(|count| count.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// Record buffers larger than this are not kept for reuse.
 pub(super) const LARGE_RECORD_BYTES: usize = 1024 * 1024;
 
@@ -125,9 +144,11 @@ pub(super) async fn produce_batches(
     mut cursor: Checkpoint,
     batch_size: usize,
     skip_bad_rows: bool,
-    size: u64,
+    object: ObjectBytes,
     sender: Pipe,
 ) {
+    let size = object.end;
+    let object_read = || object.read();
     // Record buffers travel to the blocking pool and back, so their allocations are
     // reused batch after batch.
     let mut records: Vec<ByteRecord> = Vec::new();
@@ -151,12 +172,13 @@ pub(super) async fn produce_batches(
         if filled == 0 {
             // The parser ends exactly at the object's last byte; anywhere else, the
             // source delivered less than HEAD promised (a local file cut short).
-            let end = if decoder.next_byte() == size {
+            let read = object_read().unwrap_or(decoder.next_byte());
+            let end = if read == size {
                 Ok(Produced::End)
             } else {
                 Err(DecodeError::Truncated {
                     file: decoder.file().to_owned(),
-                    read: decoder.next_byte(),
+                    read,
                     size,
                 }
                 .into())
@@ -170,6 +192,7 @@ pub(super) async fn produce_batches(
         let mut next = cursor.clone();
         next.byte_offset = decoder.next_byte();
         next.line = decoder.next_line();
+        next.object_offset = object_read();
         let rows = Arc::clone(&rows);
         let encoded = tokio::task::spawn_blocking(move || {
             let result = encode_batch(
@@ -311,6 +334,185 @@ pub(super) fn encode_batch(
             }
         }
     }
+    next.loaded_rows += writer.rows();
+    next.rejected_rows += rejected.len() as u64;
+    next.tree_state = tree.to_hex();
+    Ok(Batch {
+        rows: writer.finish(),
+        rejected,
+        checkpoint: next,
+        encode_duration: started.elapsed(),
+        lookup_duration: Duration::ZERO,
+    })
+}
+
+/// Reads JSON Lines into batches and encodes each on the blocking pool, in file order,
+/// as [`produce_batches`] does for CSV.
+pub(super) async fn produce_json_batches(
+    mut reader: LineReader,
+    identity: Arc<RowIdentity>,
+    mut cursor: Checkpoint,
+    batch_size: usize,
+    skip_bad_rows: bool,
+    object: ObjectBytes,
+    sender: Pipe,
+) {
+    let end = object.end;
+    let object_read = || object.read();
+    let mut lines: Vec<Line> = Vec::new();
+    loop {
+        lines.resize_with(batch_size, Line::default);
+        let mut filled = 0;
+        let mut bytes = 0;
+        while filled < batch_size && bytes < MAX_BATCH_BYTES {
+            match reader.read_line(&mut lines[filled]).await {
+                Ok(true) => {
+                    bytes += lines[filled].text.len();
+                    filled += 1;
+                }
+                Ok(false) => break,
+                Err(error) => {
+                    let _ = sender.send(Err(error.into())).await;
+                    return;
+                }
+            }
+        }
+        if filled == 0 {
+            let read = object_read().unwrap_or(reader.next_byte());
+            let last = if read == end {
+                Ok(Produced::End)
+            } else {
+                Err(DecodeError::Truncated {
+                    file: reader.file().to_owned(),
+                    read,
+                    size: end,
+                }
+                .into())
+            };
+            let _ = sender.send(last).await;
+            return;
+        }
+        lines.truncate(filled);
+        let file = reader.file().to_owned();
+        let mut next = cursor.clone();
+        next.byte_offset = reader.next_byte();
+        next.line = reader.next_line();
+        next.object_offset = object_read();
+        let identity = Arc::clone(&identity);
+        let encoded = tokio::task::spawn_blocking(move || {
+            let result = encode_json_batch(&lines, &identity, &file, skip_bad_rows, next);
+            (result, lines)
+        })
+        .await;
+        let batch = match encoded {
+            Ok((result, returned)) => {
+                lines = returned;
+                for line in lines.iter_mut() {
+                    if line.text.capacity() > LARGE_RECORD_BYTES {
+                        *line = Line::default();
+                    }
+                }
+                result
+            }
+            Err(panic) => {
+                let message = format!("batch encoding panicked: {panic}");
+                let _ = sender.send(Err(ImportError::Internal(message))).await;
+                return;
+            }
+        };
+        match batch {
+            Ok(batch) => {
+                cursor = batch.checkpoint.clone();
+                if sender
+                    .send(Ok(Produced::Batch(Box::new(batch))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(error) => {
+                let _ = sender.send(Err(error)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The CPU part of a JSON Lines batch: each line parsed, its canonical JSON hashed and
+/// pushed like a CSV row; new keys grow the checkpoint's header. Keyed ids take the key
+/// columns by name from each object (a missing or null key is an empty key).
+fn encode_json_batch(
+    lines: &[Line],
+    identity: &RowIdentity,
+    file: &str,
+    skip_bad_rows: bool,
+    mut next: Checkpoint,
+) -> Result<Batch, ImportError> {
+    use serde_json::Value;
+    let started = Instant::now();
+    let mut tree = TreeHasher::from_hex(&next.tree_state)
+        .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
+    let mut writer = BatchWriter::new(&next.commit_id, &next.sheet, lines.len());
+    let mut rejected = Vec::new();
+    let mut header = next.header.take().unwrap_or_else(|| Header::resolve(&[]));
+    let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
+    let mut seen = BatchKeys::default();
+    let key_names = identity.key.as_ref().map(|(_, names)| names.as_slice());
+    for line in lines {
+        next.records += 1;
+        let n = next.records;
+        let pushed = parse_line(&line.text, &mut header).and_then(|row| {
+            let row_hash = hash::row_hash(&row.canonical);
+            let field =
+                |column: usize| match key_names.and_then(|names| row.object.get(&names[column])) {
+                    Some(Value::String(text)) => KeyValue::Text(text),
+                    Some(Value::Number(number)) => {
+                        KeyValue::Number(number.as_f64().unwrap_or_default())
+                    }
+                    Some(Value::Bool(flag)) => KeyValue::Bool(*flag),
+                    _ => KeyValue::Null,
+                };
+            let keyed = identity.push(
+                &mut writer,
+                &mut seen,
+                n,
+                line.line,
+                field,
+                &row_hash,
+                &row.canonical,
+            )?;
+            logical_row_id.clear();
+            if keyed {
+                next.key_trail.see(&next.sheet, &seen.last);
+                let _ = write!(logical_row_id, "{}:{}", next.sheet, seen.last);
+                tree.push(&logical_row_id, &row_hash);
+            } else if identity.key.is_none() {
+                let _ = write!(logical_row_id, "{}:{}", next.sheet, identity.offset + n);
+                tree.push(&logical_row_id, &row_hash);
+            }
+            Ok(())
+        });
+        match pushed {
+            Ok(()) => {}
+            Err(problem) if skip_bad_rows => rejected.push(RejectedRow {
+                line: line.line,
+                byte: line.byte,
+                raw: line.text.clone(),
+                problem,
+            }),
+            Err(problem) => {
+                return Err(DecodeError::BadRow {
+                    file: file.to_owned(),
+                    line: line.line,
+                    byte: line.byte,
+                    problem,
+                }
+                .into())
+            }
+        }
+    }
+    next.header = Some(header);
     next.loaded_rows += writer.rows();
     next.rejected_rows += rejected.len() as u64;
     next.tree_state = tree.to_hex();

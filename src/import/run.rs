@@ -57,6 +57,57 @@ pub struct ImportOptions {
     /// the file's base name for a dataset's first import).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sheet_name: Option<String>,
+    /// Delimited text: the field delimiter, one byte (`\t` or `tab` for a tab). Absent:
+    /// a tab for `.tsv` and `.tab` files, otherwise sniffed from the first lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<String>,
+    /// Delimited text: the quote character, one byte (default `"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<String>,
+    /// Delimited text: a byte that escapes a quote inside a quoted field (`\`), besides
+    /// the doubled quote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escape: Option<String>,
+    /// Delimited text: the first line is data; columns are named `column_1`, ...
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_header: bool,
+    /// The text's character encoding, any WHATWG label (`windows-1252`, `shift_jis`,
+    /// ...). Absent: UTF-8, or UTF-16 when the text starts with its byte order mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+    /// A zip of several files: the member to import, by its full name in the zip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// How to read a file that is not a spreadsheet. Absent: JSON Lines for names
+    /// ending in `.jsonl` or `.ndjson` (also before a compression suffix), else CSV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<TextFormat>,
+}
+
+/// The formats a file that is not a spreadsheet can be read as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TextFormat {
+    /// Delimited text (CSV, TSV, ...).
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl TextFormat {
+    /// The format `options` ask for, or the one the name says (`.jsonl`, `.ndjson`).
+    pub fn of(options: &ImportOptions, file_name: &str) -> Self {
+        options.format.unwrap_or_else(|| {
+            let json_lines = file_name.split('.').skip(1).any(|extension| {
+                extension.eq_ignore_ascii_case("jsonl") || extension.eq_ignore_ascii_case("ndjson")
+            });
+            if json_lines {
+                TextFormat::Jsonl
+            } else {
+                TextFormat::Csv
+            }
+        })
+    }
 }
 
 impl ImportOptions {
@@ -70,6 +121,13 @@ impl ImportOptions {
         "on_conflict",
         "rekey",
         "sheet_name",
+        "delimiter",
+        "quote",
+        "escape",
+        "no_header",
+        "encoding",
+        "member",
+        "format",
     ];
 
     /// Refuses combinations that no import can honour, before a run is created.
@@ -98,7 +156,70 @@ impl ImportOptions {
         if matches!(&self.sheet_name, Some(name) if name.is_empty()) {
             return Err("sheet_name must not be empty".to_owned());
         }
+        let delimiter = dialect_byte("delimiter", self.delimiter.as_deref())?;
+        let quote = dialect_byte("quote", self.quote.as_deref())?;
+        let escape = dialect_byte("escape", self.escape.as_deref())?;
+        for (name, byte) in [
+            ("delimiter", delimiter),
+            ("quote", quote),
+            ("escape", escape),
+        ] {
+            if matches!(byte, Some(b'\n' | b'\r')) {
+                return Err(format!("{name} cannot be a line end"));
+            }
+        }
+        if delimiter.is_some() && delimiter == quote.or(Some(b'"')) {
+            return Err("delimiter and quote must differ".to_owned());
+        }
+        if matches!(&self.member, Some(name) if name.is_empty()) {
+            return Err("member must not be empty".to_owned());
+        }
+        if let Some(label) = &self.encoding {
+            if encoding_rs::Encoding::for_label(label.trim().as_bytes()).is_none() {
+                return Err(format!(
+                    "encoding {label:?} is not a known label (windows-1252, iso-8859-15, \
+                     shift_jis, utf-16le, ...)"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The delimiter asked for, if any (checked by [`Self::check`]).
+    pub fn delimiter_byte(&self) -> Option<u8> {
+        dialect_byte("delimiter", self.delimiter.as_deref())
+            .ok()
+            .flatten()
+    }
+
+    /// The quote byte (default `"`).
+    pub fn quote_byte(&self) -> u8 {
+        dialect_byte("quote", self.quote.as_deref())
+            .ok()
+            .flatten()
+            .unwrap_or(b'"')
+    }
+
+    /// The escape byte asked for, if any.
+    pub fn escape_byte(&self) -> Option<u8> {
+        dialect_byte("escape", self.escape.as_deref())
+            .ok()
+            .flatten()
+    }
+}
+
+/// One byte of a CSV dialect as options spell it: the character itself, or `\t` /
+/// `tab` for a tab (a tab is awkward to type in a shell).
+fn dialect_byte(name: &str, value: Option<&str>) -> Result<Option<u8>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value {
+        "\\t" | "tab" | "\t" => Ok(Some(b'\t')),
+        text if text.len() == 1 => Ok(Some(text.as_bytes()[0])),
+        text => Err(format!(
+            "{name} must be a single byte (or \\t for a tab), not {text:?}"
+        )),
     }
 }
 
@@ -202,6 +323,15 @@ pub struct Checkpoint {
     /// Keyed runs: what the loaded keys said about their order (see `order.rs`).
     #[serde(default)]
     pub key_trail: KeyTrail,
+    /// Delimited text: the dialect decided when the header was read (a sniffed
+    /// delimiter is not sniffed again on resume). Absent in older checkpoints: the
+    /// default dialect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialect: Option<CsvDialect>,
+    /// Decoded text (see [`CsvDialect::transformed`]): bytes of the object read when
+    /// the batch was cut, for progress; `byte_offset` then counts the decoded text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_offset: Option<u64>,
 }
 
 impl Checkpoint {
@@ -224,6 +354,8 @@ impl Checkpoint {
             completed_sheets: Vec::new(),
             plan: ImportPlan::default(),
             key_trail: KeyTrail::new(),
+            dialect: None,
+            object_offset: None,
         }
     }
 }
@@ -353,15 +485,55 @@ pub enum Layout {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sheets_requested: Option<Vec<String>>,
     },
+    /// JSON Lines: the columns are the union of the objects' keys, in the order first
+    /// seen.
+    JsonLines {
+        text: TextLineage,
+        columns: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sheet: Option<String>,
+    },
 }
 
-/// The CSV dialect a file was read with.
+/// How a JSON Lines file's text was read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextLineage {
+    pub encoding: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+}
+
+/// The CSV dialect a file was read with, and what it took to get at its text.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CsvDialect {
     pub delimiter: String,
     pub quote: String,
     pub header: bool,
+    /// The WHATWG name of the encoding the text was decoded from (`utf-8`, `utf-16le`,
+    /// `windows-1252`, ...).
     pub encoding: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escape: Option<String>,
+    /// Whether the delimiter was sniffed from the first lines rather than given or
+    /// implied by the name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delimiter_sniffed: bool,
+    /// The compression the content was found in (`gzip`, `zstd`, `bzip2`, `zip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// A zip: the member that was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+}
+
+impl CsvDialect {
+    /// Whether the parser reads other bytes than the object's own: then positions count
+    /// the decoded UTF-8 text, and a resume decodes from the top and skips to them.
+    pub fn transformed(&self) -> bool {
+        self.compression.is_some() || self.encoding != "utf-8"
+    }
 }
 
 impl Default for CsvDialect {
@@ -371,6 +543,10 @@ impl Default for CsvDialect {
             quote: "\"".to_owned(),
             header: true,
             encoding: "utf-8".to_owned(),
+            escape: None,
+            delimiter_sniffed: false,
+            compression: None,
+            member: None,
         }
     }
 }
@@ -389,8 +565,11 @@ impl Lineage {
         match &self.layout {
             Layout::Csv {
                 sheet: Some(sheet), ..
+            }
+            | Layout::JsonLines {
+                sheet: Some(sheet), ..
             } => vec![sheet.clone()],
-            Layout::Csv { sheet: None, .. } => {
+            Layout::Csv { sheet: None, .. } | Layout::JsonLines { sheet: None, .. } => {
                 vec![sheet_name(self.location.file_name())]
             }
             Layout::Sheets { sheets, .. } => {
@@ -403,7 +582,7 @@ impl Lineage {
     pub fn sheets(&self) -> &[SheetLineage] {
         match &self.layout {
             Layout::Sheets { sheets, .. } => sheets,
-            Layout::Csv { .. } => &[],
+            Layout::Csv { .. } | Layout::JsonLines { .. } => &[],
         }
     }
 }
@@ -429,10 +608,11 @@ impl Progress {
         rows_this_attempt: u64,
         elapsed: Duration,
     ) -> Self {
+        let bytes_processed = checkpoint.object_offset.unwrap_or(checkpoint.byte_offset);
         let percentage = if total_bytes == 0 {
             100.0
         } else {
-            (checkpoint.byte_offset as f64 / total_bytes as f64 * 10_000.0).round() / 100.0
+            (bytes_processed as f64 / total_bytes as f64 * 10_000.0).round() / 100.0
         };
         let rows_per_second = if elapsed.as_secs_f64() > 0.0 {
             (rows_this_attempt as f64 / elapsed.as_secs_f64()).round()
@@ -440,14 +620,14 @@ impl Progress {
             0.0
         };
         Self {
-            bytes_processed: checkpoint.byte_offset,
+            bytes_processed,
             total_bytes,
             percentage,
             rows_processed: checkpoint.records,
             rows_per_second,
             status: format!(
                 "Processing: {percentage:.1}% ({} rows, {} bytes of {})",
-                checkpoint.records, checkpoint.byte_offset, total_bytes
+                checkpoint.records, bytes_processed, total_bytes
             ),
         }
     }

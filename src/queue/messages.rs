@@ -329,6 +329,36 @@ mod tests {
     }
 
     #[test]
+    fn a_request_carries_the_dialect_options_and_refuses_bad_ones() {
+        let body = br#"{"idempotency_key": "k1", "dataset": "orders",
+                        "source": {"bucket": "b", "key": "orders/a.txt"},
+                        "options": {"delimiter": "\\t", "quote": "'", "escape": "\\",
+                                    "no_header": true, "encoding": "windows-1252"}}"#;
+        let ImportMessage::Request(request) = parse(body).unwrap() else {
+            panic!("not a request")
+        };
+        assert_eq!(request.options.delimiter_byte(), Some(b'\t'));
+        assert_eq!(request.options.quote_byte(), b'\'');
+        assert_eq!(request.options.escape_byte(), Some(b'\\'));
+        assert!(request.options.no_header);
+        assert_eq!(request.options.encoding.as_deref(), Some("windows-1252"));
+
+        let bad = br#"{"idempotency_key": "k1", "dataset": "orders",
+                       "source": {"bucket": "b", "key": "a.csv"},
+                       "options": {"encoding": "klingon"}}"#;
+        let error = parse(bad).unwrap_err().to_string();
+        assert!(
+            error.contains("encoding \"klingon\" is not a known label"),
+            "{error}"
+        );
+        let bad = br#"{"idempotency_key": "k1", "dataset": "orders",
+                       "source": {"bucket": "b", "key": "a.csv"},
+                       "options": {"delimiter": ";;"}}"#;
+        let error = parse(bad).unwrap_err().to_string();
+        assert!(error.contains("delimiter must be a single byte"), "{error}");
+    }
+
+    #[test]
     fn a_request_needs_exactly_one_dataset() {
         let body = br#"{"idempotency_key": "k1", "dataset": "orders",
                         "source": {"bucket": "b", "key": "orders/a.csv"},

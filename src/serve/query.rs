@@ -3,7 +3,7 @@
 
 use percent_encoding::percent_decode_str;
 
-use crate::import::run::{ImportMode, ImportOptions, OnConflict};
+use crate::import::run::ImportOptions;
 
 /// Query strings longer than this are refused: no option needs more, and a limit
 /// keeps a request's cost bounded before anything is looked up.
@@ -55,74 +55,57 @@ impl UploadQuery {
             ));
         }
         let mut filename = None;
-        let mut options = ImportOptions::default();
+        // The options as the JSON object an import request carries, so they are read
+        // by the same `ImportOptions` and its checks, whatever options it gains.
+        let mut fields = serde_json::Map::new();
         let mut sheets = Vec::new();
         for (name, value) in pairs(query)? {
-            let once = |seen: bool| {
-                if seen {
-                    Err(format!("{name} is given twice"))
-                } else {
-                    Ok(())
-                }
-            };
             match name.as_str() {
                 "filename" => {
-                    once(filename.is_some())?;
+                    if filename.is_some() {
+                        return Err("filename is given twice".to_owned());
+                    }
                     filename = Some(value);
+                    continue;
                 }
-                "sheet" => sheets.push(value),
-                "skip_bad_rows" => options.skip_bad_rows = boolean(&name, &value)?,
-                "rekey" => options.rekey = boolean(&name, &value)?,
-                "message" => {
-                    once(options.message.is_some())?;
-                    options.message = Some(value);
+                "sheet" => {
+                    sheets.push(serde_json::Value::String(value));
+                    continue;
                 }
-                "sheet_name" => {
-                    once(options.sheet_name.is_some())?;
-                    options.sheet_name = Some(value);
+                _ => {}
+            }
+            if name == "sheets" || !ImportOptions::FIELDS.contains(&name.as_str()) {
+                return Err(format!(
+                    "unknown query parameter {name:?}; the parameters are filename, sheet \
+                     (repeatable) and the import options {}",
+                    ImportOptions::FIELDS
+                        .iter()
+                        .filter(|field| **field != "sheets")
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            let json = match name.as_str() {
+                "skip_bad_rows" | "rekey" | "no_header" => {
+                    serde_json::Value::Bool(boolean(&name, &value)?)
                 }
                 // COL or COL,COL,... as on the command line.
-                "key" => {
-                    once(options.key.is_some())?;
-                    options.key = Some(value.split(',').map(str::to_owned).collect());
-                }
-                "mode" => {
-                    options.mode = match value.as_str() {
-                        "replace" => ImportMode::Replace,
-                        "append" => ImportMode::Append,
-                        "upsert" => ImportMode::Upsert,
-                        "delete" => ImportMode::Delete,
-                        _ => {
-                            return Err(format!(
-                                "mode={value:?}: expected replace, append, upsert or delete"
-                            ))
-                        }
-                    }
-                }
-                "on_conflict" => {
-                    options.on_conflict = match value.as_str() {
-                        "fail" => OnConflict::Fail,
-                        "ignore" => OnConflict::Ignore,
-                        "update" => OnConflict::Update,
-                        _ => {
-                            return Err(format!(
-                                "on_conflict={value:?}: expected fail, ignore or update"
-                            ))
-                        }
-                    }
-                }
-                _ => {
-                    return Err(format!(
-                        "unknown query parameter {name:?}; the parameters are filename, \
-                         sheet (repeatable), skip_bad_rows, message, key, mode, \
-                         on_conflict, rekey and sheet_name"
-                    ))
-                }
+                "key" => value
+                    .split(',')
+                    .map(|column| serde_json::Value::String(column.to_owned()))
+                    .collect(),
+                _ => serde_json::Value::String(value.clone()),
+            };
+            if fields.insert(name.clone(), json).is_some() {
+                return Err(format!("{name} is given twice"));
             }
         }
         if !sheets.is_empty() {
-            options.sheets = Some(sheets);
+            fields.insert("sheets".to_owned(), serde_json::Value::Array(sheets));
         }
+        let options: ImportOptions = serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|error| format!("the import options: {error}"))?;
         let filename = filename.ok_or_else(|| {
             "filename is missing: give the file's name as ?filename=NAME.csv (its \
              extension decides how it is read)"
@@ -148,6 +131,7 @@ impl UploadQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::import::run::{ImportMode, OnConflict};
 
     #[test]
     fn options_map_onto_import_options() {
@@ -171,12 +155,25 @@ mod tests {
     }
 
     #[test]
+    fn reading_options_come_through_as_in_an_import_request() {
+        let query = UploadQuery::parse(Some(
+            "filename=a.txt&delimiter=%3B&encoding=windows-1252&no_header",
+        ))
+        .unwrap();
+        assert_eq!(query.options.delimiter.as_deref(), Some(";"));
+        assert_eq!(query.options.encoding.as_deref(), Some("windows-1252"));
+        assert!(query.options.no_header);
+    }
+
+    #[test]
     fn mistakes_name_the_parameter() {
         let error = |query| UploadQuery::parse(Some(query)).unwrap_err();
         assert!(error("").starts_with("filename is missing"));
         assert!(error("filename=a.csv&colour=red").contains("\"colour\""));
         assert!(error("filename=a/b.csv").starts_with("filename=\"a/b.csv\""));
-        assert!(error("filename=a.csv&mode=merge").starts_with("mode=\"merge\""));
+        let mode = error("filename=a.csv&mode=merge");
+        assert!(mode.contains("merge") && mode.contains("upsert"), "{mode}");
+        assert!(error("filename=a.csv&key=id&key=x").contains("key is given twice"));
         assert_eq!(
             error("filename=a.csv&on_conflict=ignore"),
             "on_conflict is for mode append only, not replace"

@@ -7,6 +7,7 @@ mod broker_wide;
 mod consume;
 mod faults;
 mod fetch;
+mod formats;
 mod helpers;
 mod history;
 mod import;

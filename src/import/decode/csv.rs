@@ -8,25 +8,128 @@ use std::sync::Arc;
 
 use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncRead};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::text::TextError;
 use super::{CanonicalKeys, DecodeError, Header, RowProblem};
 use crate::import::fetch::FetchError;
 use crate::import::hash::write_json_string;
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// How much of the text's top is read before parsing: enough lines to sniff the
+/// delimiter from.
+const SNIFF_BYTES: usize = 64 * 1024;
+
+/// Lines the delimiter is sniffed from, at most.
+const SNIFF_LINES: usize = 50;
+
+/// The delimiters sniffed for, in the order that breaks a tie.
+const SNIFFED_DELIMITERS: [u8; 4] = [b',', b';', b'\t', b'|'];
+
+/// How records are split: the dialect options, with the delimiter left to sniffing
+/// when none was given or implied by the name.
+#[derive(Clone, Copy, Debug)]
+pub struct CsvFormat {
+    pub delimiter: Option<u8>,
+    pub quote: u8,
+    pub escape: Option<u8>,
+    /// Whether the first record is the header (otherwise columns are `column_N`).
+    pub header: bool,
+}
+
+impl Default for CsvFormat {
+    fn default() -> Self {
+        Self {
+            delimiter: Some(b','),
+            quote: b'"',
+            escape: None,
+            header: true,
+        }
+    }
+}
+
+/// Picks the delimiter of `sample` (the text's first lines) among `,` `;` tab and `|`:
+/// the one that splits the most lines into as many fields as the first line, then the
+/// one that gives the first line more fields, then the first in that order. Delimiters
+/// inside quotes do not count; a candidate the first line lacks is not one. Without
+/// any, the text is one column and `,` is as good as another.
+pub fn sniff_delimiter(sample: &[u8], quote: u8, complete: bool) -> u8 {
+    let mut lines: Vec<[usize; 4]> = Vec::new();
+    let mut counts = [0usize; 4];
+    let mut length = 0usize;
+    let mut quoted = false;
+    for &byte in sample {
+        if byte == quote {
+            quoted = !quoted;
+            length += 1;
+            continue;
+        }
+        match byte {
+            // A line end inside quotes is part of a value, not the end of a record.
+            b'\n' if !quoted => {
+                if length > 0 {
+                    lines.push(counts);
+                }
+                counts = [0; 4];
+                length = 0;
+                if lines.len() == SNIFF_LINES {
+                    break;
+                }
+            }
+            b'\r' => {}
+            _ => {
+                length += 1;
+                if !quoted {
+                    if let Some(index) = SNIFFED_DELIMITERS.iter().position(|&c| c == byte) {
+                        counts[index] += 1;
+                    }
+                }
+            }
+        }
+    }
+    // A last line cut off by the sample's end would count short.
+    if complete && length > 0 && lines.len() < SNIFF_LINES {
+        lines.push(counts);
+    }
+    let Some(first) = lines.first() else {
+        return b',';
+    };
+    (0..SNIFFED_DELIMITERS.len())
+        .filter(|&index| first[index] > 0)
+        .max_by_key(|&index| {
+            let matching = lines
+                .iter()
+                .filter(|line| line[index] == first[index])
+                .count();
+            (matching, first[index], std::cmp::Reverse(index))
+        })
+        .map_or(b',', |index| SNIFFED_DELIMITERS[index])
+}
+
 /// Turns records into canonical JSON objects (RFC 8785) with the header's names as keys.
 #[derive(Clone, Debug)]
 pub struct RowEncoder {
     keys: CanonicalKeys,
+    /// The encoding the text was decoded from, when not UTF-8: invalid bytes are then
+    /// the decoder's mark for a sequence invalid in it.
+    encoding: Option<String>,
 }
 
 impl RowEncoder {
     pub fn new(header: &Header) -> Self {
         Self {
             keys: CanonicalKeys::new(header),
+            encoding: None,
         }
+    }
+
+    /// For text decoded from another encoding than UTF-8 (its lineage name).
+    pub fn decoded_from(mut self, encoding: &str) -> Self {
+        if encoding != "utf-8" {
+            self.encoding = Some(encoding.to_owned());
+        }
+        self
     }
 
     /// Appends the record's canonical JSON to `out`; on error `out` is left as it was.
@@ -54,11 +157,16 @@ impl RowEncoder {
                 Ok(text) => text,
                 Err(error) => {
                     out.truncate(start);
-                    return Err(RowProblem::InvalidUtf8 {
-                        column: column + 1,
-                        byte: record_byte
-                            + field_offset(record, column)
-                            + error.valid_up_to() as u64,
+                    let column = column + 1;
+                    let byte =
+                        record_byte + field_offset(record, column - 1) + error.valid_up_to() as u64;
+                    return Err(match &self.encoding {
+                        Some(encoding) => RowProblem::InvalidEncoding {
+                            column,
+                            byte,
+                            encoding: encoding.clone(),
+                        },
+                        None => RowProblem::InvalidUtf8 { column, byte },
                     });
                 }
             };
@@ -162,10 +270,19 @@ impl AsyncRead for RecordLimit {
 }
 
 /// Turns an I/O error under the parser into a decode error, keeping a failed fetch
-/// (object changed, store down) visible as what it is.
-fn read_error(file: &str, byte: u64, error: std::io::Error) -> DecodeError {
+/// (object changed, store down) and a decompression problem visible as what they are.
+pub fn read_error(file: &str, byte: u64, error: std::io::Error) -> DecodeError {
     let message = error.to_string();
     if let Some(inner) = error.into_inner() {
+        let inner = match inner.downcast::<TextError>() {
+            Ok(problem) => {
+                return DecodeError::Text {
+                    file: file.to_owned(),
+                    problem: *problem,
+                }
+            }
+            Err(inner) => inner,
+        };
         match inner.downcast::<FetchError>() {
             Ok(fetch) => return DecodeError::Source(*fetch),
             Err(inner) => {
@@ -222,38 +339,48 @@ pub struct CsvDecoder {
     start: CsvStart,
     /// Bytes delivered to the parser since the last complete record (see [`RecordLimit`]).
     since_record: Arc<AtomicU64>,
+    format: CsvFormat,
+    /// Whether the delimiter was sniffed.
+    sniffed: bool,
+    /// Without a header: the first record, read to count the columns and returned
+    /// again as the first data row.
+    pending: Option<ByteRecord>,
 }
 
 impl CsvDecoder {
-    /// `input` must deliver the object's bytes from `start.byte` on. At the top of the
-    /// object a UTF-8 byte order mark is skipped (before the parser sees it, so a quoted
-    /// first header cell stays quoted) and `start.crlf` is found out; a resumed read
-    /// takes it from the header.
+    /// `input` must deliver the text from `start.byte` on. At the top of the text a
+    /// UTF-8 byte order mark is skipped (before the parser sees it, so a quoted first
+    /// header cell stays quoted), `start.crlf` is found out and a missing delimiter is
+    /// sniffed from the first lines; a resumed read takes them from the checkpoint.
     /// Records longer than `max_record_bytes` are refused.
     pub async fn open(
-        input: Pin<Box<dyn AsyncRead + Send>>,
+        mut input: Pin<Box<dyn AsyncRead + Send>>,
         file: &str,
         mut start: CsvStart,
         max_record_bytes: u64,
+        mut format: CsvFormat,
     ) -> Result<Self, DecodeError> {
-        let since_record = Arc::new(AtomicU64::new(0));
-        let limited = RecordLimit {
-            inner: input,
-            since_record: since_record.clone(),
-            limit: max_record_bytes,
-        };
-        let mut input = tokio::io::BufReader::with_capacity(256 * 1024, limited);
+        let mut sniffed = false;
         if start.byte == 0 {
             start.at_top = true;
-            let buffer = input
-                .fill_buf()
-                .await
-                .map_err(|error| read_error(file, 0, error))?;
+            let mut top = Vec::with_capacity(SNIFF_BYTES);
+            while top.len() < SNIFF_BYTES {
+                let wanted = (SNIFF_BYTES - top.len()) as u64;
+                let read = (&mut input)
+                    .take(wanted)
+                    .read_to_end(&mut top)
+                    .await
+                    .map_err(|error| read_error(file, top.len() as u64, error))?;
+                if read == 0 {
+                    break;
+                }
+            }
+            let complete = top.len() < SNIFF_BYTES;
             // A spreadsheet under a CSV name would otherwise fail later, on a line that
             // means nothing to the person who uploaded it.
-            let found = if buffer.starts_with(b"PK\x03\x04") {
+            let found = if top.starts_with(b"PK\x03\x04") {
                 Some("a zip archive (xlsx, xlsb or ods?)")
-            } else if buffer.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]) {
+            } else if top.starts_with(&[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]) {
                 Some("an OLE2 compound file (xls?)")
             } else {
                 None
@@ -264,28 +391,44 @@ impl CsvDecoder {
                     found,
                 });
             }
-            if buffer.starts_with(UTF8_BOM) {
-                input.consume(UTF8_BOM.len());
+            if top.starts_with(UTF8_BOM) {
+                top.drain(..UTF8_BOM.len());
                 start.byte = UTF8_BOM.len() as u64;
             }
-            let buffer = input
-                .fill_buf()
-                .await
-                .map_err(|error| read_error(file, start.byte, error))?;
-            start.crlf = first_line_ends_in_crlf(buffer);
+            start.crlf = first_line_ends_in_crlf(&top);
+            if format.delimiter.is_none() {
+                format.delimiter = Some(sniff_delimiter(&top, format.quote, complete));
+                sniffed = true;
+            }
+            input = Box::pin(std::io::Cursor::new(top).chain(input));
         }
-        let mut decoder = Self::new(Box::pin(input), file, start);
+        let since_record = Arc::new(AtomicU64::new(0));
+        let limited = RecordLimit {
+            inner: input,
+            since_record: since_record.clone(),
+            limit: max_record_bytes,
+        };
+        let mut decoder = Self::new(Box::pin(limited), file, start, format);
         decoder.since_record = since_record;
+        decoder.sniffed = sniffed;
         Ok(decoder)
     }
 
-    fn new(input: Pin<Box<dyn AsyncRead + Send>>, file: &str, start: CsvStart) -> Self {
+    fn new(
+        input: Pin<Box<dyn AsyncRead + Send>>,
+        file: &str,
+        start: CsvStart,
+        format: CsvFormat,
+    ) -> Self {
         let reader = AsyncReaderBuilder::new()
             // After an I/O error every further read must fail too, never look like the
             // end of the file.
             .end_on_io_error(false)
             .has_headers(false)
             .flexible(true)
+            .delimiter(format.delimiter.unwrap_or(b','))
+            .quote(format.quote)
+            .escape(format.escape)
             .buffer_capacity(256 * 1024)
             .create_reader(input);
         Self {
@@ -293,13 +436,24 @@ impl CsvDecoder {
             file: file.to_owned(),
             start,
             since_record: Arc::new(AtomicU64::new(0)),
+            format,
+            sniffed: false,
+            pending: None,
         }
+    }
+
+    /// The delimiter the decoder splits on, and whether it was sniffed.
+    pub fn delimiter(&self) -> (u8, bool) {
+        (self.format.delimiter.unwrap_or(b','), self.sniffed)
     }
 
     /// Reads the header row; only valid at the top of the object. A header wider than
     /// `max_columns` is refused before its names are looked at, and the names are
     /// checked and made unique on the blocking pool: a hostile header is CPU work that
     /// must not hold an async worker (lease renewals and `/healthz` run there).
+    ///
+    /// Without a header (`--no-header`) the first record only counts the columns,
+    /// named `column_1`, `column_2`, ..., and is the first data row.
     pub async fn read_header(&mut self, max_columns: u64) -> Result<Header, DecodeError> {
         let Some(first) = self.next_record().await? else {
             return Err(DecodeError::MissingHeader {
@@ -312,6 +466,17 @@ impl CsvDecoder {
                 columns: first.record.len(),
                 limit: max_columns,
             });
+        }
+        if !self.format.header {
+            let header = Header {
+                columns: (1..=first.record.len())
+                    .map(|column| format!("column_{column}"))
+                    .collect(),
+                changes: Vec::new(),
+                crlf: self.start.crlf,
+            };
+            self.pending = Some(first.record);
+            return Ok(header);
         }
         let file = self.file.clone();
         let crlf = self.start.crlf;
@@ -340,6 +505,10 @@ impl CsvDecoder {
 
     /// Reads the next record into `record`, reusing its allocation; `false` at the end.
     pub async fn read_record(&mut self, record: &mut ByteRecord) -> Result<bool, DecodeError> {
+        if let Some(pending) = self.pending.take() {
+            *record = pending;
+            return Ok(true);
+        }
         let record_start = self.next_byte();
         match self.reader.read_byte_record(record).await {
             Ok(more) => {
@@ -426,6 +595,7 @@ mod tests {
             "t.csv",
             start,
             1 << 20,
+            CsvFormat::default(),
         )
         .await
         .unwrap();
@@ -449,9 +619,15 @@ mod tests {
     #[tokio::test]
     async fn positions_are_absolute_and_resumable_with_bom_crlf_and_embedded_newlines() {
         let data: &'static [u8] = b"\xEF\xBB\xBFh1,h2\r\n\"a\nb\",c\r\nd,e\r\n";
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
-            .await
-            .unwrap();
+        let mut decoder = CsvDecoder::open(
+            Box::pin(data),
+            "t.csv",
+            top(),
+            1 << 20,
+            CsvFormat::default(),
+        )
+        .await
+        .unwrap();
         let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["h1", "h2"]);
         assert!(header.crlf);
@@ -475,9 +651,15 @@ mod tests {
     #[tokio::test]
     async fn a_byte_order_mark_before_a_quoted_header_cell_is_not_part_of_it() {
         let data: &'static [u8] = b"\xEF\xBB\xBF\"id, with comma\",b\r\n1,2\r\n";
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
-            .await
-            .unwrap();
+        let mut decoder = CsvDecoder::open(
+            Box::pin(data),
+            "t.csv",
+            top(),
+            1 << 20,
+            CsvFormat::default(),
+        )
+        .await
+        .unwrap();
         let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["id, with comma", "b"]);
         let first = decoder.next_record().await.unwrap().unwrap();
@@ -487,9 +669,15 @@ mod tests {
     #[tokio::test]
     async fn a_nul_in_a_header_name_is_refused_naming_the_column() {
         let data: &'static [u8] = b"a,b\x00\n1,2\n";
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
-            .await
-            .unwrap();
+        let mut decoder = CsvDecoder::open(
+            Box::pin(data),
+            "t.csv",
+            top(),
+            1 << 20,
+            CsvFormat::default(),
+        )
+        .await
+        .unwrap();
         let error = decoder.read_header(4096).await.unwrap_err().to_string();
         assert_eq!(
             error,
@@ -502,9 +690,15 @@ mod tests {
         let mut data = b"a,b\n1,2\n3,\"open".to_vec();
         data.extend(std::iter::repeat_n(b'x', 4 << 20));
         let data: &'static [u8] = Box::leak(data.into_boxed_slice());
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20)
-            .await
-            .unwrap();
+        let mut decoder = CsvDecoder::open(
+            Box::pin(data),
+            "t.csv",
+            top(),
+            1 << 20,
+            CsvFormat::default(),
+        )
+        .await
+        .unwrap();
         decoder.read_header(4096).await.unwrap();
         let mut record = ByteRecord::new();
         assert!(decoder.read_record(&mut record).await.unwrap());
@@ -535,6 +729,52 @@ mod tests {
                 String::from_utf8_lossy(data)
             );
         }
+    }
+
+    #[test]
+    fn the_delimiter_is_sniffed_from_the_lines_it_splits_alike() {
+        // European numbers: the comma is inside values, the semicolon splits.
+        assert_eq!(
+            sniff_delimiter(b"name;price\nfoo;1,5\nbar;2,25\n", b'"', true),
+            b';'
+        );
+        assert_eq!(sniff_delimiter(b"a\tb\tc\n1\t2,5\t3\n", b'"', true), b'\t');
+        assert_eq!(sniff_delimiter(b"a|b\n\"x|y\"|2\n", b'"', true), b'|');
+        // Delimiters inside quotes, even across lines, do not count.
+        assert_eq!(
+            sniff_delimiter(b"a,b\n\"1;2\n3;4\",5\n6,7\n", b'"', true),
+            b','
+        );
+        // A tie on every line: more fields wins, then the order , ; tab |.
+        assert_eq!(sniff_delimiter(b"a;b;c,d\n1;2;3,4\n", b'"', true), b';');
+        assert_eq!(sniff_delimiter(b"a;b,c\n1;2,3\n", b'"', true), b',');
+        // One column, or nothing at all.
+        assert_eq!(sniff_delimiter(b"name\nx\n", b'"', true), b',');
+        assert_eq!(sniff_delimiter(b"", b'"', true), b',');
+        // A cut-off last line does not count against a delimiter.
+        assert_eq!(sniff_delimiter(b"a;b;c\n1;2;3\n4;5", b'"', false), b';');
+    }
+
+    #[tokio::test]
+    async fn without_a_header_the_first_line_is_data_and_columns_are_numbered() {
+        let data: &'static [u8] = b"1;x\n2;y\n";
+        let format = CsvFormat {
+            delimiter: None,
+            header: false,
+            ..CsvFormat::default()
+        };
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20, format)
+            .await
+            .unwrap();
+        assert_eq!(decoder.delimiter(), (b';', true));
+        let header = decoder.read_header(4096).await.unwrap();
+        assert_eq!(header.columns, vec!["column_1", "column_2"]);
+        let first = decoder.next_record().await.unwrap().unwrap();
+        assert_eq!((first.byte, first.line), (0, 1));
+        assert_eq!(&first.record[0], b"1");
+        let second = decoder.next_record().await.unwrap().unwrap();
+        assert_eq!((second.byte, second.line), (4, 2));
+        assert!(decoder.next_record().await.unwrap().is_none());
     }
 
     #[tokio::test]

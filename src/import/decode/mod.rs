@@ -8,9 +8,12 @@
 //! first line) so errors and checkpoints mean the same thing whether or not the run
 //! was resumed.
 
+pub mod archive;
 pub mod csv;
+pub mod lines;
 pub mod sheet;
 pub mod sniff;
+pub mod text;
 
 use std::collections::{HashMap, HashSet};
 
@@ -58,6 +61,13 @@ pub enum DecodeError {
          (IMPORT_MAX_RECORD_BYTES); is a quote left open there?"
     )]
     RecordTooLong { file: String, byte: u64, limit: u64 },
+    #[error("{file}: the zip {problem}")]
+    Archive { file: String, problem: String },
+    #[error("{file}: {problem}")]
+    Text {
+        file: String,
+        problem: text::TextError,
+    },
     #[error("{file}: reading CSV near byte {byte}: {message}")]
     Read {
         file: String,
@@ -73,8 +83,22 @@ pub enum RowProblem {
     Ragged { expected: usize, found: usize },
     #[error("column {column} is not valid UTF-8 (at byte {byte} of the file)")]
     InvalidUtf8 { column: usize, byte: u64 },
+    /// Bytes invalid in the encoding the text was decoded from; `byte` counts the text
+    /// after decoding (and decompression), where the parser found it.
+    #[error("column {column} is not valid {encoding} (near byte {byte} of the decoded text)")]
+    InvalidEncoding {
+        column: usize,
+        byte: u64,
+        encoding: String,
+    },
     #[error("column {column} contains a NUL character, which PostgreSQL cannot store in JSON")]
     NulCharacter { column: usize },
+    /// JSON Lines: a line that is not valid JSON (or not storable).
+    #[error("the line is not valid JSON: {message}")]
+    InvalidJson { message: String },
+    /// JSON Lines: a line that is JSON but not an object.
+    #[error("the line is a JSON {found}, not an object")]
+    NotAnObject { found: &'static str },
     /// A spreadsheet cell with a value beyond the columns its header names; refused
     /// rather than dropped or given a made-up name.
     #[error("cell {cell} has a value outside the header's columns {columns}")]
@@ -99,10 +123,13 @@ impl RowProblem {
     pub fn column(&self) -> Option<usize> {
         match self {
             RowProblem::Ragged { .. }
+            | RowProblem::InvalidJson { .. }
+            | RowProblem::NotAnObject { .. }
             | RowProblem::OutsideHeader { .. }
             | RowProblem::RepeatedKey { .. }
             | RowProblem::ExistingKey { .. } => None,
             RowProblem::InvalidUtf8 { column, .. }
+            | RowProblem::InvalidEncoding { column, .. }
             | RowProblem::NulCharacter { column }
             | RowProblem::EmptyKey { column, .. } => Some(*column),
         }

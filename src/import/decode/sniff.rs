@@ -13,8 +13,10 @@ const OLE2: &[u8] = &[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
 
 /// Why a file named `file_name` whose content starts with `head` cannot be imported,
 /// or `None` when the first bytes fit the name: a spreadsheet name needs a zip or OLE2
-/// file (its full check runs in the import), any other name is read as CSV, which must
-/// not be a zip, an OLE2 file or another recognisable binary format.
+/// file (its full check runs in the import); any other name is read as text (CSV, TSV
+/// or JSON Lines), which may come compressed (gzip, zstd, bzip2) or as the one member
+/// of a zip archive (the import reads its directory), but must not be an OLE2 file or
+/// another recognisable binary format.
 pub fn refuse_content(file_name: &str, head: &[u8]) -> Option<String> {
     let found = binary_kind(head);
     match SheetFormat::from_file_name(file_name) {
@@ -36,6 +38,7 @@ pub fn refuse_content(file_name: &str, head: &[u8]) -> Option<String> {
                 claimed.name()
             ))
         }
+        None if is_text_container(head) => None,
         None => found.map(|kind| {
             format!(
                 "{file_name}: the content is {kind}, not CSV; name it with its format's \
@@ -43,6 +46,20 @@ pub fn refuse_content(file_name: &str, head: &[u8]) -> Option<String> {
             )
         }),
     }
+}
+
+/// Whether `head` starts a container the text reader opens: gzip, zstd, bzip2, or a
+/// zip archive (one member is read; the import names the members when it cannot
+/// choose, and refuses a workbook's zip under a text name).
+fn is_text_container(head: &[u8]) -> bool {
+    [
+        &[0x1F, 0x8B][..],
+        &[0x28, 0xB5, 0x2F, 0xFD][..],
+        b"BZh",
+        ZIP,
+    ]
+    .iter()
+    .any(|magic| head.starts_with(magic))
 }
 
 /// What a binary file seems to be, from its magic number; `None` for anything else
@@ -80,8 +97,22 @@ mod tests {
         assert_eq!(refuse_content("a.txt", b""), None);
         let png = refuse_content("a.csv", b"\x89PNG\r\n\x1a\n").unwrap();
         assert!(png.contains("a PNG image"), "{png}");
-        let zip = refuse_content("a.csv", b"PK\x03\x04\x14\0\0\0").unwrap();
-        assert!(zip.contains("a zip archive"), "{zip}");
+        let empty = refuse_content("a.csv", b"PK\x05\x06\0\0\0\0").unwrap();
+        assert!(empty.contains("a zip archive (empty)"), "{empty}");
+        let xls = refuse_content("a.csv", &[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]);
+        assert!(xls.unwrap().contains("OLE2"));
+    }
+
+    #[test]
+    fn text_names_take_compressed_text_and_zip_archives() {
+        assert_eq!(refuse_content("a.csv.gz", &[0x1F, 0x8B, 8, 0]), None);
+        assert_eq!(refuse_content("a.csv", &[0x1F, 0x8B, 8, 0]), None);
+        assert_eq!(
+            refuse_content("a.jsonl.zst", &[0x28, 0xB5, 0x2F, 0xFD]),
+            None
+        );
+        assert_eq!(refuse_content("a.tsv.bz2", b"BZh91AY&"), None);
+        assert_eq!(refuse_content("a.zip", b"PK\x03\x04\x14\0\0\0"), None);
     }
 
     #[test]
