@@ -6,6 +6,7 @@
 //! consumers, exactly as a `submit`ted file does.
 
 mod auth;
+mod datasets;
 mod problem;
 mod query;
 mod runs;
@@ -85,6 +86,11 @@ pub async fn run(
         }),
     };
     let router = Router::new()
+        .route("/v1/datasets", get(datasets::list_datasets))
+        .route("/v1/datasets/{name}", get(datasets::get_dataset))
+        .route("/v1/datasets/{name}/commits", get(datasets::list_commits))
+        .route("/v1/datasets/{name}/diff", get(datasets::diff))
+        .route("/v1/datasets/{name}/export", get(datasets::export))
         .route("/v1/datasets/{name}/imports", post(upload::create_import))
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/events", get(runs::run_events))

@@ -440,3 +440,237 @@ async fn a_client_that_goes_away_midway_leaves_nothing() {
     assert_eq!(objects(&app).await, 0);
     assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
 }
+
+/// Runs the CLI, expects success, returns stdout.
+fn cli_output(app: &TestApp, args: &[&str]) -> String {
+    let output = app.cli().args(args).output().expect("dsa-ingest runs");
+    assert!(
+        output.status.success(),
+        "dsa-ingest {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// A CSV of `rows` rows `id,name` whose names carry `version`.
+fn people(rows: u64, version: u64) -> Vec<u8> {
+    let mut csv = String::from("id,name\n");
+    for n in 1..=rows {
+        let name = if n % 3 == 0 {
+            format!("p{n} v{version}")
+        } else {
+            format!("p{n}")
+        };
+        csv += &format!("{n},\"{name}, x\"\n");
+    }
+    csv.into_bytes()
+}
+
+fn assert_problem(answer: &Answer, status: u16, detail_contains: &str) {
+    assert_eq!(answer.status, status, "{answer:?}");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/problem+json"),
+        "{answer:?}"
+    );
+    let detail = answer.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains(detail_contains), "{detail}");
+}
+
+#[tokio::test]
+async fn datasets_and_their_commits_are_listed_as_the_token_may_read() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    app.put("sales.csv", people(20, 1)).await;
+    app.import("sales", "sales.csv").await;
+    app.put("sales.csv", people(25, 2)).await;
+    let second = app.import("sales", "sales.csv").await;
+    app.put("hr.csv", people(5, 1)).await;
+    app.import("hr", "hr.csv").await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    let names = |answer: Answer| -> Vec<String> {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        answer.json()["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|dataset| dataset["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(get(addr, "/v1/datasets", Some(WRITER)).await),
+        ["sales"]
+    );
+    assert_eq!(
+        names(get(addr, "/v1/datasets", Some(READER)).await),
+        ["hr", "sales"]
+    );
+    assert_eq!(get(addr, "/v1/datasets", None).await.status, 401);
+
+    let sales = get(addr, "/v1/datasets/sales", Some(WRITER)).await;
+    assert_eq!(sales.status, 200, "{sales:?}");
+    let sales = sales.json();
+    assert_eq!(sales["name"], "sales");
+    assert!(sales["id"].is_i64());
+    assert_eq!(sales["main_commit"], second.commit_id.as_str());
+    assert_eq!(sales["row_count"], 25);
+    assert_eq!(sales["key_columns"], serde_json::Value::Null);
+
+    assert_problem(
+        &get(addr, "/v1/datasets/hr", Some(WRITER)).await,
+        403,
+        "\"hr\"",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/nope", Some(READER)).await,
+        404,
+        "\"nope\"",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/salesX/commits", Some(WRITER)).await,
+        404,
+        "\"salesX\"",
+    );
+
+    // The commits are `log --json`'s, newest first.
+    let log: serde_json::Value =
+        serde_json::from_str(&cli_output(&app, &["log", "sales", "--json"])).unwrap();
+    let commits = get(addr, "/v1/datasets/sales/commits", Some(READER)).await;
+    assert_eq!(commits.status, 200, "{commits:?}");
+    assert_eq!(commits.json(), log);
+    let limited = get(addr, "/v1/datasets/sales/commits?limit=1", Some(READER)).await;
+    assert_eq!(limited.json(), serde_json::json!([log[0]]));
+    let none = get(addr, "/v1/datasets/sales/commits?limit=0", Some(READER)).await;
+    assert_eq!(none.json(), serde_json::json!([]));
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/commits?limit=x", Some(READER)).await,
+        400,
+        "limit=",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/commits?colour=red", Some(READER)).await,
+        400,
+        "\"colour\"",
+    );
+}
+
+#[tokio::test]
+async fn diffs_and_exports_stream_the_commands_bytes() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    app.put("sales.csv", people(20_000, 1)).await;
+    let first = app.import("sales", "sales.csv").await;
+    app.put("sales.csv", people(20_500, 2)).await;
+    let second = app.import("sales", "sales.csv").await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    // The diff is `diff --json`'s lines, byte for byte.
+    let expected = cli_output(&app, &["diff", "sales", "--json"]);
+    let diff = get(addr, "/v1/datasets/sales/diff", Some(WRITER)).await;
+    assert_eq!(diff.status, 200, "{:?}", diff.headers);
+    assert_eq!(diff.header("content-type"), Some("application/jsonl"));
+    assert_eq!(diff.body.len(), expected.len());
+    assert!(diff.body == expected);
+    let path = format!(
+        "/v1/datasets/sales/diff?from={}&to={}",
+        first.commit_id, second.commit_id
+    );
+    assert!(get(addr, &path, Some(WRITER)).await.body == expected);
+    let reverse = cli_output(
+        &app,
+        &["diff", "sales", "main", &first.commit_id[..10], "--json"],
+    );
+    let path = format!(
+        "/v1/datasets/sales/diff?from=main&to={}",
+        &first.commit_id[..10]
+    );
+    assert!(get(addr, &path, Some(WRITER)).await.body == reverse);
+
+    // The export is `export`'s, as a download.
+    let csv = cli_output(&app, &["export", "sales"]);
+    let export = get(addr, "/v1/datasets/sales/export", Some(WRITER)).await;
+    assert_eq!(export.status, 200, "{:?}", export.headers);
+    assert_eq!(
+        export.header("content-type"),
+        Some("text/csv; charset=utf-8")
+    );
+    assert_eq!(
+        export.header("content-disposition"),
+        Some(
+            format!(
+                "attachment; filename=\"sales-{}.csv\"",
+                &second.commit_id[..12]
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(export.body.len(), csv.len());
+    assert!(export.body == csv);
+    let jsonl = cli_output(
+        &app,
+        &[
+            "export",
+            "sales",
+            "--format",
+            "jsonl",
+            "--commit",
+            &first.commit_id,
+        ],
+    );
+    let path = format!(
+        "/v1/datasets/sales/export?format=jsonl&commit={}",
+        first.commit_id
+    );
+    let export = get(addr, &path, Some(READER)).await;
+    assert_eq!(export.status, 200);
+    assert!(export.body == jsonl);
+    assert!(export
+        .header("content-disposition")
+        .unwrap()
+        .ends_with(".jsonl\""));
+
+    // Mistakes are problems, before any byte of a body.
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/export?format=xml", Some(WRITER)).await,
+        400,
+        "format=",
+    );
+    assert_problem(
+        &get(
+            addr,
+            "/v1/datasets/sales/export?commit=abcdef0123",
+            Some(WRITER),
+        )
+        .await,
+        404,
+        "abcdef0123",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/export?sheet=Q1", Some(WRITER)).await,
+        400,
+        "no sheet \"Q1\"",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/diff?from=main~9", Some(WRITER)).await,
+        404,
+        "main~9",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/hr/diff", Some(WRITER)).await,
+        403,
+        "\"hr\"",
+    );
+}
