@@ -7,6 +7,7 @@
 
 mod auth;
 mod datasets;
+mod limits;
 mod problem;
 mod query;
 mod runs;
@@ -24,6 +25,7 @@ use uuid::Uuid;
 use crate::cli::submit::{queue_run, SubmitError};
 use crate::config::Settings;
 use crate::http::Health;
+use crate::metrics::HttpRoute;
 use crate::queue::amqp;
 
 pub use auth::Clients;
@@ -41,6 +43,8 @@ struct ApiInner {
     bucket: String,
     settings: Settings,
     clients: Clients,
+    /// Each client's rate of requests and uploads at once.
+    limits: limits::Limits,
     queue: Queue,
     /// Fires at shutdown; open event streams end so the server can stop.
     stop: CancellationToken,
@@ -79,6 +83,10 @@ pub async fn run(
             pool: setup.pool,
             s3: setup.s3,
             bucket: setup.bucket,
+            limits: limits::Limits::new(
+                setup.settings.http.requests_per_second,
+                setup.settings.http.max_concurrent_uploads,
+            ),
             settings: setup.settings,
             clients: setup.clients,
             queue,
@@ -86,16 +94,20 @@ pub async fn run(
         }),
     };
     let router = Router::new()
-        .route("/v1/datasets", get(datasets::list_datasets))
-        .route("/v1/datasets/{name}", get(datasets::get_dataset))
-        .route("/v1/datasets/{name}/commits", get(datasets::list_commits))
-        .route("/v1/datasets/{name}/diff", get(datasets::diff))
-        .route("/v1/datasets/{name}/export", get(datasets::export))
-        .route("/v1/datasets/{name}/imports", post(upload::create_import))
-        .route("/v1/runs/{id}", get(runs::get_run))
-        .route("/v1/runs/{id}/events", get(runs::run_events))
-        .with_state(api)
-        .merge(crate::http::router(setup.health));
+        .route(HttpRoute::Datasets.as_str(), get(datasets::list_datasets))
+        .route(HttpRoute::Dataset.as_str(), get(datasets::get_dataset))
+        .route(HttpRoute::Commits.as_str(), get(datasets::list_commits))
+        .route(HttpRoute::Diff.as_str(), get(datasets::diff))
+        .route(HttpRoute::Export.as_str(), get(datasets::export))
+        .route(HttpRoute::Imports.as_str(), post(upload::create_import))
+        .route(HttpRoute::Run.as_str(), get(runs::get_run))
+        .route(HttpRoute::RunEvents.as_str(), get(runs::run_events))
+        .with_state(api.clone())
+        .merge(crate::http::router(setup.health))
+        .layer(axum::middleware::from_fn_with_state(
+            api,
+            limits::limit_and_count,
+        ));
     axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

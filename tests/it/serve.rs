@@ -674,3 +674,113 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
         "\"hr\"",
     );
 }
+
+/// The value of one series in a `/metrics` text, or `None` when it is absent.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn each_token_has_its_rate_and_upload_slots_and_serve_counts_its_requests() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[
+            ("API_TOKENS_FILE", tokens.path().to_str().unwrap()),
+            ("HTTP_REQUESTS_PER_SECOND", "3"),
+            ("HTTP_MAX_CONCURRENT_UPLOADS", "1"),
+        ],
+    );
+    let addr = server.metrics_addr().await;
+
+    // Every series of the closed label sets is there from the start, at zero.
+    let text = get(addr, "/metrics", None).await.body;
+    for name in [
+        "dsa_http_requests_total{route=\"/v1/datasets/{name}/export\",status_class=\"5xx\"}",
+        "dsa_http_requests_total{route=\"unmatched\",status_class=\"4xx\"}",
+        "dsa_http_upload_bytes_total",
+        "dsa_http_uploads_in_flight",
+    ] {
+        assert_eq!(series(&text, name), Some(0.0), "{name} in\n{text}");
+    }
+
+    // One upload at a time for `web`: a second is refused while the first is open.
+    let mut open = start_post(
+        addr,
+        "/v1/datasets/sales/imports?filename=a.csv",
+        Some(WRITER),
+        "",
+    )
+    .await;
+    send_chunk(&mut open, b"id,name\n1,a\n").await.unwrap();
+    crate::helpers::wait_until(
+        Duration::from_secs(30),
+        "the first upload to be in flight",
+        || async {
+            series(
+                &get(addr, "/metrics", None).await.body,
+                "dsa_http_uploads_in_flight",
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    let second = upload(
+        addr,
+        "/v1/datasets/sales/imports?filename=b.csv",
+        Some(WRITER),
+        "",
+        b"id,name\n1,a\n",
+    )
+    .await;
+    assert_problem(&second, 429, "HTTP_MAX_CONCURRENT_UPLOADS");
+    assert_eq!(second.header("retry-after"), Some("1"));
+    let text = get(addr, "/metrics", None).await.body;
+    assert!(
+        series(&text, "dsa_http_upload_bytes_total").unwrap() >= 12.0,
+        "{text}"
+    );
+    let _ = open.write_all(b"0\r\n\r\n").await;
+    let first = read_answer(&mut open).await;
+    assert_eq!(first.status, 202, "{first:?}\n{}", server.log());
+
+    // `bi` has a bucket of its own: three at once, then 429 until it refills.
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..8 {
+        let answer = get(addr, "/v1/datasets", Some(READER)).await;
+        if answer.status == 429 {
+            assert_problem(&answer, 429, "HTTP_REQUESTS_PER_SECOND");
+            retry_after = answer.header("retry-after").map(str::to_owned);
+        }
+        statuses.push(answer.status);
+    }
+    assert_eq!(&statuses[..3], [200, 200, 200], "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Health, readiness and metrics are never limited.
+    for _ in 0..5 {
+        assert_eq!(get(addr, "/healthz", None).await.status, 200);
+    }
+    assert_eq!(get(addr, "/nowhere", Some(READER)).await.status, 404);
+
+    let text = get(addr, "/metrics", None).await.body;
+    let count = |route: &str, class: &str| {
+        series(
+            &text,
+            &format!("dsa_http_requests_total{{route=\"{route}\",status_class=\"{class}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no series for {route} {class} in\n{text}"))
+    };
+    assert_eq!(count("/v1/datasets", "2xx"), 3.0);
+    assert!(count("/v1/datasets", "4xx") >= 1.0);
+    assert_eq!(count("/v1/datasets/{name}/imports", "2xx"), 1.0);
+    assert_eq!(count("/v1/datasets/{name}/imports", "4xx"), 1.0);
+    assert!(count("/healthz", "2xx") >= 5.0);
+    assert_eq!(count("unmatched", "4xx"), 1.0);
+    assert_eq!(series(&text, "dsa_http_uploads_in_flight"), Some(0.0));
+}
