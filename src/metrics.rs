@@ -84,6 +84,7 @@ label_enum! {
         Imports => "/v1/datasets/{name}/imports",
         Run => "/v1/runs/{id}",
         RunEvents => "/v1/runs/{id}/events",
+        OpenApi => "/v1/openapi.json",
         Healthz => "/healthz",
         Readyz => "/readyz",
         Metrics => "/metrics",

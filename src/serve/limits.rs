@@ -101,7 +101,11 @@ pub async fn limit_and_count(
     let route = HttpRoute::of_template(matched.as_ref().map(MatchedPath::as_str));
     let api_route = !matches!(
         route,
-        HttpRoute::Healthz | HttpRoute::Readyz | HttpRoute::Metrics | HttpRoute::Unmatched
+        HttpRoute::Healthz
+            | HttpRoute::Readyz
+            | HttpRoute::Metrics
+            | HttpRoute::OpenApi
+            | HttpRoute::Unmatched
     );
     let refused = if api_route {
         match api.inner.clients.authenticate(request.headers()) {

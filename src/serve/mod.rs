@@ -8,6 +8,7 @@
 mod auth;
 mod datasets;
 mod limits;
+mod openapi;
 mod problem;
 mod query;
 mod runs;
@@ -15,7 +16,6 @@ mod upload;
 
 use std::sync::Arc;
 
-use axum::routing::{get, post};
 use axum::Router;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -25,7 +25,6 @@ use uuid::Uuid;
 use crate::cli::submit::{queue_run, SubmitError};
 use crate::config::Settings;
 use crate::http::Health;
-use crate::metrics::HttpRoute;
 use crate::queue::amqp;
 
 pub use auth::Clients;
@@ -93,15 +92,13 @@ pub async fn run(
             stop: stop.clone(),
         }),
     };
-    let router = Router::new()
-        .route(HttpRoute::Datasets.as_str(), get(datasets::list_datasets))
-        .route(HttpRoute::Dataset.as_str(), get(datasets::get_dataset))
-        .route(HttpRoute::Commits.as_str(), get(datasets::list_commits))
-        .route(HttpRoute::Diff.as_str(), get(datasets::diff))
-        .route(HttpRoute::Export.as_str(), get(datasets::export))
-        .route(HttpRoute::Imports.as_str(), post(upload::create_import))
-        .route(HttpRoute::Run.as_str(), get(runs::get_run))
-        .route(HttpRoute::RunEvents.as_str(), get(runs::run_events))
+    // Built from the route table the OpenAPI description is built from.
+    let router = openapi::OPERATIONS
+        .iter()
+        .filter_map(|operation| Some((operation.route, openapi::handler(operation.route)?)))
+        .fold(Router::new(), |router, (route, handler)| {
+            router.route(route.as_str(), handler)
+        })
         .with_state(api.clone())
         .merge(crate::http::router(setup.health))
         .layer(axum::middleware::from_fn_with_state(

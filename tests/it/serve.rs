@@ -784,3 +784,65 @@ async fn each_token_has_its_rate_and_upload_slots_and_serve_counts_its_requests(
     assert_eq!(count("unmatched", "4xx"), 1.0);
     assert_eq!(series(&text, "dsa_http_uploads_in_flight"), Some(0.0));
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_exactly_the_routes_served() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    let document = get(addr, "/v1/openapi.json", None).await;
+    assert_eq!(document.status, 200, "{document:?}");
+    let document = document.json();
+    assert_eq!(document["openapi"], "3.1.0");
+    let paths = document["paths"].as_object().unwrap();
+
+    // Every route template the server counts is described, and nothing else.
+    let mut described: Vec<&str> = paths.keys().map(String::as_str).collect();
+    let mut routes: Vec<&str> = dsa_ingest::metrics::HttpRoute::ALL
+        .iter()
+        .map(|route| route.as_str())
+        .filter(|route| route.starts_with('/'))
+        .collect();
+    described.sort_unstable();
+    routes.sort_unstable();
+    assert_eq!(described, routes);
+
+    // Every described operation is one the router matches: its answer is the
+    // handler's (a problem at worst), never the router's bare 404 or a 405.
+    for (template, methods) in paths {
+        let path = template
+            .replace("{name}", "no-such-dataset")
+            .replace("{id}", "00000000-0000-4000-8000-000000000000");
+        for method in methods.as_object().unwrap().keys() {
+            let answer = match method.as_str() {
+                "get" => get(addr, &path, Some(READER)).await,
+                "post" => upload(addr, &path, Some(READER), "", b"").await,
+                other => panic!("{other} {template}"),
+            };
+            assert_ne!(answer.status, 405, "{method} {template}: {answer:?}");
+            if answer.status == 404 {
+                assert_eq!(
+                    answer.header("content-type"),
+                    Some("application/problem+json"),
+                    "{method} {template}: {answer:?}"
+                );
+            }
+        }
+    }
+    // The router's own 404 is counted as unmatched, so the checks above mean something.
+    let metrics = get(addr, "/metrics", None).await.body;
+    assert_eq!(
+        series(
+            &metrics,
+            "dsa_http_requests_total{route=\"unmatched\",status_class=\"4xx\"}"
+        ),
+        Some(0.0)
+    );
+}
