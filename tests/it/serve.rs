@@ -673,6 +673,27 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
         403,
         "\"hr\"",
     );
+
+    // Clients that leave after the first bytes, more of them than the pool has
+    // connections: each export's connection is given back or closed, none is held.
+    for _ in 0..12 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET /v1/datasets/sales/export HTTP/1.1\r\nHost: test\r\n\
+                     Authorization: Bearer {READER}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut first = [0u8; 1024];
+        stream.read_exact(&mut first).await.unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"));
+    }
+    let again = get(addr, "/v1/datasets/sales/export", Some(READER)).await;
+    assert!(again.body == csv, "{:?}", again.headers);
 }
 
 /// The value of one series in a `/metrics` text, or `None` when it is absent.
