@@ -1,10 +1,11 @@
 //! The PostgreSQL edge: the pool, the migrations, and dataset look-ups.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
 use thiserror::Error;
 
 /// The statement that lets one ordered read of a whole version (finalise's tree hash,
@@ -39,6 +40,22 @@ pub fn application_name() -> String {
         name.pop();
     }
     name
+}
+
+/// Takes a connection from the pool, recording the wait in
+/// `dsa_db_pool_acquire_duration_seconds`. Used where a connection is held for a while
+/// (an import's, a transaction's), which is where a busy pool makes callers wait.
+pub async fn acquire(pool: &PgPool) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    let started = Instant::now();
+    let connection = pool.acquire().await;
+    crate::metrics::metrics().observe_pool_acquire(started.elapsed());
+    connection
+}
+
+/// Begins a transaction on a pooled connection, recording the wait for the connection
+/// as [`acquire`] does.
+pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    Transaction::begin(acquire(pool).await?, None).await
 }
 
 /// A pool of one connection, opened on first use, for health probes: it never

@@ -200,6 +200,7 @@ async fn readyz(State(health): State<Health>) -> Response {
 }
 
 async fn metrics_text() -> Response {
+    metrics().run_scrape_probe().await;
     match metrics().encode() {
         Ok(text) => ([(header::CONTENT_TYPE, text_content_type())], text).into_response(),
         Err(error) => {

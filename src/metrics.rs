@@ -6,14 +6,19 @@
 //! from a [`CompletedImport`]. Every label takes its value from an enum or a fixed list,
 //! so no input can make the number of series grow.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use sqlx::PgPool;
 
@@ -34,6 +39,16 @@ const BATCH_DURATION_BUCKETS: &[f64] = &[
 const SEARCH_REFRESH_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
 ];
+
+/// Waiting for a pooled connection is free when the pool has one idle and takes up to
+/// the acquire timeout (30 s) when every connection is held by an import.
+const POOL_ACQUIRE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// How long the work done before a scrape (see [`Metrics::before_scrape`]) may take
+/// before the scrape is answered with the values found last time.
+pub const SCRAPE_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Source formats as they appear in the `format` label; anything else is `other`.
 pub const FORMATS: [&str; 6] = ["csv", "xlsx", "xls", "xlsb", "ods", "other"];
@@ -229,6 +244,24 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why a run failed for good, for `dsa_import_failures_total{reason}`.
+    FailureReason {
+        /// The file is not what the run asked for: not CSV, a bad row, a missing key
+        /// column, a sheet that does not exist, an object that does not exist.
+        BadInput => "bad_input",
+        /// Over a size limit: the object, a sheet, a cell, a record, the columns.
+        TooLarge => "too_large",
+        /// Refused as likely hostile: a zip bomb, XML entities, a sparse sheet.
+        HostileFile => "hostile_file",
+        /// The object was replaced or cut short while the run read it.
+        ObjectChanged => "object_changed",
+        /// The allow-lists or the object store refused the source.
+        Refused => "refused",
+        Other => "other",
+    }
+}
+
+label_enum! {
     /// Why `watch` did not queue a listed object, for
     /// `dsa_watch_objects_skipped_total{reason}`.
     WatchSkip {
@@ -246,6 +279,16 @@ label_enum! {
         Refused => "refused",
         /// A run existed for this version already (an S3 event record named it).
         HasRun => "has_run",
+    }
+}
+
+label_enum! {
+    /// The queues whose depth `maintain` reports, for `dsa_amqp_queue_messages_ready{queue}`.
+    QueueName {
+        /// `AMQP_IMPORT_QUEUE`.
+        Import => "import",
+        /// `AMQP_DEAD_LETTER_QUEUE`.
+        DeadLetter => "dead_letter",
     }
 }
 
@@ -295,6 +338,14 @@ pub struct Metrics {
     search_refresh_duration: prometheus::Histogram,
     runs_swept: IntCounterVec,
     waiters_released: IntCounter,
+    import_failures: IntCounterVec,
+    pool_acquire_duration: prometheus::Histogram,
+    spool_used: IntGauge,
+    queue_messages_ready: IntGaugeVec,
+    outbox_unsent: IntGauge,
+    outbox_oldest_age: Gauge,
+    /// The work run before each scrape, if any (see [`Metrics::before_scrape`]).
+    scrape_probe: Mutex<Option<ScrapeProbe>>,
     watch_listed: IntCounter,
     watch_queued: IntCounter,
     watch_skipped: IntCounterVec,
@@ -345,12 +396,12 @@ impl Metrics {
         .expect("valid metric");
         let rows_processed = IntCounter::new(
             "dsa_rows_processed_total",
-            "Rows in the commits of completed imports.",
+            "Rows written to commits, counted as each batch transaction commits.",
         )
         .expect("valid metric");
         let bytes_processed = IntCounter::new(
             "dsa_bytes_processed_total",
-            "Bytes read from sources by completed imports.",
+            "Source bytes consumed by imports, counted as each batch transaction commits.",
         )
         .expect("valid metric");
         let rows_deduplicated = IntCounter::new(
@@ -432,6 +483,47 @@ impl Metrics {
         let waiters_released = IntCounter::new(
             "dsa_waiters_released_total",
             "Deliveries that stopped waiting for a run held elsewhere because their own channel closed.",
+        )
+        .expect("valid metric");
+        let import_failures = IntCounterVec::new(
+            Opts::new(
+                "dsa_import_failures_total",
+                "Runs that failed for good, by the source's format and a reason from a fixed list.",
+            ),
+            &["format", "reason"],
+        )
+        .expect("valid metric");
+        let pool_acquire_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "dsa_db_pool_acquire_duration_seconds",
+                "Time spent waiting for a connection of the database pool, where an import, a claim, \
+                 the relay or the maintainer takes one for a transaction or a whole run.",
+            )
+            .buckets(POOL_ACQUIRE_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let spool_used = IntGauge::new(
+            "dsa_spool_used_bytes",
+            "Bytes in this process's spool files (spreadsheets being read) in IMPORT_SPOOL_DIR.",
+        )
+        .expect("valid metric");
+        let queue_messages_ready = IntGaugeVec::new(
+            Opts::new(
+                "dsa_amqp_queue_messages_ready",
+                "Messages ready in the import and dead-letter queues, as a passive declare \
+                 found them (reported by maintain, cached for a few seconds).",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let outbox_unsent = IntGauge::new(
+            "dsa_outbox_unsent_messages",
+            "Rows of the outbox not yet published (reported by maintain).",
+        )
+        .expect("valid metric");
+        let outbox_oldest_age = Gauge::new(
+            "dsa_outbox_oldest_unsent_age_seconds",
+            "Age of the oldest unsent outbox row; 0 when none (reported by maintain).",
         )
         .expect("valid metric");
         let watch_listed = IntCounter::new(
@@ -523,6 +615,14 @@ impl Metrics {
         for action in SweepAction::ALL {
             runs_swept.with_label_values(&[action.as_str()]);
         }
+        for format in FORMATS {
+            for reason in FailureReason::ALL {
+                import_failures.with_label_values(&[format, reason.as_str()]);
+            }
+        }
+        for queue in QueueName::ALL {
+            queue_messages_ready.with_label_values(&[queue.as_str()]);
+        }
         for reason in WatchSkip::ALL {
             watch_skipped.with_label_values(&[reason.as_str()]);
         }
@@ -552,6 +652,12 @@ impl Metrics {
             Box::new(search_refresh_duration.clone()),
             Box::new(runs_swept.clone()),
             Box::new(waiters_released.clone()),
+            Box::new(import_failures.clone()),
+            Box::new(pool_acquire_duration.clone()),
+            Box::new(spool_used.clone()),
+            Box::new(queue_messages_ready.clone()),
+            Box::new(outbox_unsent.clone()),
+            Box::new(outbox_oldest_age.clone()),
             Box::new(watch_listed.clone()),
             Box::new(watch_queued.clone()),
             Box::new(watch_skipped.clone()),
@@ -570,14 +676,12 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         // CPU time, resident and virtual memory, file descriptors and threads, read from
-        // /proc on each scrape; the namespace gives them the dsa_ prefix.
+        // /proc on each scrape, under the standard names (`process_resident_memory_bytes`,
+        // ...) that stock dashboards and alerts look for.
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
-                prometheus::process_collector::ProcessCollector::new(
-                    std::process::id() as prometheus::process_collector::pid_t,
-                    "dsa",
-                ),
+                prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("metric names are unique");
 
@@ -599,6 +703,13 @@ impl Metrics {
             search_refresh_duration,
             runs_swept,
             waiters_released,
+            import_failures,
+            pool_acquire_duration,
+            spool_used,
+            queue_messages_ready,
+            outbox_unsent,
+            outbox_oldest_age,
+            scrape_probe: Mutex::new(None),
             watch_listed,
             watch_queued,
             watch_skipped,
@@ -617,12 +728,11 @@ impl Metrics {
         &self.registry
     }
 
-    /// Counts a completed import: its run, rows, bytes read, rows already stored,
-    /// rejected rows, and its duration under the size class of the whole object.
+    /// Counts a completed import: its run, rows already stored, rejected rows, and its
+    /// duration under the size class of the whole object. Its rows and bytes were
+    /// counted batch by batch ([`Metrics::record_batch_loaded`]).
     pub fn record_import_finished(&self, import: &CompletedImport, format: &str) {
         self.record_import_run(ImportStatus::Completed, format);
-        self.rows_processed.inc_by(import.rows);
-        self.bytes_processed.inc_by(import.bytes_read);
         self.rows_deduplicated
             .inc_by(import.rows.saturating_sub(import.new_rows));
         self.rows_rejected.inc_by(import.rejected_rows);
@@ -631,9 +741,19 @@ impl Metrics {
             .observe(import.seconds);
     }
 
-    /// Counts a run that failed for good.
-    pub fn record_import_failed(&self, format: &str) {
+    /// Counts a run that failed for good, and why.
+    pub fn record_import_failed(&self, format: &str, reason: FailureReason) {
         self.record_import_run(ImportStatus::Failed, format);
+        self.import_failures
+            .with_label_values(&[format_label(format), reason.as_str()])
+            .inc();
+    }
+
+    /// Counts the rows and source bytes of a batch as its transaction commits, so that
+    /// a long import moves `rate()` steadily rather than all at once when it ends.
+    pub fn record_batch_loaded(&self, rows: u64, bytes: u64) {
+        self.rows_processed.inc_by(rows);
+        self.bytes_processed.inc_by(bytes);
     }
 
     /// Counts an attempt that ended in a transient error and will be tried again.
@@ -660,14 +780,83 @@ impl Metrics {
     }
 
     /// Counts an upload as in flight until the returned guard is dropped.
-    pub fn http_upload_in_flight(&self) -> InFlightGuard {
-        InFlightGuard::new(self.http_uploads_in_flight.clone())
+    pub fn http_upload_in_flight(&self) -> GaugeGuard {
+        GaugeGuard::new(self.http_uploads_in_flight.clone())
     }
 
     /// Counts an import as in flight until the returned guard is dropped, however the
-    /// import ends (including a panic or a cancelled future).
+    /// import ends (including a panic or a cancelled future); its start time counts
+    /// towards `dsa_import_oldest_start_time_seconds` as long.
     pub fn import_in_flight(&self) -> InFlightGuard {
-        InFlightGuard::new(self.imports_in_flight.clone())
+        InFlightGuard::new(
+            self.imports_in_flight.clone(),
+            Arc::clone(&self.scrape_time.in_flight),
+        )
+    }
+
+    /// Records how long a caller waited for a pooled connection.
+    pub fn observe_pool_acquire(&self, waited: Duration) {
+        self.pool_acquire_duration.observe(waited.as_secs_f64());
+    }
+
+    /// Counts `bytes` more in this process's spool files until the returned usage (and
+    /// every later [`SpoolUsage::grow`]) is dropped with the file.
+    pub fn spool_usage(&self) -> SpoolUsage {
+        SpoolUsage {
+            gauge: self.spool_used.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Makes `dsa_spool_filesystem_free_bytes` and `_size_bytes` report the file
+    /// system that holds `dir`, read at each scrape.
+    pub fn watch_spool_dir(&self, dir: &Path) {
+        *self
+            .scrape_time
+            .spool_dir
+            .lock()
+            .expect("spool slot not poisoned") = Some(dir.to_owned());
+    }
+
+    /// Sets the depth of one of the queues `maintain` watches.
+    pub fn set_queue_messages_ready(&self, queue: QueueName, messages: u32) {
+        self.queue_messages_ready
+            .with_label_values(&[queue.as_str()])
+            .set(i64::from(messages));
+    }
+
+    /// Sets the outbox backlog: unsent rows and the oldest one's age (0 when none).
+    pub fn set_outbox_backlog(&self, unsent: i64, oldest_age: Duration) {
+        self.outbox_unsent.set(unsent);
+        self.outbox_oldest_age.set(oldest_age.as_secs_f64());
+    }
+
+    /// Runs `probe` before each scrape (at most [`SCRAPE_PROBE_TIMEOUT`]), for values
+    /// that take I/O to read, such as queue depths; the probe caches as it sees fit. A
+    /// later call replaces the probe set before.
+    pub fn before_scrape(&self, probe: ScrapeProbe) {
+        *self.scrape_probe.lock().expect("probe slot not poisoned") = Some(probe);
+    }
+
+    /// Runs the probe set with [`Metrics::before_scrape`], if any; a probe that takes
+    /// too long leaves the values it found last time.
+    pub async fn run_scrape_probe(&self) {
+        let probe = self
+            .scrape_probe
+            .lock()
+            .expect("probe slot not poisoned")
+            .clone();
+        if let Some(probe) = probe {
+            if tokio::time::timeout(SCRAPE_PROBE_TIMEOUT, probe())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    timeout_ms = SCRAPE_PROBE_TIMEOUT.as_millis() as u64,
+                    "the work before a scrape took too long; serving the values found last time"
+                );
+            }
+        }
     }
 
     /// Records one committed batch transaction.
@@ -783,28 +972,138 @@ pub struct CompletedImport {
     pub new_rows: u64,
     pub rejected_rows: u64,
     pub object_bytes: u64,
-    pub bytes_read: u64,
     pub seconds: f64,
 }
 
-/// Holds `dsa_imports_in_flight` (or `dsa_http_uploads_in_flight`) one higher while it
-/// lives.
-#[must_use = "the work counts as in flight only while the guard lives"]
+/// Work run before a scrape; see [`Metrics::before_scrape`].
+pub type ScrapeProbe =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> + Send + Sync>;
+
+/// The start times of the imports in flight, by a number each guard draws.
+#[derive(Default)]
+struct InFlightStarts {
+    next: AtomicU64,
+    started: Mutex<HashMap<u64, SystemTime>>,
+}
+
+impl InFlightStarts {
+    /// The oldest start time as Unix seconds, or 0 when nothing is in flight.
+    fn oldest_unix_seconds(&self) -> f64 {
+        self.started
+            .lock()
+            .expect("in-flight starts not poisoned")
+            .values()
+            .min()
+            .and_then(|oldest| oldest.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |since| since.as_secs_f64())
+    }
+}
+
+/// Holds `dsa_imports_in_flight` one higher, and its start time among the in-flight
+/// ones, while it lives.
+#[must_use = "the import counts as in flight only while the guard lives"]
 pub struct InFlightGuard {
     gauge: IntGauge,
+    starts: Arc<InFlightStarts>,
+    number: u64,
 }
 
 impl InFlightGuard {
-    fn new(gauge: IntGauge) -> Self {
+    fn new(gauge: IntGauge, starts: Arc<InFlightStarts>) -> Self {
         gauge.inc();
-        Self { gauge }
+        let number = starts.next.fetch_add(1, Ordering::Relaxed);
+        starts
+            .started
+            .lock()
+            .expect("in-flight starts not poisoned")
+            .insert(number, SystemTime::now());
+        Self {
+            gauge,
+            starts,
+            number,
+        }
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.gauge.dec();
+        if let Ok(mut started) = self.starts.started.lock() {
+            started.remove(&self.number);
+        }
     }
+}
+
+/// Holds a gauge (`dsa_http_uploads_in_flight`) one higher while it lives.
+#[must_use = "the work counts as in flight only while the guard lives"]
+pub struct GaugeGuard {
+    gauge: IntGauge,
+}
+
+impl GaugeGuard {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self { gauge }
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Bytes of one spool file counted in `dsa_spool_used_bytes`; dropping it (with the
+/// file) takes them off again.
+#[must_use = "the bytes count only while the usage lives"]
+pub struct SpoolUsage {
+    gauge: IntGauge,
+    bytes: u64,
+}
+
+impl SpoolUsage {
+    /// Counts `bytes` more written to the file.
+    pub fn grow(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        self.gauge.add(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+}
+
+impl Drop for SpoolUsage {
+    fn drop(&mut self) {
+        self.gauge
+            .sub(i64::try_from(self.bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// Free and total bytes of the file system that holds `dir`.
+#[cfg(unix)]
+// The statvfs fields are 64 bits here and 32 on some other targets.
+#[allow(clippy::unnecessary_cast)]
+fn filesystem_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is a valid NUL-terminated string and `stats` is writable memory of
+    // the type statvfs fills.
+    let status = unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) };
+    if status != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let stats = unsafe { stats.assume_init() };
+    let fragment = stats.f_frsize as u64;
+    // f_bavail: what an unprivileged process may still use, which is what the spool gets.
+    Ok((
+        (stats.f_bavail as u64).saturating_mul(fragment),
+        (stats.f_blocks as u64).saturating_mul(fragment),
+    ))
+}
+
+#[cfg(not(unix))]
+fn filesystem_space(_dir: &Path) -> std::io::Result<(u64, u64)> {
+    Err(std::io::Error::other("not supported on this platform"))
 }
 
 /// Gauges whose values live elsewhere (the pool, the kernel): a collector that reads
@@ -814,7 +1113,15 @@ struct ScrapeTimeGauges {
     /// The pool `dsa_db_pool_connections` reports; none until [`Metrics::watch_pool`].
     pool: Arc<Mutex<Option<PgPool>>>,
     pool_connections: IntGaugeVec,
+    pool_max_connections: IntGauge,
     peak_resident_memory: IntGauge,
+    in_flight: Arc<InFlightStarts>,
+    oldest_import_start: Gauge,
+    /// The directory whose file system the spool gauges report; none until
+    /// [`Metrics::watch_spool_dir`].
+    spool_dir: Arc<Mutex<Option<PathBuf>>>,
+    spool_free: IntGauge,
+    spool_size: IntGauge,
 }
 
 impl ScrapeTimeGauges {
@@ -830,16 +1137,54 @@ impl ScrapeTimeGauges {
         for state in PoolState::ALL {
             pool_connections.with_label_values(&[state.as_str()]);
         }
+        let pool_max_connections = IntGauge::new(
+            "dsa_db_pool_max_connections",
+            "The most connections the database pool opens.",
+        )
+        .expect("valid metric");
         let peak_resident_memory = IntGauge::new(
             "dsa_process_peak_resident_memory_bytes",
             "Highest resident memory of the process since it started.",
         )
         .expect("valid metric");
+        let oldest_import_start = Gauge::new(
+            "dsa_import_oldest_start_time_seconds",
+            "Start time (Unix seconds) of the oldest import in flight in this process; 0 when none.",
+        )
+        .expect("valid metric");
+        let spool_free = IntGauge::new(
+            "dsa_spool_filesystem_free_bytes",
+            "Bytes still free for the process on the file system of IMPORT_SPOOL_DIR.",
+        )
+        .expect("valid metric");
+        let spool_size = IntGauge::new(
+            "dsa_spool_filesystem_size_bytes",
+            "Size of the file system of IMPORT_SPOOL_DIR.",
+        )
+        .expect("valid metric");
         Self {
             pool: Arc::new(Mutex::new(None)),
             pool_connections,
+            pool_max_connections,
             peak_resident_memory,
+            in_flight: Arc::new(InFlightStarts::default()),
+            oldest_import_start,
+            spool_dir: Arc::new(Mutex::new(None)),
+            spool_free,
+            spool_size,
         }
+    }
+
+    /// Every gauge, in the order of the output.
+    fn gauges(&self) -> [&dyn Collector; 6] {
+        [
+            &self.pool_connections,
+            &self.pool_max_connections,
+            &self.peak_resident_memory,
+            &self.oldest_import_start,
+            &self.spool_free,
+            &self.spool_size,
+        ]
     }
 
     fn refresh(&self) {
@@ -854,6 +1199,26 @@ impl ScrapeTimeGauges {
             self.pool_connections
                 .with_label_values(&[PoolState::InUse.as_str()])
                 .set((size - idle).max(0));
+            self.pool_max_connections
+                .set(i64::from(pool.options().get_max_connections()));
+        }
+        self.oldest_import_start
+            .set(self.in_flight.oldest_unix_seconds());
+        let spool_dir = self
+            .spool_dir
+            .lock()
+            .expect("spool slot not poisoned")
+            .clone();
+        if let Some(dir) = spool_dir {
+            match filesystem_space(&dir) {
+                Ok((free, size)) => {
+                    self.spool_free.set(i64::try_from(free).unwrap_or(i64::MAX));
+                    self.spool_size.set(i64::try_from(size).unwrap_or(i64::MAX));
+                }
+                Err(error) => {
+                    tracing::debug!(dir = %dir.display(), error = %error, "reading the spool file system's space")
+                }
+            }
         }
         let peak = crate::process::peak_rss_bytes();
         self.peak_resident_memory
@@ -863,16 +1228,18 @@ impl ScrapeTimeGauges {
 
 impl Collector for ScrapeTimeGauges {
     fn desc(&self) -> Vec<&Desc> {
-        let mut descs = self.pool_connections.desc();
-        descs.extend(self.peak_resident_memory.desc());
-        descs
+        self.gauges()
+            .into_iter()
+            .flat_map(|gauge| gauge.desc())
+            .collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         self.refresh();
-        let mut families = self.pool_connections.collect();
-        families.extend(self.peak_resident_memory.collect());
-        families
+        self.gauges()
+            .into_iter()
+            .flat_map(|gauge| gauge.collect())
+            .collect()
     }
 }
 
@@ -886,7 +1253,6 @@ mod tests {
             new_rows,
             rejected_rows: 2,
             object_bytes,
-            bytes_read: object_bytes - 10,
             seconds: 42.0,
         }
     }
@@ -946,6 +1312,16 @@ mod tests {
             "dsa_runs_swept_total",
             "dsa_waiters_released_total",
             "dsa_process_peak_resident_memory_bytes",
+            "dsa_import_failures_total",
+            "dsa_import_oldest_start_time_seconds",
+            "dsa_db_pool_max_connections",
+            "dsa_db_pool_acquire_duration_seconds",
+            "dsa_spool_used_bytes",
+            "dsa_spool_filesystem_free_bytes",
+            "dsa_spool_filesystem_size_bytes",
+            "dsa_amqp_queue_messages_ready",
+            "dsa_outbox_unsent_messages",
+            "dsa_outbox_oldest_unsent_age_seconds",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
@@ -953,7 +1329,25 @@ mod tests {
             );
         }
         #[cfg(target_os = "linux")]
-        assert!(value(&text, "dsa_process_resident_memory_bytes") > 0.0);
+        assert!(value(&text, "process_resident_memory_bytes") > 0.0);
+        assert!(!text.contains("dsa_process_resident_memory_bytes"));
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_failures_total{format=\"ods\",reason=\"hostile_file\"}"
+            ),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_amqp_queue_messages_ready{queue=\"dead_letter\"}"
+            ),
+            0.0
+        );
+        assert_eq!(value(&text, "dsa_import_oldest_start_time_seconds"), 0.0);
+        assert_eq!(value(&text, "dsa_spool_used_bytes"), 0.0);
+        assert_eq!(value(&text, "dsa_outbox_oldest_unsent_age_seconds"), 0.0);
         assert!(value(&text, "dsa_process_peak_resident_memory_bytes") > 0.0);
         assert_eq!(
             value(
@@ -997,8 +1391,10 @@ mod tests {
     #[test]
     fn a_finished_import_moves_the_run_level_counters() {
         let metrics = Metrics::new();
+        metrics.record_batch_loaded(60, 1 << 20);
+        metrics.record_batch_loaded(40, (4 << 20) - 10);
         metrics.record_import_finished(&completed(100, 30, 5 << 20), "csv");
-        metrics.record_import_failed("xlsx");
+        metrics.record_import_failed("xlsx", FailureReason::TooLarge);
         metrics.record_import_retried("something-new");
         let text = metrics.encode().unwrap();
         assert_eq!(
@@ -1019,6 +1415,13 @@ mod tests {
             value(
                 &text,
                 "dsa_import_runs_total{format=\"other\",status=\"retried\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "dsa_import_failures_total{format=\"xlsx\",reason=\"too_large\"}"
             ),
             1.0
         );
@@ -1062,14 +1465,38 @@ mod tests {
     #[test]
     fn helpers_count_what_they_name() {
         let metrics = Metrics::new();
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
         {
             let _first = metrics.import_in_flight();
+            std::thread::sleep(Duration::from_millis(20));
             let _second = metrics.import_in_flight();
+            let text = metrics.encode().unwrap();
+            assert_eq!(value(&text, "dsa_imports_in_flight"), 2.0);
+            // The first one's start, not the second's.
+            let oldest = value(&text, "dsa_import_oldest_start_time_seconds");
+            assert!(
+                oldest >= before.floor() && oldest < before + 0.015,
+                "{oldest}"
+            );
+            let mut spool = metrics.spool_usage();
+            spool.grow(1000);
+            spool.grow(24);
+            let mut other = metrics.spool_usage();
+            other.grow(1);
+            drop(other);
             assert_eq!(
-                value(&metrics.encode().unwrap(), "dsa_imports_in_flight"),
-                2.0
+                value(&metrics.encode().unwrap(), "dsa_spool_used_bytes"),
+                1024.0
             );
         }
+        metrics.observe_pool_acquire(Duration::from_millis(3));
+        metrics.set_queue_messages_ready(QueueName::Import, 7);
+        metrics.set_outbox_backlog(3, Duration::from_secs(90));
+        let spool_dir = tempfile::tempdir().unwrap();
+        metrics.watch_spool_dir(spool_dir.path());
         metrics.observe_batch(Duration::from_millis(20));
         metrics.amqp_outcome(AmqpOutcome::DeadLetter);
         metrics.amqp_published(PublishResult::Confirmed);
@@ -1078,6 +1505,24 @@ mod tests {
         metrics.search_refresh(RefreshResult::Completed, Duration::from_millis(300));
         let text = metrics.encode().unwrap();
         assert_eq!(value(&text, "dsa_imports_in_flight"), 0.0);
+        assert_eq!(value(&text, "dsa_import_oldest_start_time_seconds"), 0.0);
+        assert_eq!(value(&text, "dsa_spool_used_bytes"), 0.0);
+        assert_eq!(
+            value(
+                &text,
+                "dsa_db_pool_acquire_duration_seconds_bucket{le=\"0.005\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "dsa_amqp_queue_messages_ready{queue=\"import\"}"),
+            7.0
+        );
+        assert_eq!(value(&text, "dsa_outbox_unsent_messages"), 3.0);
+        assert_eq!(value(&text, "dsa_outbox_oldest_unsent_age_seconds"), 90.0);
+        let free = value(&text, "dsa_spool_filesystem_free_bytes");
+        let size = value(&text, "dsa_spool_filesystem_size_bytes");
+        assert!(free > 0.0 && size >= free, "{free} of {size}");
         assert_eq!(value(&text, "dsa_batch_duration_seconds_count"), 1.0);
         assert_eq!(
             value(&text, "dsa_batch_duration_seconds_bucket{le=\"0.025\"}"),
@@ -1105,7 +1550,9 @@ mod tests {
 
     #[test]
     fn label_values_are_distinct_snake_case() {
-        let labels: [Vec<&str>; 7] = [
+        let labels: [Vec<&str>; 9] = [
+            FailureReason::ALL.iter().map(|v| v.as_str()).collect(),
+            QueueName::ALL.iter().map(|v| v.as_str()).collect(),
             SweepAction::ALL.iter().map(|v| v.as_str()).collect(),
             ImportStatus::ALL.iter().map(|v| v.as_str()).collect(),
             AmqpOutcome::ALL.iter().map(|v| v.as_str()).collect(),
@@ -1132,6 +1579,20 @@ mod tests {
                 .map(|v| v.as_str())
                 .collect::<Vec<_>>(),
             ["ack", "retry", "dead_letter", "skipped", "requeue"]
+        );
+        assert_eq!(
+            FailureReason::ALL
+                .iter()
+                .map(|v| v.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "bad_input",
+                "too_large",
+                "hostile_file",
+                "object_changed",
+                "refused",
+                "other"
+            ]
         );
     }
 }

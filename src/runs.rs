@@ -334,7 +334,7 @@ pub async fn fail_run(
     lease_token: Option<i64>,
     message: &str,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db::begin(pool).await?;
     let updated = sqlx::query(
         "UPDATE dsa_jobs.analysis_runs
             SET status = 'failed', error_message = $2, completed_at = now(),
@@ -427,7 +427,7 @@ pub async fn fail_abandoned(
     abandoned_after: std::time::Duration,
     message: &str,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db::begin(pool).await?;
     let updated = sqlx::query(
         "UPDATE dsa_jobs.analysis_runs
             SET status = 'failed', error_message = $2, completed_at = now(),

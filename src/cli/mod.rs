@@ -295,6 +295,7 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
         );
     }
     let stop = crate::shutdown::on_signals();
+    crate::metrics::metrics().watch_spool_dir(&settings.import.spool_dir);
     let sidecars = Sidecars::start(&settings, &pool, &stop, false).await?;
     let setup = crate::queue::consume::ConsumerSetup {
         importer: Importer::new(pool.clone(), Some(s3.clone()), settings.import.clone()),
@@ -315,6 +316,10 @@ async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
 
 async fn maintain(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
     let stop = crate::shutdown::on_signals();
+    crate::metrics::metrics().before_scrape(crate::queue::backlog::probe(
+        pool.clone(),
+        settings.amqp.clone(),
+    ));
     let sidecars = Sidecars::start(&settings, &pool, &stop, false).await?;
     let sweeper = tokio::spawn(crate::queue::sweeper::run_sweeper(
         pool.clone(),

@@ -303,7 +303,7 @@ pub struct Loader {
 
 impl Loader {
     pub async fn new(pool: &PgPool, lease: Lease) -> Result<Self, LoadError> {
-        let mut conn = pool.acquire().await?;
+        let mut conn = crate::db::acquire(pool).await?;
         // A temporary table is private to this session, so concurrent imports never see
         // each other's batches; ON COMMIT DELETE ROWS empties it after every batch.
         // The data column stays text: only rows that are new get parsed into jsonb.
@@ -717,7 +717,7 @@ pub struct Lookup {
 impl Lookup {
     pub async fn new(pool: &PgPool) -> Result<Self, LoadError> {
         Ok(Self {
-            conn: pool.acquire().await?,
+            conn: crate::db::acquire(pool).await?,
             previous_batch: HashSet::new(),
         })
     }

@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::config::ImportSettings;
 use crate::db::{self, DatasetError, DatasetName};
-use crate::metrics::CompletedImport;
+use crate::metrics::{CompletedImport, FailureReason};
 use crate::runs::{self, ClaimError, ClaimedRun};
 use decode::csv::{CsvDecoder, CsvStart, RowEncoder};
 use decode::sheet::{self, SheetError, SheetFormat};
@@ -133,6 +133,49 @@ impl ImportError {
             && !matches!(self, ImportError::Claim(_))
     }
 
+    /// Why a run that failed for good failed, from a fixed list, for the metrics.
+    pub fn failure_reason(&self) -> FailureReason {
+        match self {
+            ImportError::Fetch(error) | ImportError::Decode(DecodeError::Source(error)) => {
+                fetch_failure_reason(error)
+            }
+            ImportError::Sheet(SheetError::Source { error, .. }) => fetch_failure_reason(error),
+            ImportError::Decode(error) => match error {
+                DecodeError::TooManyColumns { .. } | DecodeError::RecordTooLong { .. } => {
+                    FailureReason::TooLarge
+                }
+                DecodeError::Truncated { .. } => FailureReason::ObjectChanged,
+                _ => FailureReason::BadInput,
+            },
+            ImportError::Sheet(error) => match error {
+                SheetError::Uncompressed { .. }
+                | SheetError::SharedStringsTooLarge { .. }
+                | SheetError::Unstreamed { .. }
+                | SheetError::TooWide { .. }
+                | SheetError::TooManyRows { .. }
+                | SheetError::TooManySheets { .. }
+                | SheetError::CellTooLarge { .. }
+                | SheetError::TooManyCells { .. } => FailureReason::TooLarge,
+                SheetError::CompressionRatio { .. }
+                | SheetError::SharedStringsCount { .. }
+                | SheetError::XmlDoctype { .. }
+                | SheetError::XmlProlog { .. }
+                | SheetError::SparseSheet { .. } => FailureReason::HostileFile,
+                SheetError::Truncated { .. } => FailureReason::ObjectChanged,
+                SheetError::Spool { .. } => FailureReason::Other,
+                _ => FailureReason::BadInput,
+            },
+            ImportError::Load(LoadError::BadRow { .. })
+            | ImportError::Finalise(FinaliseError::Conflict { .. })
+            | ImportError::Dataset(DatasetError::InvalidName(_) | DatasetError::NotFound(_)) => {
+                FailureReason::BadInput
+            }
+            ImportError::Plan(PlanError::Database(_)) => FailureReason::Other,
+            ImportError::Plan(_) => FailureReason::BadInput,
+            _ => FailureReason::Other,
+        }
+    }
+
     /// Whether trying again later may succeed (the store or the database was away).
     fn is_transient(&self) -> bool {
         match self {
@@ -149,6 +192,22 @@ impl ImportError {
             _ => false,
         }
     }
+}
+
+fn fetch_failure_reason(error: &FetchError) -> FailureReason {
+    match error {
+        FetchError::NotFound { .. } => FailureReason::BadInput,
+        FetchError::TooLarge { .. } => FailureReason::TooLarge,
+        FetchError::ObjectChanged { .. } => FailureReason::ObjectChanged,
+        FetchError::Refused { .. } => FailureReason::Refused,
+        FetchError::Io { .. } | FetchError::NoS3Client => FailureReason::Other,
+    }
+}
+
+/// The `format` label of a run that did not get far enough to learn its format from
+/// the content: what its file name says (a name that is not a spreadsheet's is CSV).
+pub fn format_of_file_name(file_name: &str) -> &'static str {
+    SheetFormat::from_file_name(file_name).map_or("csv", SheetFormat::name)
 }
 
 /// Time spent per stage in this attempt, from the service's own clocks.
@@ -404,7 +463,7 @@ impl Importer {
         let sheet_format = Arc::new(std::sync::OnceLock::new());
         let (producer, looker, mut receiver, header) = if spreadsheet {
             let input = fetcher.reader_from(&info, 0).await?;
-            let spooled = sheet::spool::spool(
+            let (spooled, spool_usage) = sheet::spool::spool(
                 input,
                 &self.settings.spool_dir,
                 &file_name,
@@ -416,6 +475,7 @@ impl Importer {
             let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
             let job = SheetJob {
                 file: spooled,
+                spool_usage,
                 file_name: file_name.clone(),
                 wanted: parameters.options.sheets.clone(),
                 cursor: checkpoint.clone(),
@@ -502,6 +562,7 @@ impl Importer {
         );
 
         let mut timings = StageTimings::default();
+        let mut counted_to_byte = resumed_from_byte;
         let mut rows_this_attempt = 0u64;
         let mut batches = 0u64;
         let mut repeated_rows = 0u64;
@@ -543,11 +604,20 @@ impl Importer {
             timings.insert_rows_ms += outcome.insert_duration.as_millis() as u64;
             timings.commit_rows_ms += outcome.commit_rows_duration.as_millis() as u64;
             timings.checkpoint_commit_ms += outcome.commit_duration.as_millis() as u64;
+            let rows_before = checkpoint.loaded_rows;
             checkpoint = batch.checkpoint;
             checkpoint.new_rows += outcome.new_rows;
             checkpoint.loaded_rows -= outcome.repeated_rows;
             checkpoint.rejected_rows += outcome.repeated_rows;
             repeated_rows += outcome.repeated_rows;
+            // Counted as each batch commits, so a long import moves the rates steadily;
+            // a resumed run counts from its checkpoint, so no batch is counted twice.
+            // The first batch's bytes include the header's, read before the loop.
+            crate::metrics::metrics().record_batch_loaded(
+                checkpoint.loaded_rows.saturating_sub(rows_before),
+                checkpoint.byte_offset.saturating_sub(counted_to_byte),
+            );
+            counted_to_byte = counted_to_byte.max(checkpoint.byte_offset);
             tracing::debug!(
                 rows = checkpoint.loaded_rows,
                 byte = checkpoint.byte_offset,
@@ -698,7 +768,6 @@ impl From<&ImportSummary> for CompletedImport {
             new_rows: summary.new_rows,
             rejected_rows: summary.rejected_rows,
             object_bytes: summary.bytes,
-            bytes_read: summary.bytes_read,
             seconds: summary.seconds,
         }
     }

@@ -340,6 +340,8 @@ pub(super) fn raw_record(record: &ByteRecord) -> Vec<u8> {
 pub(super) struct SheetJob {
     /// The spooled object, rewound.
     pub(super) file: std::fs::File,
+    /// Counts the spooled file in the metrics for as long as it is read.
+    pub(super) spool_usage: crate::metrics::SpoolUsage,
     pub(super) file_name: String,
     pub(super) wanted: Option<Vec<String>>,
     /// The checkpoint to continue from (a fresh one for a new run).
@@ -371,6 +373,7 @@ pub(super) fn produce_sheet_batches(job: SheetJob, sender: Pipe) {
 pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportError> {
     let SheetJob {
         mut file,
+        spool_usage: _spool_usage,
         file_name,
         wanted,
         mut cursor,

@@ -40,8 +40,8 @@ use crate::db::{self, DatasetError, DatasetName};
 use crate::http::Health;
 use crate::import::run::SourceLocation;
 use crate::import::run::{ImportOptions, ImportParameters};
-use crate::import::{ImportSummary, Importer, Outcome};
-use crate::metrics::{metrics, AmqpOutcome};
+use crate::import::{format_of_file_name, ImportSummary, Importer, Outcome};
+use crate::metrics::{format_label, metrics, AmqpOutcome, FailureReason};
 use crate::policy::SourcePolicy;
 use crate::queue::amqp::{self, AmqpError};
 use crate::queue::messages::{self, CreatedObject, DatasetRef, ImportMessage, ImportRequest};
@@ -356,11 +356,14 @@ async fn process(
         }
     };
     for run_id in runs {
-        if let Err(transient) = refuse_unless_allowed(setup, run_id).await {
-            tracing::warn!(run.id = %run_id, error = %transient, "cannot check the run's source yet; requeueing");
-            return Settle::Requeue;
-        }
-        match import_to_end(setup, importer, run_id, channel).await {
+        let format = match refuse_unless_allowed(setup, run_id).await {
+            Ok(format) => format,
+            Err(transient) => {
+                tracing::warn!(run.id = %run_id, error = %transient, "cannot check the run's source yet; requeueing");
+                return Settle::Requeue;
+            }
+        };
+        match import_to_end(setup, importer, run_id, format, channel).await {
             Settle::Ack => {}
             other => return other,
         }
@@ -370,17 +373,22 @@ async fn process(
 
 /// Fails an unfinished run whose source the allow-lists refuse, naming the rule,
 /// before a byte of it is read; the import that follows then finds the run failed and
-/// the message is acknowledged.
-async fn refuse_unless_allowed(setup: &ConsumerSetup, run_id: Uuid) -> Result<(), sqlx::Error> {
+/// the message is acknowledged. Returns the run's `format` label for the metrics, from
+/// its file name ("other" for a run that is finished or unreadable).
+async fn refuse_unless_allowed(
+    setup: &ConsumerSetup,
+    run_id: Uuid,
+) -> Result<&'static str, sqlx::Error> {
     let Some(parameters) = runs::unfinished_parameters(&setup.pool, run_id).await? else {
-        return Ok(());
+        return Ok("other");
     };
+    let format = format_label(format_of_file_name(parameters.source.file_name()));
     if let Err(refused) = setup.policy.check(&parameters.source) {
-        metrics().record_import_failed("other");
+        metrics().record_import_failed(format, FailureReason::Refused);
         tracing::warn!(run.id = %run_id, reason = %refused, "source refused");
         runs::fail_run(&setup.pool, run_id, None, &refused.to_string()).await?;
     }
-    Ok(())
+    Ok(format)
 }
 
 enum Refusal {
@@ -592,10 +600,13 @@ fn dataset_refusal(error: DatasetError) -> Refusal {
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Imports the run, resuming it if needed, until it is completed or failed for good.
+/// `format` labels its failures and retries (a completed run reports the format its
+/// content had).
 async fn import_to_end(
     setup: &ConsumerSetup,
     importer: &Importer,
     run_id: Uuid,
+    format: &'static str,
     channel: &Channel,
 ) -> Settle {
     let mut retries: Option<ExponentialBackoff> = None;
@@ -647,7 +658,7 @@ async fn import_to_end(
                     .next_backoff()
                 {
                     Some(wait) => {
-                        metrics().record_import_retried("other");
+                        metrics().record_import_retried(format);
                         tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
                         if !pause(importer, wait).await {
                             return Settle::Requeue;
@@ -667,7 +678,7 @@ async fn import_to_end(
                 // The import core marked the run failed with the reason; the message
                 // has been handled.
                 Outcome::Permanent => {
-                    metrics().record_import_failed("other");
+                    metrics().record_import_failed(format, error.failure_reason());
                     tracing::warn!(run.id = %run_id, error = %error, "run failed");
                     return Settle::Ack;
                 }

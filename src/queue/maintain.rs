@@ -80,7 +80,7 @@ pub async fn refresh_search_index(pool: &PgPool) -> Result<RefreshTiming, sqlx::
 }
 
 async fn refresh_under_lock(pool: &PgPool, started: Instant) -> Result<RefreshTiming, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     // Transaction-level: released by the commit or by the connection dying with the
     // process, never left behind.
     sqlx::query("SELECT pg_advisory_xact_lock($1)")

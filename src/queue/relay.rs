@@ -103,7 +103,7 @@ pub async fn relay_once(
     // (unroutable) is not claimed again and again within one pass.
     let mut after_id = 0_i64;
     loop {
-        let mut tx = pool.begin().await?;
+        let mut tx = crate::db::begin(pool).await?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, exchange, routing_key, payload
                FROM dsa_jobs.outbox

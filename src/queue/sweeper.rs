@@ -62,7 +62,7 @@ impl Sweeper {
         amqp_settings: &AmqpSettings,
         settings: &MaintenanceSettings,
     ) -> Result<Option<SweepStats>, SweepError> {
-        let mut lock = pool.begin().await?;
+        let mut lock = crate::db::begin(pool).await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(SWEEP_LOCK_KEY)
             .fetch_one(&mut *lock)

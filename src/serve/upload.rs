@@ -158,7 +158,7 @@ struct Upload {
     /// One of the client's `HTTP_MAX_CONCURRENT_UPLOADS`, until the upload ends.
     _slot: tokio::sync::OwnedSemaphorePermit,
     /// `dsa_http_uploads_in_flight`, until the upload ends.
-    _in_flight: crate::metrics::InFlightGuard,
+    _in_flight: crate::metrics::GaugeGuard,
 }
 
 /// The next piece of the body, within the idle timeout.

@@ -93,7 +93,10 @@ async fn health_readiness_and_metrics_are_served_over_http() {
         + sample(&text, "dsa_db_pool_connections{state=\"idle\"}");
     assert!(open >= 1.0, "{text}");
     assert!(sample(&text, "dsa_process_peak_resident_memory_bytes") > 0.0);
-    assert!(sample(&text, "dsa_process_resident_memory_bytes") > 0.0);
+    // The standard process metrics keep their standard names.
+    assert!(sample(&text, "process_resident_memory_bytes") > 0.0);
+    assert!(sample(&text, "process_start_time_seconds") > 0.0);
+    assert!(sample(&text, "dsa_db_pool_max_connections") >= 1.0);
 
     let (status, _, _) = get(addr, "/nowhere").await;
     assert_eq!(status, 404);
@@ -188,6 +191,182 @@ async fn a_consumer_counts_exactly_the_import_it_did() {
         ),
         0.0
     );
+    // The import took its connection (and the claim a transaction's) through the timed
+    // acquire; nothing is in flight any more.
+    assert!(sample(&after, "dsa_db_pool_acquire_duration_seconds_count") >= 2.0);
+    assert_eq!(sample(&after, "dsa_import_oldest_start_time_seconds"), 0.0);
+    assert_eq!(sample(&after, "dsa_imports_in_flight"), 0.0);
+    // The consumer watches the spool directory's file system.
+    assert!(sample(&after, "dsa_spool_filesystem_size_bytes") > 0.0);
+    assert!(sample(&after, "dsa_spool_filesystem_free_bytes") > 0.0);
+    assert_eq!(sample(&after, "dsa_spool_used_bytes"), 0.0);
+}
+
+#[tokio::test]
+async fn rows_are_counted_as_batches_commit_while_the_import_runs() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    // A slow store: the run is caught after some batches committed, long before its end.
+    let (consumer, run_id) =
+        crate::process::import_caught_mid_file(&app, &broker, "steady", "steady.csv", 40_000, 5)
+            .await;
+    let addr = consumer.metrics_addr().await;
+    // The counter moves just after each batch's transaction commits.
+    let loaded = crate::process::loaded_rows(&app, run_id).await as f64;
+    assert!(loaded > 0.0);
+    wait_until(
+        Duration::from_secs(10),
+        "the committed rows to be counted",
+        || async move {
+            sample(&get(addr, "/metrics").await.2, "dsa_rows_processed_total") >= loaded
+        },
+    )
+    .await;
+    let (_, _, text) = get(addr, "/metrics").await;
+    assert!(sample(&text, "dsa_bytes_processed_total") > 0.0);
+    assert_eq!(sample(&text, "dsa_imports_in_flight"), 1.0);
+    let oldest = sample(&text, "dsa_import_oldest_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(oldest > now - 120.0 && oldest <= now, "{oldest} vs {now}");
+    assert_eq!(status_of(&app, run_id).await, "running");
+}
+
+#[tokio::test]
+async fn a_failed_run_is_counted_with_its_format_and_reason() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let run_id = pending_run(&app, "too-big", "too-big.csv", 1_200, 4).await;
+    let consumer = Consumer::start(&app, &broker, &[("IMPORT_MAX_FILE_SIZE", "1000")]);
+    let addr = consumer.metrics_addr().await;
+    broker.wait_for_consumers(1).await;
+    broker.publish_json(&reference(run_id)).await;
+    wait_until(Duration::from_secs(60), "the run to fail", || async {
+        status_of(&app, run_id).await == "failed"
+    })
+    .await;
+    let failed = "dsa_import_failures_total{format=\"csv\",reason=\"too_large\"}";
+    wait_until(
+        Duration::from_secs(10),
+        "the failure to be counted",
+        || async move { sample(&get(addr, "/metrics").await.2, failed) == 1.0 },
+    )
+    .await;
+    let (_, _, text) = get(addr, "/metrics").await;
+    assert_eq!(
+        sample(
+            &text,
+            "dsa_import_runs_total{format=\"csv\",status=\"failed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "dsa_import_failures_total{format=\"csv\",reason=\"bad_input\"}"
+        ),
+        0.0
+    );
+    assert_eq!(sample(&text, "dsa_rows_processed_total"), 0.0);
+}
+
+/// Publishes `body` straight into `queue` through the default exchange.
+async fn publish_to_queue(broker: &TestBroker, queue: &str, body: &[u8]) {
+    broker
+        .channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+}
+
+/// Every `dsa_*` and `process_*` name in `text`: the metric names a dashboard query or
+/// an alert expression uses.
+fn metric_names_used(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with("dsa_") || word.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The sample names of a scrape (a histogram's `_bucket`, `_sum` and `_count` each).
+fn sample_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn maintain_reports_the_backlog_and_every_name_the_dashboard_and_alerts_use() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    for n in 0..3 {
+        broker.publish_json(&serde_json::json!({ "n": n })).await;
+    }
+    publish_to_queue(&broker, &broker.settings.dead_letter_queue, b"{}").await;
+    // An outbox row nobody can deliver (no queue is bound to this key), an hour old:
+    // the relay tries it and leaves it unsent.
+    sqlx::query(
+        "INSERT INTO dsa_jobs.outbox (exchange, routing_key, payload, created_at)
+         VALUES ('amq.direct', 'nowhere', '{}', now() - interval '1 hour')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let maintainer = Consumer::start_maintainer(&app, &broker, &[]);
+    let addr = maintainer.metrics_addr().await;
+    let (_, _, text) = get(addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "dsa_amqp_queue_messages_ready{queue=\"import\"}"),
+        3.0,
+        "{}",
+        maintainer.log()
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "dsa_amqp_queue_messages_ready{queue=\"dead_letter\"}"
+        ),
+        1.0
+    );
+    assert_eq!(sample(&text, "dsa_outbox_unsent_messages"), 1.0);
+    let age = sample(&text, "dsa_outbox_oldest_unsent_age_seconds");
+    assert!((3590.0..3700.0).contains(&age), "{age}");
+
+    // A consumer's scrape beside the maintainer's: together they export every metric
+    // name the shipped dashboard and alert rules use, so renaming a metric fails here
+    // rather than leaving an empty panel or an alert that can never fire.
+    let consumer = Consumer::start(&app, &broker, &[]);
+    let (_, _, consumer_text) = get(consumer.metrics_addr().await, "/metrics").await;
+    let mut exported = sample_names(&text);
+    exported.extend(sample_names(&consumer_text));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "charts/dsa-ingest/dashboards/dsa-ingest.json",
+        "charts/dsa-ingest/templates/prometheusrule.yaml",
+        "tests/ops/alerts-test.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).expect("read the file");
+        let used = metric_names_used(&text);
+        assert!(!used.is_empty(), "{file} uses no dsa_ metric");
+        let missing: Vec<_> = used.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "{file} uses metrics no scrape exports: {missing:?}"
+        );
+    }
 }
 
 #[tokio::test]

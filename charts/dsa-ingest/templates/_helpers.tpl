@@ -17,6 +17,45 @@
 {{- end -}}
 {{- end -}}
 
+{{/*
+The name of an object that adds a suffix to the prefix: the prefix is cut so that the
+whole stays within the 63 characters a Kubernetes name (and label value) allows.
+Called with a dict of the root context ("root") and the suffix ("suffix").
+*/}}
+{{- define "dsa-ingest.componentName" -}}
+{{- $room := sub 62 (len .suffix) | int -}}
+{{- printf "%s-%s" (include "dsa-ingest.fullname" .root | trunc $room | trimSuffix "-") .suffix -}}
+{{- end -}}
+
+{{/* The ServiceAccount the long-running pods use. */}}
+{{- define "dsa-ingest.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "dsa-ingest.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Bytes the spool may need: IMPORT_MAX_FILE_SIZE (each worker may spool one spreadsheet
+that large) times IMPORT_PARALLEL_WORKERS, plus tmpVolume.headroomBytes. Used for the
+consumers' ephemeral-storage request, the /tmp volume's size limit and the spool alert.
+*/}}
+{{- define "dsa-ingest.spoolBytes" -}}
+{{- $fileSize := default "5368709120" .Values.config.IMPORT_MAX_FILE_SIZE | int64 -}}
+{{- $workers := default "4" .Values.config.IMPORT_PARALLEL_WORKERS | int64 -}}
+{{- add (mul $fileSize $workers) (.Values.tmpVolume.headroomBytes | int64) -}}
+{{- end -}}
+
+{{/* The /tmp volume's size limit: tmpVolume.sizeLimit, or the spool's need in MiB. */}}
+{{- define "dsa-ingest.spoolSizeLimit" -}}
+{{- if .Values.tmpVolume.sizeLimit -}}
+{{- .Values.tmpVolume.sizeLimit -}}
+{{- else -}}
+{{- printf "%dMi" (div (add (include "dsa-ingest.spoolBytes" . | int64) 1048575) 1048576) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Labels that select the release's pods; the caller adds the component. */}}
 {{- define "dsa-ingest.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "dsa-ingest.name" . }}
@@ -84,7 +123,16 @@ variables) and "volumeMounts" (extra mounts).
       port: metrics
     {{- toYaml $root.Values.readinessProbe | nindent 4 }}
   resources:
-    {{- toYaml .component.resources | nindent 4 }}
+    {{- $resources := deepCopy .component.resources }}
+    {{- if .spool }}
+    {{- /* Room for the spool, so the scheduler puts the pod where it fits. */}}
+    {{- $requests := $resources.requests | default dict }}
+    {{- if not (hasKey $requests "ephemeral-storage") }}
+    {{- $_ := set $requests "ephemeral-storage" (include "dsa-ingest.spoolSizeLimit" $root) }}
+    {{- end }}
+    {{- $_ := set $resources "requests" $requests }}
+    {{- end }}
+    {{- toYaml $resources | nindent 4 }}
   securityContext:
     {{- toYaml $root.Values.securityContext | nindent 4 }}
   volumeMounts:
@@ -95,8 +143,13 @@ variables) and "volumeMounts" (extra mounts).
     {{- end }}
 {{- end -}}
 
-{{/* The scratch volume behind /tmp. */}}
+{{/*
+The scratch volume behind /tmp, where IMPORT_SPOOL_DIR is by default. Its size limit is
+tmpVolume.sizeLimit or derived (see dsa-ingest.spoolBytes); the kubelet evicts a pod
+that writes more.
+*/}}
 {{- define "dsa-ingest.tmpVolume" -}}
 - name: tmp
-  emptyDir: {{ with .Values.tmpVolume.sizeLimit }}{sizeLimit: {{ . | quote }}}{{ else }}{}{{ end }}
+  emptyDir:
+    sizeLimit: {{ include "dsa-ingest.spoolSizeLimit" . | quote }}
 {{- end -}}

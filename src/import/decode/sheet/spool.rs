@@ -8,9 +8,11 @@ use std::path::Path;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::SheetError;
+use crate::metrics::SpoolUsage;
 
 /// Copies `input` (the object from byte 0) into an anonymous temporary file in `dir`
-/// and returns it rewound. On Linux the file is opened with `O_TMPFILE` and never has
+/// and returns it rewound, with its bytes counted in the metrics until the usage is
+/// dropped (with the file). On Linux the file is opened with `O_TMPFILE` and never has
 /// a name, so its space is returned however the process ends, `kill -9` included;
 /// elsewhere it is unlinked at once and created readable by its owner only.
 pub async fn spool(
@@ -19,7 +21,7 @@ pub async fn spool(
     file: &str,
     size: u64,
     limit: u64,
-) -> Result<File, SheetError> {
+) -> Result<(File, SpoolUsage), SheetError> {
     let spool_error = |error: std::io::Error| SheetError::Spool {
         file: file.to_owned(),
         dir: dir.display().to_string(),
@@ -30,6 +32,7 @@ pub async fn spool(
     let mut writer = std::io::BufWriter::with_capacity(1024 * 1024, handle);
     let mut buffer = vec![0u8; 256 * 1024];
     let mut written = 0u64;
+    let mut usage = crate::metrics::metrics().spool_usage();
     loop {
         let read = input
             .read(&mut buffer)
@@ -56,6 +59,7 @@ pub async fn spool(
         }
         // Writing is a blocking call, but into the page cache; it does not wait on disk.
         writer.write_all(&buffer[..read]).map_err(spool_error)?;
+        usage.grow(read as u64);
     }
     if written != size {
         return Err(SheetError::Truncated {
@@ -68,5 +72,5 @@ pub async fn spool(
         .into_inner()
         .map_err(|error| spool_error(error.into_error()))?;
     handle.seek(SeekFrom::Start(0)).map_err(spool_error)?;
-    Ok(handle)
+    Ok((handle, usage))
 }
