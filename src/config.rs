@@ -73,6 +73,12 @@ pub struct HttpSettings {
     pub body_timeout: Duration,
     /// `API_TOKENS_FILE`: the TOML file of clients and the hashes of their tokens.
     pub tokens_file: Option<PathBuf>,
+    /// `HTTP_REQUESTS_PER_SECOND`: each client's sustained rate of API requests; a
+    /// burst of as many is allowed. One client cannot starve the others or the pool.
+    pub requests_per_second: u64,
+    /// `HTTP_MAX_CONCURRENT_UPLOADS`: each client's uploads at once; every upload holds
+    /// a part (8 MiB) in memory and a task until it ends.
+    pub max_concurrent_uploads: u64,
 }
 
 /// Where `serve` listens when `HTTP_ADDR` is not set.
@@ -84,12 +90,15 @@ impl Default for HttpSettings {
             addr: DEFAULT_HTTP_ADDR.to_owned(),
             body_timeout: Duration::from_secs(30),
             tokens_file: None,
+            requests_per_second: 20,
+            max_concurrent_uploads: 4,
         }
     }
 }
 
 impl HttpSettings {
-    /// Reads `HTTP_ADDR`, `HTTP_BODY_TIMEOUT_SECONDS` and `API_TOKENS_FILE`.
+    /// Reads `HTTP_ADDR`, `HTTP_BODY_TIMEOUT_SECONDS`, `API_TOKENS_FILE`,
+    /// `HTTP_REQUESTS_PER_SECOND` and `HTTP_MAX_CONCURRENT_UPLOADS`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let defaults = Self::default();
         Ok(Self {
@@ -99,6 +108,14 @@ impl HttpSettings {
                 defaults.body_timeout.as_secs(),
             )?),
             tokens_file: non_empty("API_TOKENS_FILE").map(PathBuf::from),
+            requests_per_second: positive(
+                "HTTP_REQUESTS_PER_SECOND",
+                defaults.requests_per_second,
+            )?,
+            max_concurrent_uploads: positive(
+                "HTTP_MAX_CONCURRENT_UPLOADS",
+                defaults.max_concurrent_uploads,
+            )?,
         })
     }
 }

@@ -18,7 +18,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::metrics::{metrics, text_content_type};
+use crate::metrics::{metrics, text_content_type, HttpRoute};
 
 /// How long `/readyz` waits for `SELECT 1` before it calls the database down. A probe
 /// must answer well within the orchestrator's own timeout (often a few seconds).
@@ -178,9 +178,9 @@ pub async fn serve(
 /// The `/healthz`, `/readyz` and `/metrics` routes, for a server of its own or beside an API.
 pub fn router(health: Health) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .route(HttpRoute::Healthz.as_str(), get(healthz))
+        .route(HttpRoute::Readyz.as_str(), get(readyz))
+        .route(HttpRoute::Metrics.as_str(), get(metrics_text))
         .with_state(health)
 }
 

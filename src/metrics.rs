@@ -87,6 +87,65 @@ macro_rules! label_enum {
 }
 
 label_enum! {
+    /// The routes of `serve`, by template, for `dsa_http_requests_total{route}`: a
+    /// closed set, so a path full of ids cannot create series without end. The router
+    /// is built from these, so a route cannot be served and go uncounted.
+    HttpRoute {
+        Datasets => "/v1/datasets",
+        Dataset => "/v1/datasets/{name}",
+        Commits => "/v1/datasets/{name}/commits",
+        Diff => "/v1/datasets/{name}/diff",
+        Export => "/v1/datasets/{name}/export",
+        Imports => "/v1/datasets/{name}/imports",
+        Run => "/v1/runs/{id}",
+        RunEvents => "/v1/runs/{id}/events",
+        OpenApi => "/v1/openapi.json",
+        Healthz => "/healthz",
+        Readyz => "/readyz",
+        Metrics => "/metrics",
+        /// No route matched: the router's own `404`.
+        Unmatched => "unmatched",
+    }
+}
+
+impl HttpRoute {
+    /// The route of a matched path template; `Unmatched` for anything else.
+    pub fn of_template(template: Option<&str>) -> Self {
+        template
+            .and_then(|template| {
+                Self::ALL
+                    .iter()
+                    .find(|route| route.as_str() == template)
+                    .copied()
+            })
+            .unwrap_or(Self::Unmatched)
+    }
+}
+
+label_enum! {
+    /// The class of an HTTP status, for `dsa_http_requests_total{status_class}`.
+    StatusClass {
+        Informational => "1xx",
+        Success => "2xx",
+        Redirection => "3xx",
+        ClientError => "4xx",
+        ServerError => "5xx",
+    }
+}
+
+impl StatusClass {
+    pub fn of(status: u16) -> Self {
+        match status {
+            0..=199 => Self::Informational,
+            200..=299 => Self::Success,
+            300..=399 => Self::Redirection,
+            400..=499 => Self::ClientError,
+            _ => Self::ServerError,
+        }
+    }
+}
+
+label_enum! {
     /// How an import run ended, for `dsa_import_runs_total{status}`.
     ImportStatus {
         Completed => "completed",
@@ -294,6 +353,9 @@ pub struct Metrics {
     watch_oldest_unqueued: prometheus::Gauge,
     watch_active: IntGauge,
     watch_after_actions: IntCounterVec,
+    http_requests: IntCounterVec,
+    http_upload_bytes: IntCounter,
+    http_uploads_in_flight: IntGauge,
     /// The gauges that are read from their source when the registry is gathered.
     scrape_time: ScrapeTimeGauges,
 }
@@ -508,6 +570,24 @@ impl Metrics {
             &["action"],
         )
         .expect("valid metric");
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "dsa_http_requests_total",
+                "Requests serve answered, by route template and status class.",
+            ),
+            &["route", "status_class"],
+        )
+        .expect("valid metric");
+        let http_upload_bytes = IntCounter::new(
+            "dsa_http_upload_bytes_total",
+            "Bytes of upload bodies serve received, kept or not.",
+        )
+        .expect("valid metric");
+        let http_uploads_in_flight = IntGauge::new(
+            "dsa_http_uploads_in_flight",
+            "Uploads serve is receiving or storing now.",
+        )
+        .expect("valid metric");
         let scrape_time = ScrapeTimeGauges::new();
 
         // Every series of a closed label set exists from the start, at zero, so that a
@@ -549,6 +629,11 @@ impl Metrics {
         for action in WatchAfter::ALL {
             watch_after_actions.with_label_values(&[action.as_str()]);
         }
+        for route in HttpRoute::ALL {
+            for class in StatusClass::ALL {
+                http_requests.with_label_values(&[route.as_str(), class.as_str()]);
+            }
+        }
 
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(import_runs.clone()),
@@ -580,6 +665,9 @@ impl Metrics {
             Box::new(watch_oldest_unqueued.clone()),
             Box::new(watch_active.clone()),
             Box::new(watch_after_actions.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(http_upload_bytes.clone()),
+            Box::new(http_uploads_in_flight.clone()),
             Box::new(scrape_time.clone()),
         ];
         for collector in collectors {
@@ -629,6 +717,9 @@ impl Metrics {
             watch_oldest_unqueued,
             watch_active,
             watch_after_actions,
+            http_requests,
+            http_upload_bytes,
+            http_uploads_in_flight,
             scrape_time,
         }
     }
@@ -674,6 +765,23 @@ impl Metrics {
         self.import_runs
             .with_label_values(&[status.as_str(), format_label(format)])
             .inc();
+    }
+
+    /// Counts one answered request of `serve`.
+    pub fn http_request(&self, route: HttpRoute, status: u16) {
+        self.http_requests
+            .with_label_values(&[route.as_str(), StatusClass::of(status).as_str()])
+            .inc();
+    }
+
+    /// Counts bytes of an upload body as they arrive.
+    pub fn http_upload_bytes(&self, bytes: u64) {
+        self.http_upload_bytes.inc_by(bytes);
+    }
+
+    /// Counts an upload as in flight until the returned guard is dropped.
+    pub fn http_upload_in_flight(&self) -> GaugeGuard {
+        GaugeGuard::new(self.http_uploads_in_flight.clone())
     }
 
     /// Counts an import as in flight until the returned guard is dropped, however the
@@ -923,6 +1031,25 @@ impl Drop for InFlightGuard {
         if let Ok(mut started) = self.starts.started.lock() {
             started.remove(&self.number);
         }
+    }
+}
+
+/// Holds a gauge (`dsa_http_uploads_in_flight`) one higher while it lives.
+#[must_use = "the work counts as in flight only while the guard lives"]
+pub struct GaugeGuard {
+    gauge: IntGauge,
+}
+
+impl GaugeGuard {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self { gauge }
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 

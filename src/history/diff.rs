@@ -11,7 +11,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Row};
 
 use super::resolve::{resolve, Commit, Dataset};
-use super::{json_string, DiffArgs, HistoryError, Stdout};
+use super::{json_string, DiffArgs, HistoryError, Output};
 
 /// How many rows were added, removed, changed and left as they were.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -127,18 +127,20 @@ impl DiffPair {
         Ok(summary)
     }
 
-    /// Streams every changed row to `each` in logical row order, with the row's old and
-    /// new content as JSON text; returns the counts. `unchanged` is the rows of `to`
-    /// that were neither added nor changed.
+    /// Streams every changed row to `out` in logical row order, as `line` writes it from
+    /// the row's old and new content (JSON text); returns the counts. `unchanged` is the
+    /// rows of `to` that were neither added nor changed.
     pub async fn changes(
         &self,
         pool: &PgPool,
-        mut each: impl FnMut(Op, &str, Option<&str>, Option<&str>) -> Result<(), HistoryError>,
+        out: &mut Output,
+        mut line: impl FnMut(Op, &str, Option<&str>, Option<&str>, &mut Vec<u8>),
     ) -> Result<DiffSummary, HistoryError> {
         if let Some(summary) = self.same_tree() {
             return Ok(summary);
         }
         let mut summary = DiffSummary::default();
+        let mut text = Vec::with_capacity(4096);
         let mut tx = pool.begin().await?;
         prefer_merge(&mut tx).await?;
         let sql = format!(
@@ -186,7 +188,9 @@ impl DiffPair {
                 Op::Removed => summary.removed += 1,
                 Op::Changed => summary.changed += 1,
             }
-            each(op, id, old, new)?;
+            text.clear();
+            line(op, id, old, new, &mut text);
+            out.write(&text).await?;
         }
         drop(rows);
         tx.commit().await?;
@@ -210,19 +214,45 @@ async fn prefer_merge(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
 pub async fn command(pool: &PgPool, args: DiffArgs) -> Result<(), HistoryError> {
     let dataset = Dataset::find(pool, &args.dataset).await?;
     let pair = DiffPair::resolve(pool, &dataset, args.from.as_deref(), args.to.as_deref()).await?;
-    let mut out = Stdout::new();
-    let summary = if args.summary {
+    let form = match (args.summary, args.json) {
+        (true, true) => DiffForm::SummaryJson,
+        (true, false) => DiffForm::Summary,
+        (false, true) => DiffForm::JsonLines,
+        (false, false) => DiffForm::Text,
+    };
+    write_diff(pool, &pair, form, Output::stdout()).await
+}
+
+/// How a diff is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffForm {
+    /// `+ id {...}` lines, then the counts in words.
+    Text,
+    /// The counts in words only.
+    Summary,
+    /// One JSON object per changed row, then `{"summary": ...}`.
+    JsonLines,
+    /// `{"summary": ...}` only.
+    SummaryJson,
+}
+
+/// Writes the diff of `pair` to `out` in `form`; the same bytes wherever they go.
+pub async fn write_diff(
+    pool: &PgPool,
+    pair: &DiffPair,
+    form: DiffForm,
+    mut out: Output,
+) -> Result<(), HistoryError> {
+    let json = matches!(form, DiffForm::JsonLines | DiffForm::SummaryJson);
+    let summary = if matches!(form, DiffForm::Summary | DiffForm::SummaryJson) {
         pair.summary(pool).await?
     } else {
-        let mut line = Vec::with_capacity(4096);
-        let json = args.json;
-        pair.changes(pool, |op, id, old, new| {
-            line.clear();
+        pair.changes(pool, &mut out, |op, id, old, new, line| {
             if json {
                 line.extend_from_slice(b"{\"op\":\"");
                 line.extend_from_slice(op.name().as_bytes());
                 line.extend_from_slice(b"\",\"logical_row_id\":");
-                json_string(id, &mut line);
+                json_string(id, line);
                 line.extend_from_slice(b",\"old\":");
                 line.extend_from_slice(old.unwrap_or("null").as_bytes());
                 line.extend_from_slice(b",\"new\":");
@@ -239,19 +269,18 @@ pub async fn command(pool: &PgPool, args: DiffArgs) -> Result<(), HistoryError> 
                 };
                 line.extend_from_slice(format!("{sign} {id} {text}\n").as_bytes());
             }
-            out.write(&line)
         })
         .await?
     };
-    if args.json {
+    if json {
         // Through the struct, so the counts keep their documented order.
         let mut line = b"{\"summary\":".to_vec();
         line.extend(serde_json::to_vec(&summary).expect("summary serializes"));
         line.extend_from_slice(b"}\n");
-        out.write(&line)?;
+        out.write(&line).await?;
     } else {
-        if !args.summary {
-            out.write(b"\n")?;
+        if form == DiffForm::Text {
+            out.write(b"\n").await?;
         }
         out.write(
             format!(
@@ -259,7 +288,8 @@ pub async fn command(pool: &PgPool, args: DiffArgs) -> Result<(), HistoryError> 
                 summary.added, summary.removed, summary.changed, summary.unchanged
             )
             .as_bytes(),
-        )?;
+        )
+        .await?;
     }
-    out.flush()
+    out.finish().await
 }

@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 
 use super::resolve::{resolve, Commit, Dataset};
-use super::{ExportArgs, ExportFormat, HistoryError};
+use super::{ChannelWriter, ExportArgs, ExportFormat, HistoryError};
 use crate::config::Settings;
 
 /// The size of one multipart part: what an S3 export holds in memory. S3 wants at
@@ -130,19 +130,7 @@ pub async fn export(
         },
         files: Vec::new(),
     };
-    if let Some(sheet) = request.sheet {
-        if !sheets.iter().any(|name| name == sheet) {
-            return Err(HistoryError::Usage(format!(
-                "commit {} has no sheet {sheet:?} (its sheets: {})",
-                commit.commit_id,
-                if sheets.is_empty() {
-                    "none, it is a CSV import".to_owned()
-                } else {
-                    sheets.join(", ")
-                }
-            )));
-        }
-    }
+    check_sheet(commit, &sheets, request.sheet)?;
     // One file per sheet: CSV of a spreadsheet commit with several sheets.
     let per_sheet: Vec<Option<&str>> = match (request.format, request.sheet) {
         (_, Some(sheet)) => vec![Some(sheet)],
@@ -191,6 +179,65 @@ pub async fn export(
         });
     }
     Ok(summary)
+}
+
+/// `sheet`, when given, must be one of the commit's.
+fn check_sheet(
+    commit: &Commit,
+    sheets: &[String],
+    sheet: Option<&str>,
+) -> Result<(), HistoryError> {
+    if let Some(sheet) = sheet {
+        if !sheets.iter().any(|name| name == sheet) {
+            return Err(HistoryError::Usage(format!(
+                "commit {} has no sheet {sheet:?} (its sheets: {})",
+                commit.commit_id,
+                if sheets.is_empty() {
+                    "none, it is a CSV import".to_owned()
+                } else {
+                    sheets.join(", ")
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Exports a commit as one file into `writer` (an HTTP response): CSV of one sheet,
+/// or JSON Lines of every row. A CSV of a commit with several sheets needs `sheet`.
+/// Returns the number of bytes written.
+pub async fn export_into(
+    pool: &PgPool,
+    commit: &Commit,
+    format: ExportFormat,
+    sheet: Option<&str>,
+    writer: ChannelWriter,
+) -> Result<u64, HistoryError> {
+    let sheets = commit.sheets();
+    check_sheet(commit, &sheets, sheet)?;
+    let sheet = match (format, sheet) {
+        (ExportFormat::Csv, None) if sheets.len() > 1 => {
+            return Err(HistoryError::Usage(format!(
+                "commit {} has {} sheets ({}): give sheet=NAME for one of them as CSV, \
+                 or ask for format=jsonl",
+                commit.commit_id,
+                sheets.len(),
+                sheets.join(", ")
+            )))
+        }
+        (ExportFormat::Csv, None) => sheets.first().map(String::as_str),
+        (_, sheet) => sheet,
+    };
+    let (statement, header) = match format {
+        ExportFormat::Csv => (
+            csv_statement(commit, &sheets, sheet, false)?,
+            csv_header(commit, sheet, false)?,
+        ),
+        ExportFormat::Jsonl => (jsonl_statement(commit, &sheets, sheet), Vec::new()),
+    };
+    let mut sink = Sink::Channel(writer);
+    copy_into(pool, &statement, header, &mut sink).await?;
+    sink.finish().await
 }
 
 /// The one sheet of a CSV commit, named as the import named it: the source's base
@@ -423,6 +470,8 @@ enum Sink {
         bytes: u64,
     },
     S3(MultipartWriter),
+    /// An HTTP response's body.
+    Channel(ChannelWriter),
 }
 
 impl Sink {
@@ -482,6 +531,7 @@ impl Sink {
                     .map_err(|source| write_error(partial, source))
             }
             Self::S3(writer) => writer.write(&chunk).await,
+            Self::Channel(writer) => writer.write(&chunk).await,
         }
     }
 
@@ -510,13 +560,14 @@ impl Sink {
                 Ok(bytes)
             }
             Self::S3(writer) => writer.finish().await,
+            Self::Channel(writer) => writer.finish().await,
         }
     }
 
     /// Leaves nothing behind: the partial file is removed, the upload aborted.
     async fn abort(self) {
         match self {
-            Self::Stdout { .. } => {}
+            Self::Stdout { .. } | Self::Channel(_) => {}
             Self::File { partial, .. } => {
                 let _ = tokio::fs::remove_file(&partial).await;
             }

@@ -234,6 +234,94 @@ pub(crate) fn stdout_error(source: std::io::Error) -> HistoryError {
     }
 }
 
+/// How many bytes a [`ChannelWriter`] gathers before it hands them on: large enough
+/// that a row is not a message of its own, small enough that a response holds little.
+pub const CHANNEL_CHUNK: usize = 64 * 1024;
+
+/// What a streamed command's reader receives: bytes, or the error that ended it.
+pub type Chunk = Result<bytes::Bytes, HistoryError>;
+
+/// A writer into a bounded channel, which an HTTP response body reads. A full channel
+/// makes the writer wait, so a slow reader slows the query rather than filling memory;
+/// a reader that went away is a broken pipe, as on stdout.
+pub struct ChannelWriter {
+    sender: tokio::sync::mpsc::Sender<Chunk>,
+    buffer: Vec<u8>,
+    bytes: u64,
+}
+
+impl ChannelWriter {
+    pub fn new(sender: tokio::sync::mpsc::Sender<Chunk>) -> Self {
+        Self {
+            sender,
+            buffer: Vec::with_capacity(CHANNEL_CHUNK),
+            bytes: 0,
+        }
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), HistoryError> {
+        self.bytes += bytes.len() as u64;
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= CHANNEL_CHUNK {
+            self.send().await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self) -> Result<(), HistoryError> {
+        let chunk = bytes::Bytes::from(std::mem::replace(
+            &mut self.buffer,
+            Vec::with_capacity(CHANNEL_CHUNK),
+        ));
+        self.sender
+            .send(Ok(chunk))
+            .await
+            .map_err(|_| HistoryError::Write {
+                target: "the response".to_owned(),
+                source: std::io::ErrorKind::BrokenPipe.into(),
+            })
+    }
+
+    /// Hands on what is left; returns how many bytes were written in all.
+    pub async fn finish(mut self) -> Result<u64, HistoryError> {
+        if !self.buffer.is_empty() {
+            self.send().await?;
+        }
+        Ok(self.bytes)
+    }
+}
+
+/// Where `diff` writes: standard output, or a channel for an HTTP response.
+pub enum Output {
+    /// Buffered; unlike [`Stdout`] it takes the lock per flush, so it can be held
+    /// across an await on any thread.
+    Stdout(std::io::BufWriter<std::io::Stdout>),
+    Channel(ChannelWriter),
+}
+
+impl Output {
+    pub fn stdout() -> Self {
+        Self::Stdout(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ))
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), HistoryError> {
+        match self {
+            Self::Stdout(out) => out.write_all(bytes).map_err(stdout_error),
+            Self::Channel(writer) => writer.write(bytes).await,
+        }
+    }
+
+    pub async fn finish(self) -> Result<(), HistoryError> {
+        match self {
+            Self::Stdout(mut out) => out.flush().map_err(stdout_error),
+            Self::Channel(writer) => writer.finish().await.map(|_| ()),
+        }
+    }
+}
+
 /// `text` as a JSON string literal.
 pub(crate) fn json_string(text: &str, out: &mut Vec<u8>) {
     crate::import::hash::write_json_string(text, out);

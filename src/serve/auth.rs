@@ -57,6 +57,14 @@ impl Caller<'_> {
         }
     }
 
+    /// Whether the caller may read `dataset`: what a listing of datasets shows.
+    pub fn may_read(&self, dataset: &str) -> bool {
+        match self {
+            Caller::Client(client) => client.may_see(dataset),
+            Caller::Anyone => true,
+        }
+    }
+
     /// `403` unless the caller may do `scope` on `dataset`; the message names only the
     /// dataset asked for.
     pub fn may(&self, scope: Scope, dataset: &str) -> Result<(), Problem> {

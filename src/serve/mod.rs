@@ -6,6 +6,9 @@
 //! consumers, exactly as a `submit`ted file does.
 
 mod auth;
+mod datasets;
+mod limits;
+mod openapi;
 mod problem;
 mod query;
 mod runs;
@@ -13,7 +16,6 @@ mod upload;
 
 use std::sync::Arc;
 
-use axum::routing::{get, post};
 use axum::Router;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -40,6 +42,8 @@ struct ApiInner {
     bucket: String,
     settings: Settings,
     clients: Clients,
+    /// Each client's rate of requests and uploads at once.
+    limits: limits::Limits,
     queue: Queue,
     /// Fires at shutdown; open event streams end so the server can stop.
     stop: CancellationToken,
@@ -78,18 +82,29 @@ pub async fn run(
             pool: setup.pool,
             s3: setup.s3,
             bucket: setup.bucket,
+            limits: limits::Limits::new(
+                setup.settings.http.requests_per_second,
+                setup.settings.http.max_concurrent_uploads,
+            ),
             settings: setup.settings,
             clients: setup.clients,
             queue,
             stop: stop.clone(),
         }),
     };
-    let router = Router::new()
-        .route("/v1/datasets/{name}/imports", post(upload::create_import))
-        .route("/v1/runs/{id}", get(runs::get_run))
-        .route("/v1/runs/{id}/events", get(runs::run_events))
-        .with_state(api)
-        .merge(crate::http::router(setup.health));
+    // Built from the route table the OpenAPI description is built from.
+    let router = openapi::OPERATIONS
+        .iter()
+        .filter_map(|operation| Some((operation.route, openapi::handler(operation.route)?)))
+        .fold(Router::new(), |router, (route, handler)| {
+            router.route(route.as_str(), handler)
+        })
+        .with_state(api.clone())
+        .merge(crate::http::router(setup.health))
+        .layer(axum::middleware::from_fn_with_state(
+            api,
+            limits::limit_and_count,
+        ));
     axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await

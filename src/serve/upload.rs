@@ -41,6 +41,9 @@ pub async fn create_import(
     let dataset =
         DatasetName::parse(&name).map_err(|error| Problem::bad_request(error.to_string()))?;
     caller.may(Scope::Write, dataset.as_str())?;
+    // Held by the upload's task, so a client that disconnects keeps its slot until the
+    // abort is done.
+    let slot = api.inner.limits.upload_slot(&caller)?;
     let request = UploadQuery::parse(query.as_deref()).map_err(Problem::bad_request)?;
     let limit = api.inner.settings.import.max_file_size;
     let declared = match headers.get(header::CONTENT_LENGTH) {
@@ -98,6 +101,8 @@ pub async fn create_import(
         idempotency_key,
         declared,
         limit,
+        _slot: slot,
+        _in_flight: crate::metrics::metrics().http_upload_in_flight(),
     };
     tokio::spawn(upload.run(body))
         .await
@@ -150,6 +155,10 @@ struct Upload {
     idempotency_key: Option<String>,
     declared: Option<u64>,
     limit: u64,
+    /// One of the client's `HTTP_MAX_CONCURRENT_UPLOADS`, until the upload ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// `dsa_http_uploads_in_flight`, until the upload ends.
+    _in_flight: crate::metrics::GaugeGuard,
 }
 
 /// The next piece of the body, within the idle timeout.
@@ -168,7 +177,10 @@ async fn next_chunk(
         Ok(Some(Err(error))) => Err(Problem::bad_request(format!(
             "reading the body failed ({error}); nothing was stored"
         ))),
-        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Ok(chunk))) => {
+            crate::metrics::metrics().http_upload_bytes(chunk.len() as u64);
+            Ok(Some(chunk))
+        }
         Ok(None) => Ok(None),
     }
 }

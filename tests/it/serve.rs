@@ -440,3 +440,430 @@ async fn a_client_that_goes_away_midway_leaves_nothing() {
     assert_eq!(objects(&app).await, 0);
     assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
 }
+
+/// Runs the CLI, expects success, returns stdout.
+fn cli_output(app: &TestApp, args: &[&str]) -> String {
+    let output = app.cli().args(args).output().expect("dsa-ingest runs");
+    assert!(
+        output.status.success(),
+        "dsa-ingest {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// A CSV of `rows` rows `id,name` whose names carry `version`.
+fn people(rows: u64, version: u64) -> Vec<u8> {
+    let mut csv = String::from("id,name\n");
+    for n in 1..=rows {
+        let name = if n % 3 == 0 {
+            format!("p{n} v{version}")
+        } else {
+            format!("p{n}")
+        };
+        csv += &format!("{n},\"{name}, x\"\n");
+    }
+    csv.into_bytes()
+}
+
+fn assert_problem(answer: &Answer, status: u16, detail_contains: &str) {
+    assert_eq!(answer.status, status, "{answer:?}");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/problem+json"),
+        "{answer:?}"
+    );
+    let detail = answer.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains(detail_contains), "{detail}");
+}
+
+#[tokio::test]
+async fn datasets_and_their_commits_are_listed_as_the_token_may_read() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    app.put("sales.csv", people(20, 1)).await;
+    app.import("sales", "sales.csv").await;
+    app.put("sales.csv", people(25, 2)).await;
+    let second = app.import("sales", "sales.csv").await;
+    app.put("hr.csv", people(5, 1)).await;
+    app.import("hr", "hr.csv").await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    let names = |answer: Answer| -> Vec<String> {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        answer.json()["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|dataset| dataset["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(get(addr, "/v1/datasets", Some(WRITER)).await),
+        ["sales"]
+    );
+    assert_eq!(
+        names(get(addr, "/v1/datasets", Some(READER)).await),
+        ["hr", "sales"]
+    );
+    assert_eq!(get(addr, "/v1/datasets", None).await.status, 401);
+
+    let sales = get(addr, "/v1/datasets/sales", Some(WRITER)).await;
+    assert_eq!(sales.status, 200, "{sales:?}");
+    let sales = sales.json();
+    assert_eq!(sales["name"], "sales");
+    assert!(sales["id"].is_i64());
+    assert_eq!(sales["main_commit"], second.commit_id.as_str());
+    assert_eq!(sales["row_count"], 25);
+    assert_eq!(sales["key_columns"], serde_json::Value::Null);
+
+    assert_problem(
+        &get(addr, "/v1/datasets/hr", Some(WRITER)).await,
+        403,
+        "\"hr\"",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/nope", Some(READER)).await,
+        404,
+        "\"nope\"",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/salesX/commits", Some(WRITER)).await,
+        404,
+        "\"salesX\"",
+    );
+
+    // The commits are `log --json`'s, newest first.
+    let log: serde_json::Value =
+        serde_json::from_str(&cli_output(&app, &["log", "sales", "--json"])).unwrap();
+    let commits = get(addr, "/v1/datasets/sales/commits", Some(READER)).await;
+    assert_eq!(commits.status, 200, "{commits:?}");
+    assert_eq!(commits.json(), log);
+    let limited = get(addr, "/v1/datasets/sales/commits?limit=1", Some(READER)).await;
+    assert_eq!(limited.json(), serde_json::json!([log[0]]));
+    let none = get(addr, "/v1/datasets/sales/commits?limit=0", Some(READER)).await;
+    assert_eq!(none.json(), serde_json::json!([]));
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/commits?limit=x", Some(READER)).await,
+        400,
+        "limit=",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/commits?colour=red", Some(READER)).await,
+        400,
+        "\"colour\"",
+    );
+}
+
+#[tokio::test]
+async fn diffs_and_exports_stream_the_commands_bytes() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    app.put("sales.csv", people(20_000, 1)).await;
+    let first = app.import("sales", "sales.csv").await;
+    app.put("sales.csv", people(20_500, 2)).await;
+    let second = app.import("sales", "sales.csv").await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    // The diff is `diff --json`'s lines, byte for byte.
+    let expected = cli_output(&app, &["diff", "sales", "--json"]);
+    let diff = get(addr, "/v1/datasets/sales/diff", Some(WRITER)).await;
+    assert_eq!(diff.status, 200, "{:?}", diff.headers);
+    assert_eq!(diff.header("content-type"), Some("application/jsonl"));
+    assert_eq!(diff.body.len(), expected.len());
+    assert!(diff.body == expected);
+    let path = format!(
+        "/v1/datasets/sales/diff?from={}&to={}",
+        first.commit_id, second.commit_id
+    );
+    assert!(get(addr, &path, Some(WRITER)).await.body == expected);
+    let reverse = cli_output(
+        &app,
+        &["diff", "sales", "main", &first.commit_id[..10], "--json"],
+    );
+    let path = format!(
+        "/v1/datasets/sales/diff?from=main&to={}",
+        &first.commit_id[..10]
+    );
+    assert!(get(addr, &path, Some(WRITER)).await.body == reverse);
+
+    // The export is `export`'s, as a download.
+    let csv = cli_output(&app, &["export", "sales"]);
+    let export = get(addr, "/v1/datasets/sales/export", Some(WRITER)).await;
+    assert_eq!(export.status, 200, "{:?}", export.headers);
+    assert_eq!(
+        export.header("content-type"),
+        Some("text/csv; charset=utf-8")
+    );
+    assert_eq!(
+        export.header("content-disposition"),
+        Some(
+            format!(
+                "attachment; filename=\"sales-{}.csv\"",
+                &second.commit_id[..12]
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(export.body.len(), csv.len());
+    assert!(export.body == csv);
+    let jsonl = cli_output(
+        &app,
+        &[
+            "export",
+            "sales",
+            "--format",
+            "jsonl",
+            "--commit",
+            &first.commit_id,
+        ],
+    );
+    let path = format!(
+        "/v1/datasets/sales/export?format=jsonl&commit={}",
+        first.commit_id
+    );
+    let export = get(addr, &path, Some(READER)).await;
+    assert_eq!(export.status, 200);
+    assert!(export.body == jsonl);
+    assert!(export
+        .header("content-disposition")
+        .unwrap()
+        .ends_with(".jsonl\""));
+
+    // Mistakes are problems, before any byte of a body.
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/export?format=xml", Some(WRITER)).await,
+        400,
+        "format=",
+    );
+    assert_problem(
+        &get(
+            addr,
+            "/v1/datasets/sales/export?commit=abcdef0123",
+            Some(WRITER),
+        )
+        .await,
+        404,
+        "abcdef0123",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/export?sheet=Q1", Some(WRITER)).await,
+        400,
+        "no sheet \"Q1\"",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/sales/diff?from=main~9", Some(WRITER)).await,
+        404,
+        "main~9",
+    );
+    assert_problem(
+        &get(addr, "/v1/datasets/hr/diff", Some(WRITER)).await,
+        403,
+        "\"hr\"",
+    );
+
+    // Clients that leave after the first bytes, more of them than the pool has
+    // connections: each export's connection is given back or closed, none is held.
+    for _ in 0..12 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET /v1/datasets/sales/export HTTP/1.1\r\nHost: test\r\n\
+                     Authorization: Bearer {READER}\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut first = [0u8; 1024];
+        stream.read_exact(&mut first).await.unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"));
+    }
+    let again = get(addr, "/v1/datasets/sales/export", Some(READER)).await;
+    assert!(again.body == csv, "{:?}", again.headers);
+}
+
+/// The value of one series in a `/metrics` text, or `None` when it is absent.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn each_token_has_its_rate_and_upload_slots_and_serve_counts_its_requests() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[
+            ("API_TOKENS_FILE", tokens.path().to_str().unwrap()),
+            ("HTTP_REQUESTS_PER_SECOND", "3"),
+            ("HTTP_MAX_CONCURRENT_UPLOADS", "1"),
+        ],
+    );
+    let addr = server.metrics_addr().await;
+
+    // Every series of the closed label sets is there from the start, at zero.
+    let text = get(addr, "/metrics", None).await.body;
+    for name in [
+        "dsa_http_requests_total{route=\"/v1/datasets/{name}/export\",status_class=\"5xx\"}",
+        "dsa_http_requests_total{route=\"unmatched\",status_class=\"4xx\"}",
+        "dsa_http_upload_bytes_total",
+        "dsa_http_uploads_in_flight",
+    ] {
+        assert_eq!(series(&text, name), Some(0.0), "{name} in\n{text}");
+    }
+
+    // One upload at a time for `web`: a second is refused while the first is open.
+    let mut open = start_post(
+        addr,
+        "/v1/datasets/sales/imports?filename=a.csv",
+        Some(WRITER),
+        "",
+    )
+    .await;
+    send_chunk(&mut open, b"id,name\n1,a\n").await.unwrap();
+    crate::helpers::wait_until(
+        Duration::from_secs(30),
+        "the first upload to be in flight",
+        || async {
+            series(
+                &get(addr, "/metrics", None).await.body,
+                "dsa_http_uploads_in_flight",
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    let second = upload(
+        addr,
+        "/v1/datasets/sales/imports?filename=b.csv",
+        Some(WRITER),
+        "",
+        b"id,name\n1,a\n",
+    )
+    .await;
+    assert_problem(&second, 429, "HTTP_MAX_CONCURRENT_UPLOADS");
+    assert_eq!(second.header("retry-after"), Some("1"));
+    let text = get(addr, "/metrics", None).await.body;
+    assert!(
+        series(&text, "dsa_http_upload_bytes_total").unwrap() >= 12.0,
+        "{text}"
+    );
+    let _ = open.write_all(b"0\r\n\r\n").await;
+    let first = read_answer(&mut open).await;
+    assert_eq!(first.status, 202, "{first:?}\n{}", server.log());
+
+    // `bi` has a bucket of its own: three at once, then 429 until it refills.
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..8 {
+        let answer = get(addr, "/v1/datasets", Some(READER)).await;
+        if answer.status == 429 {
+            assert_problem(&answer, 429, "HTTP_REQUESTS_PER_SECOND");
+            retry_after = answer.header("retry-after").map(str::to_owned);
+        }
+        statuses.push(answer.status);
+    }
+    assert_eq!(&statuses[..3], [200, 200, 200], "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Health, readiness and metrics are never limited.
+    for _ in 0..5 {
+        assert_eq!(get(addr, "/healthz", None).await.status, 200);
+    }
+    assert_eq!(get(addr, "/nowhere", Some(READER)).await.status, 404);
+
+    let text = get(addr, "/metrics", None).await.body;
+    let count = |route: &str, class: &str| {
+        series(
+            &text,
+            &format!("dsa_http_requests_total{{route=\"{route}\",status_class=\"{class}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no series for {route} {class} in\n{text}"))
+    };
+    assert_eq!(count("/v1/datasets", "2xx"), 3.0);
+    assert!(count("/v1/datasets", "4xx") >= 1.0);
+    assert_eq!(count("/v1/datasets/{name}/imports", "2xx"), 1.0);
+    assert_eq!(count("/v1/datasets/{name}/imports", "4xx"), 1.0);
+    assert!(count("/healthz", "2xx") >= 5.0);
+    assert_eq!(count("unmatched", "4xx"), 1.0);
+    assert_eq!(series(&text, "dsa_http_uploads_in_flight"), Some(0.0));
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_exactly_the_routes_served() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    let document = get(addr, "/v1/openapi.json", None).await;
+    assert_eq!(document.status, 200, "{document:?}");
+    let document = document.json();
+    assert_eq!(document["openapi"], "3.1.0");
+    let paths = document["paths"].as_object().unwrap();
+
+    // Every route template the server counts is described, and nothing else.
+    let mut described: Vec<&str> = paths.keys().map(String::as_str).collect();
+    let mut routes: Vec<&str> = dsa_ingest::metrics::HttpRoute::ALL
+        .iter()
+        .map(|route| route.as_str())
+        .filter(|route| route.starts_with('/'))
+        .collect();
+    described.sort_unstable();
+    routes.sort_unstable();
+    assert_eq!(described, routes);
+
+    // Every described operation is one the router matches: its answer is the
+    // handler's (a problem at worst), never the router's bare 404 or a 405.
+    for (template, methods) in paths {
+        let path = template
+            .replace("{name}", "no-such-dataset")
+            .replace("{id}", "00000000-0000-4000-8000-000000000000");
+        for method in methods.as_object().unwrap().keys() {
+            let answer = match method.as_str() {
+                "get" => get(addr, &path, Some(READER)).await,
+                "post" => upload(addr, &path, Some(READER), "", b"").await,
+                other => panic!("{other} {template}"),
+            };
+            assert_ne!(answer.status, 405, "{method} {template}: {answer:?}");
+            if answer.status == 404 {
+                assert_eq!(
+                    answer.header("content-type"),
+                    Some("application/problem+json"),
+                    "{method} {template}: {answer:?}"
+                );
+            }
+        }
+    }
+    // The router's own 404 is counted as unmatched, so the checks above mean something.
+    let metrics = get(addr, "/metrics", None).await.body;
+    assert_eq!(
+        series(
+            &metrics,
+            "dsa_http_requests_total{route=\"unmatched\",status_class=\"4xx\"}"
+        ),
+        Some(0.0)
+    );
+}
