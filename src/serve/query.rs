@@ -104,6 +104,21 @@ impl UploadQuery {
         if !sheets.is_empty() {
             fields.insert("sheets".to_owned(), serde_json::Value::Array(sheets));
         }
+        // A value the options cannot take is named with its parameter: each field is
+        // tried alone to find it.
+        for (name, value) in &fields {
+            let alone = serde_json::Map::from_iter([(name.clone(), value.clone())]);
+            if let Err(error) =
+                serde_json::from_value::<ImportOptions>(serde_json::Value::Object(alone))
+            {
+                let shown = match value {
+                    serde_json::Value::String(text) => format!("{text:?}"),
+                    other => other.to_string(),
+                };
+                let name = if name == "sheets" { "sheet" } else { name };
+                return Err(format!("{name}={shown}: {error}"));
+            }
+        }
         let options: ImportOptions = serde_json::from_value(serde_json::Value::Object(fields))
             .map_err(|error| format!("the import options: {error}"))?;
         let filename = filename.ok_or_else(|| {
@@ -172,7 +187,10 @@ mod tests {
         assert!(error("filename=a.csv&colour=red").contains("\"colour\""));
         assert!(error("filename=a/b.csv").starts_with("filename=\"a/b.csv\""));
         let mode = error("filename=a.csv&mode=merge");
-        assert!(mode.contains("merge") && mode.contains("upsert"), "{mode}");
+        assert!(
+            mode.starts_with("mode=\"merge\": ") && mode.contains("upsert"),
+            "{mode}"
+        );
         assert!(error("filename=a.csv&key=id&key=x").contains("key is given twice"));
         assert_eq!(
             error("filename=a.csv&on_conflict=ignore"),
