@@ -225,21 +225,29 @@ pub(super) async fn produce_batches(
                 return;
             }
         };
-        match batch {
-            Ok(batch) => {
-                cursor = batch.checkpoint.clone();
-                if sender
-                    .send(Ok(Produced::Batch(Box::new(batch))))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(error) => {
-                let _ = sender.send(Err(error)).await;
-                return;
-            }
+        match forward(batch, &sender).await {
+            Some(checkpoint) => cursor = checkpoint,
+            None => return,
+        }
+    }
+}
+
+/// Sends an encoded batch (or the error that ended the file) down the pipe; returns
+/// the checkpoint after the batch, or `None` when the producer must stop (an error was
+/// sent, or the loader is gone).
+async fn forward(batch: Result<Batch, ImportError>, sender: &Pipe) -> Option<Checkpoint> {
+    match batch {
+        Ok(batch) => {
+            let checkpoint = batch.checkpoint.clone();
+            sender
+                .send(Ok(Produced::Batch(Box::new(batch))))
+                .await
+                .ok()
+                .map(|()| checkpoint)
+        }
+        Err(error) => {
+            let _ = sender.send(Err(error)).await;
+            None
         }
     }
 }
@@ -420,21 +428,9 @@ pub(super) async fn produce_json_batches(
                 return;
             }
         };
-        match batch {
-            Ok(batch) => {
-                cursor = batch.checkpoint.clone();
-                if sender
-                    .send(Ok(Produced::Batch(Box::new(batch))))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(error) => {
-                let _ = sender.send(Err(error)).await;
-                return;
-            }
+        match forward(batch, &sender).await {
+            Some(checkpoint) => cursor = checkpoint,
+            None => return,
         }
     }
 }
