@@ -108,13 +108,13 @@ async fn main() -> anyhow::Result<()> {
         let mut second = Vec::new();
         let mut compressed = Vec::new();
         for round in 0..repeat {
-            reset_store(&database_url).await?;
+            dsa_ingest::sample::reset_bench_store(&database_url).await?;
             baseline.push(time_psql_copy(&database_url, &path)?);
             let dataset = format!("bench-{rows}-{round}");
             first.push(time_import(&binary, &database_url, &dataset, &source)?);
             second.push(time_import(&binary, &database_url, &dataset, &source)?);
             if let Some(gzip_source) = &gzip_source {
-                reset_store(&database_url).await?;
+                dsa_ingest::sample::reset_bench_store(&database_url).await?;
                 let dataset = format!("bench-{rows}-{round}-gzip");
                 compressed.push(time_import(&binary, &database_url, &dataset, gzip_source)?);
             }
@@ -194,7 +194,7 @@ async fn keyed_modes(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut indexed_copies = Vec::new();
     for round in 0..repeat {
-        reset_store(database_url).await?;
+        dsa_ingest::sample::reset_bench_store(database_url).await?;
         positional.push(time_import(
             binary,
             database_url,
@@ -203,7 +203,7 @@ async fn keyed_modes(
         )?);
         // The keyed import starts from an empty store too, or it would find every row
         // stored by the positional one.
-        reset_store(database_url).await?;
+        dsa_ingest::sample::reset_bench_store(database_url).await?;
         let dataset = format!("keyed-{round}");
         let started = Instant::now();
         run(
@@ -324,7 +324,7 @@ async fn job_parallelism(
     println!("\njob-level parallelism: 4 files of {rows} rows in one process");
     println!("{:>8} {:>9} {:>11}", "workers", "seconds", "rows/s");
     for concurrency in [1, workers] {
-        reset_store(database_url).await?;
+        dsa_ingest::sample::reset_bench_store(database_url).await?;
         let pool = dsa_ingest::db::connect(database_url, 2 * concurrency as u32 + 2).await?;
         let importer = Importer::new(pool, Some(s3.clone()), settings.import.clone());
         let mut runs = Vec::new();
@@ -357,33 +357,6 @@ async fn job_parallelism(
             4.0 * rows as f64 / seconds
         );
     }
-    Ok(())
-}
-
-/// Empties the store and the baseline table, so each round's first import stores every row.
-async fn reset_store(database_url: &str) -> anyhow::Result<()> {
-    let pool = sqlx::PgPool::connect(database_url).await?;
-    sqlx::query(
-        "TRUNCATE dsa_core.rows, dsa_core.commit_rows, dsa_core.refs, dsa_core.commits,
-                  dsa_jobs.analysis_runs, dsa_jobs.outbox CASCADE",
-    )
-    .execute(&pool)
-    .await?;
-    let columns: Vec<String> = dsa_ingest::sample::SAMPLE_HEADER
-        .split(',')
-        .map(|name| format!("{name} text"))
-        .collect();
-    sqlx::query("DROP TABLE IF EXISTS public.baseline")
-        .execute(&pool)
-        .await?;
-    sqlx::query(&format!(
-        "CREATE TABLE public.baseline ({})",
-        columns.join(", ")
-    ))
-    .execute(&pool)
-    .await?;
-    sqlx::query("CHECKPOINT").execute(&pool).await?;
-    pool.close().await;
     Ok(())
 }
 

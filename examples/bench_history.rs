@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
             ("verify", vec![]),
         ];
         for round in 0..repeat {
-            reset_store(&database_url).await?;
+            dsa_ingest::sample::reset_bench_store(&database_url).await?;
             cases[0].1.push(time_psql(
                 &database_url,
                 &format!(
@@ -196,33 +196,6 @@ fn check_summary(line: &str, rows: u64) -> anyhow::Result<()> {
 fn last_line(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)?;
     Ok(text.lines().last().unwrap_or_default().to_owned())
-}
-
-/// Empties the store and recreates the baseline table.
-async fn reset_store(database_url: &str) -> anyhow::Result<()> {
-    let pool = sqlx::PgPool::connect(database_url).await?;
-    sqlx::query(
-        "TRUNCATE dsa_core.rows, dsa_core.commit_rows, dsa_core.refs, dsa_core.commits,
-                  dsa_jobs.analysis_runs, dsa_jobs.outbox CASCADE",
-    )
-    .execute(&pool)
-    .await?;
-    let columns: Vec<String> = dsa_ingest::sample::SAMPLE_HEADER
-        .split(',')
-        .map(|name| format!("{name} text"))
-        .collect();
-    sqlx::query("DROP TABLE IF EXISTS public.baseline")
-        .execute(&pool)
-        .await?;
-    sqlx::query(&format!(
-        "CREATE TABLE public.baseline ({})",
-        columns.join(", ")
-    ))
-    .execute(&pool)
-    .await?;
-    sqlx::query("CHECKPOINT").execute(&pool).await?;
-    pool.close().await;
-    Ok(())
 }
 
 async fn vacuum(database_url: &str) -> anyhow::Result<()> {

@@ -60,6 +60,35 @@ pub fn sample_csv(rows: u64, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Empties a benchmark's scratch store and recreates its baseline table (the sample's
+/// ten columns as text), so each round's first import stores every row. The
+/// benchmarks call it on their own scratch databases only.
+pub async fn reset_bench_store(database_url: &str) -> Result<(), sqlx::Error> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    sqlx::query(
+        "TRUNCATE dsa_core.rows, dsa_core.commit_rows, dsa_core.refs, dsa_core.commits,
+                  dsa_jobs.analysis_runs, dsa_jobs.outbox CASCADE",
+    )
+    .execute(&pool)
+    .await?;
+    let columns: Vec<String> = SAMPLE_HEADER
+        .split(',')
+        .map(|name| format!("{name} text"))
+        .collect();
+    sqlx::query("DROP TABLE IF EXISTS public.baseline")
+        .execute(&pool)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE TABLE public.baseline ({})",
+        columns.join(", ")
+    ))
+    .execute(&pool)
+    .await?;
+    sqlx::query("CHECKPOINT").execute(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -348,24 +348,24 @@ impl KeyTrail {
 
     /// Records a keyed row of `sheet`.
     pub fn see(&mut self, sheet: &str, key: &str) {
-        match self.sheets.last_mut() {
-            Some(last) if last.sheet == sheet => last.see(key),
-            _ => {
-                if self.sheets.iter().any(|seen| seen.sheet == sheet) {
-                    self.interleaved = true;
-                    let seen = self
-                        .sheets
-                        .iter_mut()
-                        .find(|seen| seen.sheet == sheet)
-                        .expect("just found");
-                    seen.see(key);
-                } else {
-                    let mut keys = SheetKeys::new(sheet);
-                    keys.see(key);
-                    self.sheets.push(keys);
-                }
+        // Rows come sheet by sheet: the last sheet is nearly always the one.
+        let last = self.sheets.len().checked_sub(1);
+        let found = match last {
+            Some(last) if self.sheets[last].sheet == sheet => Some(last),
+            _ => self.sheets.iter().position(|seen| seen.sheet == sheet),
+        };
+        let index = match found {
+            Some(index) => {
+                // A sheet that comes back after another one started.
+                self.interleaved |= Some(index) != last;
+                index
             }
-        }
+            None => {
+                self.sheets.push(SheetKeys::new(sheet));
+                self.sheets.len() - 1
+            }
+        };
+        self.sheets[index].see(key);
     }
 
     /// The sheet's record, if the file had keyed rows in it.
