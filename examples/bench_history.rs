@@ -163,12 +163,8 @@ fn ensure_files(first: &Path, second: &Path, rows: u64) -> anyhow::Result<()> {
     if first.exists() && second.exists() {
         return Ok(());
     }
-    for path in [first, second] {
-        std::fs::create_dir_all(path.parent().unwrap())?;
-    }
-    let mut writer = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(first)?);
-    dsa_ingest::sample::write_sample_csv(&mut writer, rows, 1)?;
-    writer.into_inner()?.sync_all()?;
+    dsa_ingest::sample::ensure_sample_csv(first, rows, 1)?;
+    std::fs::create_dir_all(second.parent().unwrap())?;
     // A record starts with `{id},user`; a note's second line never does.
     let reader = std::io::BufReader::new(std::fs::File::open(first)?);
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(second)?);

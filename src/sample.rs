@@ -18,6 +18,22 @@ const CITIES: [&str; 8] = [
 ];
 const STATUSES: [&str; 4] = ["active", "pending", "closed", "on hold"];
 
+/// Writes the `rows`-row sample to `path` once, for the benchmarks: beside it first,
+/// then renamed, so a stopped run leaves no half file under the name. Returns its size.
+pub fn ensure_sample_csv(path: &std::path::Path, rows: u64, seed: u64) -> io::Result<u64> {
+    if !path.exists() {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let partial = path.with_extension("partial");
+        let mut writer = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&partial)?);
+        write_sample_csv(&mut writer, rows, seed)?;
+        writer.into_inner()?.sync_all()?;
+        std::fs::rename(&partial, path)?;
+    }
+    Ok(std::fs::metadata(path)?.len())
+}
+
 /// Writes a header and `rows` rows. Some notes carry commas, quotes or a line break,
 /// so the files exercise CSV quoting the way real exports do.
 pub fn write_sample_csv(out: &mut impl Write, rows: u64, seed: u64) -> io::Result<()> {

@@ -211,6 +211,7 @@ pub async fn export_into(
     commit: &Commit,
     format: ExportFormat,
     sheet: Option<&str>,
+    safe_formulas: bool,
     writer: ChannelWriter,
 ) -> Result<u64, HistoryError> {
     let sheets = commit.sheets();
@@ -230,8 +231,8 @@ pub async fn export_into(
     };
     let (statement, header) = match format {
         ExportFormat::Csv => (
-            csv_statement(commit, &sheets, sheet, false)?,
-            csv_header(commit, sheet, false)?,
+            csv_statement(commit, &sheets, sheet, safe_formulas)?,
+            csv_header(commit, sheet, safe_formulas)?,
         ),
         ExportFormat::Jsonl => (jsonl_statement(commit, &sheets, sheet), Vec::new()),
     };

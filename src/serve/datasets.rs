@@ -205,8 +205,8 @@ pub async fn diff(
         .into_response())
 }
 
-/// `GET /v1/datasets/{name}/export?commit=&format=csv|jsonl&sheet=`: the commit's rows
-/// as a download.
+/// `GET /v1/datasets/{name}/export?commit=&format=csv|jsonl&sheet=&safe_formulas=`: the
+/// commit's rows as a download.
 pub async fn export(
     State(api): State<Api>,
     Path(name): Path<String>,
@@ -214,7 +214,10 @@ pub async fn export(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let dataset = readable_dataset(&api, &headers, &name).await?;
-    let pairs = query_pairs(query.as_deref(), &["commit", "format", "sheet"])?;
+    let pairs = query_pairs(
+        query.as_deref(),
+        &["commit", "format", "sheet", "safe_formulas"],
+    )?;
     let format = match parameter(&pairs, "format").unwrap_or("csv") {
         "csv" => ExportFormat::Csv,
         "jsonl" => ExportFormat::Jsonl,
@@ -225,6 +228,11 @@ pub async fn export(
         }
     };
     let sheet = parameter(&pairs, "sheet").map(str::to_owned);
+    let safe_formulas = parameter(&pairs, "safe_formulas")
+        .map(|value| super::query::boolean("safe_formulas", value))
+        .transpose()
+        .map_err(Problem::bad_request)?
+        .unwrap_or(false);
     let pool = api.inner.pool.clone();
     let commit = resolve(
         &pool,
@@ -235,9 +243,16 @@ pub async fn export(
     .map_err(history_problem)?;
     let file_name = download_name(&dataset.name, &commit.commit_id, sheet.as_deref(), format);
     let body = stream(|writer| async move {
-        crate::history::export::export_into(&pool, &commit, format, sheet.as_deref(), writer)
-            .await
-            .map(|_| ())
+        crate::history::export::export_into(
+            &pool,
+            &commit,
+            format,
+            sheet.as_deref(),
+            safe_formulas,
+            writer,
+        )
+        .await
+        .map(|_| ())
     })
     .await?;
     let content_type = match format {

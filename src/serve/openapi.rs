@@ -73,7 +73,7 @@ pub const OPERATIONS: &[Operation] = &[
         route: HttpRoute::Export,
         method: "get",
         summary: "A commit's rows as a CSV or JSON Lines download, as `export`.",
-        query: &["commit", "format", "sheet"],
+        query: &["commit", "format", "sheet", "safe_formulas"],
         required: &[],
         success: (200, "text/csv"),
         authenticated: true,

@@ -36,7 +36,8 @@ pub fn pairs(query: &str) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
-fn boolean(name: &str, value: &str) -> Result<bool, String> {
+/// A flag's value: present without one, or one of the usual spellings of yes and no.
+pub fn boolean(name: &str, value: &str) -> Result<bool, String> {
     match value {
         "" | "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),

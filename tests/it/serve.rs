@@ -867,3 +867,220 @@ async fn the_openapi_document_describes_exactly_the_routes_served() {
         Some(0.0)
     );
 }
+
+/// Reads a response's head (status line and headers) and nothing more.
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut byte))
+            .await
+            .expect("no answer within 30 s")
+            .unwrap();
+        assert!(read > 0, "the connection closed after {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// Sends a POST's head with `Expect: 100-continue` and a `Content-Length`, no body.
+async fn post_expecting_continue(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    length: u64,
+) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |token| {
+        format!("Authorization: Bearer {token}\r\n")
+    });
+    stream
+        .write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: {length}\r\n\
+                 Expect: 100-continue\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_only_when_the_upload_may_go_on_and_a_failed_runs_events_end_with_its_error(
+) {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[
+            ("API_TOKENS_FILE", tokens.path().to_str().unwrap()),
+            ("IMPORT_MAX_FILE_SIZE", "1000000"),
+        ],
+    );
+    let addr = server.metrics_addr().await;
+    let path = "/v1/datasets/sales/imports?filename=bad.csv";
+
+    // Refusals are final answers in place of `100 Continue`: the client never sends the
+    // body it was about to.
+    for (token, length, status) in [
+        (Some(WRITER), 2_000_000, "413"),
+        (None, 100, "401"),
+        (Some(READER), 100, "403"),
+    ] {
+        let mut stream = post_expecting_continue(addr, path, token, length).await;
+        let head = read_head(&mut stream).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{token:?} {length}: {head}"
+        );
+    }
+
+    // An upload that may go on is told to, then sends its body. Its third line has a
+    // field too many, and the run (without skip_bad_rows) fails on it.
+    let csv = b"id,name\n1,a\n2,b,extra\n3,c\n";
+    let mut stream = post_expecting_continue(addr, path, Some(WRITER), csv.len() as u64).await;
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 100 Continue\r\n"), "{head}");
+    stream.write_all(csv).await.unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(answer.status, 202, "{answer:?}\n{}", server.log());
+    let run_id = answer.json()["run_id"].as_str().unwrap().to_owned();
+
+    let _consumer = Consumer::start(&app, &broker, &[]);
+    let events = follow_events(addr, &format!("/v1/runs/{run_id}/events"), READER).await;
+    let (last, data) = events.last().unwrap();
+    assert_eq!(last, "failed", "{events:?}");
+    let end: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(end["status"], "failed", "{end}");
+    let message = end["message"].as_str().unwrap();
+    assert!(
+        message.contains("line 3") && message.contains("bad.csv"),
+        "the failed event names neither the line nor the file: {message}"
+    );
+    let run = get(addr, &format!("/v1/runs/{run_id}"), Some(READER)).await;
+    assert_eq!(run.json()["status"], "failed");
+    assert_eq!(app.count("dsa_core.commit_rows").await, 0);
+}
+
+#[tokio::test]
+async fn an_export_for_a_spreadsheet_program_quotes_what_would_be_a_formula() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    app.put(
+        "sales.csv",
+        b"id,note,=total\n1,=1+2,x\n2,@SUM(A1),-3\n3,plain,+4\n".to_vec(),
+    )
+    .await;
+    app.import("sales", "sales.csv").await;
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    let safe = get(
+        addr,
+        "/v1/datasets/sales/export?safe_formulas=true",
+        Some(READER),
+    )
+    .await;
+    assert_eq!(safe.status, 200, "{safe:?}");
+    assert_eq!(
+        safe.body,
+        cli_output(&app, &["export", "sales", "--safe-formulas"])
+    );
+    assert!(
+        safe.body.starts_with("id,note,'=total\n") && safe.body.contains("1,'=1+2,x\n"),
+        "{}",
+        safe.body
+    );
+    assert!(safe.body.contains("2,'@SUM(A1),'-3\n") && safe.body.contains("3,plain,'+4\n"));
+
+    let plain = get(addr, "/v1/datasets/sales/export", Some(READER)).await;
+    assert_eq!(plain.body, cli_output(&app, &["export", "sales"]));
+    assert!(plain.body.contains("1,=1+2,x\n"), "{}", plain.body);
+    assert_problem(
+        &get(
+            addr,
+            "/v1/datasets/sales/export?safe_formulas=maybe",
+            Some(READER),
+        )
+        .await,
+        400,
+        "safe_formulas=",
+    );
+}
+
+#[tokio::test]
+async fn an_export_that_fails_midway_ends_without_its_last_chunk() {
+    let app = spawn_app().await;
+    let broker = TestBroker::new().await;
+    let rows = 20_000;
+    app.put("sales.csv", people(rows, 1)).await;
+    let summary = app.import("sales", "sales.csv").await;
+    let whole = cli_output(&app, &["export", "sales"]);
+    // The content of a row near the end goes missing: the export has sent most of the
+    // commit by the time it reaches it.
+    let lost = format!("sales:{}", rows - 10);
+    sqlx::query(
+        "DELETE FROM dsa_core.rows WHERE row_hash = \
+         (SELECT row_hash FROM dsa_core.commit_rows WHERE commit_id = $1 AND logical_row_id = $2)",
+    )
+    .bind(&summary.commit_id)
+    .bind(&lost)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let tokens = tokens_file();
+    let server = Consumer::start_server(
+        &app,
+        &broker,
+        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
+    );
+    let addr = server.metrics_addr().await;
+
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /v1/datasets/sales/export HTTP/1.1\r\nHost: test\r\n\
+                 Authorization: Bearer {READER}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
+        .await
+        .expect("the server neither finished nor cut the response")
+        .ok();
+    let answer = parse_answer(&raw);
+    // The head went out with the first rows; what follows the failure is not sent, and
+    // the chunked body has no last chunk, so no client takes it for the whole export.
+    assert_eq!(answer.status, 200, "{:?}", answer.headers);
+    assert!(!raw.ends_with(b"0\r\n\r\n"), "the body was terminated");
+    assert!(
+        answer.body.len() > whole.len() / 2 && answer.body.len() < whole.len(),
+        "{} of {} bytes",
+        answer.body.len(),
+        whole.len()
+    );
+    assert!(whole.starts_with(&answer.body));
+    let log = server.log();
+    assert!(
+        log.contains("a streamed response failed midway") && log.contains(&lost),
+        "{log}"
+    );
+
+    // The failure took no connection with it: the dataset's other reads answer.
+    let commits = get(addr, "/v1/datasets/sales/commits", Some(READER)).await;
+    assert_eq!(commits.status, 200);
+    assert_eq!(commits.json().as_array().unwrap().len(), 1);
+}
