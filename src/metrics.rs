@@ -184,11 +184,13 @@ label_enum! {
     AmqpOutcome {
         /// Done (imported, or failed for good and recorded on the run).
         Ack => "ack",
-        /// A transient failure, retried with backoff.
+        /// A transient failure, retried with backoff (counted per retry; the delivery's
+        /// settlement is counted again when it comes).
         Retry => "retry",
         /// Given up on and sent to the dead-letter exchange.
         DeadLetter => "dead_letter",
-        /// Acknowledged without work: the run was finished already or is held elsewhere.
+        /// Acknowledged without work: the run was finished already, or another worker
+        /// took it over.
         Skipped => "skipped",
         /// Handed back to the broker unprocessed, as on shutdown.
         Requeue => "requeue",
@@ -239,6 +241,18 @@ label_enum! {
         /// Its lease expired and no message held it: its reference was published again.
         Republished => "republished",
         /// Abandoned past `SWEEPER_ABANDONED_AFTER_SECONDS`: failed, commit removed.
+        Failed => "failed",
+    }
+}
+
+label_enum! {
+    /// How one sweep ended, for `dsa_sweeps_total{outcome}`.
+    SweepOutcome {
+        /// The sweep looked at every run it should and did what they needed.
+        Done => "done",
+        /// Another maintainer was sweeping at that moment; this one let it.
+        Skipped => "skipped",
+        /// The database or the broker failed it; the next tick tries again.
         Failed => "failed",
     }
 }
@@ -337,6 +351,7 @@ pub struct Metrics {
     search_refreshes: IntCounterVec,
     search_refresh_duration: prometheus::Histogram,
     runs_swept: IntCounterVec,
+    sweeps: IntCounterVec,
     waiters_released: IntCounter,
     import_failures: IntCounterVec,
     pool_acquire_duration: prometheus::Histogram,
@@ -480,6 +495,14 @@ impl Metrics {
             &["action"],
         )
         .expect("valid metric");
+        let sweeps = IntCounterVec::new(
+            Opts::new(
+                "dsa_sweeps_total",
+                "Sweeps of the sweeper in maintain, by how they ended: a maintainer that sweeps shows done.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let waiters_released = IntCounter::new(
             "dsa_waiters_released_total",
             "Deliveries that stopped waiting for a run held elsewhere because their own channel closed.",
@@ -615,6 +638,9 @@ impl Metrics {
         for action in SweepAction::ALL {
             runs_swept.with_label_values(&[action.as_str()]);
         }
+        for outcome in SweepOutcome::ALL {
+            sweeps.with_label_values(&[outcome.as_str()]);
+        }
         for format in FORMATS {
             for reason in FailureReason::ALL {
                 import_failures.with_label_values(&[format, reason.as_str()]);
@@ -651,6 +677,7 @@ impl Metrics {
             Box::new(search_refreshes.clone()),
             Box::new(search_refresh_duration.clone()),
             Box::new(runs_swept.clone()),
+            Box::new(sweeps.clone()),
             Box::new(waiters_released.clone()),
             Box::new(import_failures.clone()),
             Box::new(pool_acquire_duration.clone()),
@@ -702,6 +729,7 @@ impl Metrics {
             search_refreshes,
             search_refresh_duration,
             runs_swept,
+            sweeps,
             waiters_released,
             import_failures,
             pool_acquire_duration,
@@ -899,6 +927,11 @@ impl Metrics {
         self.runs_swept
             .with_label_values(&[action.as_str()])
             .inc_by(count);
+    }
+
+    /// Counts one sweep by how it ended.
+    pub fn sweep_ended(&self, outcome: SweepOutcome) {
+        self.sweeps.with_label_values(&[outcome.as_str()]).inc();
     }
 
     /// Counts a waiting delivery that gave its worker slot back when its channel closed.
@@ -1310,6 +1343,7 @@ mod tests {
             "dsa_search_refreshes_total",
             "dsa_search_refresh_duration_seconds",
             "dsa_runs_swept_total",
+            "dsa_sweeps_total",
             "dsa_waiters_released_total",
             "dsa_process_peak_resident_memory_bytes",
             "dsa_import_failures_total",

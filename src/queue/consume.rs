@@ -79,8 +79,11 @@ pub struct ConsumerSetup {
 /// How a delivery is settled once its work is done.
 #[derive(Debug)]
 enum Settle {
-    /// Done, or nothing to do: the run is completed or failed for good.
+    /// Done: the run is completed or failed for good.
     Ack,
+    /// Nothing to do: the run was finished already, or another worker took it over and
+    /// its delivery settles it. Acknowledged like `Ack`, counted apart.
+    Skipped,
     /// Refused for good (unreadable, names nothing, retries exhausted): the broker
     /// moves it to the dead-letter queue.
     DeadLetter(String),
@@ -286,12 +289,13 @@ async fn handle(setup: &ConsumerSetup, importer: &Importer, delivery: Delivery, 
         .await;
     metrics().amqp_outcome(match &settle {
         Settle::Ack => AmqpOutcome::Ack,
+        Settle::Skipped => AmqpOutcome::Skipped,
         Settle::DeadLetter(_) => AmqpOutcome::DeadLetter,
         Settle::Requeue => AmqpOutcome::Requeue,
     });
     let acker = &delivery.acker;
     let settled = match &settle {
-        Settle::Ack => acker.ack(BasicAckOptions::default()).await,
+        Settle::Ack | Settle::Skipped => acker.ack(BasicAckOptions::default()).await,
         Settle::DeadLetter(reason) => {
             tracing::error!(parent: &span, reason = %reason, "message dead-lettered");
             acker.reject(BasicRejectOptions { requeue: false }).await
@@ -348,6 +352,7 @@ async fn process(
                         setup.amqp.retry_budget.as_secs()
                     ));
                 };
+                metrics().amqp_outcome(AmqpOutcome::Retry);
                 tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "cannot resolve the message's runs yet; retrying");
                 if !pause(importer, wait).await {
                     return Settle::Requeue;
@@ -355,6 +360,8 @@ async fn process(
             }
         }
     };
+    let no_runs = runs.is_empty();
+    let mut worked = false;
     for run_id in runs {
         let format = match refuse_unless_allowed(setup, run_id).await {
             Ok(format) => format,
@@ -364,11 +371,18 @@ async fn process(
             }
         };
         match import_to_end(setup, importer, run_id, format, channel).await {
-            Settle::Ack => {}
+            Settle::Ack => worked = true,
+            Settle::Skipped => {}
             other => return other,
         }
     }
-    Settle::Ack
+    // A message whose every run needed nothing (a redelivery of finished work) is
+    // counted as skipped.
+    if worked || no_runs {
+        Settle::Ack
+    } else {
+        Settle::Skipped
+    }
 }
 
 /// Fails an unfinished run whose source the allow-lists refuse, naming the rule,
@@ -630,7 +644,7 @@ async fn import_to_end(
             Err(error) => match error.outcome() {
                 Outcome::AlreadyFinished => {
                     tracing::info!(run.id = %run_id, reason = %error, "nothing to do");
-                    return Settle::Ack;
+                    return Settle::Skipped;
                 }
                 Outcome::NoSuchRun => {
                     return Settle::DeadLetter(format!("run {run_id} does not exist"));
@@ -651,7 +665,7 @@ async fn import_to_end(
                 // worker's delivery settles it.
                 Outcome::TakenOver => {
                     tracing::info!(run.id = %run_id, "another worker took the run over; leaving it to them");
-                    return Settle::Ack;
+                    return Settle::Skipped;
                 }
                 Outcome::Transient => match retries
                     .get_or_insert_with(|| retry_backoff(setup.amqp.retry_budget))
@@ -659,6 +673,7 @@ async fn import_to_end(
                 {
                     Some(wait) => {
                         metrics().record_import_retried(format);
+                        metrics().amqp_outcome(AmqpOutcome::Retry);
                         tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying");
                         if !pause(importer, wait).await {
                             return Settle::Requeue;

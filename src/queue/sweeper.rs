@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{AmqpSettings, MaintenanceSettings};
-use crate::metrics::{metrics, SweepAction};
+use crate::metrics::{metrics, SweepAction, SweepOutcome};
 use crate::queue::amqp::{self, AmqpError};
 use crate::runs;
 
@@ -140,17 +140,24 @@ pub async fn run_sweeper(
             _ = ticks.tick() => {}
             _ = stop.cancelled() => break,
         }
-        match sweeper.sweep_once(&pool, &amqp_settings, &settings).await {
-            Ok(Some(stats)) if stats != SweepStats::default() => {
-                tracing::info!(
-                    republished = stats.republished,
-                    failed = stats.failed,
-                    "sweep done"
-                );
+        let outcome = match sweeper.sweep_once(&pool, &amqp_settings, &settings).await {
+            Ok(Some(stats)) => {
+                if stats != SweepStats::default() {
+                    tracing::info!(
+                        republished = stats.republished,
+                        failed = stats.failed,
+                        "sweep done"
+                    );
+                }
+                SweepOutcome::Done
             }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(error = %error, "sweep failed; trying again later"),
-        }
+            Ok(None) => SweepOutcome::Skipped,
+            Err(error) => {
+                tracing::warn!(error = %error, "sweep failed; trying again later");
+                SweepOutcome::Failed
+            }
+        };
+        metrics().sweep_ended(outcome);
     }
     tracing::debug!("sweeper stopped");
 }

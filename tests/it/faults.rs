@@ -366,7 +366,13 @@ async fn a_consumer_paused_past_its_lease_neither_writes_a_batch_nor_finalises_w
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Its import task has ended: nothing of it is left to write.
+    wait_until(
+        Duration::from_secs(30),
+        "the resumed consumer's import to end",
+        || async { metric(&paused, "dsa_imports_in_flight").await == 0.0 },
+    )
+    .await;
     assert_eq!(app.count("dsa_core.commits").await, 1);
     let still: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT committed_at FROM dsa_core.commits WHERE run_id = $1")
