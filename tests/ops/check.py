@@ -145,7 +145,7 @@ def _():
         raise RuntimeError("with KEDA the ScaledObject owns the replica count")
     rules = find(rendered["override"], "PrometheusRule")["spec"]["groups"][0]["rules"]
     names = [rule["alert"] for rule in rules]
-    if "DsaIngestSearchRefreshFailing" in names or len(names) != 6:
+    if "DsaIngestSearchRefreshFailing" in names or len(names) != 7:
         raise RuntimeError(f"an alert set to null must go: {names}")
     if not all(rule["annotations"]["runbook_url"].startswith("https://runbooks.example.com/") for rule in rules):
         raise RuntimeError("runbook_url missing")
@@ -236,7 +236,7 @@ def _():
     expected = [
         "DsaIngestImportRunningTooLong", "DsaIngestFailedImportRateHigh", "DsaIngestDeadLettersWaiting",
         "DsaIngestOutboxBacklog", "DsaIngestSpoolDiskFilling", "DsaIngestNoConsumers",
-        "DsaIngestSearchRefreshFailing",
+        "DsaIngestSearchRefreshFailing", "DsaIngestSweeperStalled",
     ]
     if names != expected:
         raise RuntimeError(f"alerts {names}")
