@@ -34,6 +34,30 @@ fn tokens_file() -> tempfile::NamedTempFile {
     file
 }
 
+/// `dsa-ingest serve` with the tokens of [`tokens_file`] and `extra` settings; the
+/// tokens file lives as long as the server.
+struct Api {
+    server: Consumer,
+    addr: SocketAddr,
+    _tokens: tempfile::NamedTempFile,
+}
+
+impl Api {
+    async fn start(app: &TestApp, broker: &TestBroker, extra: &[(&str, &str)]) -> Self {
+        let tokens = tokens_file();
+        let path = tokens.path().to_str().unwrap().to_owned();
+        let mut settings = vec![("API_TOKENS_FILE", path.as_str())];
+        settings.extend_from_slice(extra);
+        let server = Consumer::start_server(app, broker, &settings);
+        let addr = server.metrics_addr().await;
+        Self {
+            server,
+            addr,
+            _tokens: tokens,
+        }
+    }
+}
+
 /// A response as read off the socket.
 #[derive(Debug)]
 struct Answer {
@@ -102,8 +126,8 @@ fn parse_answer(raw: &[u8]) -> Answer {
     }
 }
 
-/// A request without a body.
-async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
+/// Sends a GET and leaves its answer to be read.
+async fn send_get(addr: SocketAddr, path: &str, token: Option<&str>) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |token| {
         format!("Authorization: Bearer {token}\r\n")
@@ -115,7 +139,12 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
         )
         .await
         .unwrap();
-    read_answer(&mut stream).await
+    stream
+}
+
+/// A request without a body.
+async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
+    read_answer(&mut send_get(addr, path, token).await).await
 }
 
 /// Opens a POST whose body is sent chunked by the caller.
@@ -171,14 +200,7 @@ async fn upload(
 
 /// The events of a stream up to and including the first `completed` or `failed`.
 async fn follow_events(addr: SocketAddr, path: &str, token: &str) -> Vec<(String, String)> {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+    let mut stream = send_get(addr, path, Some(token)).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut raw = Vec::new();
     let mut buffer = [0u8; 8192];
@@ -243,13 +265,8 @@ async fn objects(app: &TestApp) -> usize {
 async fn an_upload_is_imported_and_its_events_end_completed() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
-        &app,
-        &broker,
-        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
-    );
-    let addr = server.metrics_addr().await;
+    let api = Api::start(&app, &broker, &[]).await;
+    let (server, addr) = (&api.server, api.addr);
 
     let csv = sample_csv(3_000, 7);
     let path = "/v1/datasets/sales/imports?filename=q1.csv&message=first+upload";
@@ -302,17 +319,14 @@ async fn an_upload_is_imported_and_its_events_end_completed() {
 async fn refusals_store_nothing() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let tokens = tokens_file();
     let limit = 10 * 1024 * 1024;
-    let server = Consumer::start_server(
+    let api = Api::start(
         &app,
         &broker,
-        &[
-            ("API_TOKENS_FILE", tokens.path().to_str().unwrap()),
-            ("IMPORT_MAX_FILE_SIZE", &limit.to_string()),
-        ],
-    );
-    let addr = server.metrics_addr().await;
+        &[("IMPORT_MAX_FILE_SIZE", &limit.to_string())],
+    )
+    .await;
+    let (server, addr) = (&api.server, api.addr);
     let path = "/v1/datasets/sales/imports?filename=big.csv";
 
     // A declared 10 GiB body is refused at once, before a byte of it is sent.
@@ -487,13 +501,8 @@ async fn datasets_and_their_commits_are_listed_as_the_token_may_read() {
     let second = app.import("sales", "sales.csv").await;
     app.put("hr.csv", people(5, 1)).await;
     app.import("hr", "hr.csv").await;
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
-        &app,
-        &broker,
-        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
-    );
-    let addr = server.metrics_addr().await;
+    let api = Api::start(&app, &broker, &[]).await;
+    let addr = api.addr;
 
     let names = |answer: Answer| -> Vec<String> {
         assert_eq!(answer.status, 200, "{answer:?}");
@@ -569,13 +578,8 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
     let first = app.import("sales", "sales.csv").await;
     app.put("sales.csv", people(20_500, 2)).await;
     let second = app.import("sales", "sales.csv").await;
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
-        &app,
-        &broker,
-        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
-    );
-    let addr = server.metrics_addr().await;
+    let api = Api::start(&app, &broker, &[]).await;
+    let addr = api.addr;
 
     // The diff is `diff --json`'s lines, byte for byte.
     let expected = cli_output(&app, &["diff", "sales", "--json"]);
@@ -677,17 +681,7 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
     // Clients that leave after the first bytes, more of them than the pool has
     // connections: each export's connection is given back or closed, none is held.
     for _ in 0..12 {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(
-                format!(
-                    "GET /v1/datasets/sales/export HTTP/1.1\r\nHost: test\r\n\
-                     Authorization: Bearer {READER}\r\nConnection: close\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
+        let mut stream = send_get(addr, "/v1/datasets/sales/export", Some(READER)).await;
         let mut first = [0u8; 1024];
         stream.read_exact(&mut first).await.unwrap();
         assert!(first.starts_with(b"HTTP/1.1 200"));
@@ -707,17 +701,16 @@ fn series(text: &str, name: &str) -> Option<f64> {
 async fn each_token_has_its_rate_and_upload_slots_and_serve_counts_its_requests() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
+    let api = Api::start(
         &app,
         &broker,
         &[
-            ("API_TOKENS_FILE", tokens.path().to_str().unwrap()),
             ("HTTP_REQUESTS_PER_SECOND", "3"),
             ("HTTP_MAX_CONCURRENT_UPLOADS", "1"),
         ],
-    );
-    let addr = server.metrics_addr().await;
+    )
+    .await;
+    let (server, addr) = (&api.server, api.addr);
 
     // Every series of the closed label sets is there from the start, at zero.
     let text = get(addr, "/metrics", None).await.body;
@@ -810,13 +803,8 @@ async fn each_token_has_its_rate_and_upload_slots_and_serve_counts_its_requests(
 async fn the_openapi_document_describes_exactly_the_routes_served() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
-        &app,
-        &broker,
-        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
-    );
-    let addr = server.metrics_addr().await;
+    let api = Api::start(&app, &broker, &[]).await;
+    let addr = api.addr;
 
     let document = get(addr, "/v1/openapi.json", None).await;
     assert_eq!(document.status, 200, "{document:?}");
@@ -912,16 +900,8 @@ async fn expect_100_continue_is_answered_only_when_the_upload_may_go_on_and_a_fa
 ) {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
-        &app,
-        &broker,
-        &[
-            ("API_TOKENS_FILE", tokens.path().to_str().unwrap()),
-            ("IMPORT_MAX_FILE_SIZE", "1000000"),
-        ],
-    );
-    let addr = server.metrics_addr().await;
+    let api = Api::start(&app, &broker, &[("IMPORT_MAX_FILE_SIZE", "1000000")]).await;
+    let (server, addr) = (&api.server, api.addr);
     let path = "/v1/datasets/sales/imports?filename=bad.csv";
 
     // Refusals are final answers in place of `100 Continue`: the client never sends the
@@ -976,13 +956,8 @@ async fn an_export_for_a_spreadsheet_program_quotes_what_would_be_a_formula() {
     )
     .await;
     app.import("sales", "sales.csv").await;
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
-        &app,
-        &broker,
-        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
-    );
-    let addr = server.metrics_addr().await;
+    let api = Api::start(&app, &broker, &[]).await;
+    let addr = api.addr;
 
     let safe = get(
         addr,
@@ -1037,25 +1012,10 @@ async fn an_export_that_fails_midway_ends_without_its_last_chunk() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let tokens = tokens_file();
-    let server = Consumer::start_server(
-        &app,
-        &broker,
-        &[("API_TOKENS_FILE", tokens.path().to_str().unwrap())],
-    );
-    let addr = server.metrics_addr().await;
+    let api = Api::start(&app, &broker, &[]).await;
+    let (server, addr) = (&api.server, api.addr);
 
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!(
-                "GET /v1/datasets/sales/export HTTP/1.1\r\nHost: test\r\n\
-                 Authorization: Bearer {READER}\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+    let mut stream = send_get(addr, "/v1/datasets/sales/export", Some(READER)).await;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
         .await
