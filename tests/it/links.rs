@@ -160,6 +160,13 @@ async fn the_link_to_postgresql_cut_mid_import_and_down_for_a_while_loses_no_row
         proxy.forwarded() > proxy.cut(),
         "the consumer never connected again"
     );
+    // A lease it could not release while the link was down is its own: the consumer
+    // releases it when the link is back instead of waiting for it to expire.
+    assert!(
+        !consumer.log().contains("held by a live worker"),
+        "{}",
+        consumer.log()
+    );
     assert_imported_once(&app, &consumer, run_id, 20_000, 42, "cut-db").await;
     assert_settled_once_gone(&broker, consumer).await;
 }
@@ -168,7 +175,7 @@ async fn the_link_to_postgresql_cut_mid_import_and_down_for_a_while_loses_no_row
 async fn a_slow_link_to_the_broker_costs_no_retry_and_no_row() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let (proxy, amqp_url) = LinkProxy::in_front_of(&broker.settings.url.expose(), LATENCY).await;
+    let (proxy, amqp_url) = LinkProxy::in_front_of(broker.settings.url.expose(), LATENCY).await;
     let run_id = pending_run(&app, "slow-mq", "slow-mq.csv", 5_000, 43).await;
     let consumer = Consumer::start(&app, &broker, &[("AMQP_URL", amqp_url.as_str())]);
     broker.wait_for_consumers(1).await;
@@ -192,7 +199,7 @@ async fn a_slow_link_to_the_broker_costs_no_retry_and_no_row() {
 async fn the_link_to_the_broker_cut_mid_import_and_down_for_a_while_costs_no_row() {
     let app = spawn_app().await;
     let broker = TestBroker::new().await;
-    let (proxy, amqp_url) = LinkProxy::in_front_of(&broker.settings.url.expose(), LATENCY).await;
+    let (proxy, amqp_url) = LinkProxy::in_front_of(broker.settings.url.expose(), LATENCY).await;
     let (consumer, run_id) = import_caught_mid_file_with(
         &app,
         &broker,
