@@ -277,6 +277,12 @@ pub struct Importer {
     keep_runs_on_transient_failure: bool,
     /// Cancelled at shutdown: the import stops after the batch it is committing.
     stop: Option<tokio_util::sync::CancellationToken>,
+    /// Leases this importer (and its clones) gave up on a pause but could not release,
+    /// the database being away: run id to fencing token. Its own live lease would keep
+    /// the retry out of the run until it expired, since this process is alive; the
+    /// retry releases it first, which the token makes a no-op if anyone claimed since.
+    /// The note is the pause's reason, which the release records on the run.
+    unreleased: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (i64, String)>>>,
 }
 
 impl Importer {
@@ -288,6 +294,7 @@ impl Importer {
             owner: crate::process::worker_identity(),
             keep_runs_on_transient_failure: false,
             stop: None,
+            unreleased: Arc::default(),
         }
     }
 
@@ -335,6 +342,7 @@ impl Importer {
     /// Claims the run and imports it (from its checkpoint, if it has one). On an error
     /// that belongs to the run, the run is marked failed before the error is returned.
     pub async fn run(&self, run_id: Uuid) -> Result<ImportSummary, ImportError> {
+        self.release_given_up_lease(run_id).await;
         let claimed = runs::claim(
             &self.pool,
             run_id,
@@ -363,7 +371,11 @@ impl Importer {
                 if let Err(release) =
                     runs::release(&self.pool, run_id, token, &error.to_string()).await
                 {
-                    tracing::warn!(run.id = %run_id, error = %release, "could not release the lease; it expires on its own");
+                    tracing::warn!(run.id = %run_id, error = %release, "could not release the lease; a retry here releases it first, elsewhere it expires on its own");
+                    self.unreleased
+                        .lock()
+                        .unwrap()
+                        .insert(run_id, (token, error.to_string()));
                 }
             } else if error.fails_the_run() {
                 tracing::error!(run.id = %run_id, error = %error, "import failed");
@@ -383,6 +395,24 @@ impl Importer {
             }
         }
         result
+    }
+
+    /// Releases the lease an earlier attempt of this importer gave up on `run_id` but
+    /// could not release. Kept for the next attempt if the database is still away (the
+    /// claim that follows then fails the same way).
+    async fn release_given_up_lease(&self, run_id: Uuid) {
+        let Some((token, note)) = self.unreleased.lock().unwrap().get(&run_id).cloned() else {
+            return;
+        };
+        match runs::release(&self.pool, run_id, token, &note).await {
+            Ok(released) => {
+                tracing::info!(run.id = %run_id, released, "gave up the lease of the paused attempt");
+                self.unreleased.lock().unwrap().remove(&run_id);
+            }
+            Err(error) => {
+                tracing::debug!(run.id = %run_id, error = %error, "the paused attempt's lease is still not released")
+            }
+        }
     }
 
     async fn execute(&self, claimed: ClaimedRun) -> Result<ImportSummary, ImportError> {

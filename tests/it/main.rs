@@ -13,6 +13,7 @@ mod history;
 mod import;
 mod keys;
 mod limits;
+mod links;
 mod maintenance;
 mod metrics;
 mod process;

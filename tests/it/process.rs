@@ -241,9 +241,24 @@ pub async fn import_caught_mid_file(
     rows: u64,
     seed: u64,
 ) -> (Consumer, Uuid) {
+    import_caught_mid_file_with(app, broker, dataset, key, rows, seed, &[]).await
+}
+
+/// [`import_caught_mid_file`] with more settings for the consumer (a later one of the
+/// same name wins).
+pub async fn import_caught_mid_file_with(
+    app: &TestApp,
+    broker: &TestBroker,
+    dataset: &str,
+    key: &str,
+    rows: u64,
+    seed: u64,
+    extra: &[(&str, &str)],
+) -> (Consumer, Uuid) {
     let run_id = pending_run(app, dataset, key, rows, seed).await;
     let slow = slow_endpoint(400_000).await;
-    let consumer = Consumer::start(app, broker, &[("S3_ENDPOINT", slow.as_str())]);
+    let settings = [&[("S3_ENDPOINT", slow.as_str())][..], extra].concat();
+    let consumer = Consumer::start(app, broker, &settings);
     broker.wait_for_consumers(1).await;
     broker.publish_json(&reference(run_id)).await;
     wait_until(

@@ -2,9 +2,12 @@
 """Checks the operations files with the real tools: the Helm chart (rendered and linted
 by Helm's own library, every object validated against the Kubernetes API schemas),
 the alert rules (promtool check and unit tests), the Grafana dashboard (its JSON, and
-every query parsed by promtool) and docker-compose.yml (`docker-compose config`).
+every query parsed by promtool) and docker-compose.yml (`docker-compose config`); and
+scripts/services itself: on a busy machine, a fresh DSA_DEV_HOME with ports of its own
+gets a second Garage (the installed binary, never a build) on the first run. That
+Garage and its home are removed again.
 
-Run by scripts/test after tests/ops/install-tools. That the metric names used by the
+Run by scripts/test after scripts/services and tests/ops/install-tools. That the metric names used by the
 dashboard and the alerts are exported by a real scrape is checked by the Rust
 integration test `maintain_reports_the_backlog_and_every_name_the_dashboard_and_alerts_use`.
 Prints one line per check and a closing "N passed, N failed".
@@ -16,9 +19,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import helm_python as helm
@@ -341,6 +347,118 @@ def _():
     run_tool("promtool", "check", "config", str(ROOT / "monitoring" / "prometheus.yml"))
     for path in (ROOT / "monitoring" / "grafana").rglob("*.yaml"):
         yaml.safe_load(path.read_text())
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now, distinct, picked by the kernel."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def installed_garage() -> str:
+    """The Garage 2.x binary scripts/services would pick; this check never builds one."""
+    candidates = [shutil.which("garage"), str(Path.home() / ".cargo" / "bin" / "garage")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            version = subprocess.run([candidate, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if re.search(r"(^|[^0-9.])v?2\.[0-9]+", version.stdout + version.stderr):
+                return candidate
+    raise RuntimeError("no Garage 2.x is installed: run scripts/services first (this check does not build Garage)")
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def stop_processes_of(home: Path) -> None:
+    """Stops every process whose command line names a file under `home` (the Garage
+    this check started, and a starter that had not yet become it), and only those."""
+    ours = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and f"{home}/" in command_line(int(d.name))]
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    for pid in ours:
+        while Path(f"/proc/{pid}").exists() and f"{home}/" in command_line(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+
+
+@check("scripts/services starts a second Garage for a fresh DSA_DEV_HOME on a busy machine, first time")
+def _():
+    garage = installed_garage()
+    home = Path(tempfile.mkdtemp(prefix="dsa-dev-home-"))
+    s3_port, rpc_port, admin_port = free_ports(3)
+    env = {
+        **os.environ,
+        "DSA_DEV_HOME": str(home),
+        "DSA_GARAGE_S3_PORT": str(s3_port),
+        "DSA_GARAGE_RPC_PORT": str(rpc_port),
+        "DSA_GARAGE_ADMIN_PORT": str(admin_port),
+        # The installed binary comes first, so the script finds it before anything else.
+        "PATH": f"{Path(garage).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    # Startup detection once failed when the server was slow to exec: the starter
+    # first closes every descriptor it inherited. Every core kept busy, and as many
+    # inherited descriptors as a CI runner may leave open, make a slow start the rule
+    # (the detection before the fix failed this way in four tries out of four).
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+        for _ in range(max(2, os.cpu_count() or 2))
+    ]
+    inherited = [fd for _ in range(2000) for fd in os.pipe()]
+    try:
+        first = subprocess.run(
+            [str(ROOT / "scripts" / "services")], env=env, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, pass_fds=inherited, timeout=900,
+        )
+        if first.returncode != 0:
+            raise RuntimeError(f"scripts/services exited {first.returncode}:\n{first.stderr}")
+        if first.stdout.strip() != str(home / "services.env"):
+            raise RuntimeError(f"stdout {first.stdout!r}, expected the settings file's path")
+        if "building Garage" in first.stderr or "starting Garage" not in first.stderr:
+            raise RuntimeError(f"expected a start of the installed Garage:\n{first.stderr}")
+        settings = dict(line.split("=", 1) for line in (home / "services.env").read_text().splitlines())
+        if settings["S3_ENDPOINT"] != f"http://127.0.0.1:{s3_port}":
+            raise RuntimeError(f"S3_ENDPOINT {settings['S3_ENDPOINT']}, expected port {s3_port}")
+        pid = int((home / "garage.pid").read_text())
+        if f"{home}/garage.toml" not in command_line(pid) or " server" not in command_line(pid):
+            raise RuntimeError(f"pid {pid} is not the Garage of {home}: {command_line(pid)!r}")
+        for port in (s3_port, rpc_port, admin_port):
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+        # A second run finds this Garage up and leaves it alone.
+        second = subprocess.run(
+            [str(ROOT / "scripts" / "services")], env=env, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, pass_fds=inherited, timeout=300,
+        )
+        if second.returncode != 0 or "starting Garage" in second.stderr:
+            raise RuntimeError(f"the second run exited {second.returncode}:\n{second.stderr}")
+        if int((home / "garage.pid").read_text()) != pid:
+            raise RuntimeError("the second run replaced the running Garage")
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+        for fd in inherited:
+            os.close(fd)
+        stop_processes_of(home)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 print(f"{len(passed)} passed, {len(failed)} failed")
