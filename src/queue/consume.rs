@@ -343,19 +343,9 @@ async fn process(
             Ok(runs) => break runs,
             Err(Refusal::DeadLetter(reason)) => return Settle::DeadLetter(reason),
             Err(Refusal::Transient(error)) => {
-                let wait = retries
-                    .get_or_insert_with(|| retry_backoff(setup.amqp.retry_budget))
-                    .next_backoff();
-                let Some(wait) = wait else {
-                    return Settle::DeadLetter(format!(
-                        "gave up after retrying for {} s: {error}",
-                        setup.amqp.retry_budget.as_secs()
-                    ));
-                };
-                metrics().amqp_outcome(AmqpOutcome::Retry);
-                tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "cannot resolve the message's runs yet; retrying");
-                if !pause(importer, wait).await {
-                    return Settle::Requeue;
+                let what = "cannot resolve the message's runs yet";
+                if let Err(settle) = back_off(setup, importer, &mut retries, &error, what).await {
+                    return settle;
                 }
             }
         }
@@ -363,11 +353,19 @@ async fn process(
     let no_runs = runs.is_empty();
     let mut worked = false;
     for run_id in runs {
-        let format = match refuse_unless_allowed(setup, run_id).await {
-            Ok(format) => format,
-            Err(transient) => {
-                tracing::warn!(run.id = %run_id, error = %transient, "cannot check the run's source yet; requeueing");
-                return Settle::Requeue;
+        // Retried here like the resolving above: a requeue would come straight back,
+        // and through an outage longer than a few deliveries the broker's delivery
+        // limit would dead-letter the message.
+        let format = loop {
+            match refuse_unless_allowed(setup, run_id).await {
+                Ok(format) => break format,
+                Err(error) => {
+                    let what = "cannot check the run's source yet";
+                    if let Err(settle) = back_off(setup, importer, &mut retries, &error, what).await
+                    {
+                        return settle;
+                    }
+                }
             }
         };
         match import_to_end(setup, importer, run_id, format, channel).await {
@@ -733,6 +731,34 @@ async fn wait_while_held(
 }
 
 /// Sleeps for `wait` unless the process starts stopping first; false when it did.
+/// One step of retrying a delivery's transient failure: counts it, logs it and waits
+/// the backoff's next interval. `Err` settles the delivery: dead-lettered once the
+/// retry budget is spent, requeued when the process stops meanwhile.
+async fn back_off(
+    setup: &ConsumerSetup,
+    importer: &Importer,
+    retries: &mut Option<ExponentialBackoff>,
+    error: &(dyn std::fmt::Display + Sync),
+    what: &str,
+) -> Result<(), Settle> {
+    let wait = retries
+        .get_or_insert_with(|| retry_backoff(setup.amqp.retry_budget))
+        .next_backoff();
+    let Some(wait) = wait else {
+        return Err(Settle::DeadLetter(format!(
+            "gave up after retrying for {} s: {what}: {error}",
+            setup.amqp.retry_budget.as_secs()
+        )));
+    };
+    metrics().amqp_outcome(AmqpOutcome::Retry);
+    tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "{what}; retrying");
+    if pause(importer, wait).await {
+        Ok(())
+    } else {
+        Err(Settle::Requeue)
+    }
+}
+
 async fn pause(importer: &Importer, wait: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(wait) => true,
