@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     drop(server);
     let _ = std::fs::remove_file(&tokens);
     delete_bench_topology(&settings).await;
+    delete_uploaded_objects(&settings, &environment.database_url).await;
     let (submit, upload) = result?;
 
     println!(
@@ -300,6 +301,42 @@ async fn delete_bench_topology(settings: &Settings) {
         }
     }
     let _ = connection.close(200, "done".into()).await;
+}
+
+/// Removes the objects the runs were given (each submit and upload stores the file
+/// under a key of its own), so repeated benchmarks do not fill the store.
+async fn delete_uploaded_objects(settings: &Settings, database_url: &str) {
+    let locations: Vec<(String, String)> = match sqlx::PgPool::connect(database_url).await {
+        Ok(pool) => sqlx::query_as(
+            "SELECT run_parameters->'source'->>'bucket', run_parameters->'source'->>'key'
+               FROM dsa_jobs.analysis_runs
+              WHERE run_parameters->'source'->>'kind' = 's3'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let s3 = dsa_ingest::s3::client(&settings.s3).await;
+    let mut deleted = 0;
+    for (bucket, key) in &locations {
+        if s3
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .is_ok()
+        {
+            deleted += 1;
+        }
+    }
+    if deleted < locations.len() {
+        eprintln!(
+            "deleted {deleted} of the {} uploaded objects; the others stay in the store",
+            locations.len()
+        );
+    }
 }
 
 fn median(mut seconds: Vec<f64>) -> f64 {

@@ -342,7 +342,7 @@ impl Importer {
     /// Claims the run and imports it (from its checkpoint, if it has one). On an error
     /// that belongs to the run, the run is marked failed before the error is returned.
     pub async fn run(&self, run_id: Uuid) -> Result<ImportSummary, ImportError> {
-        self.release_given_up_lease(run_id).await;
+        self.release_given_up_lease(run_id).await?;
         let claimed = runs::claim(
             &self.pool,
             run_id,
@@ -398,21 +398,19 @@ impl Importer {
     }
 
     /// Releases the lease an earlier attempt of this importer gave up on `run_id` but
-    /// could not release. Kept for the next attempt if the database is still away (the
-    /// claim that follows then fails the same way).
-    async fn release_given_up_lease(&self, run_id: Uuid) {
+    /// could not release. While it still cannot, the attempt stops there with the
+    /// database's error (a transient one, retried like a failed claim): claiming would
+    /// find this process's own lease live and wait for it to expire.
+    async fn release_given_up_lease(&self, run_id: Uuid) -> Result<(), ImportError> {
         let Some((token, note)) = self.unreleased.lock().unwrap().get(&run_id).cloned() else {
-            return;
+            return Ok(());
         };
-        match runs::release(&self.pool, run_id, token, &note).await {
-            Ok(released) => {
-                tracing::info!(run.id = %run_id, released, "gave up the lease of the paused attempt");
-                self.unreleased.lock().unwrap().remove(&run_id);
-            }
-            Err(error) => {
-                tracing::debug!(run.id = %run_id, error = %error, "the paused attempt's lease is still not released")
-            }
-        }
+        let released = runs::release(&self.pool, run_id, token, &note)
+            .await
+            .map_err(|error| ImportError::Claim(ClaimError::Database(error)))?;
+        tracing::info!(run.id = %run_id, released, "gave up the lease of the paused attempt");
+        self.unreleased.lock().unwrap().remove(&run_id);
+        Ok(())
     }
 
     async fn execute(&self, claimed: ClaimedRun) -> Result<ImportSummary, ImportError> {

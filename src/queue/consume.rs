@@ -336,11 +336,15 @@ async fn process(
     };
     // Resolving the runs is retried here, with backoff, rather than by requeueing:
     // a requeue comes straight back, and brokers differ in whether it counts toward
-    // the delivery limit.
+    // the delivery limit. Each streak of failures gets the whole budget: a success
+    // ends the streak.
     let mut retries: Option<ExponentialBackoff> = None;
     let runs = loop {
         match runs_for(setup, &message).await {
-            Ok(runs) => break runs,
+            Ok(runs) => {
+                retries = None;
+                break runs;
+            }
             Err(Refusal::DeadLetter(reason)) => return Settle::DeadLetter(reason),
             Err(Refusal::Transient(error)) => {
                 let what = "cannot resolve the message's runs yet";
@@ -358,7 +362,10 @@ async fn process(
         // limit would dead-letter the message.
         let format = loop {
             match refuse_unless_allowed(setup, run_id).await {
-                Ok(format) => break format,
+                Ok(format) => {
+                    retries = None;
+                    break format;
+                }
                 Err(error) => {
                     let what = "cannot check the run's source yet";
                     if let Err(settle) = back_off(setup, importer, &mut retries, &error, what).await
@@ -730,7 +737,6 @@ async fn wait_while_held(
     }
 }
 
-/// Sleeps for `wait` unless the process starts stopping first; false when it did.
 /// One step of retrying a delivery's transient failure: counts it, logs it and waits
 /// the backoff's next interval. `Err` settles the delivery: dead-lettered once the
 /// retry budget is spent, requeued when the process stops meanwhile.
@@ -759,6 +765,7 @@ async fn back_off(
     }
 }
 
+/// Sleeps for `wait` unless the process starts stopping first; false when it did.
 async fn pause(importer: &Importer, wait: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(wait) => true,

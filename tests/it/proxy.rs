@@ -128,13 +128,16 @@ impl LinkProxy {
         let shared = state.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                // The token is taken before the refusal is read: an outage sets the
+                // refusal and then cuts, so a connection either sees the refusal or
+                // holds the token that the cut cancels, never neither.
+                let cut = shared.cut.lock().unwrap().clone();
                 if shared.refusing.load(Ordering::SeqCst) {
                     // A reset rather than a close: the client sees the network fail.
                     let _ = client.set_zero_linger();
                     shared.refused.fetch_add(1, Ordering::SeqCst);
                     continue;
                 }
-                let cut = shared.cut.lock().unwrap().clone();
                 let upstream = upstream.clone();
                 let state = shared.clone();
                 tokio::spawn(async move {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -417,12 +418,24 @@ def _():
     # first closes every descriptor it inherited. Every core kept busy, and as many
     # inherited descriptors as a CI runner may leave open, make a slow start the rule
     # (the detection before the fix failed this way in four tries out of four).
-    busy = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
-        for _ in range(max(2, os.cpu_count() or 2))
-    ]
-    inherited = [fd for _ in range(2000) for fd in os.pipe()]
+    busy: list[subprocess.Popen] = []
+    inherited: list[int] = []
+    # 4000 descriptors need a soft limit above the common default of 1024; raised as
+    # far as the hard limit allows, and the count kept below it.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4000 + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    pipes = 2000 if limit == resource.RLIM_INFINITY else min(2000, (limit - 256) // 2)
     try:
+        busy.extend(
+            subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+            for _ in range(max(2, os.cpu_count() or 2))
+        )
+        for _ in range(pipes):
+            inherited.extend(os.pipe())
         first = subprocess.run(
             [str(ROOT / "scripts" / "services")], env=env, capture_output=True, text=True,
             stdin=subprocess.DEVNULL, pass_fds=inherited, timeout=900,
