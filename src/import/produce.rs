@@ -139,27 +139,143 @@ pub(super) const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 /// An error ends the stream: the batch it interrupted is not sent, so every checkpoint
 /// that reaches the loader sits on a record boundary.
 pub(super) async fn produce_batches(
-    mut decoder: CsvDecoder,
+    decoder: CsvDecoder,
     rows: Arc<CsvRows>,
-    mut cursor: Checkpoint,
+    cursor: Checkpoint,
     batch_size: usize,
     skip_bad_rows: bool,
     object: ObjectBytes,
     sender: Pipe,
 ) {
+    let start = decoder.start();
+    let encode = move |records: &[ByteRecord], file: &str, next: Checkpoint| {
+        encode_batch(
+            records,
+            start,
+            &rows.encoder,
+            &rows.identity,
+            file,
+            skip_bad_rows,
+            next,
+        )
+    };
+    produce_text_batches(decoder, encode, cursor, batch_size, object, sender).await;
+}
+
+/// What the text producers read batches from (CSV records, JSON lines), each record
+/// into a buffer that is reused batch after batch.
+pub(super) trait TextReader: Send + 'static {
+    type Record: Default + Send + 'static;
+
+    /// Reads the next record into `record`; false at the end of the file.
+    fn read_into(
+        &mut self,
+        record: &mut Self::Record,
+    ) -> impl std::future::Future<Output = Result<bool, DecodeError>> + Send;
+
+    /// The bytes a record read holds, counted toward [`MAX_BATCH_BYTES`].
+    fn record_bytes(record: &Self::Record) -> usize;
+
+    /// The bytes a buffer keeps allocated; one past [`LARGE_RECORD_BYTES`] is let go.
+    fn buffer_bytes(record: &Self::Record) -> usize;
+
+    fn next_byte(&self) -> u64;
+    fn next_line(&self) -> u64;
+    fn file(&self) -> &str;
+}
+
+impl TextReader for CsvDecoder {
+    type Record = ByteRecord;
+
+    fn read_into(
+        &mut self,
+        record: &mut ByteRecord,
+    ) -> impl std::future::Future<Output = Result<bool, DecodeError>> + Send {
+        self.read_record(record)
+    }
+
+    fn record_bytes(record: &ByteRecord) -> usize {
+        record.as_slice().len()
+    }
+
+    fn buffer_bytes(record: &ByteRecord) -> usize {
+        record.as_slice().len()
+    }
+
+    fn next_byte(&self) -> u64 {
+        CsvDecoder::next_byte(self)
+    }
+
+    fn next_line(&self) -> u64 {
+        CsvDecoder::next_line(self)
+    }
+
+    fn file(&self) -> &str {
+        CsvDecoder::file(self)
+    }
+}
+
+impl TextReader for LineReader {
+    type Record = Line;
+
+    fn read_into(
+        &mut self,
+        line: &mut Line,
+    ) -> impl std::future::Future<Output = Result<bool, DecodeError>> + Send {
+        self.read_line(line)
+    }
+
+    fn record_bytes(line: &Line) -> usize {
+        line.text.len()
+    }
+
+    fn buffer_bytes(line: &Line) -> usize {
+        line.text.capacity()
+    }
+
+    fn next_byte(&self) -> u64 {
+        LineReader::next_byte(self)
+    }
+
+    fn next_line(&self) -> u64 {
+        LineReader::next_line(self)
+    }
+
+    fn file(&self) -> &str {
+        LineReader::file(self)
+    }
+}
+
+/// The loop both text producers share: fills a batch of records (up to `batch_size`
+/// and [`MAX_BATCH_BYTES`]), has `encode` turn it into a [`Batch`] on the blocking pool
+/// (with the file's name and the checkpoint after the batch), and forwards it. At the
+/// end of the records, the end of the file, or a source that delivered less than HEAD
+/// promised.
+async fn produce_text_batches<R, E>(
+    mut reader: R,
+    encode: E,
+    mut cursor: Checkpoint,
+    batch_size: usize,
+    object: ObjectBytes,
+    sender: Pipe,
+) where
+    R: TextReader,
+    E: Fn(&[R::Record], &str, Checkpoint) -> Result<Batch, ImportError> + Send + Sync + 'static,
+{
     let size = object.end;
     let object_read = || object.read();
+    let encode = Arc::new(encode);
     // Record buffers travel to the blocking pool and back, so their allocations are
     // reused batch after batch.
-    let mut records: Vec<ByteRecord> = Vec::new();
+    let mut records: Vec<R::Record> = Vec::new();
     loop {
-        records.resize_with(batch_size, ByteRecord::new);
+        records.resize_with(batch_size, R::Record::default);
         let mut filled = 0;
         let mut bytes = 0;
         while filled < batch_size && bytes < MAX_BATCH_BYTES {
-            match decoder.read_record(&mut records[filled]).await {
+            match reader.read_into(&mut records[filled]).await {
                 Ok(true) => {
-                    bytes += records[filled].as_slice().len();
+                    bytes += R::record_bytes(&records[filled]);
                     filled += 1;
                 }
                 Ok(false) => break,
@@ -172,12 +288,12 @@ pub(super) async fn produce_batches(
         if filled == 0 {
             // The parser ends exactly at the object's last byte; anywhere else, the
             // source delivered less than HEAD promised (a local file cut short).
-            let read = object_read().unwrap_or(decoder.next_byte());
+            let read = object_read().unwrap_or(reader.next_byte());
             let end = if read == size {
                 Ok(Produced::End)
             } else {
                 Err(DecodeError::Truncated {
-                    file: decoder.file().to_owned(),
+                    file: reader.file().to_owned(),
                     read,
                     size,
                 }
@@ -187,23 +303,14 @@ pub(super) async fn produce_batches(
             return;
         }
         records.truncate(filled);
-        let start = decoder.start();
-        let file = decoder.file().to_owned();
+        let file = reader.file().to_owned();
         let mut next = cursor.clone();
-        next.byte_offset = decoder.next_byte();
-        next.line = decoder.next_line();
+        next.byte_offset = reader.next_byte();
+        next.line = reader.next_line();
         next.object_offset = object_read();
-        let rows = Arc::clone(&rows);
+        let encode = Arc::clone(&encode);
         let encoded = tokio::task::spawn_blocking(move || {
-            let result = encode_batch(
-                &records,
-                start,
-                &rows.encoder,
-                &rows.identity,
-                &file,
-                skip_bad_rows,
-                next,
-            );
+            let result = encode(&records, &file, next);
             (result, records)
         })
         .await;
@@ -213,8 +320,8 @@ pub(super) async fn produce_batches(
                 // A slot that once held a huge record would keep its allocation for the
                 // rest of the import; let it go.
                 for record in records.iter_mut() {
-                    if record.as_slice().len() > LARGE_RECORD_BYTES {
-                        *record = ByteRecord::new();
+                    if R::buffer_bytes(record) > LARGE_RECORD_BYTES {
+                        *record = R::Record::default();
                     }
                 }
                 result
@@ -357,82 +464,18 @@ pub(super) fn encode_batch(
 /// Reads JSON Lines into batches and encodes each on the blocking pool, in file order,
 /// as [`produce_batches`] does for CSV.
 pub(super) async fn produce_json_batches(
-    mut reader: LineReader,
+    reader: LineReader,
     identity: Arc<RowIdentity>,
-    mut cursor: Checkpoint,
+    cursor: Checkpoint,
     batch_size: usize,
     skip_bad_rows: bool,
     object: ObjectBytes,
     sender: Pipe,
 ) {
-    let end = object.end;
-    let object_read = || object.read();
-    let mut lines: Vec<Line> = Vec::new();
-    loop {
-        lines.resize_with(batch_size, Line::default);
-        let mut filled = 0;
-        let mut bytes = 0;
-        while filled < batch_size && bytes < MAX_BATCH_BYTES {
-            match reader.read_line(&mut lines[filled]).await {
-                Ok(true) => {
-                    bytes += lines[filled].text.len();
-                    filled += 1;
-                }
-                Ok(false) => break,
-                Err(error) => {
-                    let _ = sender.send(Err(error.into())).await;
-                    return;
-                }
-            }
-        }
-        if filled == 0 {
-            let read = object_read().unwrap_or(reader.next_byte());
-            let last = if read == end {
-                Ok(Produced::End)
-            } else {
-                Err(DecodeError::Truncated {
-                    file: reader.file().to_owned(),
-                    read,
-                    size: end,
-                }
-                .into())
-            };
-            let _ = sender.send(last).await;
-            return;
-        }
-        lines.truncate(filled);
-        let file = reader.file().to_owned();
-        let mut next = cursor.clone();
-        next.byte_offset = reader.next_byte();
-        next.line = reader.next_line();
-        next.object_offset = object_read();
-        let identity = Arc::clone(&identity);
-        let encoded = tokio::task::spawn_blocking(move || {
-            let result = encode_json_batch(&lines, &identity, &file, skip_bad_rows, next);
-            (result, lines)
-        })
-        .await;
-        let batch = match encoded {
-            Ok((result, returned)) => {
-                lines = returned;
-                for line in lines.iter_mut() {
-                    if line.text.capacity() > LARGE_RECORD_BYTES {
-                        *line = Line::default();
-                    }
-                }
-                result
-            }
-            Err(panic) => {
-                let message = format!("batch encoding panicked: {panic}");
-                let _ = sender.send(Err(ImportError::Internal(message))).await;
-                return;
-            }
-        };
-        match forward(batch, &sender).await {
-            Some(checkpoint) => cursor = checkpoint,
-            None => return,
-        }
-    }
+    let encode = move |lines: &[Line], file: &str, next: Checkpoint| {
+        encode_json_batch(lines, &identity, file, skip_bad_rows, next)
+    };
+    produce_text_batches(reader, encode, cursor, batch_size, object, sender).await;
 }
 
 /// The CPU part of a JSON Lines batch: each line parsed, its canonical JSON hashed and
