@@ -44,7 +44,7 @@ use load::{LoadError, Loader, Lookup};
 use plan::PlanError;
 use produce::{
     drop_known_rows, produce_batches, produce_json_batches, produce_sheet_batches, CsvRows,
-    ObjectBytes, Produced, RowIdentity, SheetJob,
+    ObjectBytes, Pipe, Produced, RowIdentity, SheetJob,
 };
 use run::{
     Checkpoint, CsvDialect, ImportMode, ImportParameters, ImportPlan, Layout, Lineage, OnConflict,
@@ -54,6 +54,23 @@ use tokio::io::AsyncReadExt;
 
 /// Batches decoded ahead of the loader; two keep both sides busy without piling up.
 const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Starts a producer (`start_producer` gets the pipe its batches go into) and the
+/// look-up task behind it; returns both tasks and the receiver the loader reads.
+fn start_pipeline(
+    lookup: Lookup,
+    start_producer: impl FnOnce(Pipe) -> tokio::task::JoinHandle<()>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+    mpsc::Receiver<Result<Produced, ImportError>>,
+) {
+    let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+    let producer = start_producer(sender);
+    let (sender, receiver) = mpsc::channel(1);
+    let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+    (producer, looker, receiver)
+}
 
 #[derive(Debug, Error)]
 pub enum ImportError {
@@ -503,7 +520,6 @@ impl Importer {
             )
             .await?;
             let lookup = Lookup::new(&self.pool).await?;
-            let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
             let job = SheetJob {
                 file: spooled,
                 spool_usage,
@@ -517,12 +533,12 @@ impl Importer {
                 format: Arc::clone(&sheet_format),
             };
             let span = tracing::Span::current();
-            let producer = tokio::task::spawn_blocking(move || {
-                let _entered = span.enter();
-                produce_sheet_batches(job, sender)
+            let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
+                tokio::task::spawn_blocking(move || {
+                    let _entered = span.enter();
+                    produce_sheet_batches(job, sender)
+                })
             });
-            let (sender, receiver) = mpsc::channel(1);
-            let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
             (producer, looker, receiver, None)
         } else {
             let file = parameters.source.file_name();
@@ -617,25 +633,23 @@ impl Importer {
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
                 let lookup = Lookup::new(&self.pool).await?;
-                let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
-                let producer = tokio::spawn(
-                    produce_json_batches(
-                        reader,
-                        Arc::new(identity),
-                        checkpoint.clone(),
-                        self.settings.batch_size,
-                        parameters.options.skip_bad_rows,
-                        ObjectBytes {
-                            end,
-                            read: object_bytes,
-                        },
-                        sender,
+                let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
+                    tokio::spawn(
+                        produce_json_batches(
+                            reader,
+                            Arc::new(identity),
+                            checkpoint.clone(),
+                            self.settings.batch_size,
+                            parameters.options.skip_bad_rows,
+                            ObjectBytes {
+                                end,
+                                read: object_bytes,
+                            },
+                            sender,
+                        )
+                        .in_current_span(),
                     )
-                    .in_current_span(),
-                );
-                let (sender, receiver) = mpsc::channel(1);
-                let looker =
-                    tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+                });
                 (producer, looker, receiver, checkpoint.header.clone())
             } else {
                 let format = match &recorded {
@@ -698,28 +712,27 @@ impl Importer {
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
                 let lookup = Lookup::new(&self.pool).await?;
-                let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
-                let producer = tokio::spawn(
-                    produce_batches(
-                        decoder,
-                        Arc::new(CsvRows {
-                            encoder: RowEncoder::new(&header).decoded_from(&dialect.encoding),
-                            identity,
-                        }),
-                        checkpoint.clone(),
-                        self.settings.batch_size,
-                        parameters.options.skip_bad_rows,
-                        ObjectBytes {
-                            end,
-                            read: object_bytes,
-                        },
-                        sender,
+                let rows = Arc::new(CsvRows {
+                    encoder: RowEncoder::new(&header).decoded_from(&dialect.encoding),
+                    identity,
+                });
+                let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
+                    tokio::spawn(
+                        produce_batches(
+                            decoder,
+                            rows,
+                            checkpoint.clone(),
+                            self.settings.batch_size,
+                            parameters.options.skip_bad_rows,
+                            ObjectBytes {
+                                end,
+                                read: object_bytes,
+                            },
+                            sender,
+                        )
+                        .in_current_span(),
                     )
-                    .in_current_span(),
-                );
-                let (sender, receiver) = mpsc::channel(1);
-                let looker =
-                    tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+                });
                 (producer, looker, receiver, Some(header))
             }
         };
