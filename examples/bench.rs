@@ -602,7 +602,11 @@ async fn check_disk_space(
                 gb(need),
                 gb(need - max_wal as u64 - if same { local_need } else { 0 }),
                 gb(max_wal as u64),
-                if same { ", and the sample file on the same file system" } else { "" }
+                if same {
+                    ", and the sample file on the same file system"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -613,7 +617,10 @@ async fn check_disk_space(
         gb(database_need)
     );
     if !short.is_empty() {
-        bail!("not enough disk space for {rows} rows: {}", short.join("; "));
+        bail!(
+            "not enough disk space for {rows} rows: {}",
+            short.join("; ")
+        );
     }
     Ok(())
 }
@@ -636,7 +643,12 @@ fn free_bytes(path: &Path) -> anyhow::Result<u64> {
 /// The machine's load averages (1, 5 and 15 minutes), to read the figures beside.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_else(|_| "unknown".into())
 }
 
@@ -707,7 +719,10 @@ impl WalMeter {
                 return Ok(());
             }
             if started.elapsed().as_secs() > 30 {
-                bail!("{others} sessions of {} did not end within 30 s", self.database);
+                bail!(
+                    "{others} sessions of {} did not end within 30 s",
+                    self.database
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }

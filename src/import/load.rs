@@ -146,14 +146,18 @@ impl BatchWriter {
     /// Adds a keyed row: its id is `{sheet}:{key}`; `line` names it in errors.
     pub fn push_keyed(&mut self, key: &str, line: u64, row_hash: &RowHash, canonical_json: &[u8]) {
         self.push_content(row_hash, canonical_json);
-        self.push_entry(row_hash, |entries| entries.extend_from_slice(key.as_bytes()));
+        self.push_entry(row_hash, |entries| {
+            entries.extend_from_slice(key.as_bytes())
+        });
         self.copy.keyed.push((key.to_owned(), line));
     }
 
     /// Adds a deletion: an entry whose hash is all zeros, which no row has, and no
     /// content. Finalise removes the key from the new version and then the entry.
     pub fn push_tombstone(&mut self, key: &str, line: u64) {
-        self.push_entry(&TOMBSTONE, |entries| entries.extend_from_slice(key.as_bytes()));
+        self.push_entry(&TOMBSTONE, |entries| {
+            entries.extend_from_slice(key.as_bytes())
+        });
         self.copy.keyed.push((key.to_owned(), line));
         self.copy.hashes.push(TOMBSTONE);
     }
@@ -974,9 +978,8 @@ mod tests {
         writer.push(10, &[0xcd; 32], b"{}");
         writer.push(8, &[0xab; 32], br#"{"a":"x\ny\\"}"#);
         let copy = writer.finish();
-        let entry = |id: &str, hash: u8| {
-            vec![b"c1".to_vec(), id.as_bytes().to_vec(), vec![hash; 32]]
-        };
+        let entry =
+            |id: &str, hash: u8| vec![b"c1".to_vec(), id.as_bytes().to_vec(), vec![hash; 32]];
         assert_eq!(
             tuples(&copy.commit_rows),
             vec![
