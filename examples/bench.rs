@@ -637,6 +637,8 @@ fn free_bytes(path: &Path) -> anyhow::Result<u64> {
     }
     // SAFETY: statvfs succeeded, so it filled `stats`.
     let stats = unsafe { stats.assume_init() };
+    // Both are u64 on 64-bit Linux and narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
     Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
 }
 
