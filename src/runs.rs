@@ -372,11 +372,6 @@ async fn delete_unfinished_commit(
         .bind(run_id)
         .execute(&mut **tx)
         .await?;
-    // Counts of rows it stored that no checkpoint took (see import/load.rs).
-    sqlx::query("DELETE FROM dsa_jobs.uncounted_rows WHERE run_id = $1")
-        .bind(run_id)
-        .execute(&mut **tx)
-        .await?;
     Ok(())
 }
 

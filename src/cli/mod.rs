@@ -201,11 +201,11 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_env()?;
-    // An import holds three connections (the loader's two and the look-up's); the
-    // consumer's own queries and the relay need a few more.
+    // An import holds two connections (loader and look-up); the consumer's own
+    // queries and the relay need a few more.
     let connections = match cli.command {
-        Command::Consume => 3 * settings.parallel_workers as u32 + 4,
-        _ => 5,
+        Command::Consume => 2 * settings.parallel_workers as u32 + 4,
+        _ => 4,
     };
     let pool = db::connect(settings.database_url.expose(), connections)
         .await

@@ -118,14 +118,6 @@ pub async fn collect(
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "DELETE FROM dsa_jobs.uncounted_rows WHERE run_id IN
-               (SELECT run_id FROM dsa_core.commits
-                 WHERE commit_id = ANY($1) AND committed_at IS NULL)",
-        )
-        .bind(&dead)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
             "DELETE FROM dsa_core.commits WHERE commit_id = ANY($1) AND committed_at IS NULL",
         )
         .bind(&dead)

@@ -301,13 +301,9 @@ pub struct BatchOutcome {
     pub commit_duration: Duration,
 }
 
-/// Holds two connections for the whole import: the batch's own transaction (its
-/// commit_rows and checkpoint) on one, and its new rows, in a transaction of their own
-/// that commits first, on the other (with the staging table), so the server stores
-/// both at once.
+/// Holds one connection for the whole import, with its staging table.
 pub struct Loader {
     conn: PoolConnection<Postgres>,
-    rows_conn: PoolConnection<Postgres>,
     lease: Lease,
     /// Whether a row whose key an earlier batch had is rejected rather than failing
     /// the import.
@@ -319,8 +315,7 @@ pub struct Loader {
 
 impl Loader {
     pub async fn new(pool: &PgPool, lease: Lease) -> Result<Self, LoadError> {
-        let conn = crate::db::acquire(pool).await?;
-        let mut rows_conn = crate::db::acquire(pool).await?;
+        let mut conn = crate::db::acquire(pool).await?;
         // A temporary table is private to this session, so concurrent imports never see
         // each other's batches; ON COMMIT DELETE ROWS empties it after every batch.
         // It takes the same binary COPY stream as `dsa_core.rows`, so its data is jsonb.
@@ -330,11 +325,10 @@ impl Loader {
                  data jsonb NOT NULL
              ) ON COMMIT DELETE ROWS",
         )
-        .execute(&mut *rows_conn)
+        .execute(&mut *conn)
         .await?;
         Ok(Self {
             conn,
-            rows_conn,
             lease,
             skip_bad_rows: false,
             refuse_keys_of: None,
@@ -394,17 +388,6 @@ impl Loader {
         let batch_started = Instant::now();
         let mut outcome = BatchOutcome::default();
         let mut repeated: Vec<(String, u64)> = Vec::new();
-        let run_id = self.lease.run_id;
-        let (refuse_keys_of, skip_bad_rows) = (&self.refuse_keys_of, self.skip_bad_rows);
-        let rows = &batch.rows;
-        // The rows' transaction takes GC_LOCK before the batch's does: a gc queued
-        // between the two then waits for the rows' transaction, which waits for nothing,
-        // so the batch only waits longer (see `fence_batch` for what it checks then).
-        let stored = if rows.content.is_empty() {
-            None
-        } else {
-            Some(StoredRows::begin(&mut self.rows_conn).await?)
-        };
         let mut tx = self.conn.begin().await?;
         // A batch is safe without waiting for its WAL flush: data and checkpoint commit
         // together, so a batch lost in a crash is simply read again on resume. Only the
@@ -413,53 +396,39 @@ impl Loader {
             .execute(&mut *tx)
             .await?;
 
-        if !rows.is_empty() {
+        if !batch.rows.is_empty() {
+            let rows = &batch.rows;
             // gc removes rows no commit references; this batch may reference rows its
-            // look-up found stored, or rows its own rows' transaction stores, so it
-            // must not overlap a gc that removed them.
-            let stored_at = stored.as_ref().map(|stored| stored.generation);
-            if !fence_batch(&mut tx, rows.looked_up_at, &rows.relied_on, stored_at).await? {
-                return Err(LoadError::RowsCollected { run_id });
+            // look-up found stored, so it must not overlap a gc that removed them.
+            if !fence_batch(&mut tx, rows.looked_up_at, &rows.relied_on).await? {
+                return Err(LoadError::RowsCollected {
+                    run_id: self.lease.run_id,
+                });
             }
-            let store = async {
-                match stored {
-                    Some(stored) => {
-                        let started = Instant::now();
-                        stored.store(&rows.content, run_id).await?;
-                        Ok::<_, sqlx::Error>(started.elapsed())
-                    }
-                    None => Ok(Duration::ZERO),
-                }
-            };
-            let entries = async {
+            let content = rows.content.as_slice();
+            if !content.is_empty() {
                 let started = Instant::now();
-                let mut repeated = Vec::new();
-                if rows.keyed.is_empty() {
-                    send_binary(
-                        &mut tx,
-                        "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
-                         FROM STDIN (FORMAT binary)",
-                        &rows.commit_rows,
-                    )
-                    .await?;
-                } else {
-                    if let (Some(parent), false) = (refuse_keys_of, skip_bad_rows) {
-                        refuse_existing_keys(&mut tx, parent, &batch.checkpoint.sheet, rows)
-                            .await?;
-                    }
-                    repeated = store_keyed_entries(&mut tx, &batch.checkpoint, rows).await?;
+                outcome.new_rows = store_new_rows(&mut tx, content).await?;
+                outcome.insert_duration = started.elapsed();
+            }
+
+            let started = Instant::now();
+            if rows.keyed.is_empty() {
+                send_binary(
+                    &mut tx,
+                    "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+                     FROM STDIN (FORMAT binary)",
+                    &rows.commit_rows,
+                )
+                .await?;
+            } else {
+                if let (Some(parent), false) = (&self.refuse_keys_of, self.skip_bad_rows) {
+                    refuse_existing_keys(&mut tx, parent, &batch.checkpoint.sheet, rows).await?;
                 }
-                Ok::<_, LoadError>((repeated, started.elapsed()))
-            };
-            // Both are awaited to the end, whatever fails: a COPY dropped half-way would
-            // leave its connection in the middle of the protocol.
-            let (stored, entries) = tokio::join!(store, entries);
-            outcome.insert_duration = stored?;
-            (repeated, outcome.commit_rows_duration) = entries?;
+                repeated = store_keyed_entries(&mut tx, &batch.checkpoint, rows).await?;
+            }
+            outcome.commit_rows_duration = started.elapsed();
         }
-        // The rows this run stored and no checkpoint has counted yet: this batch's, and
-        // those of an attempt that stopped between its two commits.
-        outcome.new_rows = take_uncounted_rows(&mut tx, run_id).await?;
 
         let mut rejected = Vec::new();
         if let Some((key, line)) = repeated.first() {
@@ -533,65 +502,6 @@ impl Loader {
     pub fn connection(&mut self) -> &mut PoolConnection<Postgres> {
         &mut self.conn
     }
-}
-
-/// A batch's new rows, stored in a transaction of their own on the loader's second
-/// connection while the batch's transaction writes its commit_rows; it commits first.
-///
-/// Rows are content: a crash between the two commits leaves rows that nothing
-/// references, which a resume finds stored and `gc` may remove. What such an attempt
-/// stored is still counted as new once: the count is written to
-/// `dsa_jobs.uncounted_rows` in the rows' transaction and moved into the checkpoint by
-/// the next batch transaction of the run that commits ([`take_uncounted_rows`]).
-struct StoredRows<'c> {
-    tx: sqlx::Transaction<'c, Postgres>,
-    /// The gc generation when the transaction took [`GC_LOCK`].
-    generation: i64,
-}
-
-impl<'c> StoredRows<'c> {
-    async fn begin(conn: &'c mut PoolConnection<Postgres>) -> Result<Self, sqlx::Error> {
-        let mut tx = conn.begin().await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(GC_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let generation = generation(&mut tx).await?;
-        Ok(Self { tx, generation })
-    }
-
-    async fn store(mut self, content: &[u8], run_id: uuid::Uuid) -> Result<(), sqlx::Error> {
-        let stored = store_new_rows(&mut self.tx, content).await?;
-        if stored > 0 {
-            sqlx::query("INSERT INTO dsa_jobs.uncounted_rows (run_id, new_rows) VALUES ($1, $2)")
-                .bind(run_id)
-                .bind(stored as i64)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        // Without waiting for the flush, as the batch's own commit: WAL is flushed in
-        // order, so a batch transaction that survives a crash brings these rows along.
-        self.tx.commit().await
-    }
-}
-
-/// Removes the run's counts of rows stored and not counted yet, within the batch
-/// transaction that counts them in its checkpoint; returns their sum.
-async fn take_uncounted_rows(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    run_id: uuid::Uuid,
-) -> Result<u64, sqlx::Error> {
-    let counted: Option<i64> = sqlx::query_scalar(
-        "WITH taken AS (DELETE FROM dsa_jobs.uncounted_rows WHERE run_id = $1 RETURNING new_rows)
-         SELECT sum(new_rows)::bigint FROM taken",
-    )
-    .bind(run_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(counted.unwrap_or(0) as u64)
 }
 
 /// Stores rows that the look-up did not find; returns how many were new.
@@ -773,32 +683,21 @@ pub async fn generation(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Erro
         .await
 }
 
-/// Called at the start of every import batch transaction, before it writes
-/// commit_rows: takes [`GC_LOCK`] shared (held to the end of the transaction). Then,
-/// when gc has removed rows since the batch's rows' transaction took the lock
-/// (`stored_at` is the generation it saw), the batch must not commit: that gc may
-/// have removed the rows just stored, which nothing referenced yet. And when gc has
-/// removed rows since the look-up (`looked_up_at` is the generation it saw), it checks
-/// that every row the batch relies on without storing it is still stored.
-/// `false` means some may be gone: the batch must not commit.
+/// Called at the start of every import batch transaction, before it writes rows or
+/// commit_rows: takes [`GC_LOCK`] shared (held to the end of the transaction), and when
+/// gc has removed rows since the look-up (`looked_up_at` is the generation it saw),
+/// checks that every row the batch relies on without storing it is still stored.
+/// `false` means some were removed: the batch must not commit.
 async fn fence_batch(
     conn: &mut sqlx::PgConnection,
     looked_up_at: i64,
     relied_on: &[RowHash],
-    stored_at: Option<i64>,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
         .bind(GC_LOCK)
         .execute(&mut *conn)
         .await?;
-    if relied_on.is_empty() && stored_at.is_none() {
-        return Ok(true);
-    }
-    let now = generation(conn).await?;
-    if stored_at.is_some_and(|stored_at| stored_at != now) {
-        return Ok(false);
-    }
-    if relied_on.is_empty() || now == looked_up_at {
+    if relied_on.is_empty() || generation(conn).await? == looked_up_at {
         return Ok(true);
     }
     let hashes: Vec<&[u8]> = relied_on.iter().map(|hash| hash.as_slice()).collect();
