@@ -4,13 +4,16 @@
 //! - a second import of the same file (every row already stored),
 //!
 //! each timed as a whole process, the median of `--repeat` runs, with the import's peak
-//! RSS and its own per-stage timings. Run it with `scripts/bench`.
+//! RSS, the WAL each step wrote per row (`pg_stat_wal`) and the import's own per-stage
+//! timings. Sizes are given as row counts (`--rows`) or file sizes (`--size 5GiB`);
+//! before each size the free space of the file's directory and of the server's data
+//! directory is checked against what the run needs. Run it with `scripts/bench`.
 //!
 //! and, with `--parallel-rows N`, four files of N rows imported in one process one after
 //! another and then `IMPORT_PARALLEL_WORKERS` at a time.
 //!
-//! `cargo run --release --example bench -- [--rows N]... [--repeat R] [--parallel-rows N]
-//! [--keyed] [--gzip]`
+//! `cargo run --release --example bench -- [--rows N]... [--size SIZE]... [--repeat R]
+//! [--parallel-rows N] [--keyed] [--gzip]`
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,14 +36,21 @@ const BENCH_DATABASE: &str = "dsa_bench";
 struct Measurement {
     seconds: f64,
     summary: Option<ImportSummary>,
+    /// WAL the server wrote during the step (`pg_stat_wal.wal_bytes`, whole cluster).
+    wal_bytes: Option<u64>,
 }
 
 /// The import benchmark's options.
 #[derive(clap::Parser)]
 struct Args {
     /// Rows of a file to measure (repeat for several sizes; `_` separators allowed).
-    #[arg(long = "rows", value_parser = support::parse_count, default_value = "1000000")]
+    /// Without `--rows` or `--size`, 1,000,000.
+    #[arg(long = "rows", value_parser = support::parse_count)]
     row_counts: Vec<u64>,
+    /// A file size to measure, as rows of the sample (about 100 bytes each): one of
+    /// the presets 10MB, 100MB, 200MB, 1GB, 5GiB (repeatable; measured after `--rows`).
+    #[arg(long = "size", value_parser = parse_size)]
+    sizes: Vec<u64>,
     /// Runs of each measurement; the median is printed.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -61,12 +71,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Args {
-        row_counts,
+        mut row_counts,
+        sizes,
         repeat,
         parallel_rows,
         keyed,
         gzip,
     } = clap::Parser::parse();
+    row_counts.extend(sizes);
+    if row_counts.is_empty() {
+        row_counts.push(1_000_000);
+    }
     let settings = Settings::from_env()?;
     let bucket = settings
         .s3
@@ -78,14 +93,17 @@ async fn main() -> anyhow::Result<()> {
         support::recreate_database(settings.database_url.expose(), BENCH_DATABASE).await?;
     run(&binary, &database_url, &["migrate"])?;
     let s3 = dsa_ingest::s3::client(&settings.s3).await;
+    let wal = WalMeter::connect(&database_url).await?;
 
     println!(
-        "{:>10} {:<14} {:>9} {:>11} {:>8} {:>10} {:>11}",
-        "rows", "case", "seconds", "rows/s", "MB/s", "peak RSS", "x baseline"
+        "{:>10} {:<14} {:>9} {:>11} {:>8} {:>10} {:>11} {:>10}",
+        "rows", "case", "seconds", "rows/s", "MB/s", "peak RSS", "x baseline", "WAL B/row"
     );
     let mut stage_lines = Vec::new();
     for rows in row_counts {
         let path = PathBuf::from(format!("target/bench/sample-{rows}.csv"));
+        check_disk_space(&wal, &path, rows, gzip, keyed).await?;
+        println!("{:>10} load average before: {}", rows, load_average());
         let bytes = ensure_sample(&path, rows, 1)?;
         let key = format!("bench/sample-{rows}.csv");
         upload(&s3, &bucket, &key, &path, bytes).await?;
@@ -109,14 +127,23 @@ async fn main() -> anyhow::Result<()> {
         let mut compressed = Vec::new();
         for round in 0..repeat {
             dsa_ingest::sample::reset_bench_store(&database_url).await?;
-            baseline.push(time_psql_copy(&database_url, &path)?);
+            baseline.push(wal.around(|| time_psql_copy(&database_url, &path)).await?);
             let dataset = format!("bench-{rows}-{round}");
-            first.push(time_import(&binary, &database_url, &dataset, &source)?);
-            second.push(time_import(&binary, &database_url, &dataset, &source)?);
+            first.push(
+                wal.around(|| time_import(&binary, &database_url, &dataset, &source))
+                    .await?,
+            );
+            second.push(
+                wal.around(|| time_import(&binary, &database_url, &dataset, &source))
+                    .await?,
+            );
             if let Some(gzip_source) = &gzip_source {
                 dsa_ingest::sample::reset_bench_store(&database_url).await?;
                 let dataset = format!("bench-{rows}-{round}-gzip");
-                compressed.push(time_import(&binary, &database_url, &dataset, gzip_source)?);
+                compressed.push(
+                    wal.around(|| time_import(&binary, &database_url, &dataset, gzip_source))
+                        .await?,
+                );
             }
         }
         let baseline = median(baseline);
@@ -135,15 +162,20 @@ async fn main() -> anyhow::Result<()> {
                 .as_ref()
                 .map(|summary| format!("{:.1} MB", summary.peak_rss_bytes as f64 / 1e6))
                 .unwrap_or_else(|| "-".into());
+            let wal_per_row = measurement
+                .wal_bytes
+                .map(|wal_bytes| format!("{:.0}", wal_bytes as f64 / rows as f64))
+                .unwrap_or_else(|| "-".into());
             println!(
-                "{:>10} {:<14} {:>9.2} {:>11.0} {:>8.1} {:>10} {:>10.2}x",
+                "{:>10} {:<14} {:>9.2} {:>11.0} {:>8.1} {:>10} {:>10.2}x {:>10}",
                 rows,
                 case,
                 measurement.seconds,
                 rows as f64 / measurement.seconds,
                 bytes as f64 / 1e6 / measurement.seconds,
                 rss,
-                measurement.seconds / base_seconds
+                measurement.seconds / base_seconds,
+                wal_per_row
             );
             if let Some(summary) = &measurement.summary {
                 stage_lines.push(format!(
@@ -152,6 +184,13 @@ async fn main() -> anyhow::Result<()> {
                 ));
             }
         }
+        println!(
+            "{:>10} {:.0} bytes a row; the database holds {:.2} bytes per file byte; load average after: {}",
+            rows,
+            bytes as f64 / rows as f64,
+            wal.database_size().await? as f64 / bytes as f64,
+            load_average()
+        );
     }
     println!("\nwhere the time goes (milliseconds, from the import's own clocks):");
     for line in stage_lines {
@@ -425,6 +464,7 @@ fn time_psql_copy(database_url: &str, path: &Path) -> anyhow::Result<Measurement
     Ok(Measurement {
         seconds,
         summary: None,
+        wal_bytes: None,
     })
 }
 
@@ -444,6 +484,7 @@ fn time_import(
     Ok(Measurement {
         seconds,
         summary: Some(serde_json::from_slice(&stdout)?),
+        wal_bytes: None,
     })
 }
 
@@ -465,4 +506,227 @@ fn run(binary: &Path, database_url: &str, args: &[&str]) -> anyhow::Result<Vec<u
 fn median(mut measurements: Vec<Measurement>) -> Measurement {
     measurements.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
     measurements.swap_remove(measurements.len() / 2)
+}
+
+/// The presets `--size` takes, as rows of the sample generator (about 100 bytes a row,
+/// a little more as the ids grow): the 5 GiB preset stays under the default
+/// `IMPORT_MAX_FILE_SIZE` of 5 GiB.
+const SIZE_PRESETS: [(&str, u64); 5] = [
+    ("10MB", 100_000),
+    ("100MB", 1_000_000),
+    ("200MB", 2_000_000),
+    ("1GB", 10_000_000),
+    ("5GiB", 50_000_000),
+];
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    SIZE_PRESETS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(text))
+        .map(|&(_, rows)| rows)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SIZE_PRESETS.iter().map(|(name, _)| *name).collect();
+            format!(
+                "{text:?} is not a size preset; use one of {} (or --rows N)",
+                names.join(", ")
+            )
+        })
+}
+
+/// What one size of the benchmark stores, per byte of its CSV file, with some room:
+/// the baseline table, `dsa_core.rows` with its index, and two commits of
+/// `commit_rows` with theirs (10.3 at 1M rows; the run prints the database's own
+/// figure after each size).
+const DATABASE_BYTES_PER_FILE_BYTE: f64 = 12.0;
+/// The sample file is about this many bytes a row at most (ids grow with the count).
+const MAX_FILE_BYTES_PER_ROW: u64 = 110;
+
+/// Refuses to start a size whose files would not fit: the CSV (and its gzip copy)
+/// in `path`'s directory, and the tables plus `max_wal_size` of WAL in the server's
+/// data directory, when that directory is on this machine.
+async fn check_disk_space(
+    wal: &WalMeter,
+    path: &Path,
+    rows: u64,
+    gzip: bool,
+    keyed: bool,
+) -> anyhow::Result<()> {
+    let file_bytes = rows * MAX_FILE_BYTES_PER_ROW;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let local_need = if path.exists() {
+        0
+    } else {
+        file_bytes + if gzip { file_bytes / 3 } else { 0 }
+    };
+    let data_directory: String = sqlx::query_scalar("SHOW data_directory")
+        .fetch_one(&wal.pool)
+        .await?;
+    let max_wal: i64 = sqlx::query_scalar("SELECT pg_size_bytes(current_setting('max_wal_size'))")
+        .fetch_one(&wal.pool)
+        .await?;
+    // The keyed run holds a second dataset's commit_rows beside the first.
+    let factor = DATABASE_BYTES_PER_FILE_BYTE + if keyed { 2.0 } else { 0.0 };
+    let database_need = (file_bytes as f64 * factor) as u64 + max_wal as u64;
+    let gb = |bytes: u64| bytes as f64 / 1e9;
+    let mut short = Vec::new();
+    let local_free = free_bytes(dir)?;
+    if local_free < local_need {
+        short.push(format!(
+            "{} has {:.1} GB free, the sample file needs {:.1} GB",
+            dir.display(),
+            gb(local_free),
+            gb(local_need)
+        ));
+    }
+    let database_free = match free_bytes(Path::new(&data_directory)) {
+        Ok(free) => Some(free),
+        Err(error) => {
+            println!(
+                "{rows:>10} cannot check the free space of the server's data directory \
+                 {data_directory} ({error}); it needs about {:.1} GB",
+                gb(database_need)
+            );
+            None
+        }
+    };
+    if let Some(free) = database_free {
+        // On one file system both needs come out of the same free space.
+        let same = free == local_free;
+        let need = database_need + if same { local_need } else { 0 };
+        if free < need {
+            short.push(format!(
+                "the data directory {data_directory} has {:.1} GB free, the run needs {:.1} GB \
+                 (tables {:.1} GB, max_wal_size {:.1} GB{})",
+                gb(free),
+                gb(need),
+                gb(need - max_wal as u64 - if same { local_need } else { 0 }),
+                gb(max_wal as u64),
+                if same {
+                    ", and the sample file on the same file system"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    println!(
+        "{rows:>10} needs about {:.1} GB for the sample file and {:.1} GB in the database \
+         (the S3 store keeps a copy of the file too, wherever it keeps its data)",
+        gb(local_need),
+        gb(database_need)
+    );
+    if !short.is_empty() {
+        bail!(
+            "not enough disk space for {rows} rows: {}",
+            short.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Free bytes (for an unprivileged user) of the file system holding `path`.
+fn free_bytes(path: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path_c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path_c` is a valid C string and `stats` a writable statvfs.
+    let result = unsafe { libc::statvfs(path_c.as_ptr(), stats.as_mut_ptr()) };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: statvfs succeeded, so it filled `stats`.
+    let stats = unsafe { stats.assume_init() };
+    // Both are u64 on 64-bit Linux and narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
+/// The machine's load averages (1, 5 and 15 minutes), to read the figures beside.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Reads the server's WAL counter around a step. `pg_stat_wal` counts the whole
+/// cluster, so other work on the server during a step counts too; a quiet server is
+/// needed for the figure to be the step's own.
+struct WalMeter {
+    pool: sqlx::PgPool,
+    database: String,
+}
+
+impl WalMeter {
+    async fn connect(database_url: &str) -> anyhow::Result<Self> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(database_url)
+            .await?;
+        let database = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&pool)
+            .await?;
+        Ok(Self { pool, database })
+    }
+
+    /// Runs `step` (a whole process that connects to the bench database) and adds the
+    /// WAL the server wrote meanwhile to its measurement.
+    async fn around(
+        &self,
+        step: impl FnOnce() -> anyhow::Result<Measurement>,
+    ) -> anyhow::Result<Measurement> {
+        self.wait_for_other_sessions().await?;
+        let before = self.wal_bytes().await?;
+        let mut measurement = step()?;
+        self.wait_for_other_sessions().await?;
+        let after = self.wal_bytes().await?;
+        measurement.wal_bytes = Some(after.saturating_sub(before));
+        Ok(measurement)
+    }
+
+    async fn wal_bytes(&self) -> anyhow::Result<u64> {
+        let bytes: i64 = sqlx::query_scalar("SELECT wal_bytes::bigint FROM pg_stat_wal")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(bytes as u64)
+    }
+
+    async fn database_size(&self) -> anyhow::Result<u64> {
+        let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(bytes as u64)
+    }
+
+    /// A session reports its WAL to `pg_stat_wal` when it ends, before it leaves
+    /// `pg_stat_activity`; a process that exited may still have its session ending on
+    /// the server. Waiting until the bench database has no session but this one makes
+    /// the counter include everything the step wrote.
+    async fn wait_for_other_sessions(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let others: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&self.database)
+            .fetch_one(&self.pool)
+            .await?;
+            if others == 0 {
+                return Ok(());
+            }
+            if started.elapsed().as_secs() > 30 {
+                bail!(
+                    "{others} sessions of {} did not end within 30 s",
+                    self.database
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }

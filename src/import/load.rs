@@ -58,16 +58,18 @@ pub struct Batch {
     pub lookup_duration: Duration,
 }
 
-/// A batch's rows as two COPY text streams: the content for `dsa_core.rows` (only the
-/// rows not stored yet are sent) and the snapshot entries for `dsa_core.commit_rows`.
+/// A batch's rows as the tuples of two binary COPY streams: the content for
+/// `dsa_core.rows` (only the rows not stored yet are sent) and the snapshot entries for
+/// `dsa_core.commit_rows`. Binary rather than text: the hashes travel as their 32
+/// bytes instead of 64 hex digits the server decodes, and nothing is escaped.
 #[derive(Default)]
 pub struct RowsCopy {
-    /// `\\x<row_hash hex> \t <canonical JSON>` lines.
+    /// `(row_hash bytea, data jsonb)` tuples.
     content: Vec<u8>,
-    /// Where each row's line in `content` ends, to send a subset of them.
+    /// Where each row's tuple in `content` ends, to send a subset of them.
     content_ends: Vec<usize>,
     hashes: Vec<RowHash>,
-    /// `commit_id \t logical_row_id \t \\x<row_hash hex>` lines.
+    /// `(commit_id text, logical_row_id text, row_hash bytea)` tuples.
     commit_rows: Vec<u8>,
     /// Keyed rows: each entry's key and line, in the order of `commit_rows`, to name
     /// the rows whose key an earlier batch had already.
@@ -107,77 +109,85 @@ impl RowsCopy {
 
 /// Appends rows to a batch's COPY streams.
 pub struct BatchWriter {
-    /// `commit_id\tsheet:` escaped for COPY text once, since every row repeats it.
-    row_id_prefix: Vec<u8>,
+    /// What every entry starts with: its field count and the commit id field.
+    entry_prefix: Vec<u8>,
+    /// `sheet:`, which every logical row id starts with.
+    sheet_prefix: Vec<u8>,
     copy: RowsCopy,
 }
 
 impl BatchWriter {
     pub fn new(commit_id: &str, sheet: &str, rows: usize) -> Self {
-        let mut row_id_prefix = Vec::with_capacity(commit_id.len() + sheet.len() + 2);
-        push_copy_escaped(commit_id.as_bytes(), &mut row_id_prefix);
-        row_id_prefix.push(b'\t');
-        push_copy_escaped(sheet.as_bytes(), &mut row_id_prefix);
-        row_id_prefix.push(b':');
+        let mut entry_prefix = Vec::with_capacity(commit_id.len() + 6);
+        entry_prefix.extend_from_slice(&3i16.to_be_bytes());
+        push_field(commit_id.as_bytes(), &mut entry_prefix);
+        let sheet_prefix = [sheet.as_bytes(), b":"].concat();
         Self {
             copy: RowsCopy {
                 content: Vec::with_capacity(rows * 192),
                 content_ends: Vec::with_capacity(rows),
                 hashes: Vec::with_capacity(rows),
-                commit_rows: Vec::with_capacity(rows * (row_id_prefix.len() + 80)),
+                commit_rows: Vec::with_capacity(
+                    rows * (entry_prefix.len() + sheet_prefix.len() + 56),
+                ),
                 ..RowsCopy::default()
             },
-            row_id_prefix,
+            entry_prefix,
+            sheet_prefix,
         }
     }
 
-    /// Adds row `n` of the sheet. `canonical_json` comes from the encoder, which escapes
-    /// every control character, so only backslashes need doubling for COPY text.
+    /// Adds row `n` of the sheet.
     pub fn push(&mut self, n: u64, row_hash: &RowHash, canonical_json: &[u8]) {
-        let hex = hash_hex(row_hash);
-        self.push_content(row_hash, &hex, canonical_json);
-        self.push_entry(&hex, |entries| push_decimal(n, entries));
+        self.push_content(row_hash, canonical_json);
+        self.push_entry(row_hash, |entries| push_decimal(n, entries));
     }
 
     /// Adds a keyed row: its id is `{sheet}:{key}`; `line` names it in errors.
     pub fn push_keyed(&mut self, key: &str, line: u64, row_hash: &RowHash, canonical_json: &[u8]) {
-        let hex = hash_hex(row_hash);
-        self.push_content(row_hash, &hex, canonical_json);
-        self.push_entry(&hex, |entries| push_copy_escaped(key.as_bytes(), entries));
+        self.push_content(row_hash, canonical_json);
+        self.push_entry(row_hash, |entries| {
+            entries.extend_from_slice(key.as_bytes())
+        });
         self.copy.keyed.push((key.to_owned(), line));
     }
 
     /// Adds a deletion: an entry whose hash is all zeros, which no row has, and no
     /// content. Finalise removes the key from the new version and then the entry.
     pub fn push_tombstone(&mut self, key: &str, line: u64) {
-        self.push_entry(&hash_hex(&TOMBSTONE), |entries| {
-            push_copy_escaped(key.as_bytes(), entries)
+        self.push_entry(&TOMBSTONE, |entries| {
+            entries.extend_from_slice(key.as_bytes())
         });
         self.copy.keyed.push((key.to_owned(), line));
         self.copy.hashes.push(TOMBSTONE);
     }
 
-    /// `\\x<row_hash hex> \t <canonical JSON>`, for `dsa_core.rows`.
-    fn push_content(&mut self, row_hash: &RowHash, hex: &[u8; 64], canonical_json: &[u8]) {
+    /// `(row_hash, data)` for `dsa_core.rows`; jsonb's binary form is a version byte
+    /// (1) and the JSON text.
+    fn push_content(&mut self, row_hash: &RowHash, canonical_json: &[u8]) {
         let content = &mut self.copy.content;
-        content.extend_from_slice(b"\\\\x");
-        content.extend_from_slice(hex);
-        content.push(b'\t');
-        push_copy_escaped(canonical_json, content);
-        content.push(b'\n');
+        content.extend_from_slice(&2i16.to_be_bytes());
+        push_field(row_hash, content);
+        content.extend_from_slice(&(canonical_json.len() as i32 + 1).to_be_bytes());
+        content.push(JSONB_VERSION);
+        content.extend_from_slice(canonical_json);
         self.copy.content_ends.push(content.len());
         self.copy.hashes.push(*row_hash);
     }
 
-    /// `commit_id \t sheet:<id> \t \\x<row_hash hex>`, for `dsa_core.commit_rows`;
-    /// `write_id` writes what follows the sheet's colon.
-    fn push_entry(&mut self, hex: &[u8; 64], write_id: impl FnOnce(&mut Vec<u8>)) {
+    /// `(commit_id, sheet:<id>, row_hash)` for `dsa_core.commit_rows`; `write_id`
+    /// writes what follows the sheet's colon.
+    fn push_entry(&mut self, row_hash: &RowHash, write_id: impl FnOnce(&mut Vec<u8>)) {
         let entries = &mut self.copy.commit_rows;
-        entries.extend_from_slice(&self.row_id_prefix);
+        entries.extend_from_slice(&self.entry_prefix);
+        // The id's length goes before it and is known once it is written.
+        let length_at = entries.len();
+        entries.extend_from_slice(&[0; 4]);
+        entries.extend_from_slice(&self.sheet_prefix);
         write_id(entries);
-        entries.extend_from_slice(b"\t\\\\x");
-        entries.extend_from_slice(hex);
-        entries.push(b'\n');
+        let length = (entries.len() - length_at - 4) as i32;
+        entries[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
+        push_field(row_hash, entries);
     }
 
     pub fn rows(&self) -> u64 {
@@ -236,10 +246,30 @@ impl BatchWriter {
 /// [`BatchWriter::push_tombstone`]); sha256 never gives it for any row.
 pub const TOMBSTONE: RowHash = [0u8; 32];
 
-fn hash_hex(row_hash: &RowHash) -> [u8; 64] {
-    let mut hex = [0u8; 64];
-    hex::encode_to_slice(row_hash, &mut hex).expect("64 bytes hold a 32-byte hash");
-    hex
+/// What a binary COPY stream starts with: the signature, no flags, no header extension.
+const COPY_BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// What it ends with: a field count of -1.
+const COPY_BINARY_TRAILER: &[u8] = &[0xff, 0xff];
+/// The version byte that starts jsonb's binary form.
+const JSONB_VERSION: u8 = 1;
+
+/// Writes one field of a binary COPY tuple: its length, then its bytes.
+fn push_field(bytes: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Sends `tuples` as one binary COPY stream on a COPY started with `FORMAT binary`.
+async fn send_binary(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    statement: &str,
+    tuples: &[u8],
+) -> Result<u64, sqlx::Error> {
+    let mut copy = tx.copy_in_raw(statement).await?;
+    copy.send(COPY_BINARY_HEADER).await?;
+    copy.send(tuples).await?;
+    copy.send(COPY_BINARY_TRAILER).await?;
+    copy.finish().await
 }
 
 /// Writes `n` in decimal without allocating; called once per row.
@@ -255,24 +285,6 @@ fn push_decimal(mut n: u64, out: &mut Vec<u8>) {
         }
     }
     out.extend_from_slice(&digits[start..]);
-}
-
-/// Escapes bytes for PostgreSQL's COPY text format.
-fn push_copy_escaped(bytes: &[u8], out: &mut Vec<u8>) {
-    let mut run_start = 0;
-    for (index, &byte) in bytes.iter().enumerate() {
-        let escaped: &[u8] = match byte {
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[run_start..index]);
-        out.extend_from_slice(escaped);
-        run_start = index + 1;
-    }
-    out.extend_from_slice(&bytes[run_start..]);
 }
 
 /// What one batch did, for the summary and the logs.
@@ -306,11 +318,11 @@ impl Loader {
         let mut conn = crate::db::acquire(pool).await?;
         // A temporary table is private to this session, so concurrent imports never see
         // each other's batches; ON COMMIT DELETE ROWS empties it after every batch.
-        // The data column stays text: only rows that are new get parsed into jsonb.
+        // It takes the same binary COPY stream as `dsa_core.rows`, so its data is jsonb.
         sqlx::query(
             "CREATE TEMPORARY TABLE IF NOT EXISTS import_rows (
                  row_hash bytea NOT NULL,
-                 data text NOT NULL
+                 data jsonb NOT NULL
              ) ON COMMIT DELETE ROWS",
         )
         .execute(&mut *conn)
@@ -402,13 +414,13 @@ impl Loader {
 
             let started = Instant::now();
             if rows.keyed.is_empty() {
-                let mut copy = tx
-                    .copy_in_raw(
-                        "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash) FROM STDIN",
-                    )
-                    .await?;
-                copy.send(rows.commit_rows.as_slice()).await?;
-                copy.finish().await?;
+                send_binary(
+                    &mut tx,
+                    "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+                     FROM STDIN (FORMAT binary)",
+                    &rows.commit_rows,
+                )
+                .await?;
             } else {
                 if let (Some(parent), false) = (&self.refuse_keys_of, self.skip_bad_rows) {
                     refuse_existing_keys(&mut tx, parent, &batch.checkpoint.sheet, rows).await?;
@@ -507,13 +519,11 @@ async fn store_new_rows(
     sqlx::query("SAVEPOINT direct_rows")
         .execute(&mut **tx)
         .await?;
-    let direct = async {
-        let mut copy = tx
-            .copy_in_raw("COPY dsa_core.rows (row_hash, data) FROM STDIN")
-            .await?;
-        copy.send(content).await?;
-        copy.finish().await
-    }
+    let direct = send_binary(
+        tx,
+        "COPY dsa_core.rows (row_hash, data) FROM STDIN (FORMAT binary)",
+        content,
+    )
     .await;
     match direct {
         Ok(stored) => {
@@ -526,14 +536,15 @@ async fn store_new_rows(
             sqlx::query("ROLLBACK TO SAVEPOINT direct_rows")
                 .execute(&mut **tx)
                 .await?;
-            let mut copy = tx
-                .copy_in_raw("COPY import_rows (row_hash, data) FROM STDIN")
-                .await?;
-            copy.send(content).await?;
-            copy.finish().await?;
+            send_binary(
+                tx,
+                "COPY import_rows (row_hash, data) FROM STDIN (FORMAT binary)",
+                content,
+            )
+            .await?;
             let stored = sqlx::query(
                 "INSERT INTO dsa_core.rows (row_hash, data)
-                 SELECT row_hash, data::jsonb FROM import_rows ORDER BY row_hash
+                 SELECT row_hash, data FROM import_rows ORDER BY row_hash
                  ON CONFLICT (row_hash) DO NOTHING",
             )
             .execute(&mut **tx)
@@ -597,15 +608,12 @@ async fn store_keyed_entries(
     sqlx::query("SAVEPOINT keyed_entries")
         .execute(&mut **tx)
         .await?;
-    let direct = async {
-        let mut copy = tx
-            .copy_in_raw(
-                "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash) FROM STDIN",
-            )
-            .await?;
-        copy.send(rows.commit_rows.as_slice()).await?;
-        copy.finish().await
-    }
+    let direct = send_binary(
+        tx,
+        "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+         FROM STDIN (FORMAT binary)",
+        &rows.commit_rows,
+    )
     .await;
     match direct {
         Ok(_) => {
@@ -627,11 +635,13 @@ async fn store_keyed_entries(
             )
             .execute(&mut **tx)
             .await?;
-            let mut copy = tx
-                .copy_in_raw("COPY import_entries (commit_id, logical_row_id, row_hash) FROM STDIN")
-                .await?;
-            copy.send(rows.commit_rows.as_slice()).await?;
-            copy.finish().await?;
+            send_binary(
+                tx,
+                "COPY import_entries (commit_id, logical_row_id, row_hash)
+                 FROM STDIN (FORMAT binary)",
+                &rows.commit_rows,
+            )
+            .await?;
             let repeated: Vec<String> = sqlx::query_scalar(
                 "SELECT i.logical_row_id FROM import_entries i
                    JOIN dsa_core.commit_rows c
@@ -843,23 +853,46 @@ async fn insert_rejected(
 mod tests {
     use super::*;
 
+    /// Splits binary COPY tuples into their fields.
+    fn tuples(mut bytes: &[u8]) -> Vec<Vec<Vec<u8>>> {
+        let mut tuples = Vec::new();
+        while !bytes.is_empty() {
+            let count = i16::from_be_bytes([bytes[0], bytes[1]]);
+            bytes = &bytes[2..];
+            let mut fields = Vec::new();
+            for _ in 0..count {
+                let length = i32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+                fields.push(bytes[4..4 + length].to_vec());
+                bytes = &bytes[4 + length..];
+            }
+            tuples.push(fields);
+        }
+        tuples
+    }
+
     #[test]
-    fn copy_lines_escape_ids_and_backslashes() {
+    fn binary_tuples_carry_ids_hashes_and_json_as_they_are() {
         let mut writer = BatchWriter::new("c1", "my\tsheet", 0);
         writer.push(7, &[0xab; 32], br#"{"a":"x\ny\\"}"#);
-        writer.push(8, &[0xcd; 32], b"{}");
+        writer.push(10, &[0xcd; 32], b"{}");
+        writer.push(8, &[0xab; 32], br#"{"a":"x\ny\\"}"#);
         let copy = writer.finish();
-        let hex_ab = "ab".repeat(32);
-        let hex_cd = "cd".repeat(32);
+        let entry =
+            |id: &str, hash: u8| vec![b"c1".to_vec(), id.as_bytes().to_vec(), vec![hash; 32]];
         assert_eq!(
-            String::from_utf8(copy.commit_rows.clone()).unwrap(),
-            format!("c1\tmy\\tsheet:7\t\\\\x{hex_ab}\nc1\tmy\\tsheet:8\t\\\\x{hex_cd}\n")
+            tuples(&copy.commit_rows),
+            vec![
+                entry("my\tsheet:7", 0xab),
+                entry("my\tsheet:10", 0xcd),
+                entry("my\tsheet:8", 0xab)
+            ]
         );
-        let content = String::from_utf8(copy.content.clone()).unwrap();
-        let first = format!("\\\\x{hex_ab}\t{{\"a\":\"x\\\\ny\\\\\\\\\"}}\n");
-        assert_eq!(content, format!("{first}\\\\x{hex_cd}\t{{}}\n"));
+        // Content is in hash order, each hash once; jsonb starts with its version byte.
+        let first = vec![vec![0xab; 32], [&[1u8][..], br#"{"a":"x\ny\\"}"#].concat()];
+        let second = vec![vec![0xcd; 32], b"\x01{}".to_vec()];
+        assert_eq!(tuples(&copy.content), vec![first.clone(), second]);
         let mut copy = copy;
         copy.drop_content_of(&HashSet::from([[0xcd; 32]]));
-        assert_eq!(String::from_utf8(copy.content).unwrap(), first);
+        assert_eq!(tuples(&copy.content), vec![first]);
     }
 }
