@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         let path = PathBuf::from(format!("target/bench/sample-{rows}.csv"));
         check_disk_space(&wal, &path, rows, gzip, keyed).await?;
         println!("{:>10} load average before: {}", rows, load_average());
-        let bytes = ensure_sample(&path, rows, 1)?;
+        let bytes = dsa_ingest::sample::ensure_sample_csv(&path, rows, 1)?;
         let key = format!("bench/sample-{rows}.csv");
         upload(&s3, &bucket, &key, &path, bytes).await?;
         let source = format!("s3://{bucket}/{key}");
@@ -351,7 +351,7 @@ async fn job_parallelism(
     let mut sources = Vec::new();
     for seed in 1..=4 {
         let path = PathBuf::from(format!("target/bench/sample-{rows}-seed{seed}.csv"));
-        let bytes = ensure_sample(&path, rows, seed)?;
+        let bytes = dsa_ingest::sample::ensure_sample_csv(&path, rows, seed)?;
         let key = format!("bench/sample-{rows}-seed{seed}.csv");
         upload(s3, bucket, &key, &path, bytes).await?;
         sources.push(SourceLocation::S3 {
@@ -397,19 +397,6 @@ async fn job_parallelism(
         );
     }
     Ok(())
-}
-
-fn ensure_sample(path: &Path, rows: u64, seed: u64) -> anyhow::Result<u64> {
-    if !path.exists() {
-        std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-        let partial = path.with_extension("partial");
-        let mut writer =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&partial)?);
-        dsa_ingest::sample::write_sample_csv(&mut writer, rows, seed)?;
-        writer.into_inner()?.sync_all()?;
-        std::fs::rename(&partial, path)?;
-    }
-    Ok(std::fs::metadata(path)?.len())
 }
 
 /// Writes `path` gzip-compressed (default level) to `gz_path` once; returns its size.
