@@ -120,6 +120,17 @@ pub async fn finalise(
         }
         if let Some(parent) = &parent {
             carry_parent_rows(&mut tx, facts.commit_id, parent, merge, &mut done).await?;
+            let stored: Option<serde_json::Value> =
+                sqlx::query_scalar("SELECT source FROM dsa_core.commits WHERE commit_id = $1")
+                    .bind(parent)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .flatten();
+            // A parent whose source this version cannot read keeps its columns out.
+            if let Some(parent) = stored.and_then(|value| serde_json::from_value(value).ok()) {
+                let deleting = merge.mode == ImportMode::Delete;
+                facts.source.keep_parent_columns(&parent, deleting);
+            }
         }
     }
     if merge.mode != ImportMode::Replace || merge.plan.key.is_some() {

@@ -552,6 +552,51 @@ impl Default for CsvDialect {
 }
 
 impl Lineage {
+    /// For an import that merges into `parent` (upsert, append, delete): the new
+    /// commit holds the parent's rows too, so its readers (an export's header, above
+    /// all) need the parent's columns, then the file's new ones; a delete file's other
+    /// columns add nothing. A parent's sheet the file does not have keeps its entry.
+    /// Layouts that differ (a CSV upsert into a spreadsheet's dataset) stay as read.
+    pub fn keep_parent_columns(&mut self, parent: &Lineage, deleting: bool) {
+        let merged = |kept: &[String], read: &[String]| {
+            let mut columns = kept.to_vec();
+            if !deleting {
+                for column in read {
+                    if !columns.contains(column) {
+                        columns.push(column.clone());
+                    }
+                }
+            }
+            columns
+        };
+        let same_sheets = self.sheet_names() == parent.sheet_names();
+        match (&mut self.layout, &parent.layout) {
+            (
+                Layout::Csv { columns, .. } | Layout::JsonLines { columns, .. },
+                Layout::Csv { columns: kept, .. } | Layout::JsonLines { columns: kept, .. },
+            ) if same_sheets => *columns = merged(kept, columns),
+            (Layout::Sheets { sheets, .. }, Layout::Sheets { sheets: kept, .. }) => {
+                let mut result = Vec::with_capacity(kept.len() + sheets.len());
+                for parent_sheet in kept {
+                    match sheets
+                        .iter()
+                        .position(|sheet| sheet.name == parent_sheet.name)
+                    {
+                        Some(index) => {
+                            let mut sheet = sheets.remove(index);
+                            sheet.columns = merged(&parent_sheet.columns, &sheet.columns);
+                            result.push(sheet);
+                        }
+                        None => result.push(parent_sheet.clone()),
+                    }
+                }
+                result.append(sheets);
+                *sheets = result;
+            }
+            _ => {}
+        }
+    }
+
     /// The format for metrics labels and messages: `csv` unless a spreadsheet said more.
     pub fn format(&self) -> &str {
         self.format.as_deref().unwrap_or("other")

@@ -913,3 +913,114 @@ async fn each_mode_resumes_after_a_kill_to_the_same_version() {
         );
     }
 }
+
+/// Runs the CLI, expects success, returns stdout.
+fn cli_stdout(app: &TestApp, args: &[&str]) -> String {
+    let output = app.cli().args(args).output().expect("dsa-ingest runs");
+    assert!(
+        output.status.success(),
+        "dsa-ingest {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+#[tokio::test]
+async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put(
+        "orders.csv",
+        csv(&["order_id,amt,note", "1,10,a", "2,20,b", "3,30,c"]),
+    )
+    .await;
+    import_as(
+        &app,
+        &importer,
+        "orders",
+        "orders.csv",
+        keyed(&["order_id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    // An upsert with a column fewer and one more, then a delete by key alone.
+    app.put(
+        "delta.csv",
+        csv(&["order_id,amt,channel", "2,21,web", "4,40,shop"]),
+    )
+    .await;
+    import_as(
+        &app,
+        &importer,
+        "orders",
+        "delta.csv",
+        mode(ImportMode::Upsert),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        cli_stdout(&app, &["export", "orders"]),
+        "order_id,amt,note,channel\n1,10,a,\n2,21,,web\n3,30,c,\n4,40,,shop\n"
+    );
+    app.put("gone.csv", csv(&["order_id", "3"])).await;
+    let deleted = import_as(
+        &app,
+        &importer,
+        "orders",
+        "gone.csv",
+        mode(ImportMode::Delete),
+    )
+    .await
+    .unwrap();
+    let export = cli_stdout(&app, &["export", "orders"]);
+    assert_eq!(
+        export,
+        "order_id,amt,note,channel\n1,10,a,\n2,21,,web\n4,40,,shop\n"
+    );
+    let source: Value =
+        sqlx::query_scalar("SELECT source FROM dsa_core.commits WHERE commit_id = $1")
+            .bind(&deleted.commit_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        source["columns"],
+        json!(["order_id", "amt", "note", "channel"])
+    );
+
+    // Without new columns, the export of a merged commit imports back to its tree.
+    app.put("plain.csv", csv(&["order_id,amt", "1,10", "2,20", "3,30"]))
+        .await;
+    import_as(
+        &app,
+        &importer,
+        "plain",
+        "plain.csv",
+        keyed(&["order_id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    app.put("plain-gone.csv", csv(&["order_id", "2"])).await;
+    let merged = import_as(
+        &app,
+        &importer,
+        "plain",
+        "plain-gone.csv",
+        mode(ImportMode::Delete),
+    )
+    .await
+    .unwrap();
+    let exported = cli_stdout(&app, &["export", "plain"]);
+    assert_eq!(exported, "order_id,amt\n1,10\n3,30\n");
+    app.put("plain.csv", exported.into_bytes()).await;
+    let again = import_as(
+        &app,
+        &importer,
+        "again",
+        "plain.csv",
+        keyed(&["order_id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.tree_hash, merged.tree_hash);
+}
