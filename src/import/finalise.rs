@@ -190,13 +190,18 @@ pub async fn finalise(
         "UPDATE dsa_jobs.analysis_runs
             SET status = 'completed', completed_at = now(), output_summary = $3,
                 progress = coalesce(progress, '{}'::jsonb)
-                           || jsonb_build_object('percentage', 100, 'status', 'Completed'),
+                           || jsonb_build_object('percentage', 100, 'status', 'Completed',
+                                                 'bytes_processed', ($3->>'bytes')::bigint,
+                                                 'total_bytes', ($3->>'bytes')::bigint,
+                                                 'rows_processed', $4::bigint),
                 lease_owner = NULL, lease_expires_at = NULL, error_message = NULL
           WHERE id = $1 AND lease_token = $2 AND status = 'running'",
     )
     .bind(lease.run_id)
     .bind(lease.token)
     .bind(&output)
+    // Progress is written every few batches; a finished run shows it all read.
+    .bind(facts.row_count as i64)
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -81,15 +81,22 @@ async fn a_second_import_stores_nothing_new_and_continues_history() {
     .await
     .unwrap();
     assert_eq!(head, second.commit_id);
-    let (status, output): (String, serde_json::Value) = sqlx::query_as(
-        "SELECT status::text, output_summary FROM dsa_jobs.analysis_runs WHERE id = $1",
-    )
-    .bind(second.run_id)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let (status, output, progress): (String, serde_json::Value, serde_json::Value) =
+        sqlx::query_as(
+            "SELECT status::text, output_summary, progress
+               FROM dsa_jobs.analysis_runs WHERE id = $1",
+        )
+        .bind(second.run_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(status, "completed");
     assert_eq!(output["parent_commit_id"], json!(first.commit_id));
+    // One batch, so no progress was written while it ran: the end says it all.
+    assert_eq!(progress["percentage"], json!(100));
+    assert_eq!(progress["bytes_processed"], json!(second.bytes));
+    assert_eq!(progress["total_bytes"], json!(second.bytes));
+    assert_eq!(progress["rows_processed"], json!(1_000));
 }
 
 #[tokio::test]
