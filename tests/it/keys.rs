@@ -1024,3 +1024,92 @@ async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
     .unwrap();
     assert_eq!(again.tree_hash, merged.tree_hash);
 }
+
+#[tokio::test]
+async fn a_spreadsheet_upsert_keeps_the_columns_and_sheets_of_its_parent() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    // Each sheet: a name, its header, and its rows of text cells.
+    let book = |sheets: &[(&str, &[&str], &[&[&str]])]| {
+        let mut workbook = Workbook::new();
+        for (name, header, rows) in sheets {
+            let sheet = workbook.add_worksheet().set_name(*name).unwrap();
+            for (column, title) in header.iter().enumerate() {
+                sheet.write(0, column as u16, *title).unwrap();
+            }
+            for (row, cells) in rows.iter().enumerate() {
+                for (column, cell) in cells.iter().enumerate() {
+                    sheet.write(row as u32 + 1, column as u16, *cell).unwrap();
+                }
+            }
+        }
+        workbook.save_to_buffer().unwrap()
+    };
+    app.put(
+        "base.xlsx",
+        book(&[
+            (
+                "A",
+                &["id", "qty", "note"],
+                &[&["a1", "1", "x"], &["a2", "2", "y"]],
+            ),
+            ("B", &["id", "colour"], &[&["b1", "red"]]),
+        ]),
+    )
+    .await;
+    app.put(
+        "delta.xlsx",
+        book(&[("A", &["id", "qty", "size"], &[&["a2", "20", "L"]])]),
+    )
+    .await;
+    import_as(
+        &app,
+        &importer,
+        "stock",
+        "base.xlsx",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    let merged = import_as(
+        &app,
+        &importer,
+        "stock",
+        "delta.xlsx",
+        mode(ImportMode::Upsert),
+    )
+    .await
+    .unwrap();
+
+    let source: Value =
+        sqlx::query_scalar("SELECT source FROM dsa_core.commits WHERE commit_id = $1")
+            .bind(&merged.commit_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let columns: BTreeMap<String, Value> = source["sheets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sheet| {
+            (
+                sheet["name"].as_str().unwrap().to_owned(),
+                sheet["columns"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        columns["A"],
+        json!(["id", "qty", "note", "size"]),
+        "{source}"
+    );
+    assert_eq!(columns["B"], json!(["id", "colour"]), "{source}");
+    assert_eq!(
+        cli_stdout(&app, &["export", "stock", "--sheet", "A"]),
+        "id,qty,note,size\na1,1,x,\na2,20,,L\n"
+    );
+    assert_eq!(
+        cli_stdout(&app, &["export", "stock", "--sheet", "B"]),
+        "id,colour\nb1,red\n"
+    );
+}
