@@ -1025,12 +1025,14 @@ async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
     assert_eq!(again.tree_hash, merged.tree_hash);
 }
 
+/// A sheet to write: its name, its header, and its rows of text cells.
+type SheetSpec<'a> = (&'a str, &'a [&'a str], &'a [&'a [&'a str]]);
+
 #[tokio::test]
 async fn a_spreadsheet_upsert_keeps_the_columns_and_sheets_of_its_parent() {
     let app = spawn_app().await;
     let importer = app.importer(test_settings());
-    // Each sheet: a name, its header, and its rows of text cells.
-    let book = |sheets: &[(&str, &[&str], &[&[&str]])]| {
+    let book = |sheets: &[SheetSpec]| {
         let mut workbook = Workbook::new();
         for (name, header, rows) in sheets {
             let sheet = workbook.add_worksheet().set_name(*name).unwrap();
