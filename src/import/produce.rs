@@ -84,6 +84,35 @@ impl RowIdentity {
             }
         }
     }
+
+    /// Chains a row [`push`](Self::push) took into the tree hash under its logical id
+    /// (`key` is `seen.last` when `push` said the row is keyed), and notes a key in the
+    /// checkpoint's trail. A deletion is not part of the version and is not chained.
+    /// The tree streams in file order: logical row order for positional ids; for keyed
+    /// ids, finalise uses it when the trail shows the keys came in order, and reads the
+    /// version back in order otherwise.
+    fn chain(
+        &self,
+        key: Option<&str>,
+        n: u64,
+        cursor: &mut Checkpoint,
+        tree: &mut TreeHasher,
+        logical_row_id: &mut String,
+        row_hash: &RowHash,
+    ) {
+        logical_row_id.clear();
+        match key {
+            Some(key) => {
+                cursor.key_trail.see(&cursor.sheet, key);
+                let _ = write!(logical_row_id, "{}:{}", cursor.sheet, key);
+            }
+            None if self.key.is_none() => {
+                let _ = write!(logical_row_id, "{}:{}", cursor.sheet, self.offset + n);
+            }
+            None => return,
+        }
+        tree.push(logical_row_id, row_hash);
+    }
 }
 
 /// The keys of one batch: the line of each (a key must not repeat), and the key of the
@@ -416,18 +445,8 @@ pub(super) fn encode_batch(
                 KeyValue::Text(std::str::from_utf8(&record[column]).unwrap_or_default())
             };
             let keyed = identity.push(&mut writer, &mut seen, n, line, field, &row_hash, &json)?;
-            // The tree hash streams in file order. That is logical row order for
-            // positional ids; for keyed ids, finalise uses it when the trail shows the
-            // keys came in order, and reads the version back in order otherwise.
-            logical_row_id.clear();
-            if keyed {
-                next.key_trail.see(&next.sheet, &seen.last);
-                let _ = write!(logical_row_id, "{}:{}", next.sheet, seen.last);
-                tree.push(&logical_row_id, &row_hash);
-            } else if identity.key.is_none() {
-                let _ = write!(logical_row_id, "{}:{}", next.sheet, identity.offset + n);
-                tree.push(&logical_row_id, &row_hash);
-            }
+            let key = keyed.then_some(seen.last.as_str());
+            identity.chain(key, n, &mut next, &mut tree, &mut logical_row_id, &row_hash);
             Ok(())
         });
         match pushed {
@@ -521,15 +540,8 @@ fn encode_json_batch(
                 &row_hash,
                 &row.canonical,
             )?;
-            logical_row_id.clear();
-            if keyed {
-                next.key_trail.see(&next.sheet, &seen.last);
-                let _ = write!(logical_row_id, "{}:{}", next.sheet, seen.last);
-                tree.push(&logical_row_id, &row_hash);
-            } else if identity.key.is_none() {
-                let _ = write!(logical_row_id, "{}:{}", next.sheet, identity.offset + n);
-                tree.push(&logical_row_id, &row_hash);
-            }
+            let key = keyed.then_some(seen.last.as_str());
+            identity.chain(key, n, &mut next, &mut tree, &mut logical_row_id, &row_hash);
             Ok(())
         });
         match pushed {
@@ -757,16 +769,15 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             &row_hash,
                             &json,
                         )?;
-                        logical_row_id.clear();
-                        if keyed {
-                            cursor.key_trail.see(&cursor.sheet, &seen.last);
-                            let _ = write!(logical_row_id, "{}:{}", cursor.sheet, seen.last);
-                            tree.push(&logical_row_id, &row_hash);
-                        } else if identity.key.is_none() {
-                            let _ =
-                                write!(logical_row_id, "{}:{}", cursor.sheet, identity.offset + n);
-                            tree.push(&logical_row_id, &row_hash);
-                        }
+                        let key = keyed.then_some(seen.last.as_str());
+                        identity.chain(
+                            key,
+                            n,
+                            &mut cursor,
+                            &mut tree,
+                            &mut logical_row_id,
+                            &row_hash,
+                        );
                         batch_bytes += json.len();
                         Ok(())
                     });
