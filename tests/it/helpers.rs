@@ -321,6 +321,23 @@ impl TestApp {
         command
     }
 
+    /// Runs `dsa-ingest ARGS` (as [`TestApp::cli`]) to success and returns its stdout;
+    /// a failure fails the test with the command's stderr.
+    pub fn cli_ok(&self, args: &[&str]) -> Vec<u8> {
+        let output = self.cli().args(args).output().expect("dsa-ingest runs");
+        assert!(
+            output.status.success(),
+            "dsa-ingest {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    }
+
+    /// [`TestApp::cli_ok`]'s stdout as text.
+    pub fn cli_text(&self, args: &[&str]) -> String {
+        String::from_utf8(self.cli_ok(args)).expect("UTF-8 output")
+    }
+
     /// Environment for a child `dsa-ingest` process pointed at this test's services.
     pub fn child_env(&self) -> Vec<(String, String)> {
         let mut env = vec![

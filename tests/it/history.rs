@@ -21,13 +21,7 @@ fn run(app: &TestApp, args: &[&str]) -> Output {
 
 /// Runs the CLI, expects success, returns stdout.
 fn ok(app: &TestApp, args: &[&str]) -> String {
-    let output = run(app, args);
-    assert!(
-        output.status.success(),
-        "dsa-ingest {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8 output")
+    app.cli_text(args)
 }
 
 /// Runs the CLI, expects exit code 1, returns stdout and stderr together.

@@ -802,13 +802,7 @@ async fn keyed_versions_verify_and_diff_by_key() {
 
 /// Runs `dsa-ingest ARGS` to success and parses its stdout as JSON.
 fn cli_json(app: &TestApp, args: &[&str]) -> ImportSummary {
-    let output = app.cli().args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "dsa-ingest {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    serde_json::from_slice(&app.cli_ok(args)).unwrap()
 }
 
 #[tokio::test]
@@ -914,17 +908,6 @@ async fn each_mode_resumes_after_a_kill_to_the_same_version() {
     }
 }
 
-/// Runs the CLI, expects success, returns stdout.
-fn cli_stdout(app: &TestApp, args: &[&str]) -> String {
-    let output = app.cli().args(args).output().expect("dsa-ingest runs");
-    assert!(
-        output.status.success(),
-        "dsa-ingest {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8 output")
-}
-
 #[tokio::test]
 async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
     let app = spawn_app().await;
@@ -959,7 +942,7 @@ async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
     .await
     .unwrap();
     assert_eq!(
-        cli_stdout(&app, &["export", "orders"]),
+        app.cli_text(&["export", "orders"]),
         "order_id,amt,note,channel\n1,10,a,\n2,21,,web\n3,30,c,\n4,40,,shop\n"
     );
     app.put("gone.csv", csv(&["order_id", "3"])).await;
@@ -972,7 +955,7 @@ async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
     )
     .await
     .unwrap();
-    let export = cli_stdout(&app, &["export", "orders"]);
+    let export = app.cli_text(&["export", "orders"]);
     assert_eq!(
         export,
         "order_id,amt,note,channel\n1,10,a,\n2,21,,web\n4,40,,shop\n"
@@ -1010,7 +993,7 @@ async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
     )
     .await
     .unwrap();
-    let exported = cli_stdout(&app, &["export", "plain"]);
+    let exported = app.cli_text(&["export", "plain"]);
     assert_eq!(exported, "order_id,amt\n1,10\n3,30\n");
     app.put("plain.csv", exported.into_bytes()).await;
     let again = import_as(
@@ -1107,11 +1090,11 @@ async fn a_spreadsheet_upsert_keeps_the_columns_and_sheets_of_its_parent() {
     );
     assert_eq!(columns["B"], json!(["id", "colour"]), "{source}");
     assert_eq!(
-        cli_stdout(&app, &["export", "stock", "--sheet", "A"]),
+        app.cli_text(&["export", "stock", "--sheet", "A"]),
         "id,qty,note,size\na1,1,x,\na2,20,,L\n"
     );
     assert_eq!(
-        cli_stdout(&app, &["export", "stock", "--sheet", "B"]),
+        app.cli_text(&["export", "stock", "--sheet", "B"]),
         "id,colour\nb1,red\n"
     );
 }

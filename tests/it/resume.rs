@@ -9,13 +9,7 @@ use crate::helpers::{spawn_app, wait_until};
 
 /// Runs `dsa-ingest ARGS` to success and returns its stdout.
 fn run_ok(app: &crate::helpers::TestApp, args: &[&str]) -> Vec<u8> {
-    let output = app.cli().args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "dsa-ingest {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
+    app.cli_ok(args)
 }
 
 /// Runs `dsa-ingest ARGS` to success and parses its stdout as JSON.

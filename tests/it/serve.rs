@@ -455,17 +455,6 @@ async fn a_client_that_goes_away_midway_leaves_nothing() {
     assert_eq!(app.count("dsa_jobs.analysis_runs").await, 0);
 }
 
-/// Runs the CLI, expects success, returns stdout.
-fn cli_output(app: &TestApp, args: &[&str]) -> String {
-    let output = app.cli().args(args).output().expect("dsa-ingest runs");
-    assert!(
-        output.status.success(),
-        "dsa-ingest {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8 output")
-}
-
 /// A CSV of `rows` rows `id,name` whose names carry `version`.
 fn people(rows: u64, version: u64) -> Vec<u8> {
     let mut csv = String::from("id,name\n");
@@ -550,7 +539,7 @@ async fn datasets_and_their_commits_are_listed_as_the_token_may_read() {
 
     // The commits are `log --json`'s, newest first.
     let log: serde_json::Value =
-        serde_json::from_str(&cli_output(&app, &["log", "sales", "--json"])).unwrap();
+        serde_json::from_str(&app.cli_text(&["log", "sales", "--json"])).unwrap();
     let commits = get(addr, "/v1/datasets/sales/commits", Some(READER)).await;
     assert_eq!(commits.status, 200, "{commits:?}");
     assert_eq!(commits.json(), log);
@@ -582,7 +571,7 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
     let addr = api.addr;
 
     // The diff is `diff --json`'s lines, byte for byte.
-    let expected = cli_output(&app, &["diff", "sales", "--json"]);
+    let expected = app.cli_text(&["diff", "sales", "--json"]);
     let diff = get(addr, "/v1/datasets/sales/diff", Some(WRITER)).await;
     assert_eq!(diff.status, 200, "{:?}", diff.headers);
     assert_eq!(diff.header("content-type"), Some("application/jsonl"));
@@ -593,10 +582,7 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
         first.commit_id, second.commit_id
     );
     assert!(get(addr, &path, Some(WRITER)).await.body == expected);
-    let reverse = cli_output(
-        &app,
-        &["diff", "sales", "main", &first.commit_id[..10], "--json"],
-    );
+    let reverse = app.cli_text(&["diff", "sales", "main", &first.commit_id[..10], "--json"]);
     let path = format!(
         "/v1/datasets/sales/diff?from=main&to={}",
         &first.commit_id[..10]
@@ -604,7 +590,7 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
     assert!(get(addr, &path, Some(WRITER)).await.body == reverse);
 
     // The export is `export`'s, as a download.
-    let csv = cli_output(&app, &["export", "sales"]);
+    let csv = app.cli_text(&["export", "sales"]);
     let export = get(addr, "/v1/datasets/sales/export", Some(WRITER)).await;
     assert_eq!(export.status, 200, "{:?}", export.headers);
     assert_eq!(
@@ -623,17 +609,14 @@ async fn diffs_and_exports_stream_the_commands_bytes() {
     );
     assert_eq!(export.body.len(), csv.len());
     assert!(export.body == csv);
-    let jsonl = cli_output(
-        &app,
-        &[
-            "export",
-            "sales",
-            "--format",
-            "jsonl",
-            "--commit",
-            &first.commit_id,
-        ],
-    );
+    let jsonl = app.cli_text(&[
+        "export",
+        "sales",
+        "--format",
+        "jsonl",
+        "--commit",
+        &first.commit_id,
+    ]);
     let path = format!(
         "/v1/datasets/sales/export?format=jsonl&commit={}",
         first.commit_id
@@ -968,7 +951,7 @@ async fn an_export_for_a_spreadsheet_program_quotes_what_would_be_a_formula() {
     assert_eq!(safe.status, 200, "{safe:?}");
     assert_eq!(
         safe.body,
-        cli_output(&app, &["export", "sales", "--safe-formulas"])
+        app.cli_text(&["export", "sales", "--safe-formulas"])
     );
     assert!(
         safe.body.starts_with("id,note,'=total\n") && safe.body.contains("1,'=1+2,x\n"),
@@ -978,7 +961,7 @@ async fn an_export_for_a_spreadsheet_program_quotes_what_would_be_a_formula() {
     assert!(safe.body.contains("2,'@SUM(A1),'-3\n") && safe.body.contains("3,plain,'+4\n"));
 
     let plain = get(addr, "/v1/datasets/sales/export", Some(READER)).await;
-    assert_eq!(plain.body, cli_output(&app, &["export", "sales"]));
+    assert_eq!(plain.body, app.cli_text(&["export", "sales"]));
     assert!(plain.body.contains("1,=1+2,x\n"), "{}", plain.body);
     assert_problem(
         &get(
@@ -999,7 +982,7 @@ async fn an_export_that_fails_midway_ends_without_its_last_chunk() {
     let rows = 20_000;
     app.put("sales.csv", people(rows, 1)).await;
     let summary = app.import("sales", "sales.csv").await;
-    let whole = cli_output(&app, &["export", "sales"]);
+    let whole = app.cli_text(&["export", "sales"]);
     // The content of a row near the end goes missing: the export has sent most of the
     // commit by the time it reaches it.
     let lost = format!("sales:{}", rows - 10);
