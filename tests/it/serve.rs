@@ -198,29 +198,60 @@ async fn upload(
     read_answer(&mut stream).await
 }
 
+/// An open `GET .../events` response, read as far as a test needs.
+struct EventStream {
+    stream: TcpStream,
+    raw: Vec<u8>,
+}
+
+impl EventStream {
+    async fn open(addr: SocketAddr, path: &str, token: &str) -> Self {
+        Self {
+            stream: send_get(addr, path, Some(token)).await,
+            raw: Vec::new(),
+        }
+    }
+
+    /// Reads until the events so far satisfy `enough`; returns them all.
+    async fn read_until(
+        &mut self,
+        enough: impl Fn(&[(String, String)]) -> bool,
+    ) -> Vec<(String, String)> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut buffer = [0u8; 8192];
+        loop {
+            let text = String::from_utf8_lossy(&self.raw).into_owned();
+            let events = sse_events(&text);
+            if enough(&events) {
+                return events;
+            }
+            assert!(Instant::now() < deadline, "not the events wanted in {text}");
+            let read = tokio::time::timeout(Duration::from_secs(60), self.stream.read(&mut buffer))
+                .await
+                .expect("the event stream went quiet")
+                .unwrap();
+            assert!(read > 0, "the event stream ended early: {text}");
+            self.raw.extend_from_slice(&buffer[..read]);
+        }
+    }
+
+    /// Reads up to and including the first `completed` or `failed` event.
+    async fn read_to_end_event(&mut self) -> Vec<(String, String)> {
+        self.read_until(|events| {
+            events
+                .iter()
+                .any(|(name, _)| name == "completed" || name == "failed")
+        })
+        .await
+    }
+}
+
 /// The events of a stream up to and including the first `completed` or `failed`.
 async fn follow_events(addr: SocketAddr, path: &str, token: &str) -> Vec<(String, String)> {
-    let mut stream = send_get(addr, path, Some(token)).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut raw = Vec::new();
-    let mut buffer = [0u8; 8192];
-    loop {
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let events = sse_events(&text);
-        if events
-            .iter()
-            .any(|(name, _)| name == "completed" || name == "failed")
-        {
-            return events;
-        }
-        assert!(Instant::now() < deadline, "no end event in {text}");
-        let read = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buffer))
-            .await
-            .expect("the event stream went quiet")
-            .unwrap();
-        assert!(read > 0, "the event stream ended early: {text}");
-        raw.extend_from_slice(&buffer[..read]);
-    }
+    EventStream::open(addr, path, token)
+        .await
+        .read_to_end_event()
+        .await
 }
 
 /// `(event, data)` pairs found in a (chunked) event-stream response so far.
@@ -288,12 +319,10 @@ async fn an_upload_is_imported_and_its_events_end_completed() {
     assert_eq!(objects(&app).await, 1);
 
     // No consumer yet: the stream starts at pending and ends when one takes the run.
-    let events = tokio::spawn(async move {
-        follow_events(addr, &format!("/v1/runs/{run_id}/events"), READER).await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stream = EventStream::open(addr, &format!("/v1/runs/{run_id}/events"), READER).await;
+    stream.read_until(|events| !events.is_empty()).await;
     let _consumer = Consumer::start(&app, &broker, &[]);
-    let events = events.await.unwrap();
+    let events = stream.read_to_end_event().await;
     let (first, data) = &events[0];
     assert_eq!(first, "progress");
     assert!(data.contains("\"status\":\"pending\""), "{events:?}");
