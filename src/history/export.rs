@@ -314,7 +314,8 @@ fn literal(text: &str) -> String {
 /// `fields` (expressions over the row's content `r.data`), or an error naming the first
 /// row whose content is missing.
 ///
-/// The fields are computed before the sort, so the server sorts their text rather than
+/// The rows of one sheet are sorted by that sheet's short key
+/// ([`crate::import::order::sql_order_within_sheet`]). The fields are computed before the sort, so the server sorts their text rather than
 /// whole JSON documents (a narrower sort that stays in memory longer). The missing-row
 /// check runs after it, row by row as rows are sent: the function it calls is volatile,
 /// so the server cannot move it before the sort, and an export streams and fails at the
@@ -326,17 +327,16 @@ fn rows_query(
     fields: &[String],
 ) -> String {
     let mut filter = format!("cr.commit_id = {}", literal(&commit.commit_id));
-    if let Some(sheet) = sheet {
-        // The range lets the primary key find the sheet; the equality keeps out a
-        // sheet whose name starts with this one's and a colon.
-        filter += &format!(
-            " AND cr.logical_row_id >= {from} AND cr.logical_row_id < {to} \
-              AND left(cr.logical_row_id, -strpos(reverse(cr.logical_row_id), ':')) = {name}",
-            from = literal(&format!("{sheet}:")),
-            to = literal(&format!("{sheet};")),
-            name = literal(sheet),
-        );
-    }
+    let order = match sheet {
+        Some(sheet) => {
+            filter += &format!(
+                " AND {}",
+                commit.sheet_filter("cr.logical_row_id", sheet, sheets)
+            );
+            commit.order_within_sheet("cr.logical_row_id", sheet)
+        }
+        None => commit.order_by("cr.logical_row_id", sheets),
+    };
     let inner: Vec<String> = fields
         .iter()
         .enumerate()
@@ -361,7 +361,6 @@ fn rows_query(
                   ORDER BY {order}) s",
         outer = outer.join(", "),
         inner = inner.join(", "),
-        order = commit.order_by("cr.logical_row_id", sheets),
     )
 }
 
@@ -461,7 +460,7 @@ fn csv_header(
 /// stdout, or an S3 multipart upload.
 enum Sink {
     Stdout {
-        out: tokio::io::Stdout,
+        out: tokio::io::BufWriter<tokio::io::Stdout>,
         bytes: u64,
     },
     File {
@@ -482,7 +481,9 @@ impl Sink {
     ) -> Result<Self, HistoryError> {
         Ok(match destination {
             Destination::Stdout => Self::Stdout {
-                out: tokio::io::stdout(),
+                // The server sends a message per row: unbuffered, each would be a
+                // write of its own.
+                out: tokio::io::BufWriter::with_capacity(256 * 1024, tokio::io::stdout()),
                 bytes: 0,
             },
             Destination::File(path) => {

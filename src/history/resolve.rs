@@ -61,6 +61,26 @@ impl Commit {
         }
     }
 
+    /// The `ORDER BY` that reads the rows of one of this commit's sheets (`column`,
+    /// filtered by [`Self::sheet_filter`]) in logical row order.
+    pub fn order_within_sheet(&self, column: &str, sheet: &str) -> String {
+        let keyed = self
+            .source
+            .as_ref()
+            .and_then(crate::import::order::KeyedOrder::of_source);
+        crate::import::order::sql_order_within_sheet(column, sheet, keyed.as_ref())
+    }
+
+    /// The `WHERE` condition that keeps the ids (`column`) of one of its sheets.
+    pub fn sheet_filter(&self, column: &str, sheet: &str, sheets: &[String]) -> String {
+        let keyed = self
+            .source
+            .as_ref()
+            .and_then(crate::import::order::KeyedOrder::of_source)
+            .is_some();
+        crate::import::order::sql_sheet_filter(column, sheet, sheets, keyed)
+    }
+
     pub fn sheets(&self) -> Vec<String> {
         self.source
             .as_ref()

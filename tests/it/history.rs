@@ -763,3 +763,100 @@ async fn logical_row_order_is_the_same_in_sql_and_in_rust() {
         ["Zeta:3", "Zeta:20", "Zeta:100", "a:b:3", "a:b:12", "Alpha:1"]
     );
 }
+
+/// What an export of one sheet reads: the sheet's ids, in the order the whole commit
+/// gives them, for positional and keyed ids and sheet names that start with another's.
+#[tokio::test]
+async fn one_sheet_reads_its_ids_in_the_commit_order() {
+    use dsa_ingest::import::order::{
+        sql_order_by, sql_order_by_keyed, sql_order_within_sheet, sql_sheet_filter, KeyedOrder,
+    };
+    let app = spawn_app().await;
+    let read = |sql: String, ids: Vec<&'static str>| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(&sql)
+                .bind(ids)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let column = "(id COLLATE \"C\")";
+    let positional: Vec<String> = vec!["a:b".into(), "a".into(), "Zeta".into()];
+    let ids = vec![
+        "a:10", "a:9", "a:b:3", "a:b:12", "a:1", "Zeta:2", "a:100", "Zeta:10", "ab:1",
+    ];
+    let keyed = KeyedOrder {
+        sheets: vec!["a".into(), "a:b".into(), "n".into()],
+        numeric_sheets: vec!["n".into()],
+    };
+    let keyed_ids = vec![
+        "a:x:y", "a:b:2", "a:b:10", "a:c", "a:B", "n:10", "n:9", "n:-1.5", "n:2e1", "a:b:c:d",
+    ];
+    let cases = [
+        (
+            positional.clone(),
+            None,
+            ids.clone(),
+            "a",
+            vec!["a:1", "a:9", "a:10", "a:100"],
+        ),
+        (
+            positional.clone(),
+            None,
+            ids.clone(),
+            "a:b",
+            vec!["a:b:3", "a:b:12"],
+        ),
+        (
+            positional.clone(),
+            None,
+            ids.clone(),
+            "Zeta",
+            vec!["Zeta:2", "Zeta:10"],
+        ),
+        (
+            keyed.sheets.clone(),
+            Some(keyed.clone()),
+            keyed_ids.clone(),
+            "a",
+            vec!["a:B", "a:c", "a:x:y"],
+        ),
+        (
+            keyed.sheets.clone(),
+            Some(keyed.clone()),
+            keyed_ids.clone(),
+            "a:b",
+            vec!["a:b:10", "a:b:2", "a:b:c:d"],
+        ),
+        (
+            keyed.sheets.clone(),
+            Some(keyed.clone()),
+            keyed_ids.clone(),
+            "n",
+            vec!["n:-1.5", "n:9", "n:10", "n:2e1"],
+        ),
+    ];
+    for (sheets, order, ids, sheet, expected) in cases {
+        let whole = match &order {
+            Some(order) => sql_order_by_keyed(column, order),
+            None => sql_order_by(column, &sheets),
+        };
+        let all = read(
+            format!("SELECT id FROM unnest($1::text[]) AS t(id) ORDER BY {whole}"),
+            ids.clone(),
+        )
+        .await;
+        let filter = sql_sheet_filter(column, sheet, &sheets, order.is_some());
+        let within = sql_order_within_sheet(column, sheet, order.as_ref());
+        let one = read(
+            format!("SELECT id FROM unnest($1::text[]) AS t(id) WHERE {filter} ORDER BY {within}"),
+            ids.clone(),
+        )
+        .await;
+        assert_eq!(one, expected, "sheet {sheet}");
+        let of_sheet: Vec<String> = all.into_iter().filter(|id| one.contains(id)).collect();
+        assert_eq!(one, of_sheet, "sheet {sheet}: the whole commit's order");
+    }
+}
