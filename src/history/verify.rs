@@ -261,6 +261,7 @@ fn hash_chunk(
 ) -> impl std::future::Future<Output = Result<Vec<(String, String)>, HistoryError>> {
     let task = tokio::task::spawn_blocking(move || {
         let mut problems = Vec::new();
+        let mut canonical = Vec::new();
         for (id, stored, data) in chunk {
             let Some(data) = data else {
                 problems.push((
@@ -272,10 +273,17 @@ fn hash_chunk(
                 ));
                 continue;
             };
-            let computed = serde_json::from_str::<serde_json::Value>(&data)
-                .map_err(|error| error.to_string())
-                .and_then(|value| hash::canonical_json(&value).map_err(|error| error.to_string()))
-                .map(|canonical| hash::row_hash(&canonical));
+            canonical.clear();
+            let computed = if hash::write_canonical_flat_json(&data, &mut canonical) {
+                Ok(hash::row_hash(&canonical))
+            } else {
+                serde_json::from_str::<serde_json::Value>(&data)
+                    .map_err(|error| error.to_string())
+                    .and_then(|value| {
+                        hash::canonical_json(&value).map_err(|error| error.to_string())
+                    })
+                    .map(|canonical| hash::row_hash(&canonical))
+            };
             match computed {
                 Ok(computed) if computed == stored => {}
                 Ok(computed) => problems.push((
