@@ -315,8 +315,9 @@ fn literal(text: &str) -> String {
 /// row whose content is missing.
 ///
 /// The rows of one sheet are sorted by that sheet's short key
-/// ([`crate::import::order::sql_order_within_sheet`]). The fields are computed before the sort, so the server sorts their text rather than
-/// whole JSON documents (a narrower sort that stays in memory longer). The missing-row
+/// ([`crate::import::order::sql_order_within_sheet`]). The fields are computed before
+/// the sort, so the server sorts their text rather than whole JSON documents (a
+/// narrower sort that stays in memory longer). The missing-row
 /// check runs after it, row by row as rows are sent: the function it calls is volatile,
 /// so the server cannot move it before the sort, and an export streams and fails at the
 /// row, not before the first.

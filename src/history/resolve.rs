@@ -47,15 +47,17 @@ pub struct Commit {
 }
 
 impl Commit {
-    /// The commit's sheet names in logical row order (empty for a CSV commit).
+    /// The keyed order its `source` records, or `None` for positional ids.
+    pub fn keyed_order(&self) -> Option<crate::import::order::KeyedOrder> {
+        self.source
+            .as_ref()
+            .and_then(crate::import::order::KeyedOrder::of_source)
+    }
+
     /// The `ORDER BY` that reads this commit's rows (`column`) in logical row order;
     /// `sheets` are the sheet names positional ids follow.
     pub fn order_by(&self, column: &str, sheets: &[String]) -> String {
-        match self
-            .source
-            .as_ref()
-            .and_then(crate::import::order::KeyedOrder::of_source)
-        {
+        match self.keyed_order() {
             Some(keyed) => crate::import::order::sql_order_by_keyed(column, &keyed),
             None => crate::import::order::sql_order_by(column, sheets),
         }
@@ -64,23 +66,16 @@ impl Commit {
     /// The `ORDER BY` that reads the rows of one of this commit's sheets (`column`,
     /// filtered by [`Self::sheet_filter`]) in logical row order.
     pub fn order_within_sheet(&self, column: &str, sheet: &str) -> String {
-        let keyed = self
-            .source
-            .as_ref()
-            .and_then(crate::import::order::KeyedOrder::of_source);
-        crate::import::order::sql_order_within_sheet(column, sheet, keyed.as_ref())
+        crate::import::order::sql_order_within_sheet(column, sheet, self.keyed_order().as_ref())
     }
 
     /// The `WHERE` condition that keeps the ids (`column`) of one of its sheets.
     pub fn sheet_filter(&self, column: &str, sheet: &str, sheets: &[String]) -> String {
-        let keyed = self
-            .source
-            .as_ref()
-            .and_then(crate::import::order::KeyedOrder::of_source)
-            .is_some();
+        let keyed = self.keyed_order().is_some();
         crate::import::order::sql_sheet_filter(column, sheet, sheets, keyed)
     }
 
+    /// The commit's sheet names in logical row order (empty for a CSV commit).
     pub fn sheets(&self) -> Vec<String> {
         self.source
             .as_ref()

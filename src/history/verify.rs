@@ -19,7 +19,7 @@ use sqlx::{PgPool, Row};
 use super::resolve::{commit_by_id, resolve, Commit, Dataset, COMMIT_COLUMNS};
 use super::{HistoryError, Stdout, VerifyArgs};
 use crate::import::hash::{self, RowHash, TreeHasher};
-use crate::import::order::{self, split_positional, KeyedOrder};
+use crate::import::order::{self, split_positional};
 
 /// Rows hashed per task on the blocking pool.
 const CHUNK_ROWS: usize = 4096;
@@ -100,7 +100,7 @@ pub async fn verify_commit(
         check_contents(pool, commit)
     )?;
     report.rows = chain.rows;
-    match commit.source.as_ref().and_then(KeyedOrder::of_source) {
+    match commit.keyed_order() {
         Some(keyed) => row_problems.sort_by(|a, b| keyed.compare(&a.0, &b.0)),
         None => row_problems.sort_by(|a, b| order::compare(&sheets, &a.0, &b.0)),
     }
@@ -160,11 +160,7 @@ async fn chain_entries(
         rows: 0,
         gaps: Gaps::default(),
     };
-    let keyed = commit
-        .source
-        .as_ref()
-        .and_then(KeyedOrder::of_source)
-        .is_some();
+    let keyed = commit.keyed_order().is_some();
     let mut tx = pool.begin().await?;
     sqlx::query(crate::db::SET_SORT_MEMORY)
         .execute(&mut *tx)

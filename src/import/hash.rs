@@ -95,20 +95,36 @@ pub fn write_canonical_json(value: &Value, out: &mut Vec<u8>) -> Result<(), Cano
             // The map's own order is either byte order (BTreeMap) or insertion
             // order (with `preserve_order`); neither is the UTF-16 order JCS
             // requires, so the members are always sorted here.
-            let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            members.sort_unstable_by(|(a, _), (b, _)| jcs_key_cmp(a, b));
-            out.push(b'{');
-            for (index, (name, member)) in members.into_iter().enumerate() {
-                if index > 0 {
-                    out.push(b',');
-                }
-                write_json_string(name, out);
-                out.push(b':');
-                write_canonical_json(member, out)?;
-            }
-            out.push(b'}');
+            let mut members: Vec<(&str, &Value)> = map
+                .iter()
+                .map(|(name, member)| (name.as_str(), member))
+                .collect();
+            write_object(&mut members, out, |member, out| {
+                write_canonical_json(member, out)
+            })?;
         }
     }
+    Ok(())
+}
+
+/// Writes an object's members in JCS order (sorted by [`jcs_key_cmp`]), each value
+/// by `write_value`.
+fn write_object<V, E>(
+    members: &mut [(&str, V)],
+    out: &mut Vec<u8>,
+    mut write_value: impl FnMut(&V, &mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    members.sort_unstable_by(|(a, _), (b, _)| jcs_key_cmp(a, b));
+    out.push(b'{');
+    for (index, (name, member)) in members.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        write_json_string(name, out);
+        out.push(b':');
+        write_value(member, out)?;
+    }
+    out.push(b'}');
     Ok(())
 }
 
@@ -138,23 +154,15 @@ pub fn write_canonical_flat_json(text: &str, out: &mut Vec<u8>) -> bool {
     let Ok(FlatObject(mut members)) = serde_json::from_str::<FlatObject<'_>>(text) else {
         return false;
     };
-    members.sort_unstable_by(|(a, _), (b, _)| jcs_key_cmp(a, b));
-    out.push(b'{');
-    for (index, (name, member)) in members.iter().enumerate() {
-        if index > 0 {
-            out.push(b',');
-        }
-        write_json_string(name, out);
-        out.push(b':');
+    let Ok(()) = write_object::<_, std::convert::Infallible>(&mut members, out, |member, out| {
         match member {
             Flat::Str(text) => write_json_string(text, out),
-            Flat::Unescaped(text) => write_json_string(text, out),
             Flat::Null => out.extend_from_slice(b"null"),
             Flat::Bool(true) => out.extend_from_slice(b"true"),
             Flat::Bool(false) => out.extend_from_slice(b"false"),
         }
-    }
-    out.push(b'}');
+        Ok(())
+    });
     true
 }
 
@@ -163,8 +171,8 @@ struct FlatObject<'a>(Vec<(&'a str, Flat<'a>)>);
 
 /// A member value [`write_canonical_flat_json`] writes itself.
 enum Flat<'a> {
-    Str(&'a str),
-    Unescaped(String),
+    /// Borrowed from the text, or copied when it had an escape.
+    Str(std::borrow::Cow<'a, str>),
     Null,
     Bool(bool),
 }
@@ -204,10 +212,10 @@ impl<'de> serde::Deserialize<'de> for Flat<'de> {
                 self,
                 text: &'de str,
             ) -> Result<Self::Value, E> {
-                Ok(Flat::Str(text))
+                Ok(Flat::Str(text.into()))
             }
             fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
-                Ok(Flat::Unescaped(text.to_owned()))
+                Ok(Flat::Str(text.to_owned().into()))
             }
             fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
                 Ok(Flat::Null)
