@@ -120,25 +120,25 @@ pub async fn claim(
         .as_deref()
         .filter(|holder| live && owner_is_dead_local_process(holder));
 
-    let claimed: Option<ClaimedColumns> = sqlx::query_as(
-        "UPDATE dsa_jobs.analysis_runs
-                SET status = 'running',
-                    lease_owner = $2,
-                    lease_token = lease_token + 1,
-                    lease_expires_at = now() + make_interval(secs => $3),
-                    attempts = attempts + 1,
-                    started_at = coalesce(started_at, now())
-              WHERE id = $1
-                AND status IN ('pending', 'running')
-                AND (lease_expires_at IS NULL OR lease_expires_at <= now() OR lease_owner = $4)
-              RETURNING lease_token, dataset_id, run_parameters, checkpoint, attempts, user_id",
-    )
-    .bind(run_id)
-    .bind(owner)
-    .bind(duration.as_secs_f64())
-    .bind(takeover)
-    .fetch_optional(pool)
-    .await?;
+    // A predecessor frozen between its checkpoint's UPDATE and its COMMIT holds the
+    // run's row lock for as long as it stays frozen, and the UPDATE below would wait
+    // on it forever. So the UPDATE waits a little; when the lease it would take over
+    // has run out, that holder's old transactions are ended (as after a takeover) and
+    // the UPDATE waits again, now for nothing a frozen process holds.
+    let previous_expired = holder
+        .as_deref()
+        .filter(|previous| *previous != owner && !live)
+        .zip(expired_at);
+    let claimed = match take_lease(pool, run_id, owner, duration, takeover, true).await {
+        Err(error) if is_lock_timeout(&error) => {
+            if let Some((previous, expired_at)) = previous_expired {
+                let ended = end_transactions_of(pool, previous, expired_at).await?;
+                tracing::warn!(run.id = %run_id, previous, ended, "ended the open transactions of the worker whose lease ran out, which held the run's row");
+            }
+            take_lease(pool, run_id, owner, duration, takeover, false).await?
+        }
+        other => other?,
+    };
 
     let Some((token, dataset_id, parameters, checkpoint, attempts, user_id)) = claimed else {
         // Someone else moved the run between our read and our update; report who.
@@ -213,6 +213,58 @@ pub async fn claim(
         attempts,
         user_id,
     })
+}
+
+/// How long a claim waits for the run's row before looking at who holds it.
+const CLAIM_LOCK_WAIT: &str = "2s";
+
+/// The claim's UPDATE: takes the lease when the run is unfinished and its lease is
+/// free, expired, or held by `takeover` (a dead process on this host). With
+/// `bounded`, gives up after [`CLAIM_LOCK_WAIT`] when another transaction holds the
+/// row (see [`is_lock_timeout`]).
+async fn take_lease(
+    pool: &PgPool,
+    run_id: Uuid,
+    owner: &str,
+    duration: std::time::Duration,
+    takeover: Option<&str>,
+    bounded: bool,
+) -> Result<Option<ClaimedColumns>, sqlx::Error> {
+    let mut tx = db::begin(pool).await?;
+    if bounded {
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{CLAIM_LOCK_WAIT}'"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    let claimed = sqlx::query_as(
+        "UPDATE dsa_jobs.analysis_runs
+                SET status = 'running',
+                    lease_owner = $2,
+                    lease_token = lease_token + 1,
+                    lease_expires_at = now() + make_interval(secs => $3),
+                    attempts = attempts + 1,
+                    started_at = coalesce(started_at, now())
+              WHERE id = $1
+                AND status IN ('pending', 'running')
+                AND (lease_expires_at IS NULL OR lease_expires_at <= now() OR lease_owner = $4)
+              RETURNING lease_token, dataset_id, run_parameters, checkpoint, attempts, user_id",
+    )
+    .bind(run_id)
+    .bind(owner)
+    .bind(duration.as_secs_f64())
+    .bind(takeover)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+/// PostgreSQL's `lock_not_available`: a `lock_timeout` ran out.
+fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "55P03")
 }
 
 /// Extends the lease by its duration from now, if it is still ours (same token) and

@@ -423,6 +423,72 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
 }
 
 #[tokio::test]
+async fn a_claim_is_not_blocked_by_the_row_lock_of_a_worker_frozen_before_its_commit() {
+    use sqlx::Connection;
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    let parameters = dsa_ingest::import::run::ImportParameters {
+        source: app.location("data.csv"),
+        expected_etag: None,
+        options: Default::default(),
+    };
+    let dataset = dsa_ingest::db::DatasetName::parse("frozen").unwrap();
+    let (run_id, _) = importer
+        .create_run(&dataset, None, &parameters)
+        .await
+        .unwrap();
+    let first = dsa_ingest::runs::claim(&app.pool, run_id, "worker-a", Duration::from_secs(1))
+        .await
+        .unwrap();
+    // Worker A's batch transaction has moved the checkpoint (locking the run's row)
+    // and the worker froze before its COMMIT.
+    let options = app
+        .pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .application_name("worker-a");
+    let mut frozen = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
+    sqlx::query(
+        "UPDATE dsa_jobs.analysis_runs SET lease_expires_at = now() + interval '1 second'
+          WHERE id = $1 AND lease_token = $2",
+    )
+    .bind(run_id)
+    .bind(first.lease.token)
+    .execute(&mut frozen)
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "worker A's lease to run out",
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT lease_expires_at <= now() FROM dsa_jobs.analysis_runs WHERE id = $1",
+            )
+            .bind(run_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+
+    let taken = tokio::time::timeout(
+        Duration::from_secs(30),
+        dsa_ingest::runs::claim(&app.pool, run_id, "worker-b", Duration::from_secs(30)),
+    )
+    .await
+    .expect("the claim waited on the frozen worker's row lock")
+    .unwrap();
+    assert!(taken.lease.token > first.lease.token);
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut frozen).await.is_err(),
+        "the frozen worker's transaction must have been ended"
+    );
+}
+
+#[tokio::test]
 async fn rows_repeated_within_and_across_batches_are_stored_once() {
     let app = spawn_app().await;
     let mut csv = String::from("kind,value\n");
