@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::import::decode::RowProblem;
 use crate::import::hash::{RowHash, TreeHasher};
 use crate::import::load::{LoadError, TOMBSTONE};
-use crate::import::order::{sql_order_by, sql_order_by_keyed, KeyTrail, KeyedOrder};
+use crate::import::order::{sql_keyed_reads, sql_order_by, KeyTrail, KeyedOrder};
 use crate::import::run::{ImportMode, ImportPlan, Lease, Lineage, OnConflict};
 
 /// The finished commit's facts.
@@ -110,7 +110,24 @@ pub async fn finalise(
         ..Finalised::default()
     };
     let merge = &facts.merge;
+    if merge.mode != ImportMode::Replace || merge.plan.key.is_some() {
+        // The parent's rows are carried in primary-key order, and the version is read
+        // back in logical row order: both sort up to the whole version.
+        sqlx::query(crate::db::SET_SORT_MEMORY)
+            .execute(&mut *tx)
+            .await?;
+    }
     if merge.mode != ImportMode::Replace {
+        // Below, the new version's entries are joined with the parent's. A commit
+        // written since the table's last ANALYZE looks empty to the planner, which
+        // then picks a nested loop that scans all of one commit's entries for each
+        // entry of the other, its id left to a join filter: 10^10 comparisons for a
+        // 1M-row parent and a 10,000-row file (an upsert still running after ten
+        // minutes). Merge and hash joins take one pass over each side, whatever the
+        // estimates.
+        sqlx::query("SET LOCAL enable_nestloop = off")
+            .execute(&mut *tx)
+            .await?;
         if parent != merge.plan.parent {
             return Err(FinaliseError::MainMoved {
                 mode: merge.mode.as_str(),
@@ -406,7 +423,8 @@ fn settled_numeric(sheet: &str, merge: &Merge<'_>) -> Option<bool> {
 
 /// Counts the version and computes its tree hash in logical row order (`order.rs`):
 /// sheets in `sheets` order; within a sheet, positional ids by their number, keyed ids
-/// (`keyed`) by their key, as numbers on the sheets it lists, otherwise bytewise.
+/// (`keyed`) by their key, as numbers on the sheets it lists, otherwise bytewise. A
+/// keyed version is read a sheet at a time ([`sql_keyed_reads`]).
 async fn hash_in_logical_order(
     tx: &mut Transaction<'_, Postgres>,
     commit_id: &str,
@@ -416,26 +434,24 @@ async fn hash_in_logical_order(
 ) -> Result<(), FinaliseError> {
     let mut tree = TreeHasher::new();
     let mut count = 0u64;
-    sqlx::query(crate::db::SET_SORT_MEMORY)
-        .execute(&mut **tx)
-        .await?;
-    let order = match &keyed {
-        Some(order) => sql_order_by_keyed("logical_row_id", order),
-        None => sql_order_by("logical_row_id", sheets),
+    let reads = match &keyed {
+        Some(order) => sql_keyed_reads("logical_row_id", order),
+        None => vec![("true".to_owned(), sql_order_by("logical_row_id", sheets))],
     };
-    let statement = format!(
-        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
-          WHERE commit_id = $1 ORDER BY {order}"
-    );
-    let mut rows = sqlx::query_as::<_, (String, Vec<u8>)>(&statement)
-        .bind(commit_id)
-        .fetch(&mut **tx);
-    while let Some((id, hash)) = rows.try_next().await? {
-        let hash: RowHash = hash.as_slice().try_into().unwrap_or([0u8; 32]);
-        tree.push(&id, &hash);
-        count += 1;
+    for (filter, order) in reads {
+        let statement = format!(
+            "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
+              WHERE commit_id = $1 AND {filter} ORDER BY {order}"
+        );
+        let mut rows = sqlx::query_as::<_, (String, Vec<u8>)>(&statement)
+            .bind(commit_id)
+            .fetch(&mut **tx);
+        while let Some((id, hash)) = rows.try_next().await? {
+            let hash: RowHash = hash.as_slice().try_into().unwrap_or([0u8; 32]);
+            tree.push(&id, &hash);
+            count += 1;
+        }
     }
-    drop(rows);
     done.row_count = count;
     done.tree_hash = tree.to_hex();
     Ok(())

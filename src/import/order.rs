@@ -502,6 +502,65 @@ pub fn sql_sheet_filter(column: &str, sheet: &str, sheets: &[String], keyed: boo
     filter
 }
 
+/// The reads that give a keyed version's ids in logical row order when run one after
+/// another, each as (`WHERE` condition, `ORDER BY` list): every listed sheet by its
+/// id range and short key, in the sheets' order, then the ids of no listed sheet by
+/// the whole-version key. Together they return what one read sorted by
+/// [`sql_order_by_keyed`] returns, in the same order, without that key's per-row
+/// sheet tests, which cost a 1M-row sort a third of its time.
+pub fn sql_keyed_reads(column: &str, order: &KeyedOrder) -> Vec<(String, String)> {
+    let mut reads: Vec<(String, String)> = order
+        .sheets
+        .iter()
+        .map(|sheet| {
+            (
+                sql_sheet_filter(column, sheet, &order.sheets, true),
+                sql_order_within_sheet(column, sheet, Some(order)),
+            )
+        })
+        .collect();
+    reads.push((
+        sql_outside_sheets(column, &order.sheets),
+        sql_order_by_keyed(column, order),
+    ));
+    reads
+}
+
+/// A `WHERE` condition that keeps the ids outside every listed sheet's id range
+/// (`{sheet}:` up to `{sheet};`), written as the gaps between the ranges so that each
+/// is an index range. Two such ranges are nested or apart: a range that starts inside
+/// another has that one's prefix.
+fn sql_outside_sheets(column: &str, sheets: &[String]) -> String {
+    let mut ranges: Vec<(String, String)> = sheets
+        .iter()
+        .map(|sheet| (format!("{sheet}:"), format!("{sheet};")))
+        .collect();
+    ranges.sort();
+    let mut gaps = Vec::new();
+    let mut after: Option<String> = None;
+    for (start, end) in ranges {
+        if after.as_ref().is_some_and(|after| start < *after) {
+            continue;
+        }
+        gaps.push(match &after {
+            None => format!("{column} < {}", literal(&start)),
+            Some(after) => format!(
+                "({column} >= {} AND {column} < {})",
+                literal(after),
+                literal(&start)
+            ),
+        });
+        after = Some(end);
+    }
+    match after {
+        None => "true".to_owned(),
+        Some(after) => {
+            gaps.push(format!("{column} >= {}", literal(&after)));
+            format!("({})", gaps.join(" OR "))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

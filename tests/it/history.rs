@@ -767,6 +767,52 @@ async fn logical_row_order_is_the_same_in_sql_and_in_rust() {
 /// What an export of one sheet reads: the sheet's ids, in the order the whole commit
 /// gives them, for positional and keyed ids and sheet names that start with another's.
 #[tokio::test]
+async fn a_keyed_version_read_sheet_by_sheet_comes_in_the_commit_order() {
+    use dsa_ingest::import::order::{sql_keyed_reads, sql_order_by_keyed, KeyedOrder};
+    let app = spawn_app().await;
+    let column = "(id COLLATE \"C\")";
+    // Listed sheets, one a prefix of another and one numeric, and ids of no listed
+    // sheet on either side of and between their ranges.
+    let ids = vec![
+        "a:x:y", "a:b:2", "a:b:10", "a:c", "a:B", "n:10", "n:9", "n:-1.5", "n:2e1", "a:b:c:d",
+        "0:1", "a", "a;", "ab:1", "b:2", "m:1", "nn:3", "zz:1", "n;x", "",
+    ];
+    let orders = [
+        KeyedOrder {
+            sheets: vec!["a".into(), "a:b".into(), "n".into()],
+            numeric_sheets: vec!["n".into()],
+        },
+        KeyedOrder {
+            sheets: vec!["n".into(), "a:b".into(), "a".into()],
+            numeric_sheets: vec!["n".into()],
+        },
+        KeyedOrder::default(),
+    ];
+    for order in orders {
+        let whole: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT id FROM unnest($1::text[]) AS t(id) ORDER BY {}",
+            sql_order_by_keyed(column, &order)
+        ))
+        .bind(&ids)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        let mut by_sheet = Vec::new();
+        for (filter, order_by) in sql_keyed_reads(column, &order) {
+            let read: Vec<String> = sqlx::query_scalar(&format!(
+                "SELECT id FROM unnest($1::text[]) AS t(id) WHERE {filter} ORDER BY {order_by}"
+            ))
+            .bind(&ids)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+            by_sheet.extend(read);
+        }
+        assert_eq!(by_sheet, whole, "sheets {:?}", order.sheets);
+    }
+}
+
+#[tokio::test]
 async fn one_sheet_reads_its_ids_in_the_commit_order() {
     use dsa_ingest::import::order::{
         sql_order_by, sql_order_by_keyed, sql_order_within_sheet, sql_sheet_filter, KeyedOrder,
