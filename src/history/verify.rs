@@ -165,27 +165,32 @@ async fn chain_entries(
     sqlx::query(crate::db::SET_SORT_MEMORY)
         .execute(&mut *tx)
         .await?;
-    let sql = format!(
-        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
-          WHERE commit_id = $1 ORDER BY {}",
-        commit.order_by("logical_row_id", sheets)
-    );
-    let mut rows = sqlx::query(&sql).bind(&commit.commit_id).fetch(&mut *tx);
-    while let Some(row) = rows.try_next().await? {
-        let id: &str = row.try_get("logical_row_id")?;
-        let stored: &[u8] = row.try_get("row_hash")?;
-        chain.rows += 1;
-        // A malformed hash is reported by the content pass; it chains as it is here.
-        let mut row_hash = [0u8; 32];
-        let length = stored.len().min(32);
-        row_hash[..length].copy_from_slice(&stored[..length]);
-        chain.tree.push(id, &row_hash);
-        // Keys are not row numbers: only positional ids can skip one.
-        if !keyed {
-            chain.gaps.see(id);
+    // A keyed commit is read a sheet at a time, as finalise hashed it.
+    let reads = match commit.keyed_order() {
+        Some(order) => crate::import::order::sql_keyed_reads("logical_row_id", &order),
+        None => vec![("true".to_owned(), commit.order_by("logical_row_id", sheets))],
+    };
+    for (filter, order) in reads {
+        let sql = format!(
+            "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
+              WHERE commit_id = $1 AND {filter} ORDER BY {order}"
+        );
+        let mut rows = sqlx::query(&sql).bind(&commit.commit_id).fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await? {
+            let id: &str = row.try_get("logical_row_id")?;
+            let stored: &[u8] = row.try_get("row_hash")?;
+            chain.rows += 1;
+            // A malformed hash is reported by the content pass; it chains as it is here.
+            let mut row_hash = [0u8; 32];
+            let length = stored.len().min(32);
+            row_hash[..length].copy_from_slice(&stored[..length]);
+            chain.tree.push(id, &row_hash);
+            // Keys are not row numbers: only positional ids can skip one.
+            if !keyed {
+                chain.gaps.see(id);
+            }
         }
     }
-    drop(rows);
     tx.commit().await?;
     Ok(chain)
 }
