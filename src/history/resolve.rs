@@ -63,6 +63,12 @@ impl Commit {
         }
     }
 
+    /// The reads that give this commit's rows (`column`) in logical row order, one
+    /// after another (see [`crate::import::order::sql_logical_reads`]).
+    pub fn logical_reads(&self, column: &str, sheets: &[String]) -> Vec<(String, String)> {
+        crate::import::order::sql_logical_reads(column, sheets, self.keyed_order().as_ref())
+    }
+
     /// The `ORDER BY` that reads the rows of one of this commit's sheets (`column`,
     /// filtered by [`Self::sheet_filter`]) in logical row order.
     pub fn order_within_sheet(&self, column: &str, sheet: &str) -> String {

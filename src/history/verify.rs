@@ -166,11 +166,7 @@ async fn chain_entries(
         .execute(&mut *tx)
         .await?;
     // A keyed commit is read a sheet at a time, as finalise hashed it.
-    let reads = match commit.keyed_order() {
-        Some(order) => crate::import::order::sql_keyed_reads("logical_row_id", &order),
-        None => vec![("true".to_owned(), commit.order_by("logical_row_id", sheets))],
-    };
-    for (filter, order) in reads {
+    for (filter, order) in commit.logical_reads("logical_row_id", sheets) {
         let sql = format!(
             "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
               WHERE commit_id = $1 AND {filter} ORDER BY {order}"

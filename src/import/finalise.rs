@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::import::decode::RowProblem;
 use crate::import::hash::{RowHash, TreeHasher};
 use crate::import::load::{LoadError, TOMBSTONE};
-use crate::import::order::{sql_keyed_reads, sql_order_by, KeyTrail, KeyedOrder};
+use crate::import::order::{sql_logical_reads, KeyTrail, KeyedOrder};
 use crate::import::run::{ImportMode, ImportPlan, Lease, Lineage, OnConflict};
 
 /// The finished commit's facts.
@@ -424,7 +424,7 @@ fn settled_numeric(sheet: &str, merge: &Merge<'_>) -> Option<bool> {
 /// Counts the version and computes its tree hash in logical row order (`order.rs`):
 /// sheets in `sheets` order; within a sheet, positional ids by their number, keyed ids
 /// (`keyed`) by their key, as numbers on the sheets it lists, otherwise bytewise. A
-/// keyed version is read a sheet at a time ([`sql_keyed_reads`]).
+/// keyed version is read a sheet at a time ([`sql_logical_reads`]).
 async fn hash_in_logical_order(
     tx: &mut Transaction<'_, Postgres>,
     commit_id: &str,
@@ -434,11 +434,7 @@ async fn hash_in_logical_order(
 ) -> Result<(), FinaliseError> {
     let mut tree = TreeHasher::new();
     let mut count = 0u64;
-    let reads = match &keyed {
-        Some(order) => sql_keyed_reads("logical_row_id", order),
-        None => vec![("true".to_owned(), sql_order_by("logical_row_id", sheets))],
-    };
-    for (filter, order) in reads {
+    for (filter, order) in sql_logical_reads("logical_row_id", sheets, keyed.as_ref()) {
         let statement = format!(
             "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows
               WHERE commit_id = $1 AND {filter} ORDER BY {order}"

@@ -502,13 +502,22 @@ pub fn sql_sheet_filter(column: &str, sheet: &str, sheets: &[String], keyed: boo
     filter
 }
 
-/// The reads that give a keyed version's ids in logical row order when run one after
-/// another, each as (`WHERE` condition, `ORDER BY` list): every listed sheet by its
-/// id range and short key, in the sheets' order, then the ids of no listed sheet by
-/// the whole-version key. Together they return what one read sorted by
-/// [`sql_order_by_keyed`] returns, in the same order, without that key's per-row
-/// sheet tests, which cost a 1M-row sort a third of its time.
-pub fn sql_keyed_reads(column: &str, order: &KeyedOrder) -> Vec<(String, String)> {
+/// The reads that give a version's ids in logical row order when run one after
+/// another, each as (`WHERE` condition, `ORDER BY` list). Positional ids (`keyed`
+/// `None`, sheets `sheets`) are one read by [`sql_order_by`]. Keyed ids are read a
+/// sheet at a time: every listed sheet by its id range and short key, in the sheets'
+/// order, then the ids of no listed sheet by the whole-version key. Together these
+/// return what one read sorted by [`sql_order_by_keyed`] returns, in the same order,
+/// without that key's per-row sheet tests, which cost a 1M-row sort a third of its
+/// time.
+pub fn sql_logical_reads(
+    column: &str,
+    sheets: &[String],
+    keyed: Option<&KeyedOrder>,
+) -> Vec<(String, String)> {
+    let Some(order) = keyed else {
+        return vec![("true".to_owned(), sql_order_by(column, sheets))];
+    };
     let mut reads: Vec<(String, String)> = order
         .sheets
         .iter()

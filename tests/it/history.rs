@@ -768,7 +768,7 @@ async fn logical_row_order_is_the_same_in_sql_and_in_rust() {
 /// gives them, for positional and keyed ids and sheet names that start with another's.
 #[tokio::test]
 async fn a_keyed_version_read_sheet_by_sheet_comes_in_the_commit_order() {
-    use dsa_ingest::import::order::{sql_keyed_reads, sql_order_by_keyed, KeyedOrder};
+    use dsa_ingest::import::order::{sql_logical_reads, sql_order_by_keyed, KeyedOrder};
     let app = spawn_app().await;
     let column = "(id COLLATE \"C\")";
     // Listed sheets, one a prefix of another and one numeric, and ids of no listed
@@ -798,7 +798,7 @@ async fn a_keyed_version_read_sheet_by_sheet_comes_in_the_commit_order() {
         .await
         .unwrap();
         let mut by_sheet = Vec::new();
-        for (filter, order_by) in sql_keyed_reads(column, &order) {
+        for (filter, order_by) in sql_logical_reads(column, &order.sheets, Some(&order)) {
             let read: Vec<String> = sqlx::query_scalar(&format!(
                 "SELECT id FROM unnest($1::text[]) AS t(id) WHERE {filter} ORDER BY {order_by}"
             ))

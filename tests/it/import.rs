@@ -369,18 +369,7 @@ async fn bad_rows_can_be_skipped_into_the_rejected_rows_table() {
 async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
     let app = spawn_app().await;
     let importer = app.importer(test_settings());
-    let parameters = dsa_ingest::import::run::ImportParameters {
-        source: app.location("data.csv"),
-        expected_etag: None,
-        options: dsa_ingest::import::run::ImportOptions {
-            ..Default::default()
-        },
-    };
-    let dataset = dsa_ingest::db::DatasetName::parse("leased").unwrap();
-    let (run_id, dataset_id) = importer
-        .create_run(&dataset, None, &parameters)
-        .await
-        .unwrap();
+    let (run_id, dataset_id) = app.create_run(&importer, "leased", "data.csv", false).await;
     let lease = Duration::from_secs(30);
     let stale = dsa_ingest::runs::claim(&app.pool, run_id, "worker-a", lease)
         .await
@@ -427,16 +416,7 @@ async fn a_claim_is_not_blocked_by_the_row_lock_of_a_worker_frozen_before_its_co
     use sqlx::Connection;
     let app = spawn_app().await;
     let importer = app.importer(test_settings());
-    let parameters = dsa_ingest::import::run::ImportParameters {
-        source: app.location("data.csv"),
-        expected_etag: None,
-        options: Default::default(),
-    };
-    let dataset = dsa_ingest::db::DatasetName::parse("frozen").unwrap();
-    let (run_id, _) = importer
-        .create_run(&dataset, None, &parameters)
-        .await
-        .unwrap();
+    let (run_id, _) = app.create_run(&importer, "frozen", "data.csv", false).await;
     let first = dsa_ingest::runs::claim(&app.pool, run_id, "worker-a", Duration::from_secs(1))
         .await
         .unwrap();
