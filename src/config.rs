@@ -376,7 +376,7 @@ impl Default for ImportSettings {
     fn default() -> Self {
         Self {
             batch_size: 10_000,
-            chunk_size: 4 * 1024 * 1024,
+            chunk_size: 2 * 1024 * 1024,
             fetch_concurrency: 3,
             progress_update_interval: 10,
             max_file_size: 5 * 1024 * 1024 * 1024,
