@@ -4,8 +4,10 @@ by Helm's own library, every object validated against the Kubernetes API schemas
 the alert rules (promtool check and unit tests), the Grafana dashboard (its JSON, and
 every query parsed by promtool) and docker-compose.yml (`docker-compose config`); and
 scripts/services itself: on a busy machine, a fresh DSA_DEV_HOME with ports of its own
-gets a second Garage (the installed binary, never a build) on the first run. That
-Garage and its home are removed again.
+gets a second Garage (the installed binary, never a build) on the first run; and
+DSA_PG_TUNED=1 on a stopped throwaway Debian cluster of its own port (DSA_PG_PORT)
+starts it, sets trust, writes the recommended settings and restarts it once, and a
+second run changes nothing. That Garage, the cluster and the home are removed again.
 
 Run by scripts/test after scripts/services and tests/ops/install-tools. That the metric names used by the
 dashboard and the alerts are exported by a real scrape is checked by the Rust
@@ -472,6 +474,89 @@ def _():
             os.close(fd)
         stop_processes_of(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+
+def pg_setting(port: int, query: str) -> str:
+    return subprocess.run(
+        ["psql", "-w", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres", "-tAc", query],
+        capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL,
+    ).stdout.strip()
+
+
+@check("DSA_PG_TUNED=1 scripts/services starts, trusts and tunes a stopped cluster of its own, restarting it once")
+def _():
+    garage = installed_garage()
+    version = sorted(os.listdir("/usr/lib/postgresql"), key=lambda v: [int(p) for p in v.split(".")])[-1]
+    pg_port, s3_port, rpc_port, admin_port = free_ports(4)
+    cluster = f"dsa-tuned-{pg_port}"
+    home = Path(tempfile.mkdtemp(prefix="dsa-dev-home-"))
+    env = {
+        **os.environ,
+        "DSA_DEV_HOME": str(home),
+        "DSA_PG_PORT": str(pg_port),
+        "DSA_PG_TUNED": "1",
+        "DSA_GARAGE_S3_PORT": str(s3_port),
+        "DSA_GARAGE_RPC_PORT": str(rpc_port),
+        "DSA_GARAGE_ADMIN_PORT": str(admin_port),
+        "PATH": f"{Path(garage).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+    def services() -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "services")], env=env, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=300,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"scripts/services exited {done.returncode}:\n{done.stderr}")
+        return done
+
+    # A Debian cluster as a fresh install leaves it: stopped, and asking loopback
+    # clients for a password.
+    run_tool("pg_createcluster", version, cluster, "-p", str(pg_port))
+    try:
+        first = services()
+        for step in ("starting PostgreSQL cluster", "setting trust authentication",
+                     "setting shared_buffers", "restarting PostgreSQL cluster"):
+            if step not in first.stderr:
+                raise RuntimeError(f"no {step!r} in the first run:\n{first.stderr}")
+        settings = dict(line.split("=", 1) for line in (home / "services.env").read_text().splitlines())
+        if f"127.0.0.1:{pg_port}/" not in settings["DATABASE_URL"]:
+            raise RuntimeError(f"DATABASE_URL {settings['DATABASE_URL']} is not on port {pg_port}")
+        memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemTotal:"))
+        wanted = {
+            "shared_buffers": f"{memory_kb // 4 // 1024}MB",
+            "max_wal_size": "16GB",
+            "wal_compression": "lz4",
+            "wal_buffers": "64MB",
+            "checkpoint_timeout": "30min",
+        }
+        # What the configuration files say, and that the server runs with it: a value
+        # waiting for a restart shows as pending_restart.
+        for name, value in wanted.items():
+            written = pg_setting(pg_port, f"""select setting from pg_file_settings
+                                              where name = '{name}' order by seqno desc limit 1""")
+            if written != value:
+                raise RuntimeError(f"{name} written as {written!r}, expected {value!r}")
+            if pg_setting(pg_port, f"select pending_restart from pg_settings where name = '{name}'") != "f":
+                raise RuntimeError(f"{name} = {value} is written but waits for a restart")
+        running = pg_setting(pg_port, "select setting::bigint * 8 / 1024 || 'MB' from pg_settings where name = 'shared_buffers'")
+        if running != wanted["shared_buffers"]:
+            raise RuntimeError(f"the server runs with shared_buffers {running}, expected {wanted['shared_buffers']}")
+        started = pg_setting(pg_port, "select pg_postmaster_start_time()")
+        second = services()
+        if "setting " in second.stderr or "restarting" in second.stderr:
+            raise RuntimeError(f"the second run changed the server:\n{second.stderr}")
+        if pg_setting(pg_port, "select pg_postmaster_start_time()") != started:
+            raise RuntimeError("the second run restarted PostgreSQL")
+    finally:
+        stop_processes_of(home)
+        shutil.rmtree(home, ignore_errors=True)
+        subprocess.run(["pg_dropcluster", "--stop", version, cluster], capture_output=True, stdin=subprocess.DEVNULL)
+        # pg_dropcluster leaves the configuration directory behind when it holds a file
+        # it did not write (the pg_hba.conf.orig that scripts/services keeps).
+        shutil.rmtree(Path("/etc/postgresql") / version / cluster, ignore_errors=True)
 
 
 print(f"{len(passed)} passed, {len(failed)} failed")
