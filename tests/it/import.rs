@@ -292,6 +292,53 @@ async fn an_object_replaced_mid_import_fails_the_run_and_commits_nothing() {
 }
 
 #[tokio::test]
+async fn a_quote_left_open_to_the_end_fails_the_run_naming_its_line_and_main_stays() {
+    let app = spawn_app().await;
+    app.put("people.csv", b"id,name\n1,a\n2,b\n".to_vec()).await;
+    let first = app.import("people", "people.csv").await;
+    // Five batches of 100 rows load before the record whose quote never closes; the
+    // parser alone would have ended that field at the end of the file and imported
+    // the 150 lines after it as one value.
+    let mut csv = b"id,name\n".to_vec();
+    for n in 1..=500 {
+        csv.extend_from_slice(format!("{n},row {n}\n").as_bytes());
+    }
+    let open_at = csv.len();
+    csv.extend_from_slice(b"501,\"Smith, J.\n");
+    for n in 502..=650 {
+        csv.extend_from_slice(format!("{n},row {n}\n").as_bytes());
+    }
+    app.put("people.csv", csv).await;
+
+    let (run_id, result) = app
+        .import_with(test_settings(), "people", "people.csv", false)
+        .await;
+
+    let message = result.unwrap_err().to_string();
+    assert_eq!(
+        message,
+        format!(
+            "people.csv: line 502, byte {open_at}: a quoted field in this record is never \
+             closed; the parser would take the rest of the file as its value (is a quote left \
+             open?)"
+        )
+    );
+    let (status, stored, _) = app.run_state(run_id).await;
+    assert_eq!(
+        (status.as_str(), stored.as_deref()),
+        ("failed", Some(message.as_str()))
+    );
+    let main: String = sqlx::query_scalar(
+        "SELECT r.commit_id FROM dsa_core.refs r JOIN dsa_core.datasets d ON d.id = r.dataset_id
+          WHERE d.name = 'people' AND r.name = 'main'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(main, first.commit_id);
+}
+
+#[tokio::test]
 async fn a_ragged_row_fails_the_run_naming_its_line_and_byte() {
     let app = spawn_app().await;
     let csv = b"a,b\n1,2\n\"multi\nline\",3\n4,5,6\n7,8\n".to_vec();

@@ -3,7 +3,7 @@
 //! canonical JSON by [`RowEncoder`].
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
@@ -269,6 +269,138 @@ impl AsyncRead for RecordLimit {
     }
 }
 
+/// Where the parser's quoting stands after the bytes seen so far. It follows the
+/// parser's rules (RFC 4180 with doubled quotes, an optional escape byte, a quote
+/// special only at the start of a field) closely enough to tell one thing: whether a
+/// quoted field is still open when the text ends. The parser ends such a field at the
+/// end of the input without a word, so a quote left open would silently make the rest
+/// of the file one value of the last record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quoting {
+    /// At the start of a field (or of a record): a quote here opens a quoted field.
+    FieldStart,
+    /// In an unquoted field, where quotes are ordinary bytes.
+    Unquoted,
+    Quoted,
+    /// In a quoted field, just after a quote: a second one is a quote in the value,
+    /// anything else ends the quoting.
+    QuoteInQuoted,
+    /// In a quoted field, just after the escape byte.
+    Escaped,
+}
+
+#[derive(Clone, Copy)]
+struct QuoteRules {
+    delimiter: u8,
+    quote: u8,
+    escape: Option<u8>,
+}
+
+impl Quoting {
+    /// The state after `bytes`. Outside quotes only a quote can change what follows,
+    /// and inside them only a quote or the escape byte, so the scan jumps from one to
+    /// the next: most text has few quotes, and this costs little more than reading it.
+    fn after(mut self, bytes: &[u8], rules: QuoteRules) -> Self {
+        let ends_field = |byte: u8| byte == rules.delimiter || byte == b'\n' || byte == b'\r';
+        let mut at = 0;
+        while at < bytes.len() {
+            let rest = &bytes[at..];
+            match self {
+                Quoting::FieldStart | Quoting::Unquoted => {
+                    let Some(quote) = memchr::memchr(rules.quote, rest) else {
+                        // Whether the next byte starts a field is up to the last one.
+                        let last = bytes[bytes.len() - 1];
+                        return if ends_field(last) {
+                            Quoting::FieldStart
+                        } else {
+                            Quoting::Unquoted
+                        };
+                    };
+                    let at_field_start = if quote == 0 {
+                        self == Quoting::FieldStart
+                    } else {
+                        ends_field(rest[quote - 1])
+                    };
+                    // A quote inside an unquoted field is an ordinary byte.
+                    self = if at_field_start {
+                        Quoting::Quoted
+                    } else {
+                        Quoting::Unquoted
+                    };
+                    at += quote + 1;
+                }
+                Quoting::Quoted => {
+                    let next = match rules.escape {
+                        Some(escape) => memchr::memchr2(rules.quote, escape, rest),
+                        None => memchr::memchr(rules.quote, rest),
+                    };
+                    let Some(next) = next else {
+                        return self;
+                    };
+                    self = if rest[next] == rules.quote {
+                        Quoting::QuoteInQuoted
+                    } else {
+                        Quoting::Escaped
+                    };
+                    at += next + 1;
+                }
+                Quoting::QuoteInQuoted => {
+                    self = if rest[0] == rules.quote {
+                        Quoting::Quoted
+                    } else if ends_field(rest[0]) {
+                        Quoting::FieldStart
+                    } else {
+                        Quoting::Unquoted
+                    };
+                    at += 1;
+                }
+                Quoting::Escaped => {
+                    self = Quoting::Quoted;
+                    at += 1;
+                }
+            }
+        }
+        self
+    }
+
+    fn is_open(self) -> bool {
+        matches!(self, Quoting::Quoted | Quoting::Escaped)
+    }
+}
+
+/// Passes the text through unchanged, following its quoting (see [`Quoting`]); at the
+/// end of the text it records whether a quoted field was left open.
+struct QuoteWatch {
+    inner: Pin<Box<dyn AsyncRead + Send>>,
+    quoting: Quoting,
+    rules: QuoteRules,
+    open_at_end: Arc<AtomicBool>,
+}
+
+impl AsyncRead for QuoteWatch {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = self.inner.as_mut().poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &poll {
+            let added = &buf.filled()[before..];
+            if added.is_empty() {
+                if buf.remaining() > 0 {
+                    self.open_at_end
+                        .store(self.quoting.is_open(), Ordering::Relaxed);
+                }
+            } else {
+                let rules = self.rules;
+                self.quoting = self.quoting.after(added, rules);
+            }
+        }
+        poll
+    }
+}
+
 /// Turns an I/O error under the parser into a decode error, keeping a failed fetch
 /// (object changed, store down) and a decompression problem visible as what they are.
 pub fn read_error(file: &str, byte: u64, error: std::io::Error) -> DecodeError {
@@ -345,6 +477,10 @@ pub struct CsvDecoder {
     /// Without a header: the first record, read to count the columns and returned
     /// again as the first data row.
     pending: Option<ByteRecord>,
+    /// Set at the end of the text when a quoted field was still open (see [`Quoting`]).
+    quote_open_at_end: Arc<AtomicBool>,
+    /// Where the last record read started (byte, line): a quote left open is in it.
+    last_record: (u64, u64),
 }
 
 impl CsvDecoder {
@@ -408,8 +544,21 @@ impl CsvDecoder {
             since_record: since_record.clone(),
             limit: max_record_bytes,
         };
-        let mut decoder = Self::new(Box::pin(limited), file, start, format);
+        // A resumed read starts at a record's first byte, where no quote is open.
+        let quote_open_at_end = Arc::new(AtomicBool::new(false));
+        let watched = QuoteWatch {
+            inner: Box::pin(limited),
+            quoting: Quoting::FieldStart,
+            rules: QuoteRules {
+                delimiter: format.delimiter.unwrap_or(b','),
+                quote: format.quote,
+                escape: format.escape,
+            },
+            open_at_end: quote_open_at_end.clone(),
+        };
+        let mut decoder = Self::new(Box::pin(watched), file, start, format);
         decoder.since_record = since_record;
+        decoder.quote_open_at_end = quote_open_at_end;
         decoder.sniffed = sniffed;
         Ok(decoder)
     }
@@ -439,6 +588,8 @@ impl CsvDecoder {
             format,
             sniffed: false,
             pending: None,
+            quote_open_at_end: Arc::new(AtomicBool::new(false)),
+            last_record: (start.byte, start.line),
         }
     }
 
@@ -515,6 +666,16 @@ impl CsvDecoder {
                 // The parser reads ahead by at most its buffer, so counting from here on
                 // bounds the next record's length.
                 self.since_record.store(0, Ordering::Relaxed);
+                if more {
+                    self.last_record = self.start.position_of(record);
+                } else if self.quote_open_at_end.load(Ordering::Relaxed) {
+                    let (byte, line) = self.last_record;
+                    return Err(DecodeError::UnterminatedQuote {
+                        file: self.file.clone(),
+                        line,
+                        byte,
+                    });
+                }
                 Ok(more)
             }
             Err(error) => Err(match error.into_kind() {
@@ -707,6 +868,118 @@ mod tests {
             matches!(error, DecodeError::RecordTooLong { byte: 8, .. }),
             "{error}"
         );
+    }
+
+    /// Reads every record of `data` with `format`; how many there were, or the first
+    /// error.
+    async fn read_to_end(data: &'static [u8], format: CsvFormat) -> Result<usize, DecodeError> {
+        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20, format).await?;
+        let mut records = 0;
+        while decoder.next_record().await?.is_some() {
+            records += 1;
+        }
+        Ok(records)
+    }
+
+    #[tokio::test]
+    async fn a_quote_left_open_to_the_end_is_refused_naming_the_record_it_opens_in() {
+        // Without the check the parser gives three records, the last one "2" and the
+        // rest of the file as its value.
+        let data: &'static [u8] = b"id,name\n1,a\n2,\"open\n3,c\n4,d\n";
+        let error = read_to_end(data, CsvFormat::default()).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DecodeError::UnterminatedQuote {
+                    line: 3,
+                    byte: 12,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "t.csv: line 3, byte 12: a quoted field in this record is never closed; \
+             the parser would take the rest of the file as its value (is a quote left open?)"
+        );
+        // In the header, and with CRLF line ends and an escape byte before the end.
+        for (data, escape) in [
+            (&b"\"id,name\n1,a\n"[..], None),
+            (b"id,name\r\n1,\"a\r\n", None),
+            (b"id,name\n1,\"a\\\"", Some(b'\\')),
+        ] {
+            let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
+            let format = CsvFormat {
+                escape,
+                ..CsvFormat::default()
+            };
+            let error = read_to_end(data, format).await.unwrap_err();
+            assert!(
+                matches!(error, DecodeError::UnterminatedQuote { .. }),
+                "{:?}: {error}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+
+    #[test]
+    fn the_quoting_is_the_same_however_the_text_is_split_into_reads() {
+        let rules = QuoteRules {
+            delimiter: b',',
+            quote: b'"',
+            escape: Some(b'\\'),
+        };
+        for data in [
+            &b"a,b\n1,\"x,\"\"y\"\n"[..],
+            b"a,\"b\n5\" x,\"\\\"\"\r\n\"",
+            b"\"\",\"\"\"\",x\"\"\n\"open",
+            b"x\"y,\"z\\",
+        ] {
+            let whole = Quoting::FieldStart.after(data, rules);
+            for split in 0..=data.len() {
+                let (head, tail) = data.split_at(split);
+                let parts = Quoting::FieldStart.after(head, rules).after(tail, rules);
+                assert_eq!(
+                    parts,
+                    whole,
+                    "{:?} split at {split}",
+                    String::from_utf8_lossy(data)
+                );
+            }
+            let bytewise = data.iter().fold(Quoting::FieldStart, |state, byte| {
+                state.after(&[*byte], rules)
+            });
+            assert_eq!(bytewise, whole, "{:?}", String::from_utf8_lossy(data));
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_doubled_escaped_and_mid_field_quotes_are_not_taken_for_open_ones() {
+        for (data, escape, records) in [
+            (&b"a,b\n1,\"x\"\n"[..], None, 2),
+            (b"a,b\n1,\"x\"", None, 2),
+            (b"a,b\n1,\"say \"\"hi\"\"\"\n", None, 2),
+            (b"a,b\n1,\"x\"\"\"", None, 2),
+            (b"a,b\n5\" pipe,\"ok\"\n", None, 2),
+            (b"a,b\n1,x\"\n2,\"y\"z\n", None, 3),
+            (b"a,b\r\n\"1\r\n2\",\"\"\r\n", None, 2),
+            (b"a,b\n1,\"x\\\"y\"\n", Some(b'\\'), 2),
+            (b"a,b\n1,\"x\\\\\"", Some(b'\\'), 2),
+        ] {
+            let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
+            let format = CsvFormat {
+                escape,
+                ..CsvFormat::default()
+            };
+            let read = read_to_end(data, format).await;
+            assert_eq!(
+                read.map_err(|error| error.to_string()),
+                Ok(records),
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
     }
 
     #[tokio::test]

@@ -61,6 +61,11 @@ pub enum DecodeError {
          (IMPORT_MAX_RECORD_BYTES); is a quote left open there?"
     )]
     RecordTooLong { file: String, byte: u64, limit: u64 },
+    #[error(
+        "{file}: line {line}, byte {byte}: a quoted field in this record is never closed; \
+         the parser would take the rest of the file as its value (is a quote left open?)"
+    )]
+    UnterminatedQuote { file: String, line: u64, byte: u64 },
     #[error("{file}: the zip {problem}")]
     Archive { file: String, problem: String },
     #[error("{file}: {problem}")]
