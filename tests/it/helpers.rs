@@ -299,6 +299,23 @@ impl TestApp {
         result.expect("import succeeds")
     }
 
+    /// Imports `key` expecting a failure; checks that the run is `failed` with the
+    /// same message a person would read, and returns that message.
+    pub async fn import_fails(&self, dataset: &str, key: &str) -> String {
+        let (run_id, result) = self.import_with(test_settings(), dataset, key, false).await;
+        let message = match result {
+            Ok(summary) => panic!("the import of {key} succeeded: {summary:?}"),
+            Err(error) => error.to_string(),
+        };
+        let (status, stored, _) = self.run_state(run_id).await;
+        assert_eq!(
+            (status.as_str(), stored.as_deref()),
+            ("failed", Some(message.as_str())),
+            "the run of {key}"
+        );
+        message
+    }
+
     /// The one way tests start `dsa-ingest`: a child process pointed at this test's
     /// services, logging warnings, with no standard input. Callers add arguments and
     /// settings (a later `env` of the same name wins).

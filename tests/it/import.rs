@@ -310,11 +310,8 @@ async fn a_quote_left_open_to_the_end_fails_the_run_naming_its_line_and_main_sta
     }
     app.put("people.csv", csv).await;
 
-    let (run_id, result) = app
-        .import_with(test_settings(), "people", "people.csv", false)
-        .await;
+    let message = app.import_fails("people", "people.csv").await;
 
-    let message = result.unwrap_err().to_string();
     assert_eq!(
         message,
         format!(
@@ -322,11 +319,6 @@ async fn a_quote_left_open_to_the_end_fails_the_run_naming_its_line_and_main_sta
              closed; the parser would take the rest of the file as its value (is a quote left \
              open?)"
         )
-    );
-    let (status, stored, _) = app.run_state(run_id).await;
-    assert_eq!(
-        (status.as_str(), stored.as_deref()),
-        ("failed", Some(message.as_str()))
     );
     let main: String = sqlx::query_scalar(
         "SELECT r.commit_id FROM dsa_core.refs r JOIN dsa_core.datasets d ON d.id = r.dataset_id
@@ -344,19 +336,11 @@ async fn a_ragged_row_fails_the_run_naming_its_line_and_byte() {
     let csv = b"a,b\n1,2\n\"multi\nline\",3\n4,5,6\n7,8\n".to_vec();
     app.put("ragged.csv", csv).await;
 
-    let (run_id, result) = app
-        .import_with(test_settings(), "ragged", "ragged.csv", false)
-        .await;
+    let message = app.import_fails("ragged", "ragged.csv").await;
 
-    let message = result.unwrap_err().to_string();
     assert_eq!(
         message,
         "ragged.csv: line 5, byte 23: expected 2 fields as in the header, found 3"
-    );
-    let (status, stored, _) = app.run_state(run_id).await;
-    assert_eq!(
-        (status.as_str(), stored.as_deref()),
-        ("failed", Some(message.as_str()))
     );
 }
 
@@ -546,19 +530,11 @@ async fn an_unterminated_quote_fails_the_run_before_memory_runs_away() {
     csv.extend(std::iter::repeat_n(b'x', 3 << 20));
     app.put("open-quote.csv", csv).await;
 
-    let (run_id, result) = app
-        .import_with(test_settings(), "open-quote", "open-quote.csv", false)
-        .await;
+    let message = app.import_fails("open-quote", "open-quote.csv").await;
 
-    let message = result.unwrap_err().to_string();
     assert_eq!(
         message,
         "open-quote.csv: the record starting at byte 8 is longer than 1048576 bytes \
          (IMPORT_MAX_RECORD_BYTES); is a quote left open there?"
-    );
-    let (status, stored, _) = app.run_state(run_id).await;
-    assert_eq!(
-        (status.as_str(), stored.as_deref()),
-        ("failed", Some(message.as_str()))
     );
 }
