@@ -298,8 +298,19 @@ pub struct Importer {
     /// the database being away: run id to fencing token. Its own live lease would keep
     /// the retry out of the run until it expired, since this process is alive; the
     /// retry releases it first, which the token makes a no-op if anyone claimed since.
-    /// The note is the pause's reason, which the release records on the run.
-    unreleased: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, (i64, String)>>>,
+    /// The note is the pause's reason, which the release records on the run. An entry
+    /// older than the lease's duration is dropped: that lease has run out by then, and
+    /// a claim takes its own expired lease back without a release.
+    unreleased: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, GivenUpLease>>>,
+}
+
+/// A lease an import gave up on a pause but could not release (see
+/// [`Importer::unreleased`]).
+#[derive(Clone)]
+struct GivenUpLease {
+    token: i64,
+    note: String,
+    at: Instant,
 }
 
 impl Importer {
@@ -389,10 +400,17 @@ impl Importer {
                     runs::release(&self.pool, run_id, token, &error.to_string()).await
                 {
                     tracing::warn!(run.id = %run_id, error = %release, "could not release the lease; a retry here releases it first, elsewhere it expires on its own");
-                    self.unreleased
-                        .lock()
-                        .unwrap()
-                        .insert(run_id, (token, error.to_string()));
+                    let lease_duration = self.settings.lease_duration;
+                    let mut unreleased = self.unreleased.lock().unwrap();
+                    unreleased.retain(|_, given_up| given_up.at.elapsed() < lease_duration);
+                    unreleased.insert(
+                        run_id,
+                        GivenUpLease {
+                            token,
+                            note: error.to_string(),
+                            at: Instant::now(),
+                        },
+                    );
                 }
             } else if error.fails_the_run() {
                 tracing::error!(run.id = %run_id, error = %error, "import failed");
@@ -419,7 +437,9 @@ impl Importer {
     /// database's error (a transient one, retried like a failed claim): claiming would
     /// find this process's own lease live and wait for it to expire.
     async fn release_given_up_lease(&self, run_id: Uuid) -> Result<(), ImportError> {
-        let Some((token, note)) = self.unreleased.lock().unwrap().get(&run_id).cloned() else {
+        let Some(GivenUpLease { token, note, .. }) =
+            self.unreleased.lock().unwrap().get(&run_id).cloned()
+        else {
             return Ok(());
         };
         let released = runs::release(&self.pool, run_id, token, &note)
