@@ -229,6 +229,27 @@ impl CsvStart {
     }
 }
 
+/// The delimiter a first line `sep=X` names (any case of `sep`), and the length of
+/// that line with its line end.
+fn separator_line(buffer: &[u8]) -> Option<(u8, usize)> {
+    let (name, rest) = buffer.split_at_checked(4)?;
+    if !name.eq_ignore_ascii_case(b"sep=") {
+        return None;
+    }
+    let (&delimiter, end) = rest.split_first()?;
+    if delimiter == b'\r' || delimiter == b'\n' {
+        return None;
+    }
+    let line_end = match end {
+        [] => 0,
+        [b'\n', ..] => 1,
+        [b'\r', b'\n', ..] => 2,
+        [b'\r', ..] => 1,
+        _ => return None,
+    };
+    Some((delimiter, 5 + line_end))
+}
+
 /// Whether the first line in `buffer` ends in CRLF.
 fn first_line_ends_in_crlf(buffer: &[u8]) -> bool {
     buffer
@@ -531,6 +552,15 @@ impl CsvDecoder {
                 top.drain(..UTF8_BOM.len());
                 start.byte = UTF8_BOM.len() as u64;
             }
+            // Excel, and tools that write for it, may name the delimiter on a first
+            // line of its own, `sep=;`: a directive, not the header. A delimiter given
+            // with the import still wins.
+            if let Some((delimiter, length)) = separator_line(&top) {
+                top.drain(..length);
+                start.byte += length as u64;
+                start.line += 1;
+                format.delimiter.get_or_insert(delimiter);
+            }
             start.crlf = first_line_ends_in_crlf(&top);
             if format.delimiter.is_none() {
                 format.delimiter = Some(sniff_delimiter(&top, format.quote, complete));
@@ -807,6 +837,56 @@ mod tests {
         assert_eq!((rest[0].byte, rest[0].line), (19, 4));
         assert_eq!(&rest[0].record[1], b"e");
         assert_eq!(end, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn an_excel_separator_line_names_the_delimiter_and_is_not_the_header() {
+        let data: &'static [u8] = b"\xEF\xBB\xBFsep=;\r\nid;name\r\n1;\"a;b\"\r\n2;c\r\n";
+        let mut decoder = CsvDecoder::open(
+            Box::pin(data),
+            "t.csv",
+            top(),
+            1 << 20,
+            CsvFormat {
+                delimiter: None,
+                ..CsvFormat::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(decoder.delimiter(), (b';', false));
+        let header = decoder.read_header(4096).await.unwrap();
+        assert_eq!(header.columns, vec!["id", "name"]);
+        assert!(header.crlf);
+        let first = decoder.next_record().await.unwrap().unwrap();
+        // The file's own lines and bytes: BOM 3, `sep=;` line 7, header 9.
+        assert_eq!((first.byte, first.line), (19, 3));
+        assert_eq!(&first.record[1], b"a;b");
+        let second = decoder.next_record().await.unwrap().unwrap();
+        assert_eq!((second.byte, second.line), (28, 4));
+        assert!(decoder.next_record().await.unwrap().is_none());
+
+        // Lines that only look like one, and a delimiter given with the import.
+        assert_eq!(separator_line(b"SEP=|\nx"), Some((b'|', 6)));
+        assert_eq!(separator_line(b"sep=\t"), Some((b'\t', 5)));
+        assert_eq!(separator_line(b"sep=;;\n"), None);
+        assert_eq!(separator_line(b"sep=\n"), None);
+        assert_eq!(separator_line(b"separator\n"), None);
+        let data: &'static [u8] = b"sep=;\na,b\n1,2\n";
+        let mut decoder = CsvDecoder::open(
+            Box::pin(data),
+            "t.csv",
+            top(),
+            1 << 20,
+            CsvFormat::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(decoder.delimiter(), (b',', false));
+        assert_eq!(
+            decoder.read_header(4096).await.unwrap().columns,
+            vec!["a", "b"]
+        );
     }
 
     #[tokio::test]
