@@ -798,6 +798,13 @@ mod tests {
         (records, end)
     }
 
+    /// A decoder over the whole of `data`, from its top.
+    async fn open_at_top(data: &'static [u8], format: CsvFormat) -> CsvDecoder {
+        CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20, format)
+            .await
+            .unwrap()
+    }
+
     fn top() -> CsvStart {
         CsvStart {
             byte: 0,
@@ -810,15 +817,7 @@ mod tests {
     #[tokio::test]
     async fn positions_are_absolute_and_resumable_with_bom_crlf_and_embedded_newlines() {
         let data: &'static [u8] = b"\xEF\xBB\xBFh1,h2\r\n\"a\nb\",c\r\nd,e\r\n";
-        let mut decoder = CsvDecoder::open(
-            Box::pin(data),
-            "t.csv",
-            top(),
-            1 << 20,
-            CsvFormat::default(),
-        )
-        .await
-        .unwrap();
+        let mut decoder = open_at_top(data, CsvFormat::default()).await;
         let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["h1", "h2"]);
         assert!(header.crlf);
@@ -842,18 +841,14 @@ mod tests {
     #[tokio::test]
     async fn an_excel_separator_line_names_the_delimiter_and_is_not_the_header() {
         let data: &'static [u8] = b"\xEF\xBB\xBFsep=;\r\nid;name\r\n1;\"a;b\"\r\n2;c\r\n";
-        let mut decoder = CsvDecoder::open(
-            Box::pin(data),
-            "t.csv",
-            top(),
-            1 << 20,
+        let mut decoder = open_at_top(
+            data,
             CsvFormat {
                 delimiter: None,
                 ..CsvFormat::default()
             },
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(decoder.delimiter(), (b';', false));
         let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["id", "name"]);
@@ -873,15 +868,7 @@ mod tests {
         assert_eq!(separator_line(b"sep=\n"), None);
         assert_eq!(separator_line(b"separator\n"), None);
         let data: &'static [u8] = b"sep=;\na,b\n1,2\n";
-        let mut decoder = CsvDecoder::open(
-            Box::pin(data),
-            "t.csv",
-            top(),
-            1 << 20,
-            CsvFormat::default(),
-        )
-        .await
-        .unwrap();
+        let mut decoder = open_at_top(data, CsvFormat::default()).await;
         assert_eq!(decoder.delimiter(), (b',', false));
         assert_eq!(
             decoder.read_header(4096).await.unwrap().columns,
@@ -892,15 +879,7 @@ mod tests {
     #[tokio::test]
     async fn a_byte_order_mark_before_a_quoted_header_cell_is_not_part_of_it() {
         let data: &'static [u8] = b"\xEF\xBB\xBF\"id, with comma\",b\r\n1,2\r\n";
-        let mut decoder = CsvDecoder::open(
-            Box::pin(data),
-            "t.csv",
-            top(),
-            1 << 20,
-            CsvFormat::default(),
-        )
-        .await
-        .unwrap();
+        let mut decoder = open_at_top(data, CsvFormat::default()).await;
         let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["id, with comma", "b"]);
         let first = decoder.next_record().await.unwrap().unwrap();
@@ -910,15 +889,7 @@ mod tests {
     #[tokio::test]
     async fn a_nul_in_a_header_name_is_refused_naming_the_column() {
         let data: &'static [u8] = b"a,b\x00\n1,2\n";
-        let mut decoder = CsvDecoder::open(
-            Box::pin(data),
-            "t.csv",
-            top(),
-            1 << 20,
-            CsvFormat::default(),
-        )
-        .await
-        .unwrap();
+        let mut decoder = open_at_top(data, CsvFormat::default()).await;
         let error = decoder.read_header(4096).await.unwrap_err().to_string();
         assert_eq!(
             error,
@@ -931,15 +902,7 @@ mod tests {
         let mut data = b"a,b\n1,2\n3,\"open".to_vec();
         data.extend(std::iter::repeat_n(b'x', 4 << 20));
         let data: &'static [u8] = Box::leak(data.into_boxed_slice());
-        let mut decoder = CsvDecoder::open(
-            Box::pin(data),
-            "t.csv",
-            top(),
-            1 << 20,
-            CsvFormat::default(),
-        )
-        .await
-        .unwrap();
+        let mut decoder = open_at_top(data, CsvFormat::default()).await;
         decoder.read_header(4096).await.unwrap();
         let mut record = ByteRecord::new();
         assert!(decoder.read_record(&mut record).await.unwrap());
@@ -1116,9 +1079,7 @@ mod tests {
             header: false,
             ..CsvFormat::default()
         };
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20, format)
-            .await
-            .unwrap();
+        let mut decoder = open_at_top(data, format).await;
         assert_eq!(decoder.delimiter(), (b';', true));
         let header = decoder.read_header(4096).await.unwrap();
         assert_eq!(header.columns, vec!["column_1", "column_2"]);
