@@ -511,9 +511,12 @@ def _():
             raise RuntimeError(f"scripts/services exited {done.returncode}:\n{done.stderr}")
         return done
 
+    # As scripts/services does it: root runs the cluster tools itself, anyone else
+    # through sudo without a password prompt.
+    as_root = [] if os.geteuid() == 0 else ["sudo", "-n"]
     # A Debian cluster as a fresh install leaves it: stopped, and asking loopback
     # clients for a password.
-    run_tool("pg_createcluster", version, cluster, "-p", str(pg_port))
+    run_tool(*as_root, "pg_createcluster", version, cluster, "-p", str(pg_port))
     try:
         first = services()
         for step in ("starting PostgreSQL cluster", "setting trust authentication",
@@ -553,10 +556,12 @@ def _():
     finally:
         stop_processes_of(home)
         shutil.rmtree(home, ignore_errors=True)
-        subprocess.run(["pg_dropcluster", "--stop", version, cluster], capture_output=True, stdin=subprocess.DEVNULL)
+        subprocess.run([*as_root, "pg_dropcluster", "--stop", version, cluster], capture_output=True,
+                       stdin=subprocess.DEVNULL)
         # pg_dropcluster leaves the configuration directory behind when it holds a file
         # it did not write (the pg_hba.conf.orig that scripts/services keeps).
-        shutil.rmtree(Path("/etc/postgresql") / version / cluster, ignore_errors=True)
+        subprocess.run([*as_root, "rm", "-rf", str(Path("/etc/postgresql") / version / cluster)],
+                       capture_output=True, stdin=subprocess.DEVNULL)
 
 
 print(f"{len(passed)} passed, {len(failed)} failed")
