@@ -402,20 +402,27 @@ def stop_processes_of(home: Path) -> None:
             time.sleep(0.1)
 
 
-@check("scripts/services starts a second Garage for a fresh DSA_DEV_HOME on a busy machine, first time")
-def _():
+def fresh_dev_home(extra_ports: int = 0) -> tuple[Path, dict[str, str], list[int]]:
+    """A new DSA_DEV_HOME and the environment that runs scripts/services for it, with a
+    Garage of its own on three free ports; returns those ports, then `extra_ports` more."""
     garage = installed_garage()
     home = Path(tempfile.mkdtemp(prefix="dsa-dev-home-"))
-    s3_port, rpc_port, admin_port = free_ports(3)
+    ports = free_ports(3 + extra_ports)
     env = {
         **os.environ,
         "DSA_DEV_HOME": str(home),
-        "DSA_GARAGE_S3_PORT": str(s3_port),
-        "DSA_GARAGE_RPC_PORT": str(rpc_port),
-        "DSA_GARAGE_ADMIN_PORT": str(admin_port),
+        "DSA_GARAGE_S3_PORT": str(ports[0]),
+        "DSA_GARAGE_RPC_PORT": str(ports[1]),
+        "DSA_GARAGE_ADMIN_PORT": str(ports[2]),
         # The installed binary comes first, so the script finds it before anything else.
         "PATH": f"{Path(garage).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    return home, env, ports
+
+
+@check("scripts/services starts a second Garage for a fresh DSA_DEV_HOME on a busy machine, first time")
+def _():
+    home, env, (s3_port, rpc_port, admin_port) = fresh_dev_home()
     # Startup detection once failed when the server was slow to exec: the starter
     # first closes every descriptor it inherited. Every core kept busy, and as many
     # inherited descriptors as a CI runner may leave open, make a slow start the rule
@@ -476,31 +483,18 @@ def _():
         shutil.rmtree(home, ignore_errors=True)
 
 
-
 def pg_setting(port: int, query: str) -> str:
-    return subprocess.run(
-        ["psql", "-w", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres", "-tAc", query],
-        capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL,
-    ).stdout.strip()
+    return run_tool("psql", "-w", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres",
+                    "-tAc", query).strip()
 
 
 @check("DSA_PG_TUNED=1 scripts/services starts, trusts and tunes a stopped cluster of its own, restarting it once")
 def _():
-    garage = installed_garage()
     version = sorted(os.listdir("/usr/lib/postgresql"), key=lambda v: [int(p) for p in v.split(".")])[-1]
-    pg_port, s3_port, rpc_port, admin_port = free_ports(4)
+    home, env, ports = fresh_dev_home(extra_ports=1)
+    pg_port = ports[3]
     cluster = f"dsa-tuned-{pg_port}"
-    home = Path(tempfile.mkdtemp(prefix="dsa-dev-home-"))
-    env = {
-        **os.environ,
-        "DSA_DEV_HOME": str(home),
-        "DSA_PG_PORT": str(pg_port),
-        "DSA_PG_TUNED": "1",
-        "DSA_GARAGE_S3_PORT": str(s3_port),
-        "DSA_GARAGE_RPC_PORT": str(rpc_port),
-        "DSA_GARAGE_ADMIN_PORT": str(admin_port),
-        "PATH": f"{Path(garage).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env.update({"DSA_PG_PORT": str(pg_port), "DSA_PG_TUNED": "1"})
 
     def services() -> subprocess.CompletedProcess:
         done = subprocess.run(

@@ -916,7 +916,7 @@ mod tests {
     /// Reads every record of `data` with `format`; how many there were, or the first
     /// error.
     async fn read_to_end(data: &'static [u8], format: CsvFormat) -> Result<usize, DecodeError> {
-        let mut decoder = CsvDecoder::open(Box::pin(data), "t.csv", top(), 1 << 20, format).await?;
+        let mut decoder = open_at_top(data, format).await;
         let mut records = 0;
         while decoder.next_record().await?.is_some() {
             records += 1;
@@ -952,7 +952,6 @@ mod tests {
             (b"id,name\r\n1,\"a\r\n", None),
             (b"id,name\n1,\"a\\\"", Some(b'\\')),
         ] {
-            let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
             let format = CsvFormat {
                 escape,
                 ..CsvFormat::default()
@@ -1010,7 +1009,6 @@ mod tests {
             (b"a,b\n1,\"x\\\"y\"\n", Some(b'\\'), 2),
             (b"a,b\n1,\"x\\\\\"", Some(b'\\'), 2),
         ] {
-            let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
             let format = CsvFormat {
                 escape,
                 ..CsvFormat::default()
