@@ -16,7 +16,7 @@ pub const SET_SORT_MEMORY: &str = "SET LOCAL work_mem = '256MB'";
 /// The schema, embedded in the binary so `dsa-ingest migrate` needs no files beside it.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// Opens a small pool; an import holds one connection for its whole run.
+/// Opens a small pool; an import holds up to three connections (see `import::load`).
 pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     let options: PgConnectOptions = database_url.parse()?;
     // Statement logging at INFO would print every batch's SQL; keep it for debugging.

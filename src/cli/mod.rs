@@ -201,11 +201,12 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_env()?;
-    // An import holds two connections (loader and look-up); the consumer's own
-    // queries and the relay need a few more.
+    // An import holds three connections (its look-up, and the two batches in flight:
+    // one committing while the next stores its rows); the consumer's own queries and
+    // the relay need a few more.
     let connections = match cli.command {
-        Command::Consume => 2 * settings.parallel_workers as u32 + 4,
-        _ => 4,
+        Command::Consume => 3 * settings.parallel_workers as u32 + 4,
+        _ => 5,
     };
     let pool = db::connect(settings.database_url.expose(), connections)
         .await

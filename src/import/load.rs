@@ -1,15 +1,16 @@
-//! Stage `load`: one batch, one transaction: COPY the batch into a session-local staging
-//! table, insert the rows not stored yet, write the batch's commit_rows, and move the
-//! run's checkpoint, all under the run's lease token.
+//! Stage `load`: one batch, one transaction: store the rows not stored yet, write the
+//! batch's commit_rows, and move the run's checkpoint, all under the run's lease token.
+//! A batch's rows are stored while the batch before it commits, on another connection,
+//! and batches commit in order.
 //!
-//! Because data and checkpoint commit together, a crash loses at most the batch in flight
-//! and a resumed run never loads a row twice.
+//! Because data and checkpoint commit together, a crash loses at most the batches in
+//! flight and a resumed run never loads a row twice.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Acquire, PgPool, Postgres};
+use sqlx::{Acquire, PgPool, Postgres, Transaction};
 use thiserror::Error;
 
 use crate::import::decode::RowProblem;
@@ -92,11 +93,11 @@ impl RowsCopy {
 
     /// Drops the content lines of rows whose hash is in `known`, keeping the others
     /// in order; the commit_rows entries of all rows stay.
-    fn drop_content_of(&mut self, known: &HashSet<RowHash>) {
+    fn drop_content_of(&mut self, known: impl Fn(&RowHash) -> bool) {
         let mut kept = 0;
         let mut start = 0;
         for (hash, &end) in self.hashes.iter().zip(&self.content_ends) {
-            if !known.contains(hash) {
+            if !known(hash) {
                 self.content.copy_within(start..end, kept);
                 kept += end - start;
             }
@@ -259,6 +260,12 @@ fn push_field(bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
+/// The most bytes one COPY message carries. sqlx writes a message whole into the
+/// connection's write buffer, which keeps its largest size for the connection's life:
+/// a batch sent as one message would leave every pooled connection holding a buffer
+/// the size of a batch.
+const COPY_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// Sends `tuples` as one binary COPY stream on a COPY started with `FORMAT binary`.
 async fn send_binary(
     tx: &mut sqlx::Transaction<'_, Postgres>,
@@ -267,7 +274,9 @@ async fn send_binary(
 ) -> Result<u64, sqlx::Error> {
     let mut copy = tx.copy_in_raw(statement).await?;
     copy.send(COPY_BINARY_HEADER).await?;
-    copy.send(tuples).await?;
+    for message in tuples.chunks(COPY_MESSAGE_BYTES) {
+        copy.send(message).await?;
+    }
     copy.send(COPY_BINARY_TRAILER).await?;
     copy.finish().await
 }
@@ -301,9 +310,19 @@ pub struct BatchOutcome {
     pub commit_duration: Duration,
 }
 
-/// Holds one connection for the whole import, with its staging table.
+/// A batch whose rows [`Loader::stage`] has stored in the batch's open transaction;
+/// [`Loader::commit`] writes its snapshot entries and checkpoint and commits it.
+pub struct Staged {
+    tx: Transaction<'static, Postgres>,
+    started: Instant,
+    outcome: BatchOutcome,
+}
+
+/// Writes an import's batches, each in one transaction on a pooled connection of its
+/// own, so that one batch's rows can be stored while the batch before commits (see
+/// [`Loader::stage`]).
 pub struct Loader {
-    conn: PoolConnection<Postgres>,
+    pool: PgPool,
     lease: Lease,
     /// Whether a row whose key an earlier batch had is rejected rather than failing
     /// the import.
@@ -315,20 +334,8 @@ pub struct Loader {
 
 impl Loader {
     pub async fn new(pool: &PgPool, lease: Lease) -> Result<Self, LoadError> {
-        let mut conn = crate::db::acquire(pool).await?;
-        // A temporary table is private to this session, so concurrent imports never see
-        // each other's batches; ON COMMIT DELETE ROWS empties it after every batch.
-        // It takes the same binary COPY stream as `dsa_core.rows`, so its data is jsonb.
-        sqlx::query(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS import_rows (
-                 row_hash bytea NOT NULL,
-                 data jsonb NOT NULL
-             ) ON COMMIT DELETE ROWS",
-        )
-        .execute(&mut *conn)
-        .await?;
         Ok(Self {
-            conn,
+            pool: pool.clone(),
             lease,
             skip_bad_rows: false,
             refuse_keys_of: None,
@@ -347,25 +354,62 @@ impl Loader {
         self
     }
 
-    /// Loads one batch and moves the checkpoint, atomically.
-    ///
-    /// A worker whose lease was taken over learns it here, whatever its batch ran into
-    /// first: the new holder may have written the same ids already, so a stale batch can
-    /// fail on the primary key before it reaches its checkpoint's token check. Any
-    /// failure is therefore reported as [`LoadError::LeaseLost`] when the token is no
-    /// longer ours.
+    /// Loads one batch and moves the checkpoint, atomically: [`Loader::stage`] and
+    /// [`Loader::commit`] one after the other.
     pub async fn load(
-        &mut self,
+        &self,
+        batch: &mut Batch,
+        progress: Option<&Progress>,
+    ) -> Result<BatchOutcome, LoadError> {
+        let staged = self.stage(batch).await?;
+        self.commit(staged, batch, progress).await
+    }
+
+    /// The first half of a batch: begins its transaction and stores the rows the
+    /// look-up did not find (then frees their content). Nothing is visible to others
+    /// until [`Loader::commit`].
+    ///
+    /// A batch may be staged while the batch before it commits on another connection:
+    /// the rows it stores are never the ones that batch stores (the look-up drops
+    /// them, see [`Lookup`]), and it touches neither `commit_rows` nor the run's row,
+    /// so the two never wait for each other. Its commit must wait for that batch's.
+    pub async fn stage(&self, batch: &mut Batch) -> Result<Staged, LoadError> {
+        let staged = self.stage_batch(batch).await;
+        let staged = self.blame_lease(staged).await?;
+        // Only the entries are needed from here on.
+        batch.rows.content = Vec::new();
+        Ok(staged)
+    }
+
+    /// The second half: the batch's `commit_rows` entries, its rejected rows and the
+    /// run's checkpoint (`batch.checkpoint`, which the caller has brought up to date
+    /// with the batches committed since the staging), then COMMIT.
+    ///
+    /// A worker whose lease was taken over learns it here or in [`Loader::stage`],
+    /// whatever its batch ran into first: the new holder may have written the same ids
+    /// already, so a stale batch can fail on the primary key before it reaches its
+    /// checkpoint's token check. Any failure is therefore reported as
+    /// [`LoadError::LeaseLost`] when the token is no longer ours.
+    pub async fn commit(
+        &self,
+        staged: Staged,
         batch: &Batch,
         progress: Option<&Progress>,
     ) -> Result<BatchOutcome, LoadError> {
-        match self.load_batch(batch, progress).await {
+        let outcome = self.commit_batch(staged, batch, progress).await;
+        self.blame_lease(outcome).await
+    }
+
+    /// Turns a failure into [`LoadError::LeaseLost`] when the run's lease token is no
+    /// longer ours.
+    async fn blame_lease<T>(&self, result: Result<T, LoadError>) -> Result<T, LoadError> {
+        match result {
             Err(error) if !matches!(error, LoadError::LeaseLost { .. }) => {
                 let token: Option<i64> = sqlx::query_scalar(
                     "SELECT lease_token FROM dsa_jobs.analysis_runs WHERE id = $1",
                 )
                 .bind(self.lease.run_id)
-                .fetch_optional(&mut *self.conn)
+                .fetch_optional(&self.pool)
                 .await
                 .unwrap_or(Some(self.lease.token));
                 if token.is_some_and(|token| token != self.lease.token) {
@@ -380,24 +424,18 @@ impl Loader {
         }
     }
 
-    async fn load_batch(
-        &mut self,
-        batch: &Batch,
-        progress: Option<&Progress>,
-    ) -> Result<BatchOutcome, LoadError> {
-        let batch_started = Instant::now();
+    async fn stage_batch(&self, batch: &Batch) -> Result<Staged, LoadError> {
+        let started = Instant::now();
         let mut outcome = BatchOutcome::default();
-        let mut repeated: Vec<(String, u64)> = Vec::new();
-        let mut tx = self.conn.begin().await?;
+        let mut tx = crate::db::begin(&self.pool).await?;
         // A batch is safe without waiting for its WAL flush: data and checkpoint commit
         // together, so a batch lost in a crash is simply read again on resume. Only the
         // finalising transaction, which tells the world, waits for durability.
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
-
-        if !batch.rows.is_empty() {
-            let rows = &batch.rows;
+        let rows = &batch.rows;
+        if !rows.is_empty() {
             // gc removes rows no commit references; this batch may reference rows its
             // look-up found stored, so it must not overlap a gc that removed them.
             if !fence_batch(&mut tx, rows.looked_up_at, &rows.relied_on).await? {
@@ -405,13 +443,33 @@ impl Loader {
                     run_id: self.lease.run_id,
                 });
             }
-            let content = rows.content.as_slice();
-            if !content.is_empty() {
+            if !rows.content.is_empty() {
                 let started = Instant::now();
-                outcome.new_rows = store_new_rows(&mut tx, content).await?;
+                outcome.new_rows = store_new_rows(&mut tx, &rows.content).await?;
                 outcome.insert_duration = started.elapsed();
             }
+        }
+        Ok(Staged {
+            tx,
+            started,
+            outcome,
+        })
+    }
 
+    async fn commit_batch(
+        &self,
+        staged: Staged,
+        batch: &Batch,
+        progress: Option<&Progress>,
+    ) -> Result<BatchOutcome, LoadError> {
+        let Staged {
+            mut tx,
+            started: batch_started,
+            mut outcome,
+        } = staged;
+        let mut repeated: Vec<(String, u64)> = Vec::new();
+        if !batch.rows.is_empty() {
+            let rows = &batch.rows;
             let started = Instant::now();
             if rows.keyed.is_empty() {
                 send_binary(
@@ -475,13 +533,13 @@ impl Loader {
     /// Creates the run's commit (unfinalised: `committed_at` stays NULL) together with
     /// the first checkpoint that names it, so a crash never leaves a commit no run knows.
     pub async fn begin_commit(
-        &mut self,
+        &self,
         dataset_id: i64,
         message: &str,
         author_id: Option<&str>,
         checkpoint: &Checkpoint,
     ) -> Result<(), LoadError> {
-        let mut tx = self.conn.begin().await?;
+        let mut tx = crate::db::begin(&self.pool).await?;
         sqlx::query(
             "INSERT INTO dsa_core.commits (commit_id, dataset_id, message, author_id, run_id)
              VALUES ($1, $2, $3, $4, $5)",
@@ -498,9 +556,9 @@ impl Loader {
         Ok(())
     }
 
-    /// The import's connection, for the finalising transaction.
-    pub fn connection(&mut self) -> &mut PoolConnection<Postgres> {
-        &mut self.conn
+    /// A connection for the import's other transactions (its plan, its finalising).
+    pub async fn connection(&self) -> Result<PoolConnection<Postgres>, LoadError> {
+        Ok(crate::db::acquire(&self.pool).await?)
     }
 }
 
@@ -536,6 +594,18 @@ async fn store_new_rows(
             sqlx::query("ROLLBACK TO SAVEPOINT direct_rows")
                 .execute(&mut **tx)
                 .await?;
+            // A temporary table is private to its session, so concurrent imports never
+            // see each other's rows; ON COMMIT DELETE ROWS empties it after the batch.
+            // It takes the same binary COPY stream as `dsa_core.rows`, so its data is
+            // jsonb.
+            sqlx::query(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS import_rows (
+                     row_hash bytea NOT NULL,
+                     data jsonb NOT NULL
+                 ) ON COMMIT DELETE ROWS",
+            )
+            .execute(&mut **tx)
+            .await?;
             send_binary(
                 tx,
                 "COPY import_rows (row_hash, data) FROM STDIN (FORMAT binary)",
@@ -712,24 +782,42 @@ async fn fence_batch(
 /// Hashes looked up to guess whether a batch is mostly new or mostly stored.
 const LOOKUP_SAMPLE: usize = 64;
 
+/// Batches that may be ahead of the database when a batch is looked up: the one
+/// committing, the one being staged beside it, and the one waiting between the look-up
+/// and the loader (see `import::run_batches`).
+const BATCHES_AHEAD: usize = 3;
+
 /// Finds which rows of a batch are stored already, on a connection of its own, so the
-/// look-up of one batch runs while the previous one is loading. Only the content of
+/// look-up of one batch runs while the batches before it load. Only the content of
 /// rows not found is then sent; a row stored between the look-up and the load is
 /// caught by the insert's ON CONFLICT, so a stale answer costs bytes, never correctness.
 pub struct Lookup {
     conn: PoolConnection<Postgres>,
-    /// The hashes of the batch before, which the database may not show yet (it is
-    /// loading while this look-up runs) but which are stored before this batch is:
-    /// batches commit in order, or the import fails.
-    previous_batch: HashSet<RowHash>,
+    /// The hashes of the batches just before, which the database may not show yet
+    /// (they are loading while this look-up runs) but which are stored before this
+    /// batch is: batches commit in order, or the import fails.
+    ahead: VecDeque<HashSet<RowHash>>,
 }
 
 impl Lookup {
     pub async fn new(pool: &PgPool) -> Result<Self, LoadError> {
         Ok(Self {
             conn: crate::db::acquire(pool).await?,
-            previous_batch: HashSet::new(),
+            ahead: VecDeque::with_capacity(BATCHES_AHEAD + 1),
         })
+    }
+
+    /// Whether one of the batches ahead has `hash`.
+    fn ahead_has(&self, hash: &RowHash) -> bool {
+        self.ahead.iter().any(|batch| batch.contains(hash))
+    }
+
+    /// Remembers `rows` as the latest batch ahead of the ones still to be looked up.
+    fn remember(&mut self, rows: &RowsCopy) {
+        if self.ahead.len() == BATCHES_AHEAD {
+            self.ahead.pop_front();
+        }
+        self.ahead.push_back(rows.hashes.iter().copied().collect());
     }
 
     /// Removes the content of rows already stored from `rows`; returns how long it took.
@@ -764,8 +852,8 @@ impl Lookup {
                 .await?;
         if sampled_known == 0 {
             tx.commit().await?;
-            rows.drop_content_of(&self.previous_batch);
-            self.previous_batch = rows.hashes.iter().copied().collect();
+            rows.drop_content_of(|hash| self.ahead_has(hash));
+            self.remember(rows);
             return Ok(started.elapsed());
         }
         let wanted: Vec<&[u8]> = rows.hashes.iter().map(|hash| hash.as_slice()).collect();
@@ -775,14 +863,13 @@ impl Lookup {
                 .fetch_all(&mut *tx)
                 .await?;
         tx.commit().await?;
-        let mut known: HashSet<RowHash> = found
+        let known: HashSet<RowHash> = found
             .into_iter()
             .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
             .collect();
         rows.relied_on = known.iter().copied().collect();
-        known.extend(self.previous_batch.drain());
-        self.previous_batch = rows.hashes.iter().copied().collect();
-        rows.drop_content_of(&known);
+        rows.drop_content_of(|hash| known.contains(hash) || self.ahead_has(hash));
+        self.remember(rows);
         Ok(started.elapsed())
     }
 }
@@ -892,7 +979,7 @@ mod tests {
         let second = vec![vec![0xcd; 32], b"\x01{}".to_vec()];
         assert_eq!(tuples(&copy.content), vec![first.clone(), second]);
         let mut copy = copy;
-        copy.drop_content_of(&HashSet::from([[0xcd; 32]]));
+        copy.drop_content_of(|hash| *hash == [0xcd; 32]);
         assert_eq!(tuples(&copy.content), vec![first]);
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! Two tasks run side by side: a producer reads and decodes the object and hands each
 //! batch's CPU work (canonical JSON, sha256, COPY encoding) to the blocking pool, while
-//! the loader writes the previous batch to PostgreSQL. A bounded channel between them
-//! keeps memory constant whatever the file's size.
+//! the loader writes the batches before to PostgreSQL (one storing its rows while the
+//! one before it commits, see `load`). Bounded channels between them keep memory
+//! constant whatever the file's size.
 
 pub mod decode;
 pub mod fetch;
@@ -40,7 +41,7 @@ use decode::sheet::{self, SheetError, SheetFormat};
 use decode::{DecodeError, Header, HeaderChange};
 use fetch::{FetchError, Fetcher, ObjectInfo};
 use finalise::{CommitFacts, FinaliseError, Finalised, Merge};
-use load::{LoadError, Loader, Lookup};
+use load::{Batch, LoadError, Loader, Lookup, Staged};
 use plan::PlanError;
 use produce::{
     drop_known_rows, produce_batches, produce_json_batches, produce_sheet_batches, CsvRows,
@@ -236,7 +237,7 @@ pub struct StageTimings {
     pub wait_for_batch_ms: u64,
     /// Canonical JSON, sha256 and COPY encoding, on the blocking pool.
     pub decode_hash_ms: u64,
-    /// Looking up which rows are stored already, on the second connection (overlaps
+    /// Looking up which rows are stored already, on a connection of its own (overlaps
     /// the load of the batch before).
     pub lookup_ms: u64,
     /// COPY of the rows not found into `dsa_core.rows` (the dedup insert).
@@ -499,7 +500,9 @@ impl Importer {
             }
             None => {
                 let commit_id = Uuid::new_v4().simple().to_string();
-                let plan = ImportPlan::decide(loader.connection(), dataset_id, &parameters).await?;
+                let plan =
+                    ImportPlan::decide(&mut *loader.connection().await?, dataset_id, &parameters)
+                        .await?;
                 // A spreadsheet's `{sheet}` is each worksheet's name, set as it is read.
                 let sheet = if spreadsheet {
                     String::new()
@@ -763,70 +766,71 @@ impl Importer {
             AbortOnDropHandle::new(looker),
         );
 
-        let mut timings = StageTimings::default();
-        let mut counted_to_byte = resumed_from_byte;
-        let mut rows_this_attempt = 0u64;
-        let mut batches = 0u64;
-        let mut repeated_rows = 0u64;
+        let mut batches = BatchCommitter {
+            loader: &loader,
+            checkpoint,
+            timings: StageTimings::default(),
+            counted_to_byte: resumed_from_byte,
+            rows_this_attempt: 0,
+            batches: 0,
+            repeated_rows: 0,
+            progress_every: self.settings.progress_update_interval,
+            object_size: info.size,
+            started,
+        };
+        // A batch whose rows are stored, waiting for the batch before it to commit.
+        let mut pending: Option<(Batch, Staged)> = None;
         loop {
             if self.is_stopping() {
+                // The staged batch is whole: committing it saves the resume its work.
+                if let Some((batch, staged)) = pending.take() {
+                    batches.commit(batch, staged).await?;
+                }
                 return Err(ImportError::Interrupted);
             }
-            let waited = Instant::now();
-            let Some(next) = receiver.recv().await else {
-                return Err(ImportError::Internal(
-                    "the decoding pipeline stopped before the end of the file".to_owned(),
-                ));
-            };
-            timings.wait_for_batch_ms += waited.elapsed().as_millis() as u64;
-            let mut batch = match next? {
-                Produced::Batch(batch) => *batch,
-                Produced::End => break,
-            };
-            batch.checkpoint.new_rows = checkpoint.new_rows;
-            // Keyed rows the loader found repeated in earlier batches of this attempt;
-            // the producer counted them as loaded.
-            batch.checkpoint.loaded_rows -= repeated_rows;
-            batch.checkpoint.rejected_rows += repeated_rows;
-            batches += 1;
-            let progress = batches
-                .is_multiple_of(self.settings.progress_update_interval)
-                .then(|| {
-                    Progress::new(
-                        &batch.checkpoint,
-                        info.size,
-                        rows_this_attempt + batch.rows.len(),
-                        started.elapsed(),
-                    )
-                });
-            let outcome = loader.load(&batch, progress.as_ref()).await?;
-            rows_this_attempt += batch.rows.len();
-            timings.decode_hash_ms += batch.encode_duration.as_millis() as u64;
-            timings.lookup_ms += batch.lookup_duration.as_millis() as u64;
-            timings.insert_rows_ms += outcome.insert_duration.as_millis() as u64;
-            timings.commit_rows_ms += outcome.commit_rows_duration.as_millis() as u64;
-            timings.checkpoint_commit_ms += outcome.commit_duration.as_millis() as u64;
-            let rows_before = checkpoint.loaded_rows;
-            checkpoint = batch.checkpoint;
-            checkpoint.new_rows += outcome.new_rows;
-            checkpoint.loaded_rows -= outcome.repeated_rows;
-            checkpoint.rejected_rows += outcome.repeated_rows;
-            repeated_rows += outcome.repeated_rows;
-            // Counted as each batch commits, so a long import moves the rates steadily;
-            // a resumed run counts from its checkpoint, so no batch is counted twice.
-            // The first batch's bytes include the header's, read before the loop.
-            crate::metrics::metrics().record_batch_loaded(
-                checkpoint.loaded_rows.saturating_sub(rows_before),
-                checkpoint.byte_offset.saturating_sub(counted_to_byte),
+            // The pending batch commits while the next one arrives and its rows are
+            // stored on another connection.
+            let (committed, next) = tokio::join!(
+                async {
+                    match pending.take() {
+                        Some((batch, staged)) => batches.commit(batch, staged).await,
+                        None => Ok(()),
+                    }
+                },
+                async {
+                    let waited = Instant::now();
+                    let next = receiver.recv().await;
+                    let waited = waited.elapsed();
+                    let mut batch = match next {
+                        None => {
+                            return Err(ImportError::Internal(
+                                "the decoding pipeline stopped before the end of the file"
+                                    .to_owned(),
+                            ))
+                        }
+                        Some(next) => match next? {
+                            Produced::Batch(batch) => *batch,
+                            Produced::End => return Ok((waited, None)),
+                        },
+                    };
+                    let staged = loader.stage(&mut batch).await?;
+                    Ok((waited, Some((batch, staged))))
+                }
             );
-            counted_to_byte = counted_to_byte.max(checkpoint.byte_offset);
-            tracing::debug!(
-                rows = checkpoint.loaded_rows,
-                byte = checkpoint.byte_offset,
-                new_rows = outcome.new_rows,
-                "batch committed"
-            );
+            committed?;
+            let (waited, next) = next?;
+            batches.timings.wait_for_batch_ms += waited.as_millis() as u64;
+            match next {
+                Some(next) => pending = Some(next),
+                None => break,
+            }
         }
+        let BatchCommitter {
+            checkpoint,
+            timings,
+            rows_this_attempt,
+            ..
+        } = batches;
 
         let finalise_started = Instant::now();
         // JSON Lines: the columns grew with the file; the last checkpoint has them all.
@@ -893,7 +897,7 @@ impl Importer {
                 summary.source = source.clone();
             }
         };
-        let done = finalise::finalise(loader.connection(), &lease, facts, |done| {
+        let done = finalise::finalise(&mut *loader.connection().await?, &lease, facts, |done| {
             let mut output = summary.clone();
             complete(&mut output, done);
             serde_json::to_value(output).unwrap_or_else(|_| json!({}))
@@ -910,6 +914,75 @@ impl Importer {
             "import completed"
         );
         Ok(summary)
+    }
+}
+
+/// Commits an attempt's batches in order and keeps its running checkpoint and counts.
+struct BatchCommitter<'a> {
+    loader: &'a Loader,
+    /// The checkpoint of the last batch committed.
+    checkpoint: Checkpoint,
+    timings: StageTimings,
+    counted_to_byte: u64,
+    rows_this_attempt: u64,
+    batches: u64,
+    /// Keyed rows the loader found repeated in earlier batches of this attempt; the
+    /// producer counted them as loaded.
+    repeated_rows: u64,
+    progress_every: u64,
+    object_size: u64,
+    started: Instant,
+}
+
+impl BatchCommitter<'_> {
+    /// Commits a staged batch, its checkpoint first brought up to date with what the
+    /// batches committed before it learnt (the producer cannot know those counts).
+    async fn commit(&mut self, mut batch: Batch, staged: Staged) -> Result<(), ImportError> {
+        batch.checkpoint.new_rows = self.checkpoint.new_rows;
+        batch.checkpoint.loaded_rows -= self.repeated_rows;
+        batch.checkpoint.rejected_rows += self.repeated_rows;
+        self.batches += 1;
+        let progress = self.batches.is_multiple_of(self.progress_every).then(|| {
+            Progress::new(
+                &batch.checkpoint,
+                self.object_size,
+                self.rows_this_attempt + batch.rows.len(),
+                self.started.elapsed(),
+            )
+        });
+        let outcome = self
+            .loader
+            .commit(staged, &batch, progress.as_ref())
+            .await?;
+        self.rows_this_attempt += batch.rows.len();
+        let timings = &mut self.timings;
+        timings.decode_hash_ms += batch.encode_duration.as_millis() as u64;
+        timings.lookup_ms += batch.lookup_duration.as_millis() as u64;
+        timings.insert_rows_ms += outcome.insert_duration.as_millis() as u64;
+        timings.commit_rows_ms += outcome.commit_rows_duration.as_millis() as u64;
+        timings.checkpoint_commit_ms += outcome.commit_duration.as_millis() as u64;
+        let rows_before = self.checkpoint.loaded_rows;
+        let checkpoint = &mut self.checkpoint;
+        *checkpoint = batch.checkpoint;
+        checkpoint.new_rows += outcome.new_rows;
+        checkpoint.loaded_rows -= outcome.repeated_rows;
+        checkpoint.rejected_rows += outcome.repeated_rows;
+        self.repeated_rows += outcome.repeated_rows;
+        // Counted as each batch commits, so a long import moves the rates steadily;
+        // a resumed run counts from its checkpoint, so no batch is counted twice.
+        // The first batch's bytes include the header's, read before the loop.
+        crate::metrics::metrics().record_batch_loaded(
+            checkpoint.loaded_rows.saturating_sub(rows_before),
+            checkpoint.byte_offset.saturating_sub(self.counted_to_byte),
+        );
+        self.counted_to_byte = self.counted_to_byte.max(checkpoint.byte_offset);
+        tracing::debug!(
+            rows = checkpoint.loaded_rows,
+            byte = checkpoint.byte_offset,
+            new_rows = outcome.new_rows,
+            "batch committed"
+        );
+        Ok(())
     }
 }
 

@@ -388,8 +388,8 @@ async fn forward(batch: Result<Batch, ImportError>, sender: &Pipe) -> Option<Che
     }
 }
 
-/// The look-up stage: drops the content of rows already stored from each batch, one
-/// batch ahead of the loader, on a second connection.
+/// The look-up stage: drops the content of rows already stored from each batch, ahead
+/// of the loader, on a connection of its own.
 pub(super) async fn drop_known_rows(
     mut lookup: Lookup,
     mut encoded: mpsc::Receiver<Result<Produced, ImportError>>,
