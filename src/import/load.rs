@@ -565,9 +565,9 @@ impl Loader {
 /// Stores rows that the look-up did not find; returns how many were new.
 ///
 /// The fast way is a COPY straight into `dsa_core.rows`, which works whenever none of
-/// the rows is stored by now. A row stored meanwhile (by the batch before, which the
-/// look-up ran too early to see, or by a concurrent import) makes the COPY fail on the
-/// primary key; the savepoint undoes it and the rows go through the staging table and
+/// the rows is stored by now. A row stored meanwhile (by a concurrent import, or by an
+/// earlier batch of this one when the look-up's sample skipped the full look-up) makes
+/// the COPY fail on the primary key; the savepoint undoes it and the rows go through the staging table and
 /// `ON CONFLICT DO NOTHING` instead. Content arrives sorted by hash and without repeats,
 /// so two imports of the same rows take index locks in one order and never deadlock.
 async fn store_new_rows(

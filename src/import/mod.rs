@@ -233,7 +233,8 @@ pub fn format_of_file_name(file_name: &str) -> &'static str {
 /// Time spent per stage in this attempt, from the service's own clocks.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StageTimings {
-    /// Loader waiting for the next batch: fetch and decode not keeping up.
+    /// Loader waiting for the next batch with nothing left to commit: fetch, decode
+    /// and look-up not keeping up.
     pub wait_for_batch_ms: u64,
     /// Canonical JSON, sha256 and COPY encoding, on the blocking pool.
     pub decode_hash_ms: u64,
@@ -720,8 +721,8 @@ impl Importer {
                 };
                 let dialect = checkpoint.dialect.clone().unwrap_or_default();
 
-                // Both connections are taken before any task starts, so a pool that cannot give
-                // the second fails here, with nothing left running.
+                // The look-up's connection is taken before any task starts, so a pool that
+                // cannot give it fails here, with nothing left running.
                 let key = checkpoint
                     .plan
                     .key_columns(&header, parameters.source.file_name(), None)?
@@ -789,18 +790,21 @@ impl Importer {
                 return Err(ImportError::Interrupted);
             }
             // The pending batch commits while the next one arrives and its rows are
-            // stored on another connection.
+            // stored on another connection. A stop ends the wait for the next batch.
+            let waiting_since = Instant::now();
             let (committed, next) = tokio::join!(
                 async {
-                    match pending.take() {
-                        Some((batch, staged)) => batches.commit(batch, staged).await,
-                        None => Ok(()),
+                    if let Some((batch, staged)) = pending.take() {
+                        batches.commit(batch, staged).await?;
                     }
+                    Ok::<_, ImportError>(Instant::now())
                 },
                 async {
-                    let waited = Instant::now();
-                    let next = receiver.recv().await;
-                    let waited = waited.elapsed();
+                    let next = tokio::select! {
+                        next = receiver.recv() => next,
+                        () = self.stopped() => return Ok((Instant::now(), Arrived::Stopped)),
+                    };
+                    let arrived = Instant::now();
                     let mut batch = match next {
                         None => {
                             return Err(ImportError::Internal(
@@ -810,19 +814,24 @@ impl Importer {
                         }
                         Some(next) => match next? {
                             Produced::Batch(batch) => *batch,
-                            Produced::End => return Ok((waited, None)),
+                            Produced::End => return Ok((arrived, Arrived::End)),
                         },
                     };
                     let staged = loader.stage(&mut batch).await?;
-                    Ok((waited, Some((batch, staged))))
+                    Ok((arrived, Arrived::Batch(Box::new((batch, staged)))))
                 }
             );
-            committed?;
-            let (waited, next) = next?;
-            batches.timings.wait_for_batch_ms += waited.as_millis() as u64;
+            let committed_at = committed?;
+            let (arrived, next) = next?;
+            // The loader waited from the moment it had nothing left to commit.
+            let idle_from = committed_at.max(waiting_since);
+            batches.timings.wait_for_batch_ms +=
+                arrived.saturating_duration_since(idle_from).as_millis() as u64;
             match next {
-                Some(next) => pending = Some(next),
-                None => break,
+                Arrived::Batch(staged) => pending = Some(*staged),
+                Arrived::End => break,
+                // The loop's top returns Interrupted; nothing is pending any more.
+                Arrived::Stopped => {}
             }
         }
         let BatchCommitter {
@@ -915,6 +924,16 @@ impl Importer {
         );
         Ok(summary)
     }
+}
+
+/// What the loader's wait for the next batch ended with.
+enum Arrived {
+    /// A batch, its rows stored in its open transaction.
+    Batch(Box<(Batch, Staged)>),
+    /// The end of the file.
+    End,
+    /// The stop signal, before another batch came.
+    Stopped,
 }
 
 /// Commits an attempt's batches in order and keeps its running checkpoint and counts.
