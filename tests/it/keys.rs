@@ -366,6 +366,39 @@ async fn repeated_empty_and_missing_keys_are_refused_naming_lines() {
 }
 
 #[tokio::test]
+async fn a_batch_that_fails_to_commit_takes_the_batch_stored_beside_it_down() {
+    let app = spawn_app().await;
+    let mut settings = test_settings();
+    settings.batch_size = 2;
+    let importer = app.importer(settings);
+    // The second batch repeats the key of line 2 and fails as it commits, while the
+    // third stores its rows beside it, in a transaction of its own.
+    app.put(
+        "dup.csv",
+        csv(&["id,v", "a,1", "b,2", "c,3", "a,4", "d,5", "e,6"]),
+    )
+    .await;
+
+    let error = keyed_failure(&app, &importer, "d", "dup.csv").await;
+
+    assert!(error.contains("line 5"), "{error}");
+    // Only the first batch committed; the third never does once the second failed.
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT data->>'id' FROM dsa_core.rows ORDER BY 1")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, ["a", "b"]);
+    let loaded: i64 = sqlx::query_scalar(
+        "SELECT (checkpoint->>'loaded_rows')::bigint FROM dsa_jobs.analysis_runs",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(loaded, 2);
+}
+
+#[tokio::test]
 async fn a_composite_key_is_the_canonical_array_of_its_values() {
     let app = spawn_app().await;
     let importer = app.importer(test_settings());
