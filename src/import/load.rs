@@ -333,13 +333,13 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub async fn new(pool: &PgPool, lease: Lease) -> Result<Self, LoadError> {
-        Ok(Self {
+    pub fn new(pool: &PgPool, lease: Lease) -> Self {
+        Self {
             pool: pool.clone(),
             lease,
             skip_bad_rows: false,
             refuse_keys_of: None,
-        })
+        }
     }
 
     /// A keyed row whose key `parent` has already fails the import, naming its line
@@ -352,17 +352,6 @@ impl Loader {
     pub fn skip_bad_rows(mut self, skip: bool) -> Self {
         self.skip_bad_rows = skip;
         self
-    }
-
-    /// Loads one batch and moves the checkpoint, atomically: [`Loader::stage`] and
-    /// [`Loader::commit`] one after the other.
-    pub async fn load(
-        &self,
-        batch: &mut Batch,
-        progress: Option<&Progress>,
-    ) -> Result<BatchOutcome, LoadError> {
-        let staged = self.stage(batch).await?;
-        self.commit(staged, batch, progress).await
     }
 
     /// The first half of a batch: begins its transaction and stores the rows the
@@ -567,8 +556,8 @@ impl Loader {
 /// The fast way is a COPY straight into `dsa_core.rows`, which works whenever none of
 /// the rows is stored by now. A row stored meanwhile (by a concurrent import, or by an
 /// earlier batch of this one when the look-up's sample skipped the full look-up) makes
-/// the COPY fail on the primary key; the savepoint undoes it and the rows go through the staging table and
-/// `ON CONFLICT DO NOTHING` instead. Content arrives sorted by hash and without repeats,
+/// the COPY fail on the primary key; the savepoint undoes it and the rows go through
+/// the staging table and `ON CONFLICT DO NOTHING` instead. Content arrives sorted by hash and without repeats,
 /// so two imports of the same rows take index locks in one order and never deadlock.
 async fn store_new_rows(
     tx: &mut sqlx::Transaction<'_, Postgres>,

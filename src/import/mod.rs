@@ -475,9 +475,8 @@ impl Importer {
                 .into());
             }
         }
-        let mut loader = Loader::new(&self.pool, lease.clone())
-            .await?
-            .skip_bad_rows(parameters.options.skip_bad_rows);
+        let mut loader =
+            Loader::new(&self.pool, lease.clone()).skip_bad_rows(parameters.options.skip_bad_rows);
         let file_name = parameters.source.file_name().to_owned();
         // Spreadsheets are recognised by their content once spooled; the name only
         // decides which reader gets the bytes (and must agree with the content).

@@ -424,9 +424,7 @@ async fn a_worker_whose_lease_was_taken_over_can_no_longer_write() {
         .unwrap();
     assert!(current.lease.token > stale.lease.token);
 
-    let loader = dsa_ingest::import::load::Loader::new(&app.pool, stale.lease.clone())
-        .await
-        .unwrap();
+    let loader = dsa_ingest::import::load::Loader::new(&app.pool, stale.lease.clone());
     let checkpoint =
         dsa_ingest::import::run::Checkpoint::start("stale-commit".into(), None, "data".into());
     let error = loader
