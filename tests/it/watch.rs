@@ -434,10 +434,16 @@ async fn an_ordered_rule_from_a_rules_file_lists_after_the_last_key_and_moves_wh
     app.put("daily/2026-11-01.csv", sample_csv(10, 1)).await;
     app.put("daily/2026-11-02.csv", BAD_CSV.to_vec()).await;
 
-    wait_until(IMPORTED, "both objects moved", || async {
-        exists(&app, "done/2026-11-01.csv").await && exists(&app, "failed/2026-11-02.csv").await
+    // A move is a copy and then a delete: both objects are moved once their records
+    // are settled, and only then is the source sure to be gone.
+    wait_until(IMPORTED, "both objects' records to be settled", || async {
+        app.count("dsa_jobs.watched_objects WHERE key LIKE 'daily/%' AND after_done_at IS NOT NULL")
+            .await
+            == 2
     })
     .await;
+    assert!(exists(&app, "done/2026-11-01.csv").await);
+    assert!(exists(&app, "failed/2026-11-02.csv").await);
     assert!(!exists(&app, "daily/2026-11-01.csv").await);
     assert!(!exists(&app, "daily/2026-11-02.csv").await);
     assert_eq!(commit_rows_of(&app, "daily").await, vec![10]);
