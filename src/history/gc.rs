@@ -13,11 +13,13 @@
 //! while gc deletes under it exclusively. So gc's delete, whose snapshot is taken after
 //! it holds the lock, sees every batch that committed before, and no batch runs while
 //! it deletes: a row a running import stored is referenced by its unfinished commit,
-//! which step 2 counts. The one row an import uses without storing it, one its look-up
-//! found stored already (in an earlier transaction), is covered by the generation in
-//! `dsa_core.gc_state`: gc moves it with its delete, the look-up notes it before it
-//! looks, and a batch that sees it moved checks that its rows are still there, under
-//! the lock, before it writes references to them (`load.rs`'s `fence_batch`).
+//! which step 2 counts. The rows an import uses without storing them (ones its look-up
+//! found stored already, in an earlier transaction, and ones a batch just before it
+//! has, which that batch may have stored without an entry when `--skip-bad-rows`
+//! dropped a repeated key) are covered by the generation in `dsa_core.gc_state`: gc
+//! moves it with its delete, the look-up notes it before it looks, and a batch that
+//! sees it moved checks that those rows are still there, under the lock, before it
+//! writes references to them (`load.rs`'s `still_stored`).
 
 use std::time::Duration;
 

@@ -75,10 +75,12 @@ pub struct RowsCopy {
     /// Keyed rows: each entry's key and line, in the order of `commit_rows`, to name
     /// the rows whose key an earlier batch had already.
     keyed: Vec<(String, u64)>,
-    /// Rows whose content was dropped because the look-up found them stored: the batch
-    /// relies on them without storing them (see [`fence_batch`]).
+    /// Rows whose content was dropped because the look-up found them stored or a batch
+    /// ahead has them: the batch relies on them without storing them (see
+    /// [`still_stored`]).
     relied_on: Vec<RowHash>,
-    /// The gc generation the look-up saw before it looked.
+    /// The gc generation before the look-up of the oldest batch this one relies on:
+    /// a gc since then may have removed a row in `relied_on`.
     looked_up_at: i64,
 }
 
@@ -197,7 +199,7 @@ impl BatchWriter {
 
     /// The batch's streams, with the content lines in row-hash order and each hash once:
     /// the insert sorts
-    /// by hash (see [`Loader::load`]) and PostgreSQL's sort returns at once on input that
+    /// by hash (see [`store_new_rows`]) and PostgreSQL's sort returns at once on input that
     /// is already in order, so the sorting is done here, off the database's core.
     pub fn finish(self) -> RowsCopy {
         let RowsCopy {
@@ -425,13 +427,9 @@ impl Loader {
             .await?;
         let rows = &batch.rows;
         if !rows.is_empty() {
-            // gc removes rows no commit references; this batch may reference rows its
-            // look-up found stored, so it must not overlap a gc that removed them.
-            if !fence_batch(&mut tx, rows.looked_up_at, &rows.relied_on).await? {
-                return Err(LoadError::RowsCollected {
-                    run_id: self.lease.run_id,
-                });
-            }
+            // gc removes rows no commit references; this batch may reference rows it
+            // did not store, so no gc may run until it has committed.
+            hold_gc_fence(&mut tx).await?;
             if !rows.content.is_empty() {
                 let started = Instant::now();
                 outcome.new_rows = store_new_rows(&mut tx, &rows.content).await?;
@@ -459,6 +457,13 @@ impl Loader {
         let mut repeated: Vec<(String, u64)> = Vec::new();
         if !batch.rows.is_empty() {
             let rows = &batch.rows;
+            // Checked here rather than as the batch is staged: the batches before it,
+            // whose rows it may rely on, have all committed by now.
+            if !still_stored(&mut tx, rows.looked_up_at, &rows.relied_on).await? {
+                return Err(LoadError::RowsCollected {
+                    run_id: self.lease.run_id,
+                });
+            }
             let started = Instant::now();
             if rows.keyed.is_empty() {
                 send_binary(
@@ -743,19 +748,25 @@ pub async fn generation(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Erro
 }
 
 /// Called at the start of every import batch transaction, before it writes rows or
-/// commit_rows: takes [`GC_LOCK`] shared (held to the end of the transaction), and when
-/// gc has removed rows since the look-up (`looked_up_at` is the generation it saw),
-/// checks that every row the batch relies on without storing it is still stored.
-/// `false` means some were removed: the batch must not commit.
-async fn fence_batch(
-    conn: &mut sqlx::PgConnection,
-    looked_up_at: i64,
-    relied_on: &[RowHash],
-) -> Result<bool, sqlx::Error> {
+/// commit_rows: takes [`GC_LOCK`] shared, held to the end of the transaction, so no gc
+/// removes rows while the batch runs.
+async fn hold_gc_fence(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
         .bind(GC_LOCK)
         .execute(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// Called under [`hold_gc_fence`] once the batches before have committed, before the
+/// batch writes its commit_rows: when gc has removed rows since `looked_up_at`, checks
+/// that every row the batch relies on without storing it is still stored. `false`
+/// means some were removed: the batch must not commit.
+async fn still_stored(
+    conn: &mut sqlx::PgConnection,
+    looked_up_at: i64,
+    relied_on: &[RowHash],
+) -> Result<bool, sqlx::Error> {
     if relied_on.is_empty() || generation(conn).await? == looked_up_at {
         return Ok(true);
     }
@@ -782,10 +793,11 @@ const BATCHES_AHEAD: usize = 3;
 /// caught by the insert's ON CONFLICT, so a stale answer costs bytes, never correctness.
 pub struct Lookup {
     conn: PoolConnection<Postgres>,
-    /// The hashes of the batches just before, which the database may not show yet
-    /// (they are loading while this look-up runs) but which are stored before this
-    /// batch is: batches commit in order, or the import fails.
-    ahead: VecDeque<HashSet<RowHash>>,
+    /// The hashes of the batches just before, with the gc generation their look-up
+    /// saw: the database may not show them yet (they are loading while this look-up
+    /// runs), but they are stored before this batch is, since batches commit in order
+    /// or the import fails.
+    ahead: VecDeque<(i64, HashSet<RowHash>)>,
 }
 
 impl Lookup {
@@ -798,15 +810,37 @@ impl Lookup {
 
     /// Whether one of the batches ahead has `hash`.
     fn ahead_has(&self, hash: &RowHash) -> bool {
-        self.ahead.iter().any(|batch| batch.contains(hash))
+        self.ahead.iter().any(|(_, batch)| batch.contains(hash))
+    }
+
+    /// Drops the content `known` names or a batch ahead has, and notes every row
+    /// dropped as relied on. A batch ahead stores a row it has, but with
+    /// `--skip-bad-rows` it may then leave out the row's only entry (its key was taken),
+    /// and a gc after that batch commits removes the row. So a row taken from a batch
+    /// ahead counts as looked up when that batch was: the generation to check against
+    /// is the oldest one of the batches ahead.
+    fn drop_known_and_ahead(&self, rows: &mut RowsCopy, generation: i64, known: &HashSet<RowHash>) {
+        rows.relied_on = rows
+            .hashes
+            .iter()
+            .filter(|hash| known.contains(*hash) || self.ahead_has(hash))
+            .copied()
+            .collect();
+        rows.looked_up_at = self
+            .ahead
+            .iter()
+            .map(|&(seen, _)| seen)
+            .fold(generation, i64::min);
+        rows.drop_content_of(|hash| known.contains(hash) || self.ahead_has(hash));
     }
 
     /// Remembers `rows` as the latest batch ahead of the ones still to be looked up.
-    fn remember(&mut self, rows: &RowsCopy) {
+    fn remember(&mut self, rows: &RowsCopy, generation: i64) {
         if self.ahead.len() == BATCHES_AHEAD {
             self.ahead.pop_front();
         }
-        self.ahead.push_back(rows.hashes.iter().copied().collect());
+        self.ahead
+            .push_back((generation, rows.hashes.iter().copied().collect()));
     }
 
     /// Removes the content of rows already stored from `rows`; returns how long it took.
@@ -818,7 +852,7 @@ impl Lookup {
     pub async fn drop_known(&mut self, rows: &mut RowsCopy) -> Result<Duration, LoadError> {
         let started = Instant::now();
         let mut tx = self.conn.begin().await?;
-        rows.looked_up_at = generation(&mut tx).await?;
+        let seen = generation(&mut tx).await?;
         // The statistics of a table that grows a batch at a time lag behind it; with
         // them the planner may prefer reading the whole table to probing its index once
         // per hash, which would make an import quadratic. Only index probes are allowed
@@ -841,8 +875,8 @@ impl Lookup {
                 .await?;
         if sampled_known == 0 {
             tx.commit().await?;
-            rows.drop_content_of(|hash| self.ahead_has(hash));
-            self.remember(rows);
+            self.drop_known_and_ahead(rows, seen, &HashSet::new());
+            self.remember(rows, seen);
             return Ok(started.elapsed());
         }
         let wanted: Vec<&[u8]> = rows.hashes.iter().map(|hash| hash.as_slice()).collect();
@@ -856,9 +890,8 @@ impl Lookup {
             .into_iter()
             .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
             .collect();
-        rows.relied_on = known.iter().copied().collect();
-        rows.drop_content_of(|hash| known.contains(hash) || self.ahead_has(hash));
-        self.remember(rows);
+        self.drop_known_and_ahead(rows, seen, &known);
+        self.remember(rows, seen);
         Ok(started.elapsed())
     }
 }
