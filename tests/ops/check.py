@@ -528,6 +528,7 @@ def _():
             "wal_compression": "lz4",
             "wal_buffers": "64MB",
             "checkpoint_timeout": "30min",
+            "autovacuum": "on",
         }
         # What the configuration files say, and that the server runs with it: a value
         # waiting for a restart shows as pending_restart.
