@@ -94,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
     run(&binary, &database_url, &["migrate"])?;
     let s3 = dsa_ingest::s3::client(&settings.s3).await;
     let wal = WalMeter::connect(&database_url).await?;
+    println!("server: {}", server_settings(&wal.pool).await?);
 
     println!(
         "{:>10} {:<14} {:>9} {:>11} {:>8} {:>10} {:>11} {:>10}",
@@ -632,6 +633,18 @@ fn free_bytes(path: &Path) -> anyhow::Result<u64> {
 }
 
 /// The machine's load averages (1, 5 and 15 minutes), to read the figures beside.
+/// The server settings the figures depend on most, to print beside them.
+async fn server_settings(pool: &sqlx::PgPool) -> anyhow::Result<String> {
+    let settings: String = sqlx::query_scalar(
+        "SELECT string_agg(name || ' ' || current_setting(name), ', ' ORDER BY name)
+           FROM pg_settings
+          WHERE name IN ('autovacuum', 'max_wal_size', 'shared_buffers', 'wal_compression')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(settings)
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|text| {
