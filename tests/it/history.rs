@@ -707,12 +707,7 @@ async fn gc_keeps_the_rows_of_an_import_in_flight() {
 
     assert_eq!(report.commits, 1, "the failed run's commit goes");
     assert_eq!(report.rows, 1, "only the failed run's own row goes");
-    let dangling = app
-        .count(
-            "dsa_core.commit_rows cr WHERE NOT EXISTS
-               (SELECT 1 FROM dsa_core.rows r WHERE r.row_hash = cr.row_hash)",
-        )
-        .await;
+    let dangling = dangling_entries(&app).await;
     assert_eq!(dangling, 0, "every row the running import stored is kept");
     assert!(!import.is_finished(), "gc ran beside the import");
     let summary = import.await.unwrap().expect("the import completes");
@@ -724,6 +719,15 @@ async fn gc_keeps_the_rows_of_an_import_in_flight() {
     let report = verify_commit(&app.pool, &commit, |_| {}).await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
     assert_eq!(report.tree_hash, summary.tree_hash);
+}
+
+/// `commit_rows` entries whose row is not stored.
+async fn dangling_entries(app: &TestApp) -> i64 {
+    app.count(
+        "dsa_core.commit_rows cr WHERE NOT EXISTS
+           (SELECT 1 FROM dsa_core.rows r WHERE r.row_hash = cr.row_hash)",
+    )
+    .await
 }
 
 /// A keyed batch of `sheet` holding `rows` (key, line, content), checkpointed after
@@ -803,12 +807,7 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
     let staged = loader.stage(third).await.unwrap();
     let error = loader.commit(staged, third, None).await.unwrap_err();
     assert!(matches!(error, LoadError::RowsCollected { .. }), "{error}");
-    let dangling = app
-        .count(
-            "dsa_core.commit_rows cr WHERE NOT EXISTS
-               (SELECT 1 FROM dsa_core.rows r WHERE r.row_hash = cr.row_hash)",
-        )
-        .await;
+    let dangling = dangling_entries(&app).await;
     assert_eq!(dangling, 0, "no entry references a row gc removed");
     // Read again from the checkpoint, as the run does, the batch stores the row.
     let mut lookup = Lookup::new(&app.pool).await.unwrap();
