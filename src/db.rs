@@ -54,8 +54,17 @@ pub async fn acquire(pool: &PgPool) -> Result<PoolConnection<Postgres>, sqlx::Er
 
 /// Begins a transaction on a pooled connection, recording the wait for the connection
 /// as [`acquire`] does.
+///
+/// Always READ COMMITTED, whatever `default_transaction_isolation` the server or role
+/// has: the fence between gc and import batches (ARCHITECTURE.md, "gc and imports in
+/// flight") needs each statement after an advisory lock to see what committed while
+/// it waited for the lock, which a snapshot taken at the lock statement would not.
 pub async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    Transaction::begin(acquire(pool).await?, None).await
+    Transaction::begin(
+        acquire(pool).await?,
+        Some("BEGIN ISOLATION LEVEL READ COMMITTED".into()),
+    )
+    .await
 }
 
 /// A pool of one connection, opened on first use, for health probes: it never

@@ -9,13 +9,14 @@
 //!
 //! Step 2 is safe beside running imports, by this argument (ARCHITECTURE.md tells it at
 //! length): an import stores a row in the same transaction as the `commit_rows` entry
-//! that references it, and a batch transaction holds [`GC_LOCK`](crate::import::load::GC_LOCK) shared from its start,
-//! while gc deletes under it exclusively. So gc's delete, whose snapshot is taken after
+//! that references it, and a batch transaction holds
+//! [`GC_LOCK`](crate::import::load::GC_LOCK) shared from before it writes anything,
+//! while gc deletes under it exclusively (both READ COMMITTED, see `db::begin`). So gc's delete, whose snapshot is taken after
 //! it holds the lock, sees every batch that committed before, and no batch runs while
 //! it deletes: a row a running import stored is referenced by its unfinished commit,
 //! which step 2 counts. The rows an import uses without storing them (ones its look-up
-//! found stored already, in an earlier transaction, and ones a batch just before it
-//! has, which that batch may have stored without an entry when `--skip-bad-rows`
+//! found stored already, in an earlier transaction, and ones one of the three batches
+//! before it has, which that batch may have stored without an entry when `--skip-bad-rows`
 //! dropped a repeated key) are covered by the generation in `dsa_core.gc_state`: gc
 //! moves it with its delete, the look-up notes it before it looks, and a batch that
 //! sees it moved checks that those rows are still there, under the lock, before it
@@ -129,7 +130,7 @@ pub async fn collect(
     tx.commit().await?;
 
     // Step 2: rows no commit references, under the lock (see the module's comment).
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     // An anti-join of two large tables: let the server hash, not sort on disk.
     sqlx::query(crate::db::SET_SORT_MEMORY)
         .execute(&mut *tx)

@@ -29,8 +29,8 @@ pub enum LoadError {
         problem: RowProblem,
     },
     #[error(
-        "run {run_id}: gc removed rows this batch found stored a moment before; the batch \
-         is read again"
+        "run {run_id}: gc removed rows this batch relies on without storing them (found \
+         stored a moment before, or stored by a batch just ahead); the batch is read again"
     )]
     RowsCollected { run_id: uuid::Uuid },
     #[error("database: {0}")]
@@ -79,8 +79,8 @@ pub struct RowsCopy {
     /// ahead has them: the batch relies on them without storing them (see
     /// [`still_stored`]).
     relied_on: Vec<RowHash>,
-    /// The gc generation before the look-up of the oldest batch this one relies on:
-    /// a gc since then may have removed a row in `relied_on`.
+    /// The oldest gc generation seen by this batch's look-up and those of the batches
+    /// ahead of it: a gc since then may have removed a row in `relied_on`.
     looked_up_at: i64,
 }
 

@@ -756,14 +756,47 @@ fn keyed_batch(
     }
 }
 
-/// With `--skip-bad-rows`, a keyed batch stores a row and then leaves out its entry
-/// (its key was taken): nothing references the row once the batch commits, and gc may
-/// remove it. A batch just after it that has the same row (another sheet, same
-/// content) takes it as stored by the batch ahead, without a look-up; it must notice
-/// the gc instead of committing an entry whose row is gone.
+/// The gc fence needs each statement after the advisory lock to see what committed
+/// while it waited: a server whose default is REPEATABLE READ must not change that.
 #[tokio::test]
-async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a_gc() {
+async fn batch_and_gc_transactions_are_read_committed_whatever_the_servers_default() {
     let app = spawn_app().await;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" SET default_transaction_isolation = 'repeatable read'"
+    ))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*app.pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let isolation = "SELECT current_setting('transaction_isolation')";
+
+    let mut plain = pool.begin().await.unwrap();
+    let default: String = sqlx::query_scalar(isolation)
+        .fetch_one(&mut *plain)
+        .await
+        .unwrap();
+    plain.rollback().await.unwrap();
+    let mut ours = dsa_ingest::db::begin(&pool).await.unwrap();
+    let pinned: String = sqlx::query_scalar(isolation)
+        .fetch_one(&mut *ours)
+        .await
+        .unwrap();
+
+    assert_eq!(default, "repeatable read");
+    assert_eq!(pinned, "read committed");
+}
+
+/// A keyed import of a workbook into `sheets`, run by hand: its run claimed, its
+/// commit begun; returns its loader (skipping bad rows) and first checkpoint.
+async fn loader_of_a_running_import(app: &TestApp) -> (Loader, Checkpoint) {
     let importer = app.importer(test_settings());
     let (run_id, dataset_id) = app.create_run(&importer, "sheets", "book.xlsx", true).await;
     let claimed = dsa_ingest::runs::claim(&app.pool, run_id, "worker", Duration::from_secs(30))
@@ -775,6 +808,18 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
         .begin_commit(dataset_id, "two sheets", None, &start)
         .await
         .unwrap();
+    (loader, start)
+}
+
+/// With `--skip-bad-rows`, a keyed batch stores a row and then leaves out its entry
+/// (its key was taken): nothing references the row once the batch commits, and gc may
+/// remove it. A batch just after it that has the same row (another sheet, same
+/// content) takes it as stored by the batch ahead, without a look-up; it must notice
+/// the gc instead of committing an entry whose row is gone.
+#[tokio::test]
+async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a_gc() {
+    let app = spawn_app().await;
+    let (loader, start) = loader_of_a_running_import(&app).await;
     let mut lookup = Lookup::new(&app.pool).await.unwrap();
     let lost = r#"{"id":"a","v":"lost"}"#;
     let mut batches = [
@@ -816,6 +861,60 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
     let staged = loader.stage(&mut again).await.unwrap();
     let outcome = loader.commit(staged, &again, None).await.unwrap();
     assert_eq!(outcome.new_rows, 1);
+}
+
+/// A gc that removes other rows between the look-up and the load moves the generation,
+/// so a batch then checks the rows it relies on. Those a batch ahead stores become
+/// visible only once that batch commits, which may be after this one is staged: the
+/// check runs in the commit half, where they are, rather than failing the batch.
+#[tokio::test]
+async fn a_gc_elsewhere_does_not_fail_a_batch_relying_on_one_still_committing() {
+    let app = spawn_app().await;
+    let (loader, start) = loader_of_a_running_import(&app).await;
+    let mut lookup = Lookup::new(&app.pool).await.unwrap();
+    let shared = r#"{"id":"b","v":"both sheets"}"#;
+    let mut batches = [
+        keyed_batch(&start, "People", &[("a", 2, r#"{"id":"a","v":"1"}"#)], 1),
+        keyed_batch(&start, "People", &[("b", 3, shared)], 2),
+        keyed_batch(&start, "Archive", &[("b", 2, shared)], 3),
+    ];
+    for batch in &mut batches {
+        lookup.drop_known(&mut batch.rows).await.unwrap();
+    }
+    // A row nothing references, which gc removes, moving the generation.
+    sqlx::query(
+        "INSERT INTO dsa_core.rows (row_hash, data)
+         VALUES (sha256('orphan'::bytea), '{\"left\": \"over\"}')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let report = gc::collect(&app.pool, Duration::from_secs(30), false)
+        .await
+        .unwrap();
+    assert_eq!(report.rows, 1);
+
+    let [first, second, third] = &mut batches;
+    let staged = loader.stage(first).await.unwrap();
+    loader.commit(staged, first, None).await.unwrap();
+    // The third is staged beside the second, before the second commits.
+    let staged_second = loader.stage(second).await.unwrap();
+    let staged_third = loader.stage(third).await.unwrap();
+    loader.commit(staged_second, second, None).await.unwrap();
+    let outcome = loader.commit(staged_third, third, None).await.unwrap();
+
+    assert_eq!(
+        outcome.new_rows, 0,
+        "the second batch stored the shared row"
+    );
+    assert_eq!(dangling_entries(&app).await, 0);
+    let entries = app
+        .count(&format!(
+            "dsa_core.commit_rows WHERE commit_id = '{}'",
+            start.commit_id
+        ))
+        .await;
+    assert_eq!(entries, 3);
 }
 
 #[tokio::test]
