@@ -93,13 +93,16 @@ impl RowsCopy {
         self.hashes.is_empty() && self.commit_rows.is_empty()
     }
 
-    /// Drops the content lines of rows whose hash is in `known`, keeping the others
-    /// in order; the commit_rows entries of all rows stay.
-    fn drop_content_of(&mut self, known: impl Fn(&RowHash) -> bool) {
+    /// Drops the content lines of rows `known` says are stored, keeping the others in
+    /// order; the commit_rows entries of all rows stay. Returns the dropped rows' hashes.
+    fn drop_content_of(&mut self, known: impl Fn(&RowHash) -> bool) -> Vec<RowHash> {
+        let mut dropped = Vec::new();
         let mut kept = 0;
         let mut start = 0;
         for (hash, &end) in self.hashes.iter().zip(&self.content_ends) {
-            if !known(hash) {
+            if known(hash) {
+                dropped.push(*hash);
+            } else {
                 self.content.copy_within(start..end, kept);
                 kept += end - start;
             }
@@ -107,6 +110,7 @@ impl RowsCopy {
         }
         self.content.truncate(kept);
         self.content_ends.clear();
+        dropped
     }
 }
 
@@ -562,8 +566,9 @@ impl Loader {
 /// the rows is stored by now. A row stored meanwhile (by a concurrent import, or by an
 /// earlier batch of this one when the look-up's sample skipped the full look-up) makes
 /// the COPY fail on the primary key; the savepoint undoes it and the rows go through
-/// the staging table and `ON CONFLICT DO NOTHING` instead. Content arrives sorted by hash and without repeats,
-/// so two imports of the same rows take index locks in one order and never deadlock.
+/// the staging table and `ON CONFLICT DO NOTHING` instead. Content arrives sorted by
+/// hash and without repeats, so two imports of the same rows take index locks in one
+/// order and never deadlock.
 async fn store_new_rows(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     content: &[u8],
@@ -784,7 +789,8 @@ const LOOKUP_SAMPLE: usize = 64;
 
 /// Batches that may be ahead of the database when a batch is looked up: the one
 /// committing, the one being staged beside it, and the one waiting between the look-up
-/// and the loader (see `import::run_batches`).
+/// and the loader (the import loop in `Importer::run`, fed by
+/// `produce::drop_known_rows`).
 const BATCHES_AHEAD: usize = 3;
 
 /// Finds which rows of a batch are stored already, on a connection of its own, so the
@@ -820,18 +826,12 @@ impl Lookup {
     /// ahead counts as looked up when that batch was: the generation to check against
     /// is the oldest one of the batches ahead.
     fn drop_known_and_ahead(&self, rows: &mut RowsCopy, generation: i64, known: &HashSet<RowHash>) {
-        rows.relied_on = rows
-            .hashes
-            .iter()
-            .filter(|hash| known.contains(*hash) || self.ahead_has(hash))
-            .copied()
-            .collect();
         rows.looked_up_at = self
             .ahead
             .iter()
             .map(|&(seen, _)| seen)
             .fold(generation, i64::min);
-        rows.drop_content_of(|hash| known.contains(hash) || self.ahead_has(hash));
+        rows.relied_on = rows.drop_content_of(|hash| known.contains(hash) || self.ahead_has(hash));
     }
 
     /// Remembers `rows` as the latest batch ahead of the ones still to be looked up.
@@ -1001,7 +1001,8 @@ mod tests {
         let second = vec![vec![0xcd; 32], b"\x01{}".to_vec()];
         assert_eq!(tuples(&copy.content), vec![first.clone(), second]);
         let mut copy = copy;
-        copy.drop_content_of(|hash| *hash == [0xcd; 32]);
+        let dropped = copy.drop_content_of(|hash| *hash == [0xcd; 32]);
+        assert_eq!(dropped, vec![[0xcd; 32]]);
         assert_eq!(tuples(&copy.content), vec![first]);
     }
 }
