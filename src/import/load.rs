@@ -93,6 +93,45 @@ impl RowsCopy {
         self.hashes.is_empty() && self.commit_rows.is_empty()
     }
 
+    /// Rows whose content the look-up dropped: the batch relies on them being stored.
+    pub fn relied_on_rows(&self) -> usize {
+        self.relied_on.len()
+    }
+
+    /// The smallest and the largest logical row id of the batch's entries, in the
+    /// primary key's byte order, and how many entries it has; `None` without entries
+    /// or when an id is not UTF-8 text.
+    fn id_range(&self) -> Option<(&str, &str, usize)> {
+        let field = |at: &mut usize| -> Option<&[u8]> {
+            let length = self.commit_rows.get(*at..*at + 4)?;
+            let length = i32::from_be_bytes(length.try_into().ok()?) as usize;
+            let bytes = self.commit_rows.get(*at + 4..*at + 4 + length)?;
+            *at += 4 + length;
+            Some(bytes)
+        };
+        let mut range: Option<(&[u8], &[u8])> = None;
+        let mut entries = 0;
+        let mut at = 0;
+        while at < self.commit_rows.len() {
+            // Field count, commit id, logical row id, row hash.
+            at += 2;
+            field(&mut at)?;
+            let id = field(&mut at)?;
+            field(&mut at)?;
+            entries += 1;
+            range = Some(match range {
+                None => (id, id),
+                Some((first, last)) => (first.min(id), last.max(id)),
+            });
+        }
+        let (first, last) = range?;
+        Some((
+            std::str::from_utf8(first).ok()?,
+            std::str::from_utf8(last).ok()?,
+            entries,
+        ))
+    }
+
     /// Drops the content lines of rows `known` says are stored, keeping the others in
     /// order; the commit_rows entries of all rows stay. Returns the dropped rows' hashes.
     fn drop_content_of(&mut self, known: impl Fn(&RowHash) -> bool) -> Vec<RowHash> {
@@ -787,6 +826,48 @@ async fn still_stored(
 /// Hashes looked up to guess whether a batch is mostly new or mostly stored.
 const LOOKUP_SAMPLE: usize = 64;
 
+/// Batches looked up without the parent's entries after one whose rows they did not
+/// mostly hold; then the parent is tried again.
+const PARENT_SKIPS_AFTER_A_MISS: u32 = 7;
+
+/// The hashes of `parent`'s entries whose ids lie between the smallest and the largest
+/// of the batch's ids (in the primary key's byte order), at most a quarter more than
+/// the batch has entries: one range scan of the primary key of `commit_rows`, stopped
+/// where a range wider than the batch (ids in no order) would make it cost more than it
+/// saves. Every hash returned is that of a stored row.
+async fn parent_hashes_around(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    parent: &str,
+    rows: &RowsCopy,
+) -> Result<HashSet<RowHash>, sqlx::Error> {
+    let Some((first, last, entries)) = rows.id_range() else {
+        return Ok(HashSet::new());
+    };
+    // An index scan stops at the limit; a bitmap scan would read the whole range first.
+    sqlx::query("SET LOCAL enable_bitmapscan = off")
+        .execute(&mut **tx)
+        .await?;
+    let found: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT row_hash FROM dsa_core.commit_rows
+          WHERE commit_id = $1 AND logical_row_id >= $2 AND logical_row_id <= $3
+          ORDER BY logical_row_id
+          LIMIT $4",
+    )
+    .bind(parent)
+    .bind(first)
+    .bind(last)
+    .bind((entries + entries / 4 + 64) as i64)
+    .fetch_all(&mut **tx)
+    .await?;
+    sqlx::query("SET LOCAL enable_bitmapscan = on")
+        .execute(&mut **tx)
+        .await?;
+    Ok(found
+        .into_iter()
+        .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
+        .collect())
+}
+
 /// Batches that may be ahead of the database when a batch is looked up: the one
 /// committing, the one being staged beside it, and the one waiting between the look-up
 /// and the loader (the import loop in `Importer::run`, fed by
@@ -804,6 +885,13 @@ pub struct Lookup {
     /// runs), but they are stored before this batch is, since batches commit in order
     /// or the import fails.
     ahead: VecDeque<(i64, HashSet<RowHash>)>,
+    /// The commit the new version follows, whose entries are read first (see
+    /// [`Lookup::following`]).
+    parent: Option<String>,
+    /// Batches that go without the parent's entries, after one they did not help.
+    parent_skips: u32,
+    /// Rows found through the parent's entries so far.
+    found_in_parent: u64,
 }
 
 impl Lookup {
@@ -811,7 +899,28 @@ impl Lookup {
         Ok(Self {
             conn: crate::db::acquire(pool).await?,
             ahead: VecDeque::with_capacity(BATCHES_AHEAD + 1),
+            parent: None,
+            parent_skips: 0,
+            found_in_parent: 0,
         })
+    }
+
+    /// Looks in `parent`'s entries before the stored rows. A file imported again
+    /// mostly repeats the version before it under the same ids, and a batch's ids lie
+    /// together in the primary key of `commit_rows` (positional ids once they have as
+    /// many digits as the parent's last one, keys when the file is sorted by them):
+    /// one range scan there finds in a few milliseconds what one index descent per
+    /// hash into `dsa_core.rows` finds in tens. Every entry of a committed version
+    /// references a stored row, so each hash the range holds is stored; the batch's
+    /// other hashes are looked up as before.
+    pub fn following(mut self, parent: Option<String>) -> Self {
+        self.parent = parent;
+        self
+    }
+
+    /// Rows of the batches so far that the parent's entries showed stored.
+    pub fn rows_found_in_parent(&self) -> u64 {
+        self.found_in_parent
     }
 
     /// Whether one of the batches ahead has `hash`.
@@ -845,10 +954,11 @@ impl Lookup {
 
     /// Removes the content of rows already stored from `rows`; returns how long it took.
     ///
-    /// A sample of the batch is looked up first: when none of it is stored (a first
-    /// import), a full look-up would miss almost every time and only take CPU from the
-    /// load, so the batch is sent as it is and a rare stored row is caught by the
-    /// fallback in [`store_new_rows`].
+    /// The parent's entries are read first (see [`Lookup::following`]); a batch of a
+    /// file imported again is then done. Of the rows left, a sample is looked up
+    /// first: when none of it is stored (a first import), a full look-up would miss
+    /// almost every time and only take CPU from the load, so the batch is sent as it is
+    /// and a rare stored row is caught by the fallback in [`store_new_rows`].
     pub async fn drop_known(&mut self, rows: &mut RowsCopy) -> Result<Duration, LoadError> {
         let started = Instant::now();
         let mut tx = self.conn.begin().await?;
@@ -860,36 +970,69 @@ impl Lookup {
         sqlx::query("SET LOCAL enable_seqscan = off")
             .execute(&mut *tx)
             .await?;
-        let step = (rows.hashes.len() / LOOKUP_SAMPLE).max(1);
-        let sample: Vec<&[u8]> = rows
+        let mut known = match self.parent.clone() {
+            Some(parent) if self.parent_skips == 0 && !rows.hashes.is_empty() => {
+                let in_parent = parent_hashes_around(&mut tx, &parent, rows).await?;
+                let resolved = rows
+                    .hashes
+                    .iter()
+                    .filter(|hash| in_parent.contains(*hash))
+                    .count();
+                // A batch the range did not cover (a file of other rows, ids in
+                // another order than the parent's, or more of the parent's ids than
+                // the batch's in its range) is looked up without it, and so are the
+                // next few.
+                if resolved * 2 < rows.hashes.len() {
+                    self.parent_skips = PARENT_SKIPS_AFTER_A_MISS;
+                }
+                self.found_in_parent += resolved as u64;
+                in_parent
+            }
+            Some(_) => {
+                self.parent_skips = self.parent_skips.saturating_sub(1);
+                HashSet::new()
+            }
+            None => HashSet::new(),
+        };
+        // Rows a batch ahead has count as stored (see `drop_known_and_ahead`).
+        let ahead = &self.ahead;
+        let wanted: Vec<&[u8]> = rows
             .hashes
+            .iter()
+            .filter(|hash| {
+                !known.contains(*hash) && !ahead.iter().any(|(_, batch)| batch.contains(*hash))
+            })
+            .map(|hash| hash.as_slice())
+            .collect();
+        let step = (wanted.len() / LOOKUP_SAMPLE).max(1);
+        let sample: Vec<&[u8]> = wanted
             .iter()
             .step_by(step)
             .take(LOOKUP_SAMPLE)
-            .map(|hash| hash.as_slice())
+            .copied()
             .collect();
-        let sampled_known: i64 =
+        let sampled_known: i64 = if wanted.len() > LOOKUP_SAMPLE {
             sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows WHERE row_hash = ANY($1)")
                 .bind(&sample)
                 .fetch_one(&mut *tx)
-                .await?;
-        if sampled_known == 0 {
-            tx.commit().await?;
-            self.drop_known_and_ahead(rows, seen, &HashSet::new());
-            self.remember(rows, seen);
-            return Ok(started.elapsed());
+                .await?
+        } else {
+            // As many as a sample: they are looked up whole.
+            1
+        };
+        if !wanted.is_empty() && sampled_known > 0 {
+            let found: Vec<Vec<u8>> =
+                sqlx::query_scalar("SELECT row_hash FROM dsa_core.rows WHERE row_hash = ANY($1)")
+                    .bind(wanted)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            known.extend(
+                found
+                    .into_iter()
+                    .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok()),
+            );
         }
-        let wanted: Vec<&[u8]> = rows.hashes.iter().map(|hash| hash.as_slice()).collect();
-        let found: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT row_hash FROM dsa_core.rows WHERE row_hash = ANY($1)")
-                .bind(wanted)
-                .fetch_all(&mut *tx)
-                .await?;
         tx.commit().await?;
-        let known: HashSet<RowHash> = found
-            .into_iter()
-            .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
-            .collect();
         self.drop_known_and_ahead(rows, seen, &known);
         self.remember(rows, seen);
         Ok(started.elapsed())

@@ -542,7 +542,9 @@ impl Importer {
                 self.settings.max_file_size,
             )
             .await?;
-            let lookup = Lookup::new(&self.pool).await?;
+            let lookup = Lookup::new(&self.pool)
+                .await?
+                .following(checkpoint.plan.parent.clone());
             let job = SheetJob {
                 file: spooled,
                 spool_usage,
@@ -655,7 +657,9 @@ impl Importer {
                         .map(|names| ((0..names.len()).collect(), names)),
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool).await?;
+                let lookup = Lookup::new(&self.pool)
+                    .await?
+                    .following(checkpoint.plan.parent.clone());
                 let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
                     tokio::spawn(
                         produce_json_batches(
@@ -734,7 +738,9 @@ impl Importer {
                     key,
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool).await?;
+                let lookup = Lookup::new(&self.pool)
+                    .await?
+                    .following(checkpoint.plan.parent.clone());
                 let rows = Arc::new(CsvRows {
                     encoder: RowEncoder::new(&header).decoded_from(&dialect.encoding),
                     identity,

@@ -407,6 +407,12 @@ pub(super) async fn drop_known_rows(
             other => other,
         };
         let last = !matches!(forwarded, Ok(Produced::Batch(_)));
+        if last {
+            tracing::debug!(
+                rows = lookup.rows_found_in_parent(),
+                "look-up: rows found stored through the parent's entries"
+            );
+        }
         if sender.send(forwarded).await.is_err() || last {
             return;
         }

@@ -1135,3 +1135,92 @@ async fn a_keyed_export_keeps_keys_with_colons() {
     assert_eq!(again["tree_hash"], first["tree_hash"]);
     assert_eq!(again["rows"], 4);
 }
+
+/// A positional batch of `sheet`: `(n, hash, content)` per row. Content is stored only
+/// for rows the look-up does not find, so a known row's may be anything.
+fn positional_batch(
+    checkpoint: &Checkpoint,
+    sheet: &str,
+    rows: &[(u64, [u8; 32], String)],
+    loaded: u64,
+) -> Batch {
+    let mut writer = BatchWriter::new(&checkpoint.commit_id, sheet, rows.len());
+    for (n, hash, content) in rows {
+        writer.push(*n, hash, content.as_bytes());
+    }
+    let mut checkpoint = checkpoint.clone();
+    checkpoint.sheet = sheet.to_owned();
+    checkpoint.records = loaded;
+    checkpoint.loaded_rows = loaded;
+    Batch {
+        rows: writer.finish(),
+        rejected: Vec::new(),
+        checkpoint,
+        encode_duration: Duration::ZERO,
+        lookup_duration: Duration::ZERO,
+    }
+}
+
+/// A file imported again finds its rows through the parent's entries, one range of ids
+/// per batch; a row changed under the same id, and a batch whose ids are spread over the
+/// parent's, are looked up by hash instead, so only stored rows are dropped.
+#[tokio::test]
+async fn a_reimport_finds_its_rows_in_the_parents_entries_and_looks_up_the_rest() {
+    let app = spawn_app().await;
+    app.put("data.csv", sample_csv(2_000, 1)).await;
+    let parent = app.import("again", "data.csv").await;
+    let entries: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
+    )
+    .bind(&parent.commit_id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let mut hashes = vec![[0u8; 32]; 2_001];
+    for (id, hash) in entries {
+        let n: usize = id.strip_prefix("data:").unwrap().parse().unwrap();
+        hashes[n] = hash.try_into().unwrap();
+    }
+    let known = |n: u64| (n, hashes[n as usize], "{}".to_owned());
+    let changed = |n: u64| {
+        let content = format!(r#"{{"changed":"{n}"}}"#);
+        (n, row_hash(content.as_bytes()), content)
+    };
+    let (loader, start) = loader_of_a_running_import(&app).await;
+    let mut lookup = Lookup::new(&app.pool)
+        .await
+        .unwrap()
+        .following(Some(parent.commit_id.clone()));
+
+    // Rows 1001 to 2000, ten of them changed: one range holds the other 990.
+    let rows: Vec<_> = (1_001..=2_000)
+        .map(|n| {
+            if (1_501..=1_510).contains(&n) {
+                changed(n)
+            } else {
+                known(n)
+            }
+        })
+        .collect();
+    let mut again = positional_batch(&start, "data", &rows, 1_000);
+    lookup.drop_known(&mut again.rows).await.unwrap();
+    assert_eq!(lookup.rows_found_in_parent(), 990);
+    assert_eq!(again.rows.relied_on_rows(), 990);
+    // Ids spread over the parent's other rows: the range they span is cut off long
+    // before it covers them, and the stored rows are found by hash.
+    let rows: Vec<_> = (1..=100).map(|n| known(n * 10 - 1)).collect();
+    let mut spread = positional_batch(&start, "data", &rows, 1_100);
+    lookup.drop_known(&mut spread.rows).await.unwrap();
+    assert!(lookup.rows_found_in_parent() < 990 + 50);
+    assert_eq!(spread.rows.relied_on_rows(), 100);
+
+    for batch in [&mut again, &mut spread] {
+        let staged = loader.stage(batch).await.unwrap();
+        let outcome = loader.commit(staged, batch, None).await.unwrap();
+        assert_eq!(
+            outcome.new_rows,
+            if batch.rows.len() == 1_000 { 10 } else { 0 }
+        );
+    }
+    assert_eq!(dangling_entries(&app).await, 0);
+}
