@@ -676,9 +676,19 @@ async fn refuse_existing_keys(
         .iter()
         .map(|(key, _)| format!("{sheet}:{key}"))
         .collect();
+    // One primary key probe per id. Written as `logical_row_id = ANY($2)`, a planner
+    // whose statistics still show the parent small takes `commit_id` alone as the index
+    // condition and filters the rest, reading every entry of the parent for every batch
+    // (10,000 ids against a 1M-row parent: 0.49 s, 990,000 rows filtered, against
+    // 0.04 s this way). `OFFSET 0` keeps the lateral subquery a probe per id: the
+    // planner cannot turn it into a join and put the parent's entries outside.
     let existing: Vec<String> = sqlx::query_scalar(
-        "SELECT logical_row_id FROM dsa_core.commit_rows
-          WHERE commit_id = $1 AND logical_row_id = ANY($2)",
+        "SELECT found.id
+           FROM unnest($2::text[]) AS wanted(id)
+          CROSS JOIN LATERAL (
+                SELECT c.logical_row_id AS id FROM dsa_core.commit_rows c
+                 WHERE c.commit_id = $1 AND c.logical_row_id = wanted.id
+                OFFSET 0) AS found",
     )
     .bind(parent)
     .bind(&ids)
