@@ -872,10 +872,14 @@ async fn parent_hashes_around(
     sqlx::query("SET LOCAL enable_bitmapscan = on")
         .execute(&mut **tx)
         .await?;
-    Ok(found
+    Ok(row_hashes(found).collect())
+}
+
+/// The row hashes among `bytea` values a query returned.
+fn row_hashes(found: Vec<Vec<u8>>) -> impl Iterator<Item = RowHash> {
+    found
         .into_iter()
         .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
-        .collect())
 }
 
 /// Batches that may be ahead of the database when a batch is looked up: the one
@@ -980,9 +984,9 @@ impl Lookup {
         sqlx::query("SET LOCAL enable_seqscan = off")
             .execute(&mut *tx)
             .await?;
-        let mut known = match self.parent.clone() {
+        let mut known = match self.parent.as_deref() {
             Some(parent) if self.parent_skips == 0 && !rows.hashes.is_empty() => {
-                let in_parent = parent_hashes_around(&mut tx, &parent, rows).await?;
+                let in_parent = parent_hashes_around(&mut tx, parent, rows).await?;
                 let resolved = rows
                     .hashes
                     .iter()
@@ -1014,14 +1018,14 @@ impl Lookup {
             })
             .map(|hash| hash.as_slice())
             .collect();
-        let step = (wanted.len() / LOOKUP_SAMPLE).max(1);
-        let sample: Vec<&[u8]> = wanted
-            .iter()
-            .step_by(step)
-            .take(LOOKUP_SAMPLE)
-            .copied()
-            .collect();
         let sampled_known: i64 = if wanted.len() > LOOKUP_SAMPLE {
+            let step = wanted.len() / LOOKUP_SAMPLE;
+            let sample: Vec<&[u8]> = wanted
+                .iter()
+                .step_by(step)
+                .take(LOOKUP_SAMPLE)
+                .copied()
+                .collect();
             sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows WHERE row_hash = ANY($1)")
                 .bind(&sample)
                 .fetch_one(&mut *tx)
@@ -1036,11 +1040,7 @@ impl Lookup {
                     .bind(wanted)
                     .fetch_all(&mut *tx)
                     .await?;
-            known.extend(
-                found
-                    .into_iter()
-                    .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok()),
-            );
+            known.extend(row_hashes(found));
         }
         tx.commit().await?;
         self.drop_known_and_ahead(rows, seen, &known);

@@ -743,6 +743,11 @@ fn keyed_batch(
         let canonical = content.as_bytes();
         writer.push_keyed(key, *line, &row_hash(canonical), canonical);
     }
+    batch_of(writer, checkpoint, sheet, loaded)
+}
+
+/// The batch `writer` wrote, its checkpoint at `loaded` rows of `sheet`.
+fn batch_of(writer: BatchWriter, checkpoint: &Checkpoint, sheet: &str, loaded: u64) -> Batch {
     let mut checkpoint = checkpoint.clone();
     checkpoint.sheet = sheet.to_owned();
     checkpoint.records = loaded;
@@ -1148,17 +1153,7 @@ fn positional_batch(
     for (n, hash, content) in rows {
         writer.push(*n, hash, content.as_bytes());
     }
-    let mut checkpoint = checkpoint.clone();
-    checkpoint.sheet = sheet.to_owned();
-    checkpoint.records = loaded;
-    checkpoint.loaded_rows = loaded;
-    Batch {
-        rows: writer.finish(),
-        rejected: Vec::new(),
-        checkpoint,
-        encode_duration: Duration::ZERO,
-        lookup_duration: Duration::ZERO,
-    }
+    batch_of(writer, checkpoint, sheet, loaded)
 }
 
 /// A file imported again finds its rows through the parent's entries, one range of ids
