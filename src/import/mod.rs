@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -528,6 +528,7 @@ impl Importer {
         {
             loader.refuse_keys_of(checkpoint.plan.parent.clone());
         }
+        let loader = Arc::new(loader);
         let resumed_from_byte = checkpoint.byte_offset;
 
         let sheet_format = Arc::new(std::sync::OnceLock::new());
@@ -542,7 +543,7 @@ impl Importer {
                 self.settings.max_file_size,
             )
             .await?;
-            let lookup = Lookup::new(&self.pool)
+            let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
                 .await?
                 .following(checkpoint.plan.parent.clone());
             let job = SheetJob {
@@ -657,7 +658,7 @@ impl Importer {
                         .map(|names| ((0..names.len()).collect(), names)),
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool)
+                let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
                     .await?
                     .following(checkpoint.plan.parent.clone());
                 let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
@@ -738,7 +739,7 @@ impl Importer {
                     key,
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool)
+                let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
                     .await?
                     .following(checkpoint.plan.parent.clone());
                 let rows = Arc::new(CsvRows {
@@ -784,61 +785,8 @@ impl Importer {
             object_size: info.size,
             started,
         };
-        // A batch whose rows are stored, waiting for the batch before it to commit.
-        let mut pending: Option<(Batch, Staged)> = None;
-        loop {
-            if self.is_stopping() {
-                // The staged batch is whole: committing it saves the resume its work.
-                if let Some((batch, staged)) = pending.take() {
-                    batches.commit(batch, staged).await?;
-                }
-                return Err(ImportError::Interrupted);
-            }
-            // The pending batch commits while the next one arrives and its rows are
-            // stored on another connection. A stop ends the wait for the next batch.
-            let waiting_since = Instant::now();
-            let (committed, next) = tokio::join!(
-                async {
-                    if let Some((batch, staged)) = pending.take() {
-                        batches.commit(batch, staged).await?;
-                    }
-                    Ok::<_, ImportError>(Instant::now())
-                },
-                async {
-                    let next = tokio::select! {
-                        next = receiver.recv() => next,
-                        () = self.stopped() => return Ok((Instant::now(), Arrived::Stopped)),
-                    };
-                    let arrived = Instant::now();
-                    let mut batch = match next {
-                        None => {
-                            return Err(ImportError::Internal(
-                                "the decoding pipeline stopped before the end of the file"
-                                    .to_owned(),
-                            ))
-                        }
-                        Some(next) => match next? {
-                            Produced::Batch(batch) => *batch,
-                            Produced::End => return Ok((arrived, Arrived::End)),
-                        },
-                    };
-                    let staged = loader.stage(&mut batch).await?;
-                    Ok((arrived, Arrived::Batch(Box::new((batch, staged)))))
-                }
-            );
-            let committed_at = committed?;
-            let (arrived, next) = next?;
-            // The loader waited from the moment it had nothing left to commit.
-            let idle_from = committed_at.max(waiting_since);
-            batches.timings.wait_for_batch_ms +=
-                arrived.saturating_duration_since(idle_from).as_millis() as u64;
-            match next {
-                Arrived::Batch(staged) => pending = Some(*staged),
-                Arrived::End => break,
-                // The loop's top returns Interrupted; nothing is pending any more.
-                Arrived::Stopped => {}
-            }
-        }
+        self.load_batches(&loader, &mut receiver, &mut batches)
+            .await?;
         let BatchCommitter {
             checkpoint,
             timings,
@@ -929,16 +877,121 @@ impl Importer {
         );
         Ok(summary)
     }
+
+    /// Loads the batches `receiver` brings, each in one transaction of its own: up to
+    /// `staging_batches` store their rows at once, each on its own connection, while
+    /// the batch before them commits; batches commit one at a time, in the file's
+    /// order. Their rows never overlap (the look-up leaves a row to the batch ahead that
+    /// has it, see [`Lookup`]), so the staging batches never wait for one another.
+    ///
+    /// A stop, the end of the file or a failure of the decoding pipeline reaches the
+    /// committing side after the batches before it, which commit first: they are whole,
+    /// and the resume starts after them. When a commit fails, the batches still staging
+    /// finish on their own and roll back.
+    async fn load_batches(
+        &self,
+        loader: &Arc<Loader>,
+        receiver: &mut mpsc::Receiver<Result<Produced, ImportError>>,
+        batches: &mut BatchCommitter<'_>,
+    ) -> Result<(), ImportError> {
+        // A slot per batch from its arrival to its commit: those staging, and the one
+        // committing. They bound the memory and the connections the import holds.
+        let slots = Arc::new(Semaphore::new(self.settings.staging_batches.max(1) + 1));
+        let (fed, mut to_commit) = mpsc::unbounded_channel::<Fed>();
+        let feed = async {
+            loop {
+                if self.is_stopping() {
+                    let _ = fed.send(Fed::Stopped);
+                    break;
+                }
+                let slot = tokio::select! {
+                    slot = Arc::clone(&slots).acquire_owned() => {
+                        slot.expect("the loader's slots are never closed")
+                    }
+                    () = self.stopped() => continue,
+                };
+                let next = tokio::select! {
+                    next = receiver.recv() => next,
+                    () = self.stopped() => continue,
+                };
+                let arrived = Instant::now();
+                let last = match next {
+                    Some(Ok(Produced::Batch(batch))) => {
+                        let loader = Arc::clone(loader);
+                        let staging = tokio::spawn(
+                            async move {
+                                let mut batch = *batch;
+                                let staged = loader.stage(&mut batch).await?;
+                                Ok((batch, staged))
+                            }
+                            .in_current_span(),
+                        );
+                        let _ = fed.send(Fed::Batch {
+                            arrived,
+                            staging,
+                            _slot: slot,
+                        });
+                        continue;
+                    }
+                    Some(Ok(Produced::End)) => Fed::End,
+                    Some(Err(error)) => Fed::Failed(error),
+                    None => Fed::Failed(ImportError::Internal(
+                        "the decoding pipeline stopped before the end of the file".to_owned(),
+                    )),
+                };
+                let _ = fed.send(last);
+                break;
+            }
+            // The committing side decides when loading ends.
+            std::future::pending::<()>().await;
+        };
+        let commit = async {
+            // The loader waited for a batch from the moment it had nothing to commit.
+            let mut idle_from = Instant::now();
+            while let Some(next) = to_commit.recv().await {
+                match next {
+                    Fed::Batch {
+                        arrived, staging, ..
+                    } => {
+                        batches.timings.wait_for_batch_ms +=
+                            arrived.saturating_duration_since(idle_from).as_millis() as u64;
+                        let (batch, staged) = staging.await.map_err(|error| {
+                            ImportError::Internal(format!("storing a batch's rows: {error}"))
+                        })??;
+                        batches.commit(batch, staged).await?;
+                        idle_from = Instant::now();
+                    }
+                    Fed::End => return Ok(()),
+                    Fed::Stopped => return Err(ImportError::Interrupted),
+                    Fed::Failed(error) => return Err(error),
+                }
+            }
+            Err(ImportError::Internal(
+                "the loader stopped feeding batches".to_owned(),
+            ))
+        };
+        tokio::select! {
+            result = commit => result,
+            () = feed => unreachable!("feeding batches never ends on its own"),
+        }
+    }
 }
 
-/// What the loader's wait for the next batch ended with.
-enum Arrived {
-    /// A batch, its rows stored in its open transaction.
-    Batch(Box<(Batch, Staged)>),
+/// What the loader hands on to be committed, in the file's order.
+enum Fed {
+    /// A batch whose rows are being stored in its own transaction, and its place
+    /// among the batches in flight (given back once it has committed).
+    Batch {
+        arrived: Instant,
+        staging: tokio::task::JoinHandle<Result<(Batch, Staged), LoadError>>,
+        _slot: OwnedSemaphorePermit,
+    },
     /// The end of the file.
     End,
     /// The stop signal, before another batch came.
     Stopped,
+    /// The decoding pipeline failed; the batches before commit first.
+    Failed(ImportError),
 }
 
 /// Commits an attempt's batches in order and keeps its running checkpoint and counts.

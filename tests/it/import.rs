@@ -115,6 +115,53 @@ async fn the_tree_hash_does_not_depend_on_the_batch_size() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_staged_side_by_side_store_each_row_once_and_commit_in_order() {
+    let app = spawn_app().await;
+    // 37 distinct rows, each repeated every 37 lines: with batches of 10 rows, a row's
+    // content comes back three or four batches later, while those batches are staging
+    // or committing beside it.
+    let mut csv = String::from("id,value\n");
+    for n in 0..3_000u64 {
+        csv.push_str(&format!("{},v{}\n", n % 37, n % 37));
+    }
+    app.put("repeats.csv", csv.into_bytes()).await;
+    let mut wide = test_settings();
+    wide.batch_size = 10;
+    wide.staging_batches = dsa_ingest::config::MAX_STAGING_BATCHES;
+    let mut narrow = wide.clone();
+    narrow.staging_batches = 1;
+
+    let (_, staged_wide) = app.import_with(wide, "wide", "repeats.csv", false).await;
+    let staged_wide = staged_wide.expect("import with four batches staging");
+    assert_eq!(staged_wide.rows, 3_000);
+    assert_eq!(staged_wide.new_rows, 37, "each distinct row stored once");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 37);
+    // Every entry is there, in the file's order of ids, and references a stored row.
+    let (entries, dangling): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE r.row_hash IS NULL)
+           FROM dsa_core.commit_rows c LEFT JOIN dsa_core.rows r USING (row_hash)
+          WHERE c.commit_id = $1",
+    )
+    .bind(&staged_wide.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((entries, dangling), (3_000, 0));
+
+    // One batch at a time gives the same version (its rows are all stored by now).
+    let (_, one_at_a_time) = app
+        .import_with(narrow, "narrow", "repeats.csv", false)
+        .await;
+    let one_at_a_time = one_at_a_time.expect("import with one batch staging");
+    assert_eq!(one_at_a_time.new_rows, 0);
+    assert_eq!(one_at_a_time.tree_hash, staged_wide.tree_hash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_imports_racing_into_one_dataset_both_commit_in_a_line() {
     let app = spawn_app().await;
     app.put("one.csv", sample_csv(2_000, 3)).await;
