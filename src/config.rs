@@ -380,7 +380,7 @@ impl Default for ImportSettings {
     fn default() -> Self {
         Self {
             batch_size: 10_000,
-            staging_batches: 2,
+            staging_batches: 1,
             chunk_size: 2 * 1024 * 1024,
             fetch_concurrency: 3,
             progress_update_interval: 10,

@@ -53,20 +53,29 @@ use run::{
 };
 use tokio::io::AsyncReadExt;
 
-/// Batches decoded ahead of the loader; two keep both sides busy without piling up.
-const BATCHES_IN_FLIGHT: usize = 2;
+/// Decoded batches waiting for the look-up, plus the batches the loader stages: with
+/// one staging, two wait, which keeps both sides busy without piling up; each batch
+/// staged beyond the first takes one of those places, down to one.
+const BATCHES_IN_FLIGHT: usize = 3;
 
 /// Starts a producer (`start_producer` gets the pipe its batches go into) and the
 /// look-up task behind it; returns both tasks and the receiver the loader reads.
+///
+/// Decoded batches wait for the look-up in a channel that is shorter the more batches
+/// the loader stages (`staging_batches`), down to one: the loader's batches are
+/// buffered work too, and each holds its rows in memory, so an import holds about as
+/// many batches whatever the setting.
 fn start_pipeline(
     lookup: Lookup,
+    staging_batches: usize,
     start_producer: impl FnOnce(Pipe) -> tokio::task::JoinHandle<()>,
 ) -> (
     tokio::task::JoinHandle<()>,
     tokio::task::JoinHandle<()>,
     mpsc::Receiver<Result<Produced, ImportError>>,
 ) {
-    let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+    let decoded_ahead = BATCHES_IN_FLIGHT.saturating_sub(staging_batches).max(1);
+    let (sender, encoded) = mpsc::channel(decoded_ahead);
     let producer = start_producer(sender);
     let (sender, receiver) = mpsc::channel(1);
     let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
@@ -559,12 +568,13 @@ impl Importer {
                 format: Arc::clone(&sheet_format),
             };
             let span = tracing::Span::current();
-            let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
-                tokio::task::spawn_blocking(move || {
-                    let _entered = span.enter();
-                    produce_sheet_batches(job, sender)
-                })
-            });
+            let (producer, looker, receiver) =
+                start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                    tokio::task::spawn_blocking(move || {
+                        let _entered = span.enter();
+                        produce_sheet_batches(job, sender)
+                    })
+                });
             (producer, looker, receiver, None)
         } else {
             let file = parameters.source.file_name();
@@ -661,23 +671,24 @@ impl Importer {
                 let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
                     .await?
                     .following(checkpoint.plan.parent.clone());
-                let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
-                    tokio::spawn(
-                        produce_json_batches(
-                            reader,
-                            Arc::new(identity),
-                            checkpoint.clone(),
-                            self.settings.batch_size,
-                            parameters.options.skip_bad_rows,
-                            ObjectBytes {
-                                end,
-                                read: object_bytes,
-                            },
-                            sender,
+                let (producer, looker, receiver) =
+                    start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                        tokio::spawn(
+                            produce_json_batches(
+                                reader,
+                                Arc::new(identity),
+                                checkpoint.clone(),
+                                self.settings.batch_size,
+                                parameters.options.skip_bad_rows,
+                                ObjectBytes {
+                                    end,
+                                    read: object_bytes,
+                                },
+                                sender,
+                            )
+                            .in_current_span(),
                         )
-                        .in_current_span(),
-                    )
-                });
+                    });
                 (producer, looker, receiver, checkpoint.header.clone())
             } else {
                 let format = match &recorded {
@@ -746,23 +757,24 @@ impl Importer {
                     encoder: RowEncoder::new(&header).decoded_from(&dialect.encoding),
                     identity,
                 });
-                let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
-                    tokio::spawn(
-                        produce_batches(
-                            decoder,
-                            rows,
-                            checkpoint.clone(),
-                            self.settings.batch_size,
-                            parameters.options.skip_bad_rows,
-                            ObjectBytes {
-                                end,
-                                read: object_bytes,
-                            },
-                            sender,
+                let (producer, looker, receiver) =
+                    start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                        tokio::spawn(
+                            produce_batches(
+                                decoder,
+                                rows,
+                                checkpoint.clone(),
+                                self.settings.batch_size,
+                                parameters.options.skip_bad_rows,
+                                ObjectBytes {
+                                    end,
+                                    read: object_bytes,
+                                },
+                                sender,
+                            )
+                            .in_current_span(),
                         )
-                        .in_current_span(),
-                    )
-                });
+                    });
                 (producer, looker, receiver, Some(header))
             }
         };
