@@ -364,7 +364,7 @@ pub struct Staged {
 }
 
 /// Writes an import's batches, each in one transaction on a pooled connection of its
-/// own, so that batches can store their rows while the batch before them commits (see
+/// own, so that one batch's rows can be stored while the batch before commits (see
 /// [`Loader::stage`]).
 pub struct Loader {
     pool: PgPool,
@@ -403,11 +403,10 @@ impl Loader {
     /// look-up did not find (then frees their content). Nothing is visible to others
     /// until [`Loader::commit`].
     ///
-    /// A batch may be staged while the batch before it commits and other batches
-    /// stage, each on its own connection: the rows it stores are never the ones those
-    /// batches store (the look-up drops them, see [`Lookup`]), and it touches neither
-    /// `commit_rows` nor the run's row, so they never wait for one another. Its commit
-    /// must wait for theirs.
+    /// A batch may be staged while the batch before it commits on another connection:
+    /// the rows it stores are never the ones that batch stores (the look-up drops
+    /// them, see [`Lookup`]), and it touches neither `commit_rows` nor the run's row,
+    /// so the two never wait for each other. Its commit must wait for that batch's.
     pub async fn stage(&self, batch: &mut Batch) -> Result<Staged, LoadError> {
         let staged = self.stage_batch(batch).await;
         let staged = self.blame_lease(staged).await?;
@@ -883,10 +882,11 @@ fn row_hashes(found: Vec<Vec<u8>>) -> impl Iterator<Item = RowHash> {
         .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
 }
 
-/// Batches that may be ahead of the database when a batch is looked up, besides the
-/// ones staging: the one committing, and the one waiting between the look-up and the
-/// loader (the import loop in `Importer::run`, fed by `produce::drop_known_rows`).
-const BATCHES_AHEAD_BESIDES_STAGING: usize = 2;
+/// Batches that may be ahead of the database when a batch is looked up: the one
+/// committing, the one being staged beside it, and the one waiting between the look-up
+/// and the loader (the import loop in `Importer::run`, fed by
+/// `produce::drop_known_rows`).
+const BATCHES_AHEAD: usize = 3;
 
 /// Finds which rows of a batch are stored already, on a connection of its own, so the
 /// look-up of one batch runs while the batches before it load. Only the content of
@@ -899,8 +899,6 @@ pub struct Lookup {
     /// runs), but they are stored before this batch is, since batches commit in order
     /// or the import fails.
     ahead: VecDeque<(i64, HashSet<RowHash>)>,
-    /// How many batches `ahead` keeps.
-    batches_ahead: usize,
     /// The commit the new version follows, whose entries are read first (see
     /// [`Lookup::following`]).
     parent: Option<String>,
@@ -911,15 +909,10 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// A look-up for an import whose loader stages `staging_batches` batches at once
-    /// (`IMPORT_STAGING_BATCHES`): that many, and two more, may be ahead of the
-    /// database when a batch is looked up.
-    pub async fn new(pool: &PgPool, staging_batches: usize) -> Result<Self, LoadError> {
-        let batches_ahead = staging_batches.max(1) + BATCHES_AHEAD_BESIDES_STAGING;
+    pub async fn new(pool: &PgPool) -> Result<Self, LoadError> {
         Ok(Self {
             conn: crate::db::acquire(pool).await?,
-            ahead: VecDeque::with_capacity(batches_ahead + 1),
-            batches_ahead,
+            ahead: VecDeque::with_capacity(BATCHES_AHEAD + 1),
             parent: None,
             parent_skips: 0,
             found_in_parent: 0,
@@ -966,7 +959,7 @@ impl Lookup {
 
     /// Remembers `rows` as the latest batch ahead of the ones still to be looked up.
     fn remember(&mut self, rows: &RowsCopy, generation: i64) {
-        if self.ahead.len() == self.batches_ahead {
+        if self.ahead.len() == BATCHES_AHEAD {
             self.ahead.pop_front();
         }
         self.ahead

@@ -825,7 +825,7 @@ async fn loader_of_a_running_import(app: &TestApp) -> (Loader, Checkpoint) {
 async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a_gc() {
     let app = spawn_app().await;
     let (loader, start) = loader_of_a_running_import(&app).await;
-    let mut lookup = Lookup::new(&app.pool, 1).await.unwrap();
+    let mut lookup = Lookup::new(&app.pool).await.unwrap();
     let lost = r#"{"id":"a","v":"lost"}"#;
     let mut batches = [
         keyed_batch(&start, "People", &[("a", 2, r#"{"id":"a","v":"1"}"#)], 1),
@@ -860,7 +860,7 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
     let dangling = dangling_entries(&app).await;
     assert_eq!(dangling, 0, "no entry references a row gc removed");
     // Read again from the checkpoint, as the run does, the batch stores the row.
-    let mut lookup = Lookup::new(&app.pool, 1).await.unwrap();
+    let mut lookup = Lookup::new(&app.pool).await.unwrap();
     let mut again = keyed_batch(&start, "Archive", &[("a", 2, lost)], 3);
     lookup.drop_known(&mut again.rows).await.unwrap();
     let staged = loader.stage(&mut again).await.unwrap();
@@ -876,7 +876,7 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
 async fn a_gc_elsewhere_does_not_fail_a_batch_relying_on_one_still_committing() {
     let app = spawn_app().await;
     let (loader, start) = loader_of_a_running_import(&app).await;
-    let mut lookup = Lookup::new(&app.pool, 1).await.unwrap();
+    let mut lookup = Lookup::new(&app.pool).await.unwrap();
     let shared = r#"{"id":"b","v":"both sheets"}"#;
     let mut batches = [
         keyed_batch(&start, "People", &[("a", 2, r#"{"id":"a","v":"1"}"#)], 1),
@@ -1182,7 +1182,7 @@ async fn a_reimport_finds_its_rows_in_the_parents_entries_and_looks_up_the_rest(
         (n, row_hash(content.as_bytes()), content)
     };
     let (loader, start) = loader_of_a_running_import(&app).await;
-    let mut lookup = Lookup::new(&app.pool, 1)
+    let mut lookup = Lookup::new(&app.pool)
         .await
         .unwrap()
         .following(Some(parent.commit_id.clone()));
