@@ -367,7 +367,11 @@ async fn job_parallelism(
     println!("{:>8} {:>9} {:>11}", "workers", "seconds", "rows/s");
     for concurrency in [1, workers] {
         dsa_ingest::sample::reset_bench_store(database_url).await?;
-        let pool = dsa_ingest::db::connect(database_url, 3 * concurrency as u32 + 4).await?;
+        let pool = dsa_ingest::db::connect(
+            database_url,
+            settings.import.connections_per_import() * concurrency as u32 + 4,
+        )
+        .await?;
         let importer = Importer::new(pool, Some(s3.clone()), settings.import.clone());
         let mut runs = Vec::new();
         for (index, source) in sources.iter().enumerate() {

@@ -329,6 +329,10 @@ pub struct S3Settings {
 pub struct ImportSettings {
     /// Rows per batch; one batch is one transaction and one checkpoint.
     pub batch_size: usize,
+    /// Batches of one import whose rows are stored at once, each in its own transaction
+    /// on its own connection, while the batch before them commits
+    /// (`IMPORT_STAGING_BATCHES`, 1 to [`MAX_STAGING_BATCHES`]).
+    pub staging_batches: usize,
     /// Bytes per ranged GET.
     pub chunk_size: u64,
     /// Ranged GETs in flight at once for one import.
@@ -376,6 +380,7 @@ impl Default for ImportSettings {
     fn default() -> Self {
         Self {
             batch_size: 10_000,
+            staging_batches: 2,
             chunk_size: 2 * 1024 * 1024,
             fetch_concurrency: 3,
             progress_update_interval: 10,
@@ -394,6 +399,14 @@ impl Default for ImportSettings {
             max_empty_rows: 65_536,
             max_cell_bytes: 1024 * 1024,
         }
+    }
+}
+
+impl ImportSettings {
+    /// The database connections one import holds at most: its look-up's, one per batch
+    /// staging, and the committing batch's (the plan and finalise reuse one of those).
+    pub fn connections_per_import(&self) -> u32 {
+        self.staging_batches as u32 + 2
     }
 }
 
@@ -443,6 +456,7 @@ impl Settings {
             http: HttpSettings::from_env()?,
             import: ImportSettings {
                 batch_size: positive("IMPORT_BATCH_SIZE", defaults.batch_size as u64)? as usize,
+                staging_batches: staging_batches(defaults.staging_batches)?,
                 chunk_size: positive("IMPORT_CHUNK_SIZE", defaults.chunk_size)?,
                 fetch_concurrency: positive(
                     "IMPORT_FETCH_CONCURRENCY",
@@ -539,6 +553,23 @@ fn part_size() -> Result<u64, ConfigError> {
             reason: format!(
                 "S3 accepts parts of {MIN_PART_SIZE} (5 MiB) to {MAX_PART_SIZE} (5 GiB) bytes"
             ),
+        })
+    }
+}
+
+/// The most batches one import may stage at once: each holds a connection and a
+/// batch's rows in memory.
+pub const MAX_STAGING_BATCHES: usize = 4;
+
+fn staging_batches(default: usize) -> Result<usize, ConfigError> {
+    let staging = positive("IMPORT_STAGING_BATCHES", default as u64)?;
+    if staging <= MAX_STAGING_BATCHES as u64 {
+        Ok(staging as usize)
+    } else {
+        Err(ConfigError {
+            name: "IMPORT_STAGING_BATCHES",
+            value: staging.to_string(),
+            reason: format!("expected 1 to {MAX_STAGING_BATCHES}"),
         })
     }
 }

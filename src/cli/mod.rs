@@ -201,12 +201,13 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_env()?;
-    // An import holds three connections (its look-up, and the two batches in flight:
-    // one committing while the next stores its rows); the consumer's own queries and
+    // An import holds a few connections (its look-up, and its batches in flight: one
+    // committing while the next ones store their rows); the consumer's own queries and
     // the relay need a few more.
+    let per_import = settings.import.connections_per_import();
     let connections = match cli.command {
-        Command::Consume => 3 * settings.parallel_workers as u32 + 4,
-        _ => 5,
+        Command::Consume => per_import * settings.parallel_workers as u32 + 4,
+        _ => per_import + 2,
     };
     let pool = db::connect(settings.database_url.expose(), connections)
         .await

@@ -15,8 +15,8 @@
 //! it holds the lock, sees every batch that committed before, and no batch runs while
 //! it deletes: a row a running import stored is referenced by its unfinished commit,
 //! which step 2 counts. The rows an import uses without storing them (ones its look-up
-//! found stored already, in an earlier transaction, and ones one of the three batches
-//! before it has, which that batch may have stored without an entry when `--skip-bad-rows`
+//! found stored already, in an earlier transaction, and ones one of the batches before it
+//! still loading has, which that batch may have stored without an entry when `--skip-bad-rows`
 //! dropped a repeated key) are covered by the generation in `dsa_core.gc_state`: gc
 //! moves it with its delete, the look-up notes it before it looks, and a batch that
 //! sees it moved checks that those rows are still there, under the lock, before it

@@ -33,6 +33,19 @@ pub enum LoadError {
          stored a moment before, or stored by a batch just ahead); the batch is read again"
     )]
     RowsCollected { run_id: uuid::Uuid },
+    /// With several batches storing at once, a batch waited too long for rows another
+    /// transaction holds (see [`Loader::bound_row_waits`]).
+    #[error(
+        "run {run_id}: a batch waited more than {} ms for rows another import is storing; \
+         with several batches storing at once two imports of overlapping rows can wait \
+         for each other, so this one stepped back (a consumer retries it from its \
+         checkpoint; with IMPORT_STAGING_BATCHES=1 imports never wait this way)",
+        waited.as_millis()
+    )]
+    RowsHeld {
+        run_id: uuid::Uuid,
+        waited: Duration,
+    },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -355,6 +368,18 @@ pub struct BatchOutcome {
     pub commit_duration: Duration,
 }
 
+/// The longest a batch waits for rows another transaction holds when several batches
+/// of its import store at once (see [`Loader::bound_row_waits`]). Rows are held from
+/// a batch's COPY to its COMMIT, normally well under a second.
+pub const ROW_WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// A batch's transaction, begun and holding gc's fence, before its rows are stored
+/// ([`Loader::open`]).
+pub struct Opened {
+    tx: Transaction<'static, Postgres>,
+    started: Instant,
+}
+
 /// A batch whose rows [`Loader::stage`] has stored in the batch's open transaction;
 /// [`Loader::commit`] writes its snapshot entries and checkpoint and commits it.
 pub struct Staged {
@@ -364,7 +389,7 @@ pub struct Staged {
 }
 
 /// Writes an import's batches, each in one transaction on a pooled connection of its
-/// own, so that one batch's rows can be stored while the batch before commits (see
+/// own, so that batches can store their rows while the batch before them commits (see
 /// [`Loader::stage`]).
 pub struct Loader {
     pool: PgPool,
@@ -375,6 +400,9 @@ pub struct Loader {
     /// `append` with `on_conflict fail`: the parent commit, whose keys a batch must not
     /// have (checked per batch, so the error names the row's line).
     refuse_keys_of: Option<String>,
+    /// How long a batch may wait for rows another transaction holds, when bounded
+    /// (see [`Loader::bound_row_waits`]).
+    row_wait_limit: Option<Duration>,
 }
 
 impl Loader {
@@ -384,7 +412,25 @@ impl Loader {
             lease,
             skip_bad_rows: false,
             refuse_keys_of: None,
+            row_wait_limit: None,
         }
+    }
+
+    /// For an import whose batches store their rows several at once: a batch that
+    /// waits longer than `limit` ([`ROW_WAIT_LIMIT`]) for a row another transaction is
+    /// storing fails with [`LoadError::RowsHeld`], a transient error.
+    ///
+    /// A batch waits for such a row until the other transaction ends. With one batch
+    /// storing at a time that wait always ends: the batch waited for is storing or
+    /// committing, and commits wait on no other import. With several, a later batch of
+    /// this import may hold rows while an earlier one waits for another import's later
+    /// batch, and that import's earlier batch for this one's rows: each later batch
+    /// commits only after its earlier one, a cycle PostgreSQL cannot see. The limit
+    /// breaks it: the import that steps back fails with a transient error, which a
+    /// consumer retries from the run's checkpoint.
+    pub fn bound_row_waits(mut self, limit: Option<Duration>) -> Self {
+        self.row_wait_limit = limit;
+        self
     }
 
     /// A keyed row whose key `parent` has already fails the import, naming its line
@@ -403,12 +449,29 @@ impl Loader {
     /// look-up did not find (then frees their content). Nothing is visible to others
     /// until [`Loader::commit`].
     ///
-    /// A batch may be staged while the batch before it commits on another connection:
-    /// the rows it stores are never the ones that batch stores (the look-up drops
-    /// them, see [`Lookup`]), and it touches neither `commit_rows` nor the run's row,
-    /// so the two never wait for each other. Its commit must wait for that batch's.
+    /// A batch may be staged while the batch before it commits and other batches
+    /// stage, each on its own connection: the rows it stores are never the ones those
+    /// batches store (the look-up drops them, see [`Lookup`]), and it touches neither
+    /// `commit_rows` nor the run's row, so they never wait for one another. Its commit
+    /// must wait for theirs.
     pub async fn stage(&self, batch: &mut Batch) -> Result<Staged, LoadError> {
-        let staged = self.stage_batch(batch).await;
+        let opened = self.open(batch).await?;
+        self.store(opened, batch).await
+    }
+
+    /// The start of [`Loader::stage`]: begins the batch's transaction and takes gc's
+    /// fence. Batches that store their rows at once are opened one after another in
+    /// file order, so that a gc waiting for the fence never sits between two of them
+    /// (the later one holding the fence, the earlier one queued behind gc).
+    pub async fn open(&self, batch: &Batch) -> Result<Opened, LoadError> {
+        let opened = self.open_batch(batch).await;
+        self.blame_lease(opened).await
+    }
+
+    /// The rest of [`Loader::stage`]: stores the rows the look-up did not find, then
+    /// frees their content.
+    pub async fn store(&self, opened: Opened, batch: &mut Batch) -> Result<Staged, LoadError> {
+        let staged = self.store_batch(opened, batch).await;
         let staged = self.blame_lease(staged).await?;
         // Only the entries are needed from here on.
         batch.rows.content = Vec::new();
@@ -458,9 +521,8 @@ impl Loader {
         }
     }
 
-    async fn stage_batch(&self, batch: &Batch) -> Result<Staged, LoadError> {
+    async fn open_batch(&self, batch: &Batch) -> Result<Opened, LoadError> {
         let started = Instant::now();
-        let mut outcome = BatchOutcome::default();
         let mut tx = crate::db::begin(&self.pool).await?;
         // A batch is safe without waiting for its WAL flush: data and checkpoint commit
         // together, so a batch lost in a crash is simply read again on resume. Only the
@@ -468,16 +530,45 @@ impl Loader {
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
-        let rows = &batch.rows;
-        if !rows.is_empty() {
+        if !batch.rows.is_empty() {
             // gc removes rows no commit references; this batch may reference rows it
             // did not store, so no gc may run until it has committed.
             hold_gc_fence(&mut tx).await?;
-            if !rows.content.is_empty() {
-                let started = Instant::now();
-                outcome.new_rows = store_new_rows(&mut tx, &rows.content).await?;
-                outcome.insert_duration = started.elapsed();
+        }
+        Ok(Opened { tx, started })
+    }
+
+    async fn store_batch(&self, opened: Opened, batch: &Batch) -> Result<Staged, LoadError> {
+        let Opened { mut tx, started } = opened;
+        let mut outcome = BatchOutcome::default();
+        let content = &batch.rows.content;
+        if !content.is_empty() {
+            let storing = Instant::now();
+            if let Some(limit) = self.row_wait_limit {
+                sqlx::query(&format!(
+                    "SET LOCAL lock_timeout = '{}ms'",
+                    limit.as_millis()
+                ))
+                .execute(&mut *tx)
+                .await?;
             }
+            outcome.new_rows = match (store_new_rows(&mut tx, content).await, self.row_wait_limit) {
+                (Err(sqlx::Error::Database(error)), Some(waited))
+                    if error.code().as_deref() == Some("55P03") =>
+                {
+                    return Err(LoadError::RowsHeld {
+                        run_id: self.lease.run_id,
+                        waited,
+                    });
+                }
+                (stored, _) => stored?,
+            };
+            if self.row_wait_limit.is_some() {
+                sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            outcome.insert_duration = storing.elapsed();
         }
         Ok(Staged {
             tx,
@@ -882,11 +973,10 @@ fn row_hashes(found: Vec<Vec<u8>>) -> impl Iterator<Item = RowHash> {
         .filter_map(|hash| RowHash::try_from(hash.as_slice()).ok())
 }
 
-/// Batches that may be ahead of the database when a batch is looked up: the one
-/// committing, the one being staged beside it, and the one waiting between the look-up
-/// and the loader (the import loop in `Importer::run`, fed by
-/// `produce::drop_known_rows`).
-const BATCHES_AHEAD: usize = 3;
+/// Batches that may be ahead of the database when a batch is looked up, besides the
+/// ones staging: the one committing, and the one waiting between the look-up and the
+/// loader (`Importer::load_batches`, fed by `produce::drop_known_rows`).
+const BATCHES_AHEAD_BESIDES_STAGING: usize = 2;
 
 /// Finds which rows of a batch are stored already, on a connection of its own, so the
 /// look-up of one batch runs while the batches before it load. Only the content of
@@ -899,6 +989,8 @@ pub struct Lookup {
     /// runs), but they are stored before this batch is, since batches commit in order
     /// or the import fails.
     ahead: VecDeque<(i64, HashSet<RowHash>)>,
+    /// How many batches `ahead` keeps.
+    batches_ahead: usize,
     /// The commit the new version follows, whose entries are read first (see
     /// [`Lookup::following`]).
     parent: Option<String>,
@@ -909,10 +1001,15 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    pub async fn new(pool: &PgPool) -> Result<Self, LoadError> {
+    /// A look-up for an import whose loader stages `staging_batches` batches at once
+    /// (`IMPORT_STAGING_BATCHES`): that many, and two more, may be ahead of the
+    /// database when a batch is looked up.
+    pub async fn new(pool: &PgPool, staging_batches: usize) -> Result<Self, LoadError> {
+        let batches_ahead = staging_batches.max(1) + BATCHES_AHEAD_BESIDES_STAGING;
         Ok(Self {
             conn: crate::db::acquire(pool).await?,
-            ahead: VecDeque::with_capacity(BATCHES_AHEAD + 1),
+            ahead: VecDeque::with_capacity(batches_ahead + 1),
+            batches_ahead,
             parent: None,
             parent_skips: 0,
             found_in_parent: 0,
@@ -959,7 +1056,7 @@ impl Lookup {
 
     /// Remembers `rows` as the latest batch ahead of the ones still to be looked up.
     fn remember(&mut self, rows: &RowsCopy, generation: i64) {
-        if self.ahead.len() == BATCHES_AHEAD {
+        if self.ahead.len() == self.batches_ahead {
             self.ahead.pop_front();
         }
         self.ahead

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -53,20 +53,29 @@ use run::{
 };
 use tokio::io::AsyncReadExt;
 
-/// Batches decoded ahead of the loader; two keep both sides busy without piling up.
-const BATCHES_IN_FLIGHT: usize = 2;
+/// Decoded batches waiting for the look-up, plus the batches the loader stages: with
+/// one staging, two wait, which keeps both sides busy without piling up; each batch
+/// staged beyond the first takes one of those places, down to one.
+const BATCHES_IN_FLIGHT: usize = 3;
 
 /// Starts a producer (`start_producer` gets the pipe its batches go into) and the
 /// look-up task behind it; returns both tasks and the receiver the loader reads.
+///
+/// Decoded batches wait for the look-up in a channel that is shorter the more batches
+/// the loader stages (`staging_batches`), down to one: the loader's batches are
+/// buffered work too, and each holds its rows in memory, so an import holds as many
+/// batches with one or two staging (each one beyond two adds a batch).
 fn start_pipeline(
     lookup: Lookup,
+    staging_batches: usize,
     start_producer: impl FnOnce(Pipe) -> tokio::task::JoinHandle<()>,
 ) -> (
     tokio::task::JoinHandle<()>,
     tokio::task::JoinHandle<()>,
     mpsc::Receiver<Result<Produced, ImportError>>,
 ) {
-    let (sender, encoded) = mpsc::channel(BATCHES_IN_FLIGHT);
+    let decoded_ahead = BATCHES_IN_FLIGHT.saturating_sub(staging_batches).max(1);
+    let (sender, encoded) = mpsc::channel(decoded_ahead);
     let producer = start_producer(sender);
     let (sender, receiver) = mpsc::channel(1);
     let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
@@ -209,6 +218,8 @@ impl ImportError {
             ImportError::Sheet(error) => error.is_transient(),
             // gc removed rows a batch relied on; the batch is read again.
             ImportError::Load(LoadError::RowsCollected { .. }) => true,
+            // Two imports waited on each other's rows; this one steps back.
+            ImportError::Load(LoadError::RowsHeld { .. }) => true,
             _ => false,
         }
     }
@@ -475,8 +486,9 @@ impl Importer {
                 .into());
             }
         }
-        let mut loader =
-            Loader::new(&self.pool, lease.clone()).skip_bad_rows(parameters.options.skip_bad_rows);
+        let mut loader = Loader::new(&self.pool, lease.clone())
+            .skip_bad_rows(parameters.options.skip_bad_rows)
+            .bound_row_waits((self.settings.staging_batches > 1).then_some(load::ROW_WAIT_LIMIT));
         let file_name = parameters.source.file_name().to_owned();
         // Spreadsheets are recognised by their content once spooled; the name only
         // decides which reader gets the bytes (and must agree with the content).
@@ -528,6 +540,7 @@ impl Importer {
         {
             loader.refuse_keys_of(checkpoint.plan.parent.clone());
         }
+        let loader = Arc::new(loader);
         let resumed_from_byte = checkpoint.byte_offset;
 
         let sheet_format = Arc::new(std::sync::OnceLock::new());
@@ -542,7 +555,7 @@ impl Importer {
                 self.settings.max_file_size,
             )
             .await?;
-            let lookup = Lookup::new(&self.pool)
+            let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
                 .await?
                 .following(checkpoint.plan.parent.clone());
             let job = SheetJob {
@@ -558,12 +571,13 @@ impl Importer {
                 format: Arc::clone(&sheet_format),
             };
             let span = tracing::Span::current();
-            let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
-                tokio::task::spawn_blocking(move || {
-                    let _entered = span.enter();
-                    produce_sheet_batches(job, sender)
-                })
-            });
+            let (producer, looker, receiver) =
+                start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                    tokio::task::spawn_blocking(move || {
+                        let _entered = span.enter();
+                        produce_sheet_batches(job, sender)
+                    })
+                });
             (producer, looker, receiver, None)
         } else {
             let file = parameters.source.file_name();
@@ -657,26 +671,27 @@ impl Importer {
                         .map(|names| ((0..names.len()).collect(), names)),
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool)
+                let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
                     .await?
                     .following(checkpoint.plan.parent.clone());
-                let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
-                    tokio::spawn(
-                        produce_json_batches(
-                            reader,
-                            Arc::new(identity),
-                            checkpoint.clone(),
-                            self.settings.batch_size,
-                            parameters.options.skip_bad_rows,
-                            ObjectBytes {
-                                end,
-                                read: object_bytes,
-                            },
-                            sender,
+                let (producer, looker, receiver) =
+                    start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                        tokio::spawn(
+                            produce_json_batches(
+                                reader,
+                                Arc::new(identity),
+                                checkpoint.clone(),
+                                self.settings.batch_size,
+                                parameters.options.skip_bad_rows,
+                                ObjectBytes {
+                                    end,
+                                    read: object_bytes,
+                                },
+                                sender,
+                            )
+                            .in_current_span(),
                         )
-                        .in_current_span(),
-                    )
-                });
+                    });
                 (producer, looker, receiver, checkpoint.header.clone())
             } else {
                 let format = match &recorded {
@@ -738,30 +753,31 @@ impl Importer {
                     key,
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool)
+                let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
                     .await?
                     .following(checkpoint.plan.parent.clone());
                 let rows = Arc::new(CsvRows {
                     encoder: RowEncoder::new(&header).decoded_from(&dialect.encoding),
                     identity,
                 });
-                let (producer, looker, receiver) = start_pipeline(lookup, |sender| {
-                    tokio::spawn(
-                        produce_batches(
-                            decoder,
-                            rows,
-                            checkpoint.clone(),
-                            self.settings.batch_size,
-                            parameters.options.skip_bad_rows,
-                            ObjectBytes {
-                                end,
-                                read: object_bytes,
-                            },
-                            sender,
+                let (producer, looker, receiver) =
+                    start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                        tokio::spawn(
+                            produce_batches(
+                                decoder,
+                                rows,
+                                checkpoint.clone(),
+                                self.settings.batch_size,
+                                parameters.options.skip_bad_rows,
+                                ObjectBytes {
+                                    end,
+                                    read: object_bytes,
+                                },
+                                sender,
+                            )
+                            .in_current_span(),
                         )
-                        .in_current_span(),
-                    )
-                });
+                    });
                 (producer, looker, receiver, Some(header))
             }
         };
@@ -784,61 +800,8 @@ impl Importer {
             object_size: info.size,
             started,
         };
-        // A batch whose rows are stored, waiting for the batch before it to commit.
-        let mut pending: Option<(Batch, Staged)> = None;
-        loop {
-            if self.is_stopping() {
-                // The staged batch is whole: committing it saves the resume its work.
-                if let Some((batch, staged)) = pending.take() {
-                    batches.commit(batch, staged).await?;
-                }
-                return Err(ImportError::Interrupted);
-            }
-            // The pending batch commits while the next one arrives and its rows are
-            // stored on another connection. A stop ends the wait for the next batch.
-            let waiting_since = Instant::now();
-            let (committed, next) = tokio::join!(
-                async {
-                    if let Some((batch, staged)) = pending.take() {
-                        batches.commit(batch, staged).await?;
-                    }
-                    Ok::<_, ImportError>(Instant::now())
-                },
-                async {
-                    let next = tokio::select! {
-                        next = receiver.recv() => next,
-                        () = self.stopped() => return Ok((Instant::now(), Arrived::Stopped)),
-                    };
-                    let arrived = Instant::now();
-                    let mut batch = match next {
-                        None => {
-                            return Err(ImportError::Internal(
-                                "the decoding pipeline stopped before the end of the file"
-                                    .to_owned(),
-                            ))
-                        }
-                        Some(next) => match next? {
-                            Produced::Batch(batch) => *batch,
-                            Produced::End => return Ok((arrived, Arrived::End)),
-                        },
-                    };
-                    let staged = loader.stage(&mut batch).await?;
-                    Ok((arrived, Arrived::Batch(Box::new((batch, staged)))))
-                }
-            );
-            let committed_at = committed?;
-            let (arrived, next) = next?;
-            // The loader waited from the moment it had nothing left to commit.
-            let idle_from = committed_at.max(waiting_since);
-            batches.timings.wait_for_batch_ms +=
-                arrived.saturating_duration_since(idle_from).as_millis() as u64;
-            match next {
-                Arrived::Batch(staged) => pending = Some(*staged),
-                Arrived::End => break,
-                // The loop's top returns Interrupted; nothing is pending any more.
-                Arrived::Stopped => {}
-            }
-        }
+        self.load_batches(&loader, &mut receiver, &mut batches)
+            .await?;
         let BatchCommitter {
             checkpoint,
             timings,
@@ -929,16 +892,143 @@ impl Importer {
         );
         Ok(summary)
     }
+
+    /// Loads the batches `receiver` brings, each in one transaction of its own: up to
+    /// `staging_batches` store their rows at once, each on its own connection, while
+    /// the batch before them commits; batches commit one at a time, in the file's
+    /// order. Their rows never overlap (the look-up leaves a row to the batch ahead that
+    /// has it, see [`Lookup`]), so the staging batches never wait for one another.
+    /// Each batch's transaction is opened here, in file order, and only its rows are
+    /// stored in a task of its own (see [`Loader::open`]); with more than one storing,
+    /// a wait for another import's rows is bounded ([`Loader::bound_row_waits`]).
+    ///
+    /// A stop, the end of the file or a failure of the decoding pipeline reaches the
+    /// committing side after the batches before it, which commit first: they are whole,
+    /// and the resume starts after them. When a commit fails, or the import is dropped,
+    /// the tasks of the batches still staging are aborted and their transactions roll
+    /// back.
+    async fn load_batches(
+        &self,
+        loader: &Arc<Loader>,
+        receiver: &mut mpsc::Receiver<Result<Produced, ImportError>>,
+        batches: &mut BatchCommitter<'_>,
+    ) -> Result<(), ImportError> {
+        let staging_batches = self.settings.staging_batches.max(1);
+        // A slot per batch from its arrival to its commit: those staging, and the one
+        // committing. They bound the memory and the connections the import holds.
+        let slots = Arc::new(Semaphore::new(staging_batches + 1));
+        // A permit per batch storing its rows: with one, a batch stores only once the
+        // batch before it has stored, as it commits.
+        let storing = Arc::new(Semaphore::new(staging_batches));
+        let (fed, mut to_commit) = mpsc::unbounded_channel::<Fed>();
+        let feed = async {
+            loop {
+                if self.is_stopping() {
+                    let _ = fed.send(Fed::Stopped);
+                    break;
+                }
+                let slot = tokio::select! {
+                    slot = Arc::clone(&slots).acquire_owned() => {
+                        slot.expect("the loader's slots are never closed")
+                    }
+                    () = self.stopped() => continue,
+                };
+                let next = tokio::select! {
+                    next = receiver.recv() => next,
+                    () = self.stopped() => continue,
+                };
+                let arrived = Instant::now();
+                let last = match next {
+                    Some(Ok(Produced::Batch(batch))) => {
+                        let permit = Arc::clone(&storing)
+                            .acquire_owned()
+                            .await
+                            .expect("the loader's permits are never closed");
+                        // Opened here, one after another, so batches take gc's fence
+                        // in file order (see `Loader::open`).
+                        let opened = match loader.open(&batch).await {
+                            Ok(opened) => opened,
+                            Err(error) => {
+                                let _ = fed.send(Fed::Failed(error.into()));
+                                break;
+                            }
+                        };
+                        let loader = Arc::clone(loader);
+                        let staging = AbortOnDropHandle::new(tokio::spawn(
+                            async move {
+                                let mut batch = *batch;
+                                let staged = loader.store(opened, &mut batch).await?;
+                                drop(permit);
+                                Ok((batch, staged))
+                            }
+                            .in_current_span(),
+                        ));
+                        let _ = fed.send(Fed::Batch {
+                            arrived,
+                            staging,
+                            _slot: slot,
+                        });
+                        continue;
+                    }
+                    Some(Ok(Produced::End)) => Fed::End,
+                    Some(Err(error)) => Fed::Failed(error),
+                    None => Fed::Failed(ImportError::Internal(
+                        "the decoding pipeline stopped before the end of the file".to_owned(),
+                    )),
+                };
+                let _ = fed.send(last);
+                break;
+            }
+            // The committing side decides when loading ends.
+            std::future::pending::<()>().await;
+        };
+        let commit = async {
+            // The loader waited for a batch from the moment it had nothing to commit.
+            let mut idle_from = Instant::now();
+            while let Some(next) = to_commit.recv().await {
+                match next {
+                    Fed::Batch {
+                        arrived, staging, ..
+                    } => {
+                        batches.timings.wait_for_batch_ms +=
+                            arrived.saturating_duration_since(idle_from).as_millis() as u64;
+                        let (batch, staged) = staging.await.map_err(|error| {
+                            ImportError::Internal(format!("storing a batch's rows: {error}"))
+                        })??;
+                        batches.commit(batch, staged).await?;
+                        idle_from = Instant::now();
+                    }
+                    Fed::End => return Ok(()),
+                    Fed::Stopped => return Err(ImportError::Interrupted),
+                    Fed::Failed(error) => return Err(error),
+                }
+            }
+            Err(ImportError::Internal(
+                "the loader stopped feeding batches".to_owned(),
+            ))
+        };
+        tokio::select! {
+            result = commit => result,
+            () = feed => unreachable!("feeding batches never ends on its own"),
+        }
+    }
 }
 
-/// What the loader's wait for the next batch ended with.
-enum Arrived {
-    /// A batch, its rows stored in its open transaction.
-    Batch(Box<(Batch, Staged)>),
+/// What the loader hands on to be committed, in the file's order.
+enum Fed {
+    /// A batch whose rows are being stored in its own transaction, and its place
+    /// among the batches in flight (given back once it has committed).
+    Batch {
+        arrived: Instant,
+        staging: AbortOnDropHandle<Result<(Batch, Staged), LoadError>>,
+        _slot: OwnedSemaphorePermit,
+    },
     /// The end of the file.
     End,
     /// The stop signal, before another batch came.
     Stopped,
+    /// The decoding pipeline failed; the batches before commit first.
+    Failed(ImportError),
 }
 
 /// Commits an attempt's batches in order and keeps its running checkpoint and counts.

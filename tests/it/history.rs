@@ -825,7 +825,7 @@ async fn loader_of_a_running_import(app: &TestApp) -> (Loader, Checkpoint) {
 async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a_gc() {
     let app = spawn_app().await;
     let (loader, start) = loader_of_a_running_import(&app).await;
-    let mut lookup = Lookup::new(&app.pool).await.unwrap();
+    let mut lookup = Lookup::new(&app.pool, 1).await.unwrap();
     let lost = r#"{"id":"a","v":"lost"}"#;
     let mut batches = [
         keyed_batch(&start, "People", &[("a", 2, r#"{"id":"a","v":"1"}"#)], 1),
@@ -860,7 +860,7 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
     let dangling = dangling_entries(&app).await;
     assert_eq!(dangling, 0, "no entry references a row gc removed");
     // Read again from the checkpoint, as the run does, the batch stores the row.
-    let mut lookup = Lookup::new(&app.pool).await.unwrap();
+    let mut lookup = Lookup::new(&app.pool, 1).await.unwrap();
     let mut again = keyed_batch(&start, "Archive", &[("a", 2, lost)], 3);
     lookup.drop_known(&mut again.rows).await.unwrap();
     let staged = loader.stage(&mut again).await.unwrap();
@@ -876,7 +876,7 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
 async fn a_gc_elsewhere_does_not_fail_a_batch_relying_on_one_still_committing() {
     let app = spawn_app().await;
     let (loader, start) = loader_of_a_running_import(&app).await;
-    let mut lookup = Lookup::new(&app.pool).await.unwrap();
+    let mut lookup = Lookup::new(&app.pool, 1).await.unwrap();
     let shared = r#"{"id":"b","v":"both sheets"}"#;
     let mut batches = [
         keyed_batch(&start, "People", &[("a", 2, r#"{"id":"a","v":"1"}"#)], 1),
@@ -1156,6 +1156,47 @@ fn positional_batch(
     batch_of(writer, checkpoint, sheet, loaded)
 }
 
+/// With several batches storing at once, a batch's wait for a row another transaction
+/// is storing is cut off, so two imports can never wait on each other for ever; the
+/// batch steps back with a transient error, and read again after the other commits it
+/// stores nothing twice.
+#[tokio::test]
+async fn a_bounded_wait_for_a_row_another_batch_holds_steps_back_and_the_retry_succeeds() {
+    let app = spawn_app().await;
+    let (loader, start) = loader_of_a_running_import(&app).await;
+    let loader = loader.bound_row_waits(Some(Duration::from_millis(300)));
+    let content = r#"{"id":"held"}"#.to_owned();
+    let row = |n: u64| (n, row_hash(content.as_bytes()), content.clone());
+
+    // The first batch stores the row and keeps it, uncommitted.
+    let mut holding = positional_batch(&start, "People", &[row(1)], 1);
+    let staged = loader.stage(&mut holding).await.unwrap();
+    // The second stores the same row: it waits for the first, and gives up.
+    let mut waiting = positional_batch(&start, "People", &[row(2)], 2);
+    let waited = tokio::time::timeout(Duration::from_secs(20), loader.stage(&mut waiting)).await;
+    let error = match waited {
+        Ok(Err(error)) => error,
+        Ok(Ok(_)) => panic!("the second batch stored a row the first one holds"),
+        Err(_) => panic!("the wait for a held row was not cut off"),
+    };
+    assert!(matches!(error, LoadError::RowsHeld { .. }), "{error}");
+    assert!(
+        error.to_string().contains("IMPORT_STAGING_BATCHES=1"),
+        "{error}"
+    );
+    assert!(matches!(
+        dsa_ingest::import::ImportError::from(error).outcome(),
+        dsa_ingest::import::Outcome::Transient
+    ));
+
+    let first = loader.commit(staged, &holding, None).await.unwrap();
+    assert_eq!(first.new_rows, 1);
+    let mut again = positional_batch(&start, "People", &[row(2)], 2);
+    let staged = loader.stage(&mut again).await.unwrap();
+    let second = loader.commit(staged, &again, None).await.unwrap();
+    assert_eq!(second.new_rows, 0);
+}
+
 /// A file imported again finds its rows through the parent's entries, one range of ids
 /// per batch; a row changed under the same id, and a batch whose ids are spread over the
 /// parent's, are looked up by hash instead, so only stored rows are dropped.
@@ -1182,7 +1223,7 @@ async fn a_reimport_finds_its_rows_in_the_parents_entries_and_looks_up_the_rest(
         (n, row_hash(content.as_bytes()), content)
     };
     let (loader, start) = loader_of_a_running_import(&app).await;
-    let mut lookup = Lookup::new(&app.pool)
+    let mut lookup = Lookup::new(&app.pool, 1)
         .await
         .unwrap()
         .following(Some(parent.commit_id.clone()));

@@ -115,6 +115,150 @@ async fn the_tree_hash_does_not_depend_on_the_batch_size() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_staged_side_by_side_store_each_row_once_and_commit_in_order() {
+    let app = spawn_app().await;
+    // 37 distinct rows, each repeated every 37 lines: with batches of 10 rows, a row's
+    // content comes back three or four batches later, while those batches are staging
+    // or committing beside it.
+    let mut csv = String::from("id,value\n");
+    for n in 0..3_000u64 {
+        csv.push_str(&format!("{},v{}\n", n % 37, n % 37));
+    }
+    app.put("repeats.csv", csv.into_bytes()).await;
+    let mut wide = test_settings();
+    wide.batch_size = 10;
+    wide.staging_batches = dsa_ingest::config::MAX_STAGING_BATCHES;
+    let mut narrow = wide.clone();
+    narrow.staging_batches = 1;
+
+    let (_, staged_wide) = app.import_with(wide, "wide", "repeats.csv", false).await;
+    let staged_wide = staged_wide.expect("import with four batches staging");
+    assert_eq!(staged_wide.rows, 3_000);
+    assert_eq!(staged_wide.new_rows, 37, "each distinct row stored once");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM dsa_core.rows")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 37);
+    // Every entry is there, in the file's order of ids, and references a stored row.
+    let (entries, dangling): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE r.row_hash IS NULL)
+           FROM dsa_core.commit_rows c LEFT JOIN dsa_core.rows r USING (row_hash)
+          WHERE c.commit_id = $1",
+    )
+    .bind(&staged_wide.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((entries, dangling), (3_000, 0));
+
+    // One batch at a time gives the same version (its rows are all stored by now).
+    let (_, one_at_a_time) = app
+        .import_with(narrow, "narrow", "repeats.csv", false)
+        .await;
+    let one_at_a_time = one_at_a_time.expect("import with one batch staging");
+    assert_eq!(one_at_a_time.new_rows, 0);
+    assert_eq!(one_at_a_time.tree_hash, staged_wide.tree_hash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_four_batches_staging_keeps_entries_and_checkpoint_together() {
+    let app = spawn_app().await;
+    app.put("stopped.csv", sample_csv(30_000, 21)).await;
+    let mut settings = test_settings();
+    settings.staging_batches = dsa_ingest::config::MAX_STAGING_BATCHES;
+    let reference = app.import("reference", "stopped.csv").await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let importer = app.importer(settings.clone()).stop_on(stop.clone());
+    let (run_id, _) = app
+        .create_run(&importer, "stopped", "stopped.csv", false)
+        .await;
+    let running = tokio::spawn({
+        let importer = importer.clone();
+        async move { importer.run(run_id).await }
+    });
+    let loaded_rows = |pool: sqlx::PgPool| async move {
+        let loaded: Option<i64> = sqlx::query_scalar(
+            "SELECT (checkpoint->>'loaded_rows')::bigint FROM dsa_jobs.analysis_runs WHERE id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        loaded.unwrap_or(0)
+    };
+    let pool = app.pool.clone();
+    wait_until(Duration::from_secs(60), "some batches to commit", || {
+        let pool = pool.clone();
+        async move { loaded_rows(pool).await >= 3_000 }
+    })
+    .await;
+    stop.cancel();
+    let error = running.await.unwrap().unwrap_err();
+    assert!(matches!(error, ImportError::Interrupted), "{error}");
+
+    // Every batch that committed moved the checkpoint with it, and no other did.
+    let loaded = loaded_rows(app.pool.clone()).await;
+    assert!((3_000..30_000).contains(&loaded), "{loaded}");
+    let entries: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dsa_core.commit_rows
+          WHERE commit_id = (SELECT checkpoint->>'commit_id' FROM dsa_jobs.analysis_runs
+                              WHERE id = $1)",
+    )
+    .bind(run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(entries, loaded);
+
+    let resumed = app
+        .importer(settings)
+        .run(run_id)
+        .await
+        .expect("the resumed import succeeds");
+    assert_eq!(resumed.rows, 30_000);
+    assert_eq!(resumed.tree_hash, reference.tree_hash);
+}
+
+#[tokio::test]
+async fn the_command_line_stages_up_to_four_batches_and_refuses_more() {
+    let app = spawn_app().await;
+    app.put("staged.csv", sample_csv(3_000, 9)).await;
+    let source = format!("s3://{}/staged.csv", app.bucket);
+    let import = |staging: &str| {
+        app.cli()
+            .env("IMPORT_STAGING_BATCHES", staging)
+            .args(["import", "--dataset", "staged", &source, "--json"])
+            .output()
+            .unwrap()
+    };
+
+    // The most the setting allows: four batches staging beside the one committing.
+    let output = import("4");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: dsa_ingest::import::ImportSummary =
+        serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((summary.rows, summary.new_rows), (3_000, 3_000));
+
+    for refused in ["0", "5"] {
+        let output = import(refused);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "IMPORT_STAGING_BATCHES=\"{refused}\" is not valid"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_imports_racing_into_one_dataset_both_commit_in_a_line() {
     let app = spawn_app().await;
     app.put("one.csv", sample_csv(2_000, 3)).await;
