@@ -904,9 +904,9 @@ impl Importer {
     ///
     /// A stop, the end of the file or a failure of the decoding pipeline reaches the
     /// committing side after the batches before it, which commit first: they are whole,
-    /// and the resume starts after them. When a commit fails, or the import is dropped,
-    /// the tasks of the batches still staging are aborted and their transactions roll
-    /// back.
+    /// and the resume starts after them. When a commit fails, the batches still staging
+    /// finish storing and roll back; when the import itself is dropped, their tasks are
+    /// aborted.
     async fn load_batches(
         &self,
         loader: &Arc<Loader>,
@@ -1007,10 +1007,21 @@ impl Importer {
                 "the loader stopped feeding batches".to_owned(),
             ))
         };
-        tokio::select! {
+        let result = tokio::select! {
             result = commit => result,
             () = feed => unreachable!("feeding batches never ends on its own"),
+        };
+        if result.is_err() {
+            // The batches still storing finish their COPY and are then dropped, which
+            // rolls them back; aborting one inside its COPY would leave its pooled
+            // connection out of step with the server.
+            while let Ok(next) = to_commit.try_recv() {
+                if let Fed::Batch { staging, .. } = next {
+                    let _ = staging.await;
+                }
+            }
         }
+        result
     }
 }
 
@@ -1027,7 +1038,8 @@ enum Fed {
     End,
     /// The stop signal, before another batch came.
     Stopped,
-    /// The decoding pipeline failed; the batches before commit first.
+    /// The decoding pipeline failed, or a batch's transaction could not be opened; the
+    /// batches before commit first.
     Failed(ImportError),
 }
 
