@@ -8,6 +8,7 @@ use serde_json::json;
 use dsa_ingest::sample::sample_csv;
 
 use crate::helpers::{spawn_app, test_settings, wait_until};
+use crate::process::loaded_rows;
 
 #[tokio::test]
 async fn values_round_trip_exactly() {
@@ -178,28 +179,18 @@ async fn a_stop_with_four_batches_staging_keeps_entries_and_checkpoint_together(
         let importer = importer.clone();
         async move { importer.run(run_id).await }
     });
-    let loaded_rows = |pool: sqlx::PgPool| async move {
-        let loaded: Option<i64> = sqlx::query_scalar(
-            "SELECT (checkpoint->>'loaded_rows')::bigint FROM dsa_jobs.analysis_runs WHERE id = $1",
-        )
-        .bind(run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        loaded.unwrap_or(0)
-    };
-    let pool = app.pool.clone();
-    wait_until(Duration::from_secs(60), "some batches to commit", || {
-        let pool = pool.clone();
-        async move { loaded_rows(pool).await >= 3_000 }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "some batches to commit",
+        || async { loaded_rows(&app, run_id).await >= 3_000 },
+    )
     .await;
     stop.cancel();
     let error = running.await.unwrap().unwrap_err();
     assert!(matches!(error, ImportError::Interrupted), "{error}");
 
     // Every batch that committed moved the checkpoint with it, and no other did.
-    let loaded = loaded_rows(app.pool.clone()).await;
+    let loaded = loaded_rows(&app, run_id).await;
     assert!((3_000..30_000).contains(&loaded), "{loaded}");
     let entries: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM dsa_core.commit_rows
