@@ -1156,6 +1156,33 @@ fn positional_batch(
     batch_of(writer, checkpoint, sheet, loaded)
 }
 
+/// The look-up takes a row as stored when one of the batches still loading before it
+/// has it: with N storing at once, N + 2 of them (those storing, the one committing and
+/// the one waiting for the loader). A row of an older batch is looked up as usual.
+#[tokio::test]
+async fn the_lookup_counts_as_many_batches_ahead_as_the_loader_may_still_be_loading() {
+    let app = spawn_app().await;
+    let (_, start) = loader_of_a_running_import(&app).await;
+    let row = |n: u64| {
+        let content = format!(r#"{{"ahead":"{n}"}}"#);
+        (n, row_hash(content.as_bytes()), content)
+    };
+    for (staging, window) in [(1, 3), (2, 4), (4, 6)] {
+        let mut lookup = Lookup::new(&app.pool, staging).await.unwrap();
+        let base = 100 * staging as u64;
+        // Batches 1 to 7 pass the look-up, one new row each; none is stored.
+        for n in 1..=7 {
+            let mut batch = positional_batch(&start, "People", &[row(base + n)], n);
+            lookup.drop_known(&mut batch.rows).await.unwrap();
+        }
+        // A batch with all seven rows relies on those of the last `window` batches.
+        let rows: Vec<_> = (1..=7).map(|n| row(base + n)).collect();
+        let mut batch = positional_batch(&start, "People", &rows, 8);
+        lookup.drop_known(&mut batch.rows).await.unwrap();
+        assert_eq!(batch.rows.relied_on_rows(), window, "{staging} storing");
+    }
+}
+
 /// With several batches storing at once, a batch's wait for a row another transaction
 /// is storing is cut off, so two imports can never wait on each other for ever; the
 /// batch steps back with a transient error, and read again after the other commits it
