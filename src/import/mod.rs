@@ -58,30 +58,6 @@ use tokio::io::AsyncReadExt;
 /// staged beyond the first takes one of those places, down to one.
 const BATCHES_IN_FLIGHT: usize = 3;
 
-/// Starts a producer (`start_producer` gets the pipe its batches go into) and the
-/// look-up task behind it; returns both tasks and the receiver the loader reads.
-///
-/// Decoded batches wait for the look-up in a channel that is shorter the more batches
-/// the loader stages (`staging_batches`), down to one: the loader's batches are
-/// buffered work too, and each holds its rows in memory, so an import holds as many
-/// batches with one or two staging (each one beyond two adds a batch).
-fn start_pipeline(
-    lookup: Lookup,
-    staging_batches: usize,
-    start_producer: impl FnOnce(Pipe) -> tokio::task::JoinHandle<()>,
-) -> (
-    tokio::task::JoinHandle<()>,
-    tokio::task::JoinHandle<()>,
-    mpsc::Receiver<Result<Produced, ImportError>>,
-) {
-    let decoded_ahead = BATCHES_IN_FLIGHT.saturating_sub(staging_batches).max(1);
-    let (sender, encoded) = mpsc::channel(decoded_ahead);
-    let producer = start_producer(sender);
-    let (sender, receiver) = mpsc::channel(1);
-    let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
-    (producer, looker, receiver)
-}
-
 #[derive(Debug, Error)]
 pub enum ImportError {
     #[error(transparent)]
@@ -555,9 +531,6 @@ impl Importer {
                 self.settings.max_file_size,
             )
             .await?;
-            let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
-                .await?
-                .following(checkpoint.plan.parent.clone());
             let job = SheetJob {
                 file: spooled,
                 spool_usage,
@@ -571,13 +544,14 @@ impl Importer {
                 format: Arc::clone(&sheet_format),
             };
             let span = tracing::Span::current();
-            let (producer, looker, receiver) =
-                start_pipeline(lookup, self.settings.staging_batches, |sender| {
+            let (producer, looker, receiver) = self
+                .start_pipeline(checkpoint.plan.parent.clone(), |sender| {
                     tokio::task::spawn_blocking(move || {
                         let _entered = span.enter();
                         produce_sheet_batches(job, sender)
                     })
-                });
+                })
+                .await?;
             (producer, looker, receiver, None)
         } else {
             let file = parameters.source.file_name();
@@ -671,11 +645,8 @@ impl Importer {
                         .map(|names| ((0..names.len()).collect(), names)),
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
-                    .await?
-                    .following(checkpoint.plan.parent.clone());
-                let (producer, looker, receiver) =
-                    start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                let (producer, looker, receiver) = self
+                    .start_pipeline(checkpoint.plan.parent.clone(), |sender| {
                         tokio::spawn(
                             produce_json_batches(
                                 reader,
@@ -691,7 +662,8 @@ impl Importer {
                             )
                             .in_current_span(),
                         )
-                    });
+                    })
+                    .await?;
                 (producer, looker, receiver, checkpoint.header.clone())
             } else {
                 let format = match &recorded {
@@ -753,15 +725,12 @@ impl Importer {
                     key,
                     delete: parameters.options.mode == ImportMode::Delete,
                 };
-                let lookup = Lookup::new(&self.pool, self.settings.staging_batches)
-                    .await?
-                    .following(checkpoint.plan.parent.clone());
                 let rows = Arc::new(CsvRows {
                     encoder: RowEncoder::new(&header).decoded_from(&dialect.encoding),
                     identity,
                 });
-                let (producer, looker, receiver) =
-                    start_pipeline(lookup, self.settings.staging_batches, |sender| {
+                let (producer, looker, receiver) = self
+                    .start_pipeline(checkpoint.plan.parent.clone(), |sender| {
                         tokio::spawn(
                             produce_batches(
                                 decoder,
@@ -777,7 +746,8 @@ impl Importer {
                             )
                             .in_current_span(),
                         )
-                    });
+                    })
+                    .await?;
                 (producer, looker, receiver, Some(header))
             }
         };
@@ -891,6 +861,38 @@ impl Importer {
             "import completed"
         );
         Ok(summary)
+    }
+
+    /// Starts a producer (`start_producer` gets the pipe its batches go into) and the
+    /// look-up task behind it, which reads `parent`'s entries first (see
+    /// [`Lookup::following`]); returns both tasks and the receiver the loader reads.
+    ///
+    /// Decoded batches wait for the look-up in a channel that is shorter the more
+    /// batches the loader stages (`staging_batches`), down to one: the loader's batches
+    /// are buffered work too, and each holds its rows in memory, so an import holds as
+    /// many batches with one or two staging (each one beyond two adds a batch).
+    async fn start_pipeline(
+        &self,
+        parent: Option<String>,
+        start_producer: impl FnOnce(Pipe) -> tokio::task::JoinHandle<()>,
+    ) -> Result<
+        (
+            tokio::task::JoinHandle<()>,
+            tokio::task::JoinHandle<()>,
+            mpsc::Receiver<Result<Produced, ImportError>>,
+        ),
+        ImportError,
+    > {
+        let staging_batches = self.settings.staging_batches;
+        let lookup = Lookup::new(&self.pool, staging_batches)
+            .await?
+            .following(parent);
+        let decoded_ahead = BATCHES_IN_FLIGHT.saturating_sub(staging_batches).max(1);
+        let (sender, encoded) = mpsc::channel(decoded_ahead);
+        let producer = start_producer(sender);
+        let (sender, receiver) = mpsc::channel(1);
+        let looker = tokio::spawn(drop_known_rows(lookup, encoded, sender).in_current_span());
+        Ok((producer, looker, receiver))
     }
 
     /// Loads the batches `receiver` brings, each in one transaction of its own: up to

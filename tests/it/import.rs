@@ -116,7 +116,7 @@ async fn the_tree_hash_does_not_depend_on_the_batch_size() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_staged_side_by_side_store_each_row_once_and_commit_in_order() {
+async fn batches_staged_side_by_side_store_each_row_once_and_give_the_same_version() {
     let app = spawn_app().await;
     // 37 distinct rows, each repeated every 37 lines: with batches of 10 rows, a row's
     // content comes back three or four batches later, while those batches are staging
