@@ -161,6 +161,12 @@ impl RowsCopy {
             start = end;
         }
         self.content.truncate(kept);
+        // What was dropped is given back now rather than when the batch is stored, which
+        // may be a while when the batches before it are busy: a re-import's batches
+        // would otherwise each hold their whole content for nothing.
+        if self.content.capacity() > 2 * kept {
+            self.content.shrink_to_fit();
+        }
         self.content_ends.clear();
         dropped
     }
@@ -380,8 +386,9 @@ pub struct Opened {
     started: Instant,
 }
 
-/// A batch whose rows [`Loader::stage`] has stored in the batch's open transaction;
-/// [`Loader::commit`] writes its snapshot entries and checkpoint and commits it.
+/// A batch whose rows (and positional entries) [`Loader::stage`] has stored in the
+/// batch's open transaction; [`Loader::commit`] writes its keyed entries and
+/// checkpoint and commits it.
 pub struct Staged {
     tx: Transaction<'static, Postgres>,
     started: Instant,
@@ -445,14 +452,15 @@ impl Loader {
         self
     }
 
-    /// The first half of a batch: begins its transaction and stores the rows the
-    /// look-up did not find (then frees their content). Nothing is visible to others
-    /// until [`Loader::commit`].
+    /// The first half of a batch: begins its transaction, stores the rows the look-up
+    /// did not find (then frees their content) and, for a positional batch, writes its
+    /// `commit_rows` entries. Nothing is visible to others until [`Loader::commit`].
     ///
     /// A batch may be staged while the batch before it commits and other batches
     /// stage, each on its own connection: the rows it stores are never the ones those
-    /// batches store (the look-up drops them, see [`Lookup`]), and it touches neither
-    /// `commit_rows` nor the run's row, so they never wait for one another. Its commit
+    /// batches store (the look-up drops them, see [`Lookup`]), the only entries it
+    /// writes have line numbers for ids, which no other batch of the import has, and it
+    /// does not touch the run's row, so they never wait for one another. Its commit
     /// must wait for theirs.
     pub async fn stage(&self, batch: &mut Batch) -> Result<Staged, LoadError> {
         let opened = self.open(batch).await?;
@@ -468,17 +476,15 @@ impl Loader {
         self.blame_lease(opened).await
     }
 
-    /// The rest of [`Loader::stage`]: stores the rows the look-up did not find, then
-    /// frees their content.
+    /// The rest of [`Loader::stage`]: stores the rows the look-up did not find (then
+    /// frees their content) and a positional batch's entries.
     pub async fn store(&self, opened: Opened, batch: &mut Batch) -> Result<Staged, LoadError> {
-        let staged = self.store_batch(opened, batch).await;
-        let staged = self.blame_lease(staged).await?;
-        // Only the entries are needed from here on.
-        batch.rows.content = Vec::new();
-        Ok(staged)
+        let staged = self.store_batch(opened, &mut batch.rows).await;
+        self.blame_lease(staged).await
     }
 
-    /// The second half: the batch's `commit_rows` entries, its rejected rows and the
+    /// The second half: a keyed batch's `commit_rows` entries (a key may repeat one of
+    /// an earlier batch, which must have committed first), its rejected rows and the
     /// run's checkpoint (`batch.checkpoint`, which the caller has brought up to date
     /// with the batches committed since the staging), then COMMIT.
     ///
@@ -538,37 +544,45 @@ impl Loader {
         Ok(Opened { tx, started })
     }
 
-    async fn store_batch(&self, opened: Opened, batch: &Batch) -> Result<Staged, LoadError> {
+    async fn store_batch(&self, opened: Opened, rows: &mut RowsCopy) -> Result<Staged, LoadError> {
         let Opened { mut tx, started } = opened;
         let mut outcome = BatchOutcome::default();
-        let content = &batch.rows.content;
-        if !content.is_empty() {
-            let storing = Instant::now();
-            if let Some(limit) = self.row_wait_limit {
-                sqlx::query(&format!(
-                    "SET LOCAL lock_timeout = '{}ms'",
-                    limit.as_millis()
-                ))
+        // Positional entries are written here, beside the rows, where batches run side
+        // by side: their ids are line numbers, which no other batch of the import has.
+        // Keyed entries wait for the commit (see `Loader::commit`).
+        let entries_now = rows.keyed.is_empty() && !rows.commit_rows.is_empty();
+        if rows.content.is_empty() && !entries_now {
+            rows.content = Vec::new();
+            return Ok(Staged {
+                tx,
+                started,
+                outcome,
+            });
+        }
+        if let Some(limit) = self.row_wait_limit {
+            sqlx::query(&format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                limit.as_millis()
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let written = store_rows_and_entries(&mut tx, rows, entries_now, &mut outcome).await;
+        match (written, self.row_wait_limit) {
+            (Err(sqlx::Error::Database(error)), Some(waited))
+                if error.code().as_deref() == Some("55P03") =>
+            {
+                return Err(LoadError::RowsHeld {
+                    run_id: self.lease.run_id,
+                    waited,
+                });
+            }
+            (written, _) => written?,
+        }
+        if self.row_wait_limit.is_some() {
+            sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
                 .execute(&mut *tx)
                 .await?;
-            }
-            outcome.new_rows = match (store_new_rows(&mut tx, content).await, self.row_wait_limit) {
-                (Err(sqlx::Error::Database(error)), Some(waited))
-                    if error.code().as_deref() == Some("55P03") =>
-                {
-                    return Err(LoadError::RowsHeld {
-                        run_id: self.lease.run_id,
-                        waited,
-                    });
-                }
-                (stored, _) => stored?,
-            };
-            if self.row_wait_limit.is_some() {
-                sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            outcome.insert_duration = storing.elapsed();
         }
         Ok(Staged {
             tx,
@@ -589,30 +603,21 @@ impl Loader {
             mut outcome,
         } = staged;
         let mut repeated: Vec<(String, u64)> = Vec::new();
-        if !batch.rows.is_empty() {
-            let rows = &batch.rows;
-            // Checked here rather than as the batch is staged: the batches before it,
-            // whose rows it may rely on, have all committed by now.
-            if !still_stored(&mut tx, rows.looked_up_at, &rows.relied_on).await? {
-                return Err(LoadError::RowsCollected {
-                    run_id: self.lease.run_id,
-                });
-            }
+        let rows = &batch.rows;
+        // Checked here rather than as the batch is staged: the batches before it, whose
+        // rows it may rely on, have all committed by now.
+        if !still_stored(&mut tx, rows.looked_up_at, &rows.relied_on).await? {
+            return Err(LoadError::RowsCollected {
+                run_id: self.lease.run_id,
+            });
+        }
+        // Positional entries were written with the rows (see `Loader::store`).
+        if !rows.keyed.is_empty() {
             let started = Instant::now();
-            if rows.keyed.is_empty() {
-                send_binary(
-                    &mut tx,
-                    "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
-                     FROM STDIN (FORMAT binary)",
-                    &rows.commit_rows,
-                )
-                .await?;
-            } else {
-                if let (Some(parent), false) = (&self.refuse_keys_of, self.skip_bad_rows) {
-                    refuse_existing_keys(&mut tx, parent, &batch.checkpoint.sheet, rows).await?;
-                }
-                repeated = store_keyed_entries(&mut tx, &batch.checkpoint, rows).await?;
+            if let (Some(parent), false) = (&self.refuse_keys_of, self.skip_bad_rows) {
+                refuse_existing_keys(&mut tx, parent, &batch.checkpoint.sheet, rows).await?;
             }
+            repeated = store_keyed_entries(&mut tx, &batch.checkpoint, rows).await?;
             outcome.commit_rows_duration = started.elapsed();
         }
 
@@ -688,6 +693,37 @@ impl Loader {
     pub async fn connection(&self) -> Result<PoolConnection<Postgres>, LoadError> {
         Ok(crate::db::acquire(&self.pool).await?)
     }
+}
+
+/// The part of a batch that may run beside other batches of its import: the rows the
+/// look-up did not find, and, when `entries` (a positional batch), the batch's
+/// `commit_rows` entries.
+/// Each stream is freed once sent: only a keyed batch's entries are needed afterwards.
+async fn store_rows_and_entries(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    rows: &mut RowsCopy,
+    entries: bool,
+    outcome: &mut BatchOutcome,
+) -> Result<(), sqlx::Error> {
+    if !rows.content.is_empty() {
+        let started = Instant::now();
+        outcome.new_rows = store_new_rows(tx, &rows.content).await?;
+        outcome.insert_duration = started.elapsed();
+    }
+    rows.content = Vec::new();
+    if entries {
+        let started = Instant::now();
+        send_binary(
+            tx,
+            "COPY dsa_core.commit_rows (commit_id, logical_row_id, row_hash)
+             FROM STDIN (FORMAT binary)",
+            &rows.commit_rows,
+        )
+        .await?;
+        outcome.commit_rows_duration = started.elapsed();
+        rows.commit_rows = Vec::new();
+    }
+    Ok(())
 }
 
 /// Stores rows that the look-up did not find; returns how many were new.

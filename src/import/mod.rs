@@ -935,6 +935,15 @@ impl Importer {
                     }
                     () = self.stopped() => continue,
                 };
+                // Taken before the next batch, which meanwhile waits in the look-up's
+                // channel, where it holds back the stages before instead of adding to
+                // what they hold.
+                let permit = tokio::select! {
+                    permit = Arc::clone(&storing).acquire_owned() => {
+                        permit.expect("the loader's permits are never closed")
+                    }
+                    () = self.stopped() => continue,
+                };
                 let next = tokio::select! {
                     next = receiver.recv() => next,
                     () = self.stopped() => continue,
@@ -942,10 +951,6 @@ impl Importer {
                 let arrived = Instant::now();
                 let last = match next {
                     Some(Ok(Produced::Batch(batch))) => {
-                        let permit = Arc::clone(&storing)
-                            .acquire_owned()
-                            .await
-                            .expect("the loader's permits are never closed");
                         // Opened here, one after another, so batches take gc's fence
                         // in file order (see `Loader::open`).
                         let opened = match loader.open(&batch).await {

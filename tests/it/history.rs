@@ -1224,6 +1224,46 @@ async fn a_bounded_wait_for_a_row_another_batch_holds_steps_back_and_the_retry_s
     assert_eq!(second.new_rows, 0);
 }
 
+/// A positional batch writes its `commit_rows` entries as it is staged, beside the
+/// rows, under the same bound: a batch whose id another uncommitted batch has written
+/// (a worker that lost its lease and the one that took the run over) steps back with
+/// the transient error instead of waiting for ever.
+#[tokio::test]
+async fn a_positional_batch_writes_its_entries_as_it_is_staged_under_the_same_bound() {
+    let app = spawn_app().await;
+    let (loader, start) = loader_of_a_running_import(&app).await;
+    let loader = loader.bound_row_waits(Some(Duration::from_millis(300)));
+    let row = |n: u64, what: &str| {
+        let content = format!(r#"{{"entry":"{what}"}}"#);
+        (n, row_hash(content.as_bytes()), content)
+    };
+
+    // Different rows under the same id: only the entries meet.
+    let mut holding = positional_batch(&start, "People", &[row(1, "first")], 1);
+    let staged = loader.stage(&mut holding).await.unwrap();
+    let mut waiting = positional_batch(&start, "People", &[row(1, "second")], 1);
+    let waited = tokio::time::timeout(Duration::from_secs(20), loader.stage(&mut waiting)).await;
+    match waited {
+        Ok(Err(LoadError::RowsHeld { .. })) => {}
+        Ok(Err(error)) => panic!("expected the bounded wait to step back, got {error}"),
+        Ok(Ok(_)) => panic!("the entries were not written as the batch was staged"),
+        Err(_) => panic!("the wait for an entry another batch holds was not cut off"),
+    }
+    let outcome = loader.commit(staged, &holding, None).await.unwrap();
+    assert_eq!(outcome.new_rows, 1);
+    let entries: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
+    )
+    .bind(&start.commit_id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        entries,
+        vec![("People:1".to_owned(), row(1, "first").1.to_vec())]
+    );
+}
+
 /// A file imported again finds its rows through the parent's entries, one range of ids
 /// per batch; a row changed under the same id, and a batch whose ids are spread over the
 /// parent's, are looked up by hash instead, so only stored rows are dropped.
