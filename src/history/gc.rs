@@ -20,7 +20,7 @@
 //! dropped a repeated key) are covered by the generation in `dsa_core.gc_state`: gc
 //! moves it with its delete, the look-up notes it before it looks, and a batch that
 //! sees it moved checks that those rows are still there, under the lock, before it
-//! writes references to them (`load.rs`'s `still_stored`).
+//! commits its references to them (`load.rs`'s `still_stored`).
 
 use std::time::Duration;
 

@@ -33,13 +33,14 @@ pub enum LoadError {
          stored a moment before, or stored by a batch just ahead); the batch is read again"
     )]
     RowsCollected { run_id: uuid::Uuid },
-    /// With several batches storing at once, a batch waited too long for rows another
-    /// transaction holds (see [`Loader::bound_row_waits`]).
+    /// With several batches storing at once, a batch waited too long for rows (or
+    /// entries) another transaction holds (see [`Loader::bound_row_waits`]).
     #[error(
-        "run {run_id}: a batch waited more than {} ms for rows another import is storing; \
-         with several batches storing at once two imports of overlapping rows can wait \
-         for each other, so this one stepped back (a consumer retries it from its \
-         checkpoint; with IMPORT_STAGING_BATCHES=1 imports never wait this way)",
+        "run {run_id}: a batch waited more than {} ms for rows another import is storing \
+         (or for entries of this run another worker is writing); with several batches \
+         storing at once two imports of overlapping rows can wait for each other, so \
+         this one stepped back (a consumer retries it from its checkpoint; with \
+         IMPORT_STAGING_BATCHES=1 imports never wait this way)",
         waited.as_millis()
     )]
     RowsHeld {
@@ -940,7 +941,8 @@ async fn hold_gc_fence(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error>
 }
 
 /// Called under [`hold_gc_fence`] once the batches before have committed, before the
-/// batch writes its commit_rows: when gc has removed rows since `looked_up_at`, checks
+/// batch commits its commit_rows (a positional batch has written them already, in the
+/// same transaction): when gc has removed rows since `looked_up_at`, checks
 /// that every row the batch relies on without storing it is still stored. `false`
 /// means some were removed: the batch must not commit.
 async fn still_stored(

@@ -900,9 +900,10 @@ impl Importer {
     /// the batch before them commits; batches commit one at a time, in the file's
     /// order. Their rows never overlap (the look-up leaves a row to the batch ahead that
     /// has it, see [`Lookup`]), so the staging batches never wait for one another.
-    /// Each batch's transaction is opened here, in file order, and only its rows are
-    /// stored in a task of its own (see [`Loader::open`]); with more than one storing,
-    /// a wait for another import's rows is bounded ([`Loader::bound_row_waits`]).
+    /// Each batch's transaction is opened here, in file order, and only its rows (and
+    /// positional entries, whose ids no other batch has) are stored in a task of its
+    /// own (see [`Loader::open`]); with more than one storing, a wait for another
+    /// import's rows is bounded ([`Loader::bound_row_waits`]).
     ///
     /// A stop, the end of the file or a failure of the decoding pipeline reaches the
     /// committing side after the batches before it, which commit first: they are whole,

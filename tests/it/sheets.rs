@@ -204,6 +204,30 @@ async fn named_sheets_are_the_only_ones_imported_and_a_missing_one_fails_the_run
     assert_eq!(app.count("dsa_core.commit_rows").await, 2);
 }
 
+/// Two worksheets of one name would give their rows the same ids: the file is refused,
+/// naming the sheet, before a row is loaded.
+#[tokio::test]
+async fn a_workbook_with_two_worksheets_of_one_name_is_refused_naming_it() {
+    let app = spawn_app().await;
+    let renamed = rewrite_zip(&two_sheet_workbook(3), |name, content| {
+        (name == "xl/workbook.xml").then(|| {
+            String::from_utf8(content.to_vec())
+                .unwrap()
+                .replace(r#"name="Second""#, r#"name="First""#)
+                .into_bytes()
+        })
+    });
+    app.put("twins.xlsx", renamed).await;
+    let (run_id, result) = import_sheets(&app, "twins", "twins.xlsx", None).await;
+    let message = result.unwrap_err().to_string();
+    assert!(message.contains("twins.xlsx"), "{message}");
+    assert!(message.contains(r#"two worksheets named "First""#), "{message}");
+    let (status, error, _) = app.run_state(run_id).await;
+    assert_eq!(status, "failed");
+    assert_eq!(error.as_deref(), Some(message.as_str()));
+    assert_eq!(app.count("dsa_core.commit_rows").await, 0);
+}
+
 /// The fixtures hold the same workbook, written by LibreOffice (xls, ods) and SheetJS
 /// (xlsb); see tests/fixtures/README.md.
 async fn check_fixture(file: &str, format: &str) {

@@ -199,6 +199,11 @@ pub enum SheetError {
          file from Excel or as xlsx instead"
     )]
     XlsbShortCells { file: String, part: String },
+    #[error(
+        "{file}: has two worksheets named {name:?}; a worksheet's name begins its rows' ids \
+         ({name}:1, {name}:2, ...), so each must be unique (rename one and upload again)"
+    )]
+    DuplicateSheetName { file: String, name: String },
     #[error("{file}: has no worksheet {name:?}; its worksheets are {available:?}")]
     SheetNotFound {
         file: String,
