@@ -22,6 +22,9 @@ pub struct CommitFacts<'a> {
     pub commit_id: &'a str,
     pub row_count: u64,
     pub tree_hash: &'a str,
+    /// Batches the import committed: the run's checkpoint must be that of the last
+    /// (see `load::save_checkpoint`), or a batch was lost in a crash.
+    pub batches: u64,
     pub source: Lineage,
     /// How the loaded rows combine with the parent.
     pub merge: Merge<'a>,
@@ -212,21 +215,39 @@ pub async fn finalise(
                                                  'total_bytes', ($3->>'bytes')::bigint,
                                                  'rows_processed', $4::bigint),
                 lease_owner = NULL, lease_expires_at = NULL, error_message = NULL
-          WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+          WHERE id = $1 AND lease_token = $2 AND status = 'running'
+            AND coalesce((checkpoint->>'batches')::bigint, 0) = $5",
     )
     .bind(lease.run_id)
     .bind(lease.token)
     .bind(&output)
     // Progress is written every few batches; a finished run shows it all read.
     .bind(facts.row_count as i64)
+    .bind(facts.batches as i64)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     if completed != 1 {
+        let found: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT lease_token, coalesce((checkpoint->>'batches')::bigint, 0)
+               FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'",
+        )
+        .bind(lease.run_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.rollback().await?;
-        return Err(LoadError::LeaseLost {
-            run_id: lease.run_id,
-            token: lease.token,
+        return Err(match found {
+            Some((token, found)) if token == lease.token && found as u64 != facts.batches => {
+                LoadError::CheckpointLost {
+                    run_id: lease.run_id,
+                    expected: facts.batches,
+                    found: found as u64,
+                }
+            }
+            _ => LoadError::LeaseLost {
+                run_id: lease.run_id,
+                token: lease.token,
+            },
         }
         .into());
     }

@@ -47,6 +47,19 @@ pub enum LoadError {
         run_id: uuid::Uuid,
         waited: Duration,
     },
+    /// The run's checkpoint is older than the one this import last wrote: a batch
+    /// committed without waiting for its flush was lost (see [`save_checkpoint`]).
+    #[error(
+        "run {run_id}: the database holds the checkpoint of batch {found}, not of batch \
+         {expected} that this import committed last: a batch committed without waiting \
+         for its flush was lost, most likely in a database crash; the run resumes from \
+         the checkpoint the database kept"
+    )]
+    CheckpointLost {
+        run_id: uuid::Uuid,
+        expected: u64,
+        found: u64,
+    },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -1186,34 +1199,63 @@ impl Lookup {
 
 /// Moves the run's checkpoint (and progress, when given) and renews the lease, but only
 /// while the lease token is still ours; otherwise the whole transaction is abandoned.
+///
+/// A batch's checkpoint (`batches` above 0) replaces only that of the batch before
+/// it. Batches commit without waiting for their WAL flush, and a database crash loses
+/// the last of them; an import that goes on over new connections once the server is
+/// back would otherwise commit the next batch over the lost one's rows, and its
+/// checkpoint would say they were loaded. Then the batch fails with
+/// [`LoadError::CheckpointLost`] and the run resumes from what the database kept.
 pub async fn save_checkpoint(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     lease: &Lease,
     checkpoint: &Checkpoint,
     progress: Option<&Progress>,
 ) -> Result<(), LoadError> {
+    let follows = checkpoint.batches.checked_sub(1).map(|batches| batches as i64);
     let updated = sqlx::query(
         "UPDATE dsa_jobs.analysis_runs
             SET checkpoint = $3,
                 progress = coalesce($4, progress),
                 lease_expires_at = now() + make_interval(secs => $5)
-          WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+          WHERE id = $1 AND lease_token = $2 AND status = 'running'
+            AND ($6::bigint IS NULL
+                 OR coalesce((checkpoint->>'batches')::bigint, 0) = $6)",
     )
     .bind(lease.run_id)
     .bind(lease.token)
     .bind(sqlx::types::Json(checkpoint))
     .bind(progress.map(sqlx::types::Json))
     .bind(lease.duration.as_secs_f64())
+    .bind(follows)
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    if updated != 1 {
-        return Err(LoadError::LeaseLost {
-            run_id: lease.run_id,
-            token: lease.token,
-        });
+    if updated == 1 {
+        return Ok(());
     }
-    Ok(())
+    if let Some(follows) = follows {
+        let found: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT lease_token, coalesce((checkpoint->>'batches')::bigint, 0)
+               FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'",
+        )
+        .bind(lease.run_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some((token, found)) = found {
+            if token == lease.token && found != follows {
+                return Err(LoadError::CheckpointLost {
+                    run_id: lease.run_id,
+                    expected: follows as u64,
+                    found: found as u64,
+                });
+            }
+        }
+    }
+    Err(LoadError::LeaseLost {
+        run_id: lease.run_id,
+        token: lease.token,
+    })
 }
 
 async fn insert_rejected(

@@ -196,6 +196,9 @@ impl ImportError {
             ImportError::Load(LoadError::RowsCollected { .. }) => true,
             // Two imports waited on each other's rows; this one steps back.
             ImportError::Load(LoadError::RowsHeld { .. }) => true,
+            // A batch committed without its flush was lost in a crash; resume.
+            ImportError::Load(LoadError::CheckpointLost { .. })
+            | ImportError::Finalise(FinaliseError::Load(LoadError::CheckpointLost { .. })) => true,
             _ => false,
         }
     }
@@ -824,6 +827,7 @@ impl Importer {
             commit_id: &checkpoint.commit_id,
             row_count: checkpoint.loaded_rows,
             tree_hash: &checkpoint.tree_state,
+            batches: checkpoint.batches,
             source,
             merge: Merge {
                 mode: parameters.options.mode,
@@ -1073,6 +1077,7 @@ impl BatchCommitter<'_> {
     /// batches committed before it learnt (the producer cannot know those counts).
     async fn commit(&mut self, mut batch: Batch, staged: Staged) -> Result<(), ImportError> {
         batch.checkpoint.new_rows = self.checkpoint.new_rows;
+        batch.checkpoint.batches = self.checkpoint.batches + 1;
         batch.checkpoint.loaded_rows -= self.repeated_rows;
         batch.checkpoint.rejected_rows += self.repeated_rows;
         self.batches += 1;

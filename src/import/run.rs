@@ -332,6 +332,12 @@ pub struct Checkpoint {
     /// the batch was cut, for progress; `byte_offset` then counts the decoded text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_offset: Option<u64>,
+    /// Batches committed so far in this run. A batch's checkpoint replaces only the
+    /// one of the batch before it (see `load::save_checkpoint`): a batch committed
+    /// without waiting for its flush and lost in a database crash is then never
+    /// built on by the batches after it. Absent in older checkpoints: 0.
+    #[serde(default)]
+    pub batches: u64,
 }
 
 impl Checkpoint {
@@ -356,6 +362,7 @@ impl Checkpoint {
             key_trail: KeyTrail::new(),
             dialect: None,
             object_offset: None,
+            batches: 0,
         }
     }
 }

@@ -1264,6 +1264,61 @@ async fn a_positional_batch_writes_its_entries_as_it_is_staged_under_the_same_bo
     );
 }
 
+/// Batches commit without waiting for their flush, so a database crash can lose the
+/// last one while the import goes on over new connections. A batch's checkpoint only
+/// replaces the one of the batch before it: the batch after a lost one fails with a
+/// transient error (the run resumes from what the database kept) instead of
+/// committing over the lost rows.
+#[tokio::test]
+async fn a_batch_whose_previous_batch_was_lost_does_not_commit_over_it() {
+    let app = spawn_app().await;
+    let (loader, start) = loader_of_a_running_import(&app).await;
+    let row = |n: u64| {
+        let content = format!(r#"{{"kept":"{n}"}}"#);
+        (n, row_hash(content.as_bytes()), content)
+    };
+    let numbered = |batches: u64, n: u64| {
+        let mut batch = positional_batch(&start, "People", &[row(n)], n);
+        batch.checkpoint.batches = batches;
+        batch
+    };
+
+    let mut first = numbered(1, 1);
+    let staged = loader.stage(&mut first).await.unwrap();
+    loader.commit(staged, &first, None).await.unwrap();
+    // Batch 2 never reached the database; batch 3 comes next.
+    let mut third = numbered(3, 3);
+    let staged = loader.stage(&mut third).await.unwrap();
+    let error = loader.commit(staged, &third, None).await.unwrap_err();
+    match &error {
+        LoadError::CheckpointLost {
+            expected, found, ..
+        } => assert_eq!((*expected, *found), (2, 1)),
+        other => panic!("expected CheckpointLost, got {other}"),
+    }
+    assert!(matches!(
+        dsa_ingest::import::ImportError::from(error).outcome(),
+        dsa_ingest::import::Outcome::Transient
+    ));
+    let (checkpoint, entries): (Value, i64) = sqlx::query_as(
+        "SELECT checkpoint, (SELECT count(*) FROM dsa_core.commit_rows WHERE commit_id = $1)
+           FROM dsa_jobs.analysis_runs WHERE checkpoint->>'commit_id' = $1",
+    )
+    .bind(&start.commit_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(checkpoint["batches"], 1);
+    assert_eq!(entries, 1);
+
+    // Read again from there, batch 2 commits, and batch 3 after it.
+    for (batches, n) in [(2, 2), (3, 3)] {
+        let mut batch = numbered(batches, n);
+        let staged = loader.stage(&mut batch).await.unwrap();
+        loader.commit(staged, &batch, None).await.unwrap();
+    }
+}
+
 /// A file imported again finds its rows through the parent's entries, one range of ids
 /// per batch; a row changed under the same id, and a batch whose ids are spread over the
 /// parent's, are looked up by hash instead, so only stored rows are dropped.
