@@ -52,8 +52,9 @@ pub enum LoadError {
     #[error(
         "run {run_id}: the database holds the checkpoint of batch {found}, not of batch \
          {expected} that this import committed last: a batch committed without waiting \
-         for its flush was lost, most likely in a database crash; the run resumes from \
-         the checkpoint the database kept"
+         for its flush was lost, most likely in a database crash; a consumer retries \
+         the run from the checkpoint the database kept (dsa-ingest import fails the run: \
+         submit the file again)"
     )]
     CheckpointLost {
         run_id: uuid::Uuid,
@@ -545,7 +546,8 @@ impl Loader {
         let started = Instant::now();
         let mut tx = crate::db::begin(&self.pool).await?;
         // A batch is safe without waiting for its WAL flush: data and checkpoint commit
-        // together, so a batch lost in a crash is simply read again on resume. Only the
+        // together, so a batch lost in a crash is simply read again on resume (and the
+        // batches after it never build on it, see `save_checkpoint`). Only the
         // finalising transaction, which tells the world, waits for durability.
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
@@ -687,6 +689,11 @@ impl Loader {
         checkpoint: &Checkpoint,
     ) -> Result<(), LoadError> {
         let mut tx = crate::db::begin(&self.pool).await?;
+        // The batches' checkpoints build on this one (see `save_checkpoint`); it must
+        // outlive a crash even where the server's default is not to wait.
+        sqlx::query("SET LOCAL synchronous_commit = on")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO dsa_core.commits (commit_id, dataset_id, message, author_id, run_id)
              VALUES ($1, $2, $3, $4, $5)",
@@ -1205,7 +1212,8 @@ impl Lookup {
 /// the last of them; an import that goes on over new connections once the server is
 /// back would otherwise commit the next batch over the lost one's rows, and its
 /// checkpoint would say they were loaded. Then the batch fails with
-/// [`LoadError::CheckpointLost`] and the run resumes from what the database kept.
+/// [`LoadError::CheckpointLost`], a transient error: a consumer retries the run from
+/// what the database kept.
 pub async fn save_checkpoint(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     lease: &Lease,
