@@ -228,28 +228,10 @@ pub async fn finalise(
     .await?
     .rows_affected();
     if completed != 1 {
-        let found: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT lease_token, coalesce((checkpoint->>'batches')::bigint, 0)
-               FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'",
-        )
-        .bind(lease.run_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let refused =
+            crate::import::load::checkpoint_refused(&mut tx, lease, facts.batches).await?;
         tx.rollback().await?;
-        return Err(match found {
-            Some((token, found)) if token == lease.token && found as u64 != facts.batches => {
-                LoadError::CheckpointLost {
-                    run_id: lease.run_id,
-                    expected: facts.batches,
-                    found: found as u64,
-                }
-            }
-            _ => LoadError::LeaseLost {
-                run_id: lease.run_id,
-                token: lease.token,
-            },
-        }
-        .into());
+        return Err(refused.into());
     }
     crate::outbox::queue_refresh(&mut tx, facts.dataset_id, facts.commit_id).await?;
     tx.commit().await?;

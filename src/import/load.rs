@@ -1220,7 +1220,10 @@ pub async fn save_checkpoint(
     checkpoint: &Checkpoint,
     progress: Option<&Progress>,
 ) -> Result<(), LoadError> {
-    let follows = checkpoint.batches.checked_sub(1).map(|batches| batches as i64);
+    let follows = checkpoint
+        .batches
+        .checked_sub(1)
+        .map(|batches| batches as i64);
     let updated = sqlx::query(
         "UPDATE dsa_jobs.analysis_runs
             SET checkpoint = $3,
@@ -1239,30 +1242,43 @@ pub async fn save_checkpoint(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    if updated == 1 {
-        return Ok(());
+    match (updated, follows) {
+        (1, _) => Ok(()),
+        (_, Some(follows)) => Err(checkpoint_refused(tx, lease, follows as u64).await?),
+        _ => Err(LoadError::LeaseLost {
+            run_id: lease.run_id,
+            token: lease.token,
+        }),
     }
-    if let Some(follows) = follows {
-        let found: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT lease_token, coalesce((checkpoint->>'batches')::bigint, 0)
-               FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'",
-        )
-        .bind(lease.run_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if let Some((token, found)) = found {
-            if token == lease.token && found != follows {
-                return Err(LoadError::CheckpointLost {
-                    run_id: lease.run_id,
-                    expected: follows as u64,
-                    found: found as u64,
-                });
+}
+
+/// Why the run's row refused an update, made under `lease`, that expected its
+/// checkpoint to count `batches`: [`LoadError::CheckpointLost`] when the lease is still
+/// ours but the checkpoint counts other batches, [`LoadError::LeaseLost`] otherwise.
+pub async fn checkpoint_refused(
+    conn: &mut sqlx::PgConnection,
+    lease: &Lease,
+    batches: u64,
+) -> Result<LoadError, sqlx::Error> {
+    let found: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT lease_token, coalesce((checkpoint->>'batches')::bigint, 0)
+           FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'",
+    )
+    .bind(lease.run_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match found {
+        Some((token, found)) if token == lease.token && found as u64 != batches => {
+            LoadError::CheckpointLost {
+                run_id: lease.run_id,
+                expected: batches,
+                found: found as u64,
             }
         }
-    }
-    Err(LoadError::LeaseLost {
-        run_id: lease.run_id,
-        token: lease.token,
+        _ => LoadError::LeaseLost {
+            run_id: lease.run_id,
+            token: lease.token,
+        },
     })
 }
 

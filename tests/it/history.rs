@@ -10,7 +10,7 @@ use dsa_ingest::history::gc;
 use dsa_ingest::history::resolve::{resolve, Dataset};
 use dsa_ingest::history::verify::verify_commit;
 use dsa_ingest::import::hash::row_hash;
-use dsa_ingest::import::load::{Batch, BatchWriter, LoadError, Loader, Lookup};
+use dsa_ingest::import::load::{Batch, BatchOutcome, BatchWriter, LoadError, Loader, Lookup};
 use dsa_ingest::import::run::Checkpoint;
 use dsa_ingest::sample::sample_csv;
 use serde_json::{json, Value};
@@ -863,8 +863,7 @@ async fn a_row_left_without_its_entry_by_a_batch_ahead_is_not_relied_on_across_a
     let mut lookup = Lookup::new(&app.pool, 1).await.unwrap();
     let mut again = keyed_batch(&start, "Archive", &[("a", 2, lost)], 3);
     lookup.drop_known(&mut again.rows).await.unwrap();
-    let staged = loader.stage(&mut again).await.unwrap();
-    let outcome = loader.commit(staged, &again, None).await.unwrap();
+    let outcome = load_batch(&loader, &mut again).await.unwrap();
     assert_eq!(outcome.new_rows, 1);
 }
 
@@ -1156,6 +1155,22 @@ fn positional_batch(
     batch_of(writer, checkpoint, sheet, loaded)
 }
 
+/// Stages `batch` and commits it.
+async fn load_batch(loader: &Loader, batch: &mut Batch) -> Result<BatchOutcome, LoadError> {
+    let staged = loader.stage(batch).await?;
+    loader.commit(staged, batch, None).await
+}
+
+/// Stages `batch` while another transaction holds what it writes: the bounded wait
+/// must give up within 20 s; returns the error it gave up with.
+async fn stage_held(loader: &Loader, batch: &mut Batch) -> LoadError {
+    match tokio::time::timeout(Duration::from_secs(20), loader.stage(batch)).await {
+        Ok(Err(error)) => error,
+        Ok(Ok(_)) => panic!("the batch was staged though another transaction holds what it writes"),
+        Err(_) => panic!("the wait for what another batch holds was not cut off"),
+    }
+}
+
 /// The look-up takes a row as stored when one of the batches still loading before it
 /// has it: with N storing at once, N + 2 of them (those storing, the one committing and
 /// the one waiting for the loader). A row of an older batch is looked up as usual.
@@ -1200,12 +1215,7 @@ async fn a_bounded_wait_for_a_row_another_batch_holds_steps_back_and_the_retry_s
     let staged = loader.stage(&mut holding).await.unwrap();
     // The second stores the same row: it waits for the first, and gives up.
     let mut waiting = positional_batch(&start, "People", &[row(2)], 2);
-    let waited = tokio::time::timeout(Duration::from_secs(20), loader.stage(&mut waiting)).await;
-    let error = match waited {
-        Ok(Err(error)) => error,
-        Ok(Ok(_)) => panic!("the second batch stored a row the first one holds"),
-        Err(_) => panic!("the wait for a held row was not cut off"),
-    };
+    let error = stage_held(&loader, &mut waiting).await;
     assert!(matches!(error, LoadError::RowsHeld { .. }), "{error}");
     assert!(
         error.to_string().contains("IMPORT_STAGING_BATCHES=1"),
@@ -1219,8 +1229,7 @@ async fn a_bounded_wait_for_a_row_another_batch_holds_steps_back_and_the_retry_s
     let first = loader.commit(staged, &holding, None).await.unwrap();
     assert_eq!(first.new_rows, 1);
     let mut again = positional_batch(&start, "People", &[row(2)], 2);
-    let staged = loader.stage(&mut again).await.unwrap();
-    let second = loader.commit(staged, &again, None).await.unwrap();
+    let second = load_batch(&loader, &mut again).await.unwrap();
     assert_eq!(second.new_rows, 0);
 }
 
@@ -1242,13 +1251,8 @@ async fn a_positional_batch_writes_its_entries_as_it_is_staged_under_the_same_bo
     let mut holding = positional_batch(&start, "People", &[row(1, "first")], 1);
     let staged = loader.stage(&mut holding).await.unwrap();
     let mut waiting = positional_batch(&start, "People", &[row(1, "second")], 1);
-    let waited = tokio::time::timeout(Duration::from_secs(20), loader.stage(&mut waiting)).await;
-    match waited {
-        Ok(Err(LoadError::RowsHeld { .. })) => {}
-        Ok(Err(error)) => panic!("expected the bounded wait to step back, got {error}"),
-        Ok(Ok(_)) => panic!("the entries were not written as the batch was staged"),
-        Err(_) => panic!("the wait for an entry another batch holds was not cut off"),
-    }
+    let error = stage_held(&loader, &mut waiting).await;
+    assert!(matches!(error, LoadError::RowsHeld { .. }), "{error}");
     let outcome = loader.commit(staged, &holding, None).await.unwrap();
     assert_eq!(outcome.new_rows, 1);
     let entries: Vec<(String, Vec<u8>)> = sqlx::query_as(
@@ -1283,13 +1287,9 @@ async fn a_batch_whose_previous_batch_was_lost_does_not_commit_over_it() {
         batch
     };
 
-    let mut first = numbered(1, 1);
-    let staged = loader.stage(&mut first).await.unwrap();
-    loader.commit(staged, &first, None).await.unwrap();
+    load_batch(&loader, &mut numbered(1, 1)).await.unwrap();
     // Batch 2 never reached the database; batch 3 comes next.
-    let mut third = numbered(3, 3);
-    let staged = loader.stage(&mut third).await.unwrap();
-    let error = loader.commit(staged, &third, None).await.unwrap_err();
+    let error = load_batch(&loader, &mut numbered(3, 3)).await.unwrap_err();
     match &error {
         LoadError::CheckpointLost {
             expected, found, ..
@@ -1313,9 +1313,9 @@ async fn a_batch_whose_previous_batch_was_lost_does_not_commit_over_it() {
 
     // Read again from there, batch 2 commits, and batch 3 after it.
     for (batches, n) in [(2, 2), (3, 3)] {
-        let mut batch = numbered(batches, n);
-        let staged = loader.stage(&mut batch).await.unwrap();
-        loader.commit(staged, &batch, None).await.unwrap();
+        load_batch(&loader, &mut numbered(batches, n))
+            .await
+            .unwrap();
     }
 }
 

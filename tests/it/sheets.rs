@@ -221,7 +221,10 @@ async fn a_workbook_with_two_worksheets_of_one_name_is_refused_naming_it() {
     let (run_id, result) = import_sheets(&app, "twins", "twins.xlsx", None).await;
     let message = result.unwrap_err().to_string();
     assert!(message.contains("twins.xlsx"), "{message}");
-    assert!(message.contains(r#"two worksheets named "First""#), "{message}");
+    assert!(
+        message.contains(r#"two worksheets named "First""#),
+        "{message}"
+    );
     let (status, error, _) = app.run_state(run_id).await;
     assert_eq!(status, "failed");
     assert_eq!(error.as_deref(), Some(message.as_str()));

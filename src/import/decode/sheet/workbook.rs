@@ -85,7 +85,10 @@ impl Workbook {
         // Excel refuses two sheets of one name, but a file written by other tools may
         // have them; their rows would share ids, which a commit holds once each.
         for (at, sheet) in worksheets.iter().enumerate() {
-            if worksheets[..at].iter().any(|earlier| earlier.name == sheet.name) {
+            if worksheets[..at]
+                .iter()
+                .any(|earlier| earlier.name == sheet.name)
+            {
                 return Err(SheetError::DuplicateSheetName {
                     file: file.to_owned(),
                     name: sheet.name.clone(),
