@@ -5,6 +5,7 @@ mod output;
 pub mod submit;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -13,7 +14,8 @@ use uuid::Uuid;
 use crate::config::Settings;
 use crate::db::{self, DatasetName};
 use crate::import::run::{ImportParameters, SourceLocation};
-use crate::import::Importer;
+use crate::import::{retry_backoff, ImportSummary, Importer, Outcome};
+use backoff::backoff::Backoff;
 use options::RunOptions;
 use output::{print_status, print_summary};
 
@@ -96,6 +98,11 @@ struct ImportArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// How long to go on retrying, from the run's checkpoint, while the database or the
+    /// store is away (seconds; 0: not at all). After that, or on Ctrl-C, the run is
+    /// left paused for --resume.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    retry_for: u64,
 }
 
 #[derive(Debug, Args)]
@@ -260,7 +267,12 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
     } else {
         None
     };
-    let importer = Importer::new(pool, s3, settings.import.clone());
+    // Ctrl-C or SIGTERM stops the import after the batch it is committing, and a
+    // transient failure releases the run instead of failing it: either way the run
+    // stays resumable, and `import_with_retries` says how to go on.
+    let importer = Importer::new(pool, s3, settings.import.clone())
+        .keep_runs_on_transient_failure()
+        .stop_on(quit_on_second_signal(crate::shutdown::on_signals()));
     let run_id = match (args.resume, args.source, args.dataset) {
         (Some(run_id), _, _) => run_id,
         (None, Some(source), Some(dataset)) => {
@@ -277,16 +289,76 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
         }
         _ => anyhow::bail!("give --dataset NAME and SOURCE, or --resume RUN_ID"),
     };
-    let summary = importer
-        .run(run_id)
-        .await
-        .with_context(|| format!("import run {run_id}"))?;
+    let summary =
+        import_with_retries(&importer, run_id, Duration::from_secs(args.retry_for)).await?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         print_summary(&summary);
     }
     Ok(())
+}
+
+/// On the command line a second Ctrl-C quits at once (the first lets the batch being
+/// committed finish); the run then resumes from its last checkpoint all the same.
+fn quit_on_second_signal(
+    stop: crate::shutdown::CancellationToken,
+) -> crate::shutdown::CancellationToken {
+    let first = stop.clone();
+    tokio::spawn(async move {
+        first.cancelled().await;
+        eprintln!("stopping after the batch being committed; Ctrl-C again quits at once");
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+    stop
+}
+
+/// Imports `run_id`, retrying a transient failure (the database or the store away, a
+/// batch lost in a database crash) from the run's checkpoint with backoff for up to
+/// `budget`, as a consumer does. A run that still cannot go on, or that a signal
+/// stopped, is left paused, and the error says how to resume it.
+async fn import_with_retries(
+    importer: &Importer,
+    run_id: Uuid,
+    budget: Duration,
+) -> anyhow::Result<ImportSummary> {
+    let mut retries = None;
+    let paused = |why: String| {
+        anyhow::anyhow!(
+            "import run {run_id}: {why}; the run is paused at its last checkpoint, \
+             continue it with `dsa-ingest import --resume {run_id}`"
+        )
+    };
+    loop {
+        let error = match importer.run(run_id).await {
+            Ok(summary) => return Ok(summary),
+            Err(error) => error,
+        };
+        match error.outcome() {
+            Outcome::Transient => {
+                let Some(wait) = retries
+                    .get_or_insert_with(|| retry_backoff(budget))
+                    .next_backoff()
+                else {
+                    return Err(paused(format!(
+                        "gave up after retrying for {} s: {error}",
+                        budget.as_secs()
+                    )));
+                };
+                tracing::warn!(run.id = %run_id, error = %error, retry_in_ms = wait.as_millis() as u64, "transient failure; retrying from the last checkpoint");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = importer.stopped() => {
+                        return Err(paused(format!("stopped while waiting to retry after: {error}")));
+                    }
+                }
+            }
+            Outcome::Interrupted => return Err(paused("stopped by a signal".to_owned())),
+            _ => return Err(anyhow::Error::new(error).context(format!("import run {run_id}"))),
+        }
+    }
 }
 
 async fn consume(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {

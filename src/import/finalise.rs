@@ -100,6 +100,12 @@ pub async fn finalise(
         .bind(facts.dataset_id)
         .execute(&mut *tx)
         .await?;
+    // A last batch lost in a database crash shows here already. The guarded update
+    // that completes the run is what decides; this only spares carrying and hashing
+    // the parent's rows for a commit that is then rolled back.
+    if let Some(lost) = crate::import::load::checkpoint_lost(&mut tx, lease, facts.batches).await? {
+        return Err(lost.into());
+    }
     let parent: Option<String> = sqlx::query_scalar(
         "SELECT commit_id FROM dsa_core.refs WHERE dataset_id = $1 AND name = 'main'",
     )

@@ -1260,6 +1260,21 @@ pub async fn checkpoint_refused(
     lease: &Lease,
     batches: u64,
 ) -> Result<LoadError, sqlx::Error> {
+    Ok(checkpoint_lost(conn, lease, batches)
+        .await?
+        .unwrap_or(LoadError::LeaseLost {
+            run_id: lease.run_id,
+            token: lease.token,
+        }))
+}
+
+/// [`LoadError::CheckpointLost`] when the run is still ours under `lease` but its
+/// checkpoint counts other batches than `batches` (one was lost in a database crash).
+pub async fn checkpoint_lost(
+    conn: &mut sqlx::PgConnection,
+    lease: &Lease,
+    batches: u64,
+) -> Result<Option<LoadError>, sqlx::Error> {
     let found: Option<(i64, i64)> = sqlx::query_as(
         "SELECT lease_token, coalesce((checkpoint->>'batches')::bigint, 0)
            FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'",
@@ -1269,16 +1284,13 @@ pub async fn checkpoint_refused(
     .await?;
     Ok(match found {
         Some((token, found)) if token == lease.token && found as u64 != batches => {
-            LoadError::CheckpointLost {
+            Some(LoadError::CheckpointLost {
                 run_id: lease.run_id,
                 expected: batches,
                 found: found as u64,
-            }
+            })
         }
-        _ => LoadError::LeaseLost {
-            run_id: lease.run_id,
-            token: lease.token,
-        },
+        _ => None,
     })
 }
 

@@ -20,7 +20,7 @@ mod produce;
 pub mod run;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -90,6 +90,17 @@ impl From<sqlx::Error> for ImportError {
     fn from(error: sqlx::Error) -> Self {
         ImportError::Load(LoadError::Database(error))
     }
+}
+
+/// Backoff for retrying a transient import failure from the run's checkpoint (the
+/// consumer and `dsa-ingest import` both retry), built at the first failure of a
+/// streak so that `budget` counts from there.
+pub fn retry_backoff(budget: Duration) -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(500))
+        .with_max_interval(Duration::from_secs(30))
+        .with_max_elapsed_time(Some(budget))
+        .build()
 }
 
 /// What an import error means for whoever ran the import. The import core, the queue

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backoff::backoff::Backoff;
-use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
+use backoff::ExponentialBackoff;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -40,7 +40,7 @@ use crate::db::{self, DatasetError, DatasetName};
 use crate::http::Health;
 use crate::import::run::SourceLocation;
 use crate::import::run::{ImportOptions, ImportParameters};
-use crate::import::{format_of_file_name, ImportSummary, Importer, Outcome};
+use crate::import::{format_of_file_name, retry_backoff, ImportSummary, Importer, Outcome};
 use crate::metrics::{format_label, metrics, AmqpOutcome, FailureReason};
 use crate::policy::SourcePolicy;
 use crate::queue::amqp::{self, AmqpError};
@@ -227,16 +227,6 @@ pub async fn run(setup: ConsumerSetup, stop: CancellationToken) -> Result<(), Co
 
 /// How often a consumer whose workers are all busy checks that its channel is alive.
 const CHANNEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Backoff for retrying a transient failure, built at the first failure of a streak so
-/// that the budget counts from there, not from when the delivery arrived.
-fn retry_backoff(budget: Duration) -> ExponentialBackoff {
-    ExponentialBackoffBuilder::new()
-        .with_initial_interval(Duration::from_millis(500))
-        .with_max_interval(Duration::from_secs(30))
-        .with_max_elapsed_time(Some(budget))
-        .build()
-}
 
 /// Connects, declares the topology, and subscribes with a prefetch of `workers`.
 async fn subscribe(

@@ -174,3 +174,131 @@ async fn the_cli_reports_a_failed_import_and_marks_the_run() {
         .unwrap();
     assert!(!unknown.status.success());
 }
+
+/// Starts `dsa-ingest import` of `rows` sample rows into `dataset` from a store served
+/// slowly, and waits until it has committed some batches. Its stdout and stderr go to
+/// the returned files.
+async fn cli_import_caught_mid_file(
+    app: &crate::helpers::TestApp,
+    dataset: &str,
+    rows: u64,
+    seed: u64,
+) -> (
+    std::process::Child,
+    uuid::Uuid,
+    Vec<u8>,
+    tempfile::NamedTempFile,
+    tempfile::NamedTempFile,
+) {
+    let csv = sample_csv(rows, seed);
+    let key = format!("{dataset}.csv");
+    app.put(&key, csv.clone()).await;
+    let source = format!("s3://{}/{key}", app.bucket);
+    let slow = crate::process::slow_endpoint(400_000).await;
+    let stdout = tempfile::NamedTempFile::new().unwrap();
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let child = app
+        .cli()
+        .env("S3_ENDPOINT", &slow)
+        .args(["import", "--dataset", dataset, &source, "--json"])
+        .stdout(stdout.reopen().unwrap())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let loaded = || async {
+        sqlx::query_as::<_, (uuid::Uuid, i64)>(
+            "SELECT a.id, coalesce((a.checkpoint->>'loaded_rows')::bigint, 0)
+               FROM dsa_jobs.analysis_runs a JOIN dsa_core.datasets d ON d.id = a.dataset_id
+              WHERE d.name = $1",
+        )
+        .bind(dataset)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the import to commit some batches",
+        || async { loaded().await.is_some_and(|(_, rows)| rows >= 1_000) },
+    )
+    .await;
+    let (run_id, _) = loaded().await.unwrap();
+    (child, run_id, csv, stdout, stderr)
+}
+
+/// Waits for the child to exit without blocking the runtime (the slow store it reads
+/// from is served by this test's own tasks).
+async fn exit_of(child: &mut std::process::Child, stderr: &tempfile::NamedTempFile) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the import did not exit; its stderr:\n{}",
+            std::fs::read_to_string(stderr.path()).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_import_whose_database_connections_are_cut_retries_from_its_checkpoint() {
+    let app = spawn_app().await;
+    let (mut child, run_id, csv, stdout, stderr) =
+        cli_import_caught_mid_file(&app, "cut", 20_000, 23).await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND backend_type = 'client backend') t",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(killed >= 2, "the import's connections were cut ({killed})");
+    // The test's own pool lost its connections too; it reconnects on its next query.
+    let code = exit_of(&mut child, &stderr).await;
+    let log = std::fs::read_to_string(stderr.path()).unwrap();
+    assert_eq!(code, 0, "the import did not finish: {log}");
+    assert!(log.contains("retrying from the last checkpoint"), "{log}");
+    let summary: ImportSummary =
+        serde_json::from_slice(&std::fs::read(stdout.path()).unwrap()).unwrap();
+    assert_eq!((summary.run_id, summary.rows), (run_id, 20_000));
+    assert!(
+        summary.resumed_from_byte > 0,
+        "the retry went on from the checkpoint"
+    );
+    crate::faults::assert_commit_is_the_file(&app, run_id, &csv, "cut").await;
+}
+
+#[tokio::test]
+async fn ctrl_c_pauses_an_import_that_resume_then_finishes() {
+    let app = spawn_app().await;
+    let (mut child, run_id, csv, _stdout, stderr) =
+        cli_import_caught_mid_file(&app, "interrupted", 20_000, 24).await;
+    // SAFETY: kill(2) on a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let code = exit_of(&mut child, &stderr).await;
+    let log = std::fs::read_to_string(stderr.path()).unwrap();
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains(&format!("dsa-ingest import --resume {run_id}")),
+        "{log}"
+    );
+    // Paused, not failed: its lease given back and its batches kept.
+    let (status, owner, loaded): (String, Option<String>, i64) = sqlx::query_as(
+        "SELECT status::text, lease_owner, (checkpoint->>'loaded_rows')::bigint
+           FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), owner), ("running", None));
+    assert!(loaded >= 1_000 && loaded < 20_000, "{loaded}");
+    let resumed: ImportSummary =
+        run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
+    assert!(resumed.resumed_from_byte > 0);
+    crate::faults::assert_commit_is_the_file(&app, run_id, &csv, "interrupted").await;
+}
