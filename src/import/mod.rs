@@ -293,7 +293,8 @@ pub struct Importer {
     settings: ImportSettings,
     owner: String,
     /// Whether a transient failure (database or store away) leaves the run resumable
-    /// for a retry instead of failing it; the queue consumer retries, the CLI does not.
+    /// for a retry instead of failing it (the queue consumer and `dsa-ingest import`
+    /// retry).
     keep_runs_on_transient_failure: bool,
     /// Cancelled at shutdown: the import stops after the batch it is committing.
     stop: Option<tokio_util::sync::CancellationToken>,
