@@ -360,6 +360,17 @@ pub async fn release(
     Ok(updated == 1)
 }
 
+/// How many batches the run has committed, from its checkpoint (0 before the first).
+pub async fn committed_batches(pool: &PgPool, run_id: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce((checkpoint->>'batches')::bigint, 0)
+           FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+}
+
 /// Puts a run that could not finish back to `pending` with a note, so it waits for a
 /// replayed message instead of looking busy (used when retries run out).
 pub async fn park(pool: &PgPool, run_id: Uuid, note: &str) -> Result<bool, sqlx::Error> {

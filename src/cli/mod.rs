@@ -267,12 +267,10 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
     } else {
         None
     };
-    // Ctrl-C or SIGTERM stops the import after the batch it is committing, and a
-    // transient failure releases the run instead of failing it: either way the run
-    // stays resumable, and `import_with_retries` says how to go on.
-    let importer = Importer::new(pool, s3, settings.import.clone())
-        .keep_runs_on_transient_failure()
-        .stop_on(quit_on_second_signal(crate::shutdown::on_signals()));
+    // A transient failure releases the run instead of failing it, so that it stays
+    // resumable; `import_with_retries` retries it or says how to go on.
+    let importer =
+        Importer::new(pool, s3, settings.import.clone()).keep_runs_on_transient_failure();
     let run_id = match (args.resume, args.source, args.dataset) {
         (Some(run_id), _, _) => run_id,
         (None, Some(source), Some(dataset)) => {
@@ -289,8 +287,17 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
         }
         _ => anyhow::bail!("give --dataset NAME and SOURCE, or --resume RUN_ID"),
     };
-    let summary =
-        import_with_retries(&importer, run_id, Duration::from_secs(args.retry_for)).await?;
+    // Ctrl-C or SIGTERM stops the import after the batch it is committing (the run
+    // stays resumable); a second one quits at once.
+    let importer = importer.stop_on(stop_on_signals(run_id)?);
+    let pool = importer.pool().clone();
+    let summary = import_with_retries(
+        &importer,
+        &pool,
+        run_id,
+        Duration::from_secs(args.retry_for),
+    )
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -299,20 +306,32 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
     Ok(())
 }
 
-/// On the command line a second Ctrl-C quits at once (the first lets the batch being
-/// committed finish); the run then resumes from its last checkpoint all the same.
-fn quit_on_second_signal(
-    stop: crate::shutdown::CancellationToken,
-) -> crate::shutdown::CancellationToken {
-    let first = stop.clone();
+/// A token cancelled by the first SIGINT (Ctrl-C) or SIGTERM; the second of either
+/// quits at once. Both are listened for from the start, so no signal falls between.
+/// Either way the run resumes from its last checkpoint, and a run left with the live
+/// lease of a dead process on this host is claimed at once.
+fn stop_on_signals(run_id: Uuid) -> anyhow::Result<crate::shutdown::CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let stop = crate::shutdown::CancellationToken::new();
+    let cancel = stop.clone();
     tokio::spawn(async move {
-        first.cancelled().await;
-        eprintln!("stopping after the batch being committed; Ctrl-C again quits at once");
-        if tokio::signal::ctrl_c().await.is_ok() {
-            std::process::exit(130);
+        for signals in 1.. {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            if signals == 1 {
+                eprintln!("stopping after the batch being committed; Ctrl-C again quits at once");
+                cancel.cancel();
+            } else {
+                eprintln!("quit; continue the run with `dsa-ingest import --resume {run_id}`");
+                std::process::exit(130);
+            }
         }
     });
-    stop
+    Ok(stop)
 }
 
 /// Imports `run_id`, retrying a transient failure (the database or the store away, a
@@ -321,10 +340,14 @@ fn quit_on_second_signal(
 /// stopped, is left paused, and the error says how to resume it.
 async fn import_with_retries(
     importer: &Importer,
+    pool: &sqlx::PgPool,
     run_id: Uuid,
     budget: Duration,
 ) -> anyhow::Result<ImportSummary> {
     let mut retries = None;
+    // The batches committed when the last failure came: an attempt that got further
+    // starts the budget again, which is for one outage, not for a whole long import.
+    let mut batches_at_failure = None;
     let paused = |why: String| {
         anyhow::anyhow!(
             "import run {run_id}: {why}; the run is paused at its last checkpoint, \
@@ -332,12 +355,22 @@ async fn import_with_retries(
         )
     };
     loop {
+        if importer.is_stopping() {
+            return Err(paused("stopped by a signal".to_owned()));
+        }
         let error = match importer.run(run_id).await {
             Ok(summary) => return Ok(summary),
             Err(error) => error,
         };
         match error.outcome() {
             Outcome::Transient => {
+                let batches = crate::runs::committed_batches(pool, run_id).await.ok();
+                if batches.is_some() && batches > batches_at_failure {
+                    if batches_at_failure.is_some() {
+                        retries = None;
+                    }
+                    batches_at_failure = batches;
+                }
                 let Some(wait) = retries
                     .get_or_insert_with(|| retry_backoff(budget))
                     .next_backoff()

@@ -69,6 +69,12 @@ pub enum FetchError {
         source_location: String,
         message: String,
     },
+    /// A local file this process may not read, or a directory: it stays so on a retry.
+    #[error("cannot read {source_location}: {message}")]
+    Unreadable {
+        source_location: String,
+        message: String,
+    },
     #[error("an s3:// source needs S3 settings (S3_ENDPOINT, S3_REGION, credentials)")]
     NoS3Client,
 }
@@ -114,15 +120,15 @@ impl Fetcher {
     pub async fn head(&self, max_file_size: u64) -> Result<ObjectInfo, FetchError> {
         let info = match &self.location {
             SourceLocation::Local { path } => {
-                let metadata = tokio::fs::metadata(path).await.map_err(|error| {
-                    if error.kind() == std::io::ErrorKind::NotFound {
-                        FetchError::NotFound {
-                            source_location: self.location.to_string(),
-                        }
-                    } else {
-                        self.io_error(error)
-                    }
-                })?;
+                let metadata = tokio::fs::metadata(path)
+                    .await
+                    .map_err(|error| self.local_error(error))?;
+                if metadata.is_dir() {
+                    return Err(FetchError::Unreadable {
+                        source_location: self.location.to_string(),
+                        message: "it is a directory".to_owned(),
+                    });
+                }
                 // A local file has no ETag; its size and modification time stand in for
                 // one, so a resume notices a file that was replaced meanwhile.
                 let modified = metadata
@@ -186,7 +192,7 @@ impl Fetcher {
             SourceLocation::Local { path } => {
                 let mut file = tokio::fs::File::open(path)
                     .await
-                    .map_err(|error| self.io_error(error))?;
+                    .map_err(|error| self.local_error(error))?;
                 file.seek(std::io::SeekFrom::Start(offset))
                     .await
                     .map_err(|error| self.io_error(error))?;
@@ -367,6 +373,22 @@ impl Fetcher {
                 }
             }
             _ => self.io_error(DisplayErrorChain(error)),
+        }
+    }
+
+    /// A local file that is missing or that this process may not read fails the run;
+    /// other errors (a disk or network file system away) may pass.
+    fn local_error(&self, error: std::io::Error) -> FetchError {
+        let source_location = self.location.to_string();
+        match error.kind() {
+            std::io::ErrorKind::NotFound => FetchError::NotFound { source_location },
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::IsADirectory => {
+                FetchError::Unreadable {
+                    source_location,
+                    message: error.to_string(),
+                }
+            }
+            _ => self.io_error(error),
         }
     }
 

@@ -52,9 +52,8 @@ pub enum LoadError {
     #[error(
         "run {run_id}: the database holds the checkpoint of batch {found}, not of batch \
          {expected} that this import committed last: a batch committed without waiting \
-         for its flush was lost, most likely in a database crash; a consumer retries \
-         the run from the checkpoint the database kept (dsa-ingest import fails the run: \
-         submit the file again)"
+         for its flush was lost, most likely in a database crash; the run is retried \
+         from the checkpoint the database kept"
     )]
     CheckpointLost {
         run_id: uuid::Uuid,

@@ -220,7 +220,7 @@ fn fetch_failure_reason(error: &FetchError) -> FailureReason {
         FetchError::NotFound { .. } => FailureReason::BadInput,
         FetchError::TooLarge { .. } => FailureReason::TooLarge,
         FetchError::ObjectChanged { .. } => FailureReason::ObjectChanged,
-        FetchError::Refused { .. } => FailureReason::Refused,
+        FetchError::Refused { .. } | FetchError::Unreadable { .. } => FailureReason::Refused,
         FetchError::Io { .. } | FetchError::NoS3Client => FailureReason::Other,
     }
 }
@@ -404,17 +404,7 @@ impl Importer {
                     runs::release(&self.pool, run_id, token, &error.to_string()).await
                 {
                     tracing::warn!(run.id = %run_id, error = %release, "could not release the lease; a retry here releases it first, elsewhere it expires on its own");
-                    let lease_duration = self.settings.lease_duration;
-                    let mut unreleased = self.unreleased.lock().unwrap();
-                    unreleased.retain(|_, given_up| given_up.at.elapsed() < lease_duration);
-                    unreleased.insert(
-                        run_id,
-                        GivenUpLease {
-                            token,
-                            note: error.to_string(),
-                            at: Instant::now(),
-                        },
-                    );
+                    self.remember_unreleased(run_id, token, error.to_string());
                 }
             } else if error.fails_the_run() {
                 tracing::error!(run.id = %run_id, error = %error, "import failed");
@@ -427,13 +417,32 @@ impl Importer {
                     // A caller that retries must not take the failure as recorded: the
                     // run would stay `running` with nobody left to finish it. The retry
                     // runs into the same failure and records it then.
+                    // Its lease is still live: the retry gives it back first, or it
+                    // would find this process's own lease and wait for it to run out.
                     if self.keep_runs_on_transient_failure && db::is_transient(&record) {
+                        self.remember_unreleased(run_id, token, error.to_string());
                         return Err(record.into());
                     }
                 }
             }
         }
         result
+    }
+
+    /// Notes a lease this importer gave up on but could not give back (see
+    /// [`Importer::unreleased`]).
+    fn remember_unreleased(&self, run_id: Uuid, token: i64, note: String) {
+        let lease_duration = self.settings.lease_duration;
+        let mut unreleased = self.unreleased.lock().unwrap();
+        unreleased.retain(|_, given_up| given_up.at.elapsed() < lease_duration);
+        unreleased.insert(
+            run_id,
+            GivenUpLease {
+                token,
+                note,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// Releases the lease an earlier attempt of this importer gave up on `run_id` but

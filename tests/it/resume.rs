@@ -302,3 +302,28 @@ async fn ctrl_c_pauses_an_import_that_resume_then_finishes() {
     assert!(resumed.resumed_from_byte > 0);
     crate::faults::assert_commit_is_the_file(&app, run_id, &csv, "interrupted").await;
 }
+
+#[tokio::test]
+async fn a_local_source_that_cannot_be_read_fails_the_run_without_retrying() {
+    let app = spawn_app().await;
+    let directory = tempfile::tempdir().unwrap();
+    let output = app
+        .cli()
+        .args([
+            "import",
+            "--dataset",
+            "unreadable",
+            directory.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("it is a directory"), "{stderr}");
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    let status: String = sqlx::query_scalar("SELECT status::text FROM dsa_jobs.analysis_runs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "failed");
+}

@@ -2,6 +2,7 @@
 //! booleans, text, ISO 8601 dates and durations), and column letters for messages.
 
 use calamine::{Data, DataRef, ExcelDateTime};
+use chrono::{Datelike, Timelike};
 
 use crate::import::hash::write_json_number;
 
@@ -97,19 +98,58 @@ pub(super) fn excel_datetime_iso(value: &ExcelDateTime) -> String {
         write_json_number(serial, &mut out);
         return String::from_utf8(out).expect("numbers are ASCII");
     };
+    // Written digit by digit: a date column is a tenth of a typical sheet's cells, and
+    // a strftime pattern is parsed again at every call.
     let millis = datetime.and_utc().timestamp_subsec_millis();
-    let time = if millis == 0 {
-        datetime.format("%H:%M:%S").to_string()
-    } else {
-        format!("{}.{millis:03}", datetime.format("%H:%M:%S"))
-    };
-    if (0.0..1.0).contains(&serial) {
-        time
-    } else if serial.fract() == 0.0 {
-        datetime.format("%Y-%m-%d").to_string()
-    } else {
-        format!("{}T{time}", datetime.format("%Y-%m-%d"))
+    let mut out = String::with_capacity(23);
+    let date_part = !(0.0..1.0).contains(&serial);
+    let time_part = !date_part || serial.fract() != 0.0;
+    if date_part {
+        let date = datetime.date();
+        if !(0..=9999).contains(&date.year()) {
+            // Signed years, as chrono's `%Y` writes them.
+            out.push_str(&date.format("%Y").to_string());
+        } else {
+            push_padded(&mut out, date.year() as u32, 4);
+        }
+        out.push('-');
+        push_padded(&mut out, date.month(), 2);
+        out.push('-');
+        push_padded(&mut out, date.day(), 2);
+        if time_part {
+            out.push('T');
+        }
     }
+    if time_part {
+        let time = datetime.time();
+        push_padded(&mut out, time.hour(), 2);
+        out.push(':');
+        push_padded(&mut out, time.minute(), 2);
+        out.push(':');
+        push_padded(&mut out, time.second(), 2);
+        if millis != 0 {
+            out.push('.');
+            push_padded(&mut out, millis, 3);
+        }
+    }
+    out
+}
+
+/// `value` in decimal, zero-padded to at least `width` digits.
+fn push_padded(out: &mut String, value: u32, width: usize) {
+    let mut digits = [b'0'; 10];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let start = at.min(digits.len() - width.min(digits.len()));
+    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
 }
 
 /// `PT{h}H{m}M{s}S` from seconds, rounded to the millisecond.

@@ -312,6 +312,65 @@ mod tests {
     }
 
     #[test]
+    fn dates_are_written_as_chrono_formats_them() {
+        use calamine::{ExcelDateTime, ExcelDateTimeType};
+        let by_chrono = |serial: f64| {
+            let value = ExcelDateTime::new(serial, ExcelDateTimeType::DateTime, false);
+            let Some(datetime) = value.as_datetime() else {
+                return None;
+            };
+            let millis = chrono::Timelike::nanosecond(&datetime) / 1_000_000;
+            let time = match millis {
+                0 => datetime.format("%H:%M:%S").to_string(),
+                _ => format!("{}.{millis:03}", datetime.format("%H:%M:%S")),
+            };
+            Some(if (0.0..1.0).contains(&serial) {
+                time
+            } else if serial.fract() == 0.0 {
+                datetime.format("%Y-%m-%d").to_string()
+            } else {
+                format!("{}T{time}", datetime.format("%Y-%m-%d"))
+            })
+        };
+        let serials = [
+            0.0,
+            0.5,
+            0.999_988_4,
+            1.0,
+            1.25,
+            59.0,
+            60.0,
+            61.0,
+            43_831.0,
+            43_831.000_011_574,
+            43_831.5,
+            2_958_465.0,
+            2_958_465.999,
+            3_000_000.25,
+            -1.0,
+            -700_000.5,
+        ];
+        for serial in serials {
+            let value = ExcelDateTime::new(serial, ExcelDateTimeType::DateTime, false);
+            if let Some(expected) = by_chrono(serial) {
+                assert_eq!(
+                    super::cells::excel_datetime_iso(&value),
+                    expected,
+                    "{serial}"
+                );
+            }
+        }
+        assert_eq!(
+            super::cells::excel_datetime_iso(&ExcelDateTime::new(
+                43_831.5,
+                ExcelDateTimeType::DateTime,
+                false
+            )),
+            "2020-01-01T12:00:00"
+        );
+    }
+
+    #[test]
     fn unique_count_is_read_from_the_sst_element() {
         let prolog = br#"<?xml version="1.0"?><sst xmlns="x" count="5" uniqueCount="4000000000">"#;
         assert_eq!(declared_unique_count(prolog), Some(4_000_000_000));
