@@ -711,14 +711,16 @@ impl WalMeter {
 
     /// A session reports its WAL to `pg_stat_wal` when it ends, before it leaves
     /// `pg_stat_activity`; a process that exited may still have its session ending on
-    /// the server. Waiting until the bench database has no session but this one makes
-    /// the counter include everything the step wrote.
+    /// the server. Waiting until the bench database has no client session but this one
+    /// makes the counter include everything the step wrote. Autovacuum workers are not
+    /// waited for: at 50M rows they work on the tables for minutes after an import.
     async fn wait_for_other_sessions(&self) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
             let others: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = $1 AND pid <> pg_backend_pid()",
+                  WHERE datname = $1 AND pid <> pg_backend_pid()
+                    AND backend_type = 'client backend'",
             )
             .bind(&self.database)
             .fetch_one(&self.pool)
