@@ -310,6 +310,7 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
 /// quits at once. Both are listened for from the start, so no signal falls between.
 /// Either way the run resumes from its last checkpoint, and a run left with the live
 /// lease of a dead process on this host is claimed at once.
+#[cfg(unix)]
 fn stop_on_signals(run_id: Uuid) -> anyhow::Result<crate::shutdown::CancellationToken> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for Ctrl-C")?;
@@ -332,6 +333,13 @@ fn stop_on_signals(run_id: Uuid) -> anyhow::Result<crate::shutdown::Cancellation
         }
     });
     Ok(stop)
+}
+
+/// Elsewhere the first Ctrl-C stops the import as on unix; a second one is left to the
+/// default handling.
+#[cfg(not(unix))]
+fn stop_on_signals(_run_id: Uuid) -> anyhow::Result<crate::shutdown::CancellationToken> {
+    Ok(crate::shutdown::on_signals())
 }
 
 /// Imports `run_id`, retrying a transient failure (the database or the store away, a
