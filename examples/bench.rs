@@ -536,8 +536,9 @@ const DATABASE_BYTES_PER_FILE_BYTE: f64 = 11.0;
 const MAX_FILE_BYTES_PER_ROW: u64 = 110;
 
 /// Refuses to start a size whose files would not fit: the CSV (and its gzip copy)
-/// in `path`'s directory, and the tables plus `max_wal_size` of WAL in the server's
-/// data directory, when that directory is on this machine.
+/// in `path`'s directory, and the tables plus what `max_wal_size` lets the WAL grow
+/// beyond the segments kept already, in the server's data directory, when that
+/// directory is on this machine.
 async fn check_disk_space(
     wal: &WalMeter,
     path: &Path,
@@ -559,9 +560,18 @@ async fn check_disk_space(
     let max_wal: i64 = sqlx::query_scalar("SELECT pg_size_bytes(current_setting('max_wal_size'))")
         .fetch_one(&wal.pool)
         .await?;
+    // WAL segments the server keeps already (recycled ones included) are taken from the
+    // free space now, so only the rest of `max_wal_size` is still to come. Reading
+    // the WAL directory needs pg_monitor or a superuser; without, all of it counts.
+    let kept_wal: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(size), 0)::bigint FROM pg_ls_waldir()")
+            .fetch_one(&wal.pool)
+            .await
+            .unwrap_or(0);
+    let wal_to_come = max_wal.saturating_sub(kept_wal).max(0) as u64;
     // The keyed run holds a second dataset's commit_rows beside the first.
     let factor = DATABASE_BYTES_PER_FILE_BYTE + if keyed { 2.0 } else { 0.0 };
-    let database_need = (file_bytes as f64 * factor) as u64 + max_wal as u64;
+    let database_need = (file_bytes as f64 * factor) as u64 + wal_to_come;
     let gb = |bytes: u64| bytes as f64 / 1e9;
     let mut short = Vec::new();
     let local_free = free_bytes(dir)?;
@@ -591,11 +601,12 @@ async fn check_disk_space(
         if free < need {
             short.push(format!(
                 "the data directory {data_directory} has {:.1} GB free, the run needs {:.1} GB \
-                 (tables {:.1} GB, max_wal_size {:.1} GB{})",
+                 (tables {:.1} GB, max_wal_size {:.1} GB less {:.1} GB of WAL kept already{})",
                 gb(free),
                 gb(need),
-                gb(need - max_wal as u64 - if same { local_need } else { 0 }),
+                gb(need - wal_to_come - if same { local_need } else { 0 }),
                 gb(max_wal as u64),
+                gb(max_wal.saturating_sub(wal_to_come as i64) as u64),
                 if same {
                     ", and the sample file on the same file system"
                 } else {
