@@ -27,8 +27,39 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
+        .after_release(outside_transaction)
         .connect_with(options)
         .await
+}
+
+/// Whether a connection given back to the pool is outside any transaction, so that the
+/// next caller's statements commit on their own.
+///
+/// A task dropped between sending BEGIN and reading its answer (an import torn down
+/// while it opens a batch) leaves the server in a transaction that the driver does not
+/// know about, and rolls nothing back. The connection's next user would then write
+/// inside it, unseen by everyone else and lost when the connection closes: a run
+/// created that way "did not exist" for the claim that followed. Such a connection is
+/// closed instead of reused. The check is a simple query, in which `now()` (the
+/// transaction's start) equals `statement_timestamp()` unless a transaction block was
+/// open before it.
+fn outside_transaction(
+    conn: &mut sqlx::PgConnection,
+    _: sqlx::pool::PoolConnectionMetadata,
+) -> futures::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        use sqlx::{Executor, Row};
+        // A bare string runs as a simple query, which starts its own transaction when
+        // no block is open.
+        let row = conn
+            .fetch_one("SELECT now() = statement_timestamp()")
+            .await?;
+        let outside: bool = row.try_get(0)?;
+        if !outside {
+            tracing::warn!("a pooled connection came back inside a transaction; closing it");
+        }
+        Ok(outside)
+    })
 }
 
 /// The `application_name` of this process's connections: its worker identity (what

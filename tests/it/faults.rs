@@ -489,3 +489,31 @@ async fn the_import_queue_deleted_under_a_consumer_is_declared_again_and_work_go
         consumer.log()
     );
 }
+
+/// A connection given back to the pool inside a transaction block the driver does not
+/// know about (a task dropped after sending BEGIN, before reading its answer) is closed
+/// rather than handed to the next caller, whose writes would otherwise never commit.
+#[tokio::test]
+async fn a_connection_given_back_inside_a_transaction_is_not_reused() {
+    let app = spawn_app().await;
+    let pool = dsa_ingest::db::connect(&app.database_url, 1).await.unwrap();
+    {
+        let mut conn = pool.acquire().await.unwrap();
+        // A bare BEGIN: the driver does not count it as a transaction of its own.
+        sqlx::Executor::execute(&mut *conn, "BEGIN").await.unwrap();
+    }
+    // The pool has one connection: this is the one given back, or its replacement.
+    sqlx::query("CREATE TABLE written_after (n int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO written_after VALUES (1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM written_after")
+        .fetch_one(&app.pool)
+        .await
+        .expect("another session sees the table and its row");
+    assert_eq!(seen, 1);
+}
