@@ -323,10 +323,14 @@ async fn sigterm_stops_after_the_batch_in_flight_and_leaves_the_run_resumable() 
     .unwrap();
     assert_eq!(state, "running");
     assert!(released, "the lease is still held");
-    assert_eq!(
-        broker.queue_state(&broker.settings.import_queue).await,
-        (1, 0)
-    );
+    // The broker requeues the message as it handles the closed channel, which may be a
+    // moment after the process has exited.
+    wait_until(
+        Duration::from_secs(10),
+        "the message to be back in the queue, ready",
+        || async { broker.queue_state(&broker.settings.import_queue).await == (1, 0) },
+    )
+    .await;
 
     let _next = Consumer::start(&app, &broker, &[]);
     wait_for_status(&app, run_id, "completed", Duration::from_secs(60)).await;
