@@ -372,12 +372,11 @@ async fn import_with_retries(
         };
         match error.outcome() {
             Outcome::Transient => {
-                let batches = crate::runs::committed_batches(pool, run_id).await.ok();
-                if batches.is_some() && batches > batches_at_failure {
-                    if batches_at_failure.is_some() {
+                if let Ok(batches) = crate::runs::committed_batches(pool, run_id).await {
+                    if batches_at_failure.is_some_and(|before| batches > before) {
                         retries = None;
                     }
-                    batches_at_failure = batches;
+                    batches_at_failure = Some(batches);
                 }
                 let Some(wait) = retries
                     .get_or_insert_with(|| retry_backoff(budget))

@@ -265,14 +265,7 @@ async fn database_connections_killed_mid_batch_cost_a_retry_not_a_row() {
     let broker = TestBroker::new().await;
     let (consumer, run_id) =
         import_caught_mid_file(&app, &broker, "killed", "killed.csv", 20_000, 21).await;
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND pid <> pg_backend_pid()
-            AND backend_type = 'client backend') t",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let killed = app.cut_client_connections().await;
     assert!(
         killed >= 2,
         "the consumer's connections were killed ({killed})"

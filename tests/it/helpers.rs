@@ -376,6 +376,30 @@ impl TestApp {
     }
 
     /// `SELECT count(*) FROM {from_where}`: how many rows a table (and condition) holds.
+    /// `(logical_row_id, row_hash)` of every entry of `commit_id`, in no set order.
+    pub async fn entries(&self, commit_id: &str) -> Vec<(String, Vec<u8>)> {
+        sqlx::query_as(
+            "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
+        )
+        .bind(commit_id)
+        .fetch_all(&self.pool)
+        .await
+        .expect("entries")
+    }
+
+    /// Ends every client session of this test's database but the one asking (an
+    /// import's connections among them); returns how many it ended.
+    pub async fn cut_client_connections(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+                AND backend_type = 'client backend') t",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("terminate the database's client sessions")
+    }
+
     pub async fn count(&self, from_where: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {from_where}"))
             .fetch_one(&self.pool)

@@ -1255,13 +1255,7 @@ async fn a_positional_batch_writes_its_entries_as_it_is_staged_under_the_same_bo
     assert!(matches!(error, LoadError::RowsHeld { .. }), "{error}");
     let outcome = loader.commit(staged, &holding, None).await.unwrap();
     assert_eq!(outcome.new_rows, 1);
-    let entries: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
-    )
-    .bind(&start.commit_id)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
+    let entries = app.entries(&start.commit_id).await;
     assert_eq!(
         entries,
         vec![("People:1".to_owned(), row(1, "first").1.to_vec())]
@@ -1327,13 +1321,7 @@ async fn a_reimport_finds_its_rows_in_the_parents_entries_and_looks_up_the_rest(
     let app = spawn_app().await;
     app.put("data.csv", sample_csv(2_000, 1)).await;
     let parent = app.import("again", "data.csv").await;
-    let entries: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
-    )
-    .bind(&parent.commit_id)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
+    let entries = app.entries(&parent.commit_id).await;
     let mut hashes = vec![[0u8; 32]; 2_001];
     for (id, hash) in entries {
         let n: usize = id.strip_prefix("data:").unwrap().parse().unwrap();

@@ -149,15 +149,8 @@ async fn a_keyed_replace_of_a_shuffled_daily_file_changes_nothing() {
     // Logical order sorts numeric keys as numbers: the tree hash equals one computed
     // by the test over ids 1..=450 in numeric order.
     let mut tree = dsa_ingest::import::hash::TreeHasher::new();
-    let hashes: BTreeMap<String, Vec<u8>> = sqlx::query_as::<_, (String, Vec<u8>)>(
-        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
-    )
-    .bind(&second.commit_id)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .collect();
+    let hashes: BTreeMap<String, Vec<u8>> =
+        app.entries(&second.commit_id).await.into_iter().collect();
     for id in &ids {
         let logical = format!("orders-2026-11-28:{id}");
         let hash: [u8; 32] = hashes[&logical].as_slice().try_into().unwrap();
@@ -477,15 +470,7 @@ async fn a_spreadsheet_is_keyed_by_a_number_column() {
 
 /// The tree hash of `commit_id`'s rows chained in the order of `ids`, computed here.
 async fn tree_in_order(app: &TestApp, commit_id: &str, ids: &[&str]) -> String {
-    let hashes: BTreeMap<String, Vec<u8>> = sqlx::query_as::<_, (String, Vec<u8>)>(
-        "SELECT logical_row_id, row_hash FROM dsa_core.commit_rows WHERE commit_id = $1",
-    )
-    .bind(commit_id)
-    .fetch_all(&app.pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .collect();
+    let hashes: BTreeMap<String, Vec<u8>> = app.entries(commit_id).await.into_iter().collect();
     assert_eq!(hashes.len(), ids.len(), "{hashes:?}");
     let mut tree = dsa_ingest::import::hash::TreeHasher::new();
     for id in ids {

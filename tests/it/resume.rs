@@ -248,14 +248,7 @@ async fn an_import_whose_database_connections_are_cut_retries_from_its_checkpoin
     let app = spawn_app().await;
     let (mut child, run_id, csv, stdout, stderr) =
         cli_import_caught_mid_file(&app, "cut", 20_000, 23).await;
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND pid <> pg_backend_pid()
-            AND backend_type = 'client backend') t",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let killed = app.cut_client_connections().await;
     assert!(killed >= 2, "the import's connections were cut ({killed})");
     // The test's own pool lost its connections too; it reconnects on its next query.
     let code = exit_of(&mut child, &stderr).await;

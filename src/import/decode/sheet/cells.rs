@@ -135,21 +135,12 @@ pub(super) fn excel_datetime_iso(value: &ExcelDateTime) -> String {
     out
 }
 
-/// `value` in decimal, zero-padded to at least `width` digits.
-fn push_padded(out: &mut String, value: u32, width: usize) {
-    let mut digits = [b'0'; 10];
-    let mut at = digits.len();
-    let mut rest = value;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
+/// `value` as exactly `width` decimal digits, zero-padded; every caller's value fits
+/// (a year up to 9999, a month to a second under 100, milliseconds under 1000).
+fn push_padded(out: &mut String, value: u32, width: u32) {
+    for place in (0..width).rev() {
+        out.push(char::from(b'0' + (value / 10u32.pow(place) % 10) as u8));
     }
-    let start = at.min(digits.len() - width.min(digits.len()));
-    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
 }
 
 /// `PT{h}H{m}M{s}S` from seconds, rounded to the millisecond.
