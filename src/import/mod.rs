@@ -337,7 +337,8 @@ impl Importer {
         self
     }
 
-    /// Imports stop between batches once `stop` is cancelled.
+    /// Imports stop between batches once `stop` is cancelled (and before the first,
+    /// while a spreadsheet is spooled or a compressed text is skipped to a checkpoint).
     pub fn stop_on(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
         self.stop = Some(stop);
         self
@@ -353,6 +354,20 @@ impl Importer {
         match &self.stop {
             Some(stop) => stop.cancelled().await,
             None => std::future::pending().await,
+        }
+    }
+
+    /// Runs `work` unless the stop signal fires first. For the steps before the first
+    /// batch that can take minutes (spooling a large spreadsheet, skipping a compressed
+    /// text to its checkpoint), where the loader does not look for the stop yet.
+    async fn unless_stopped<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ImportError>>,
+    ) -> Result<T, ImportError> {
+        tokio::select! {
+            biased;
+            () = self.stopped() => Err(ImportError::Interrupted),
+            result = work => result,
         }
     }
 
@@ -546,15 +561,19 @@ impl Importer {
         let sheet_format = Arc::new(std::sync::OnceLock::new());
         let mut json_lines = false;
         let (producer, looker, mut receiver, header) = if spreadsheet {
-            let input = fetcher.reader_from(&info, 0).await?;
-            let (spooled, spool_usage) = sheet::spool::spool(
-                input,
-                &self.settings.spool_dir,
-                &file_name,
-                info.size,
-                self.settings.max_file_size,
-            )
-            .await?;
+            let (spooled, spool_usage) = self
+                .unless_stopped(async {
+                    let input = fetcher.reader_from(&info, 0).await?;
+                    Ok(sheet::spool::spool(
+                        input,
+                        &self.settings.spool_dir,
+                        &file_name,
+                        info.size,
+                        self.settings.max_file_size,
+                    )
+                    .await?)
+                })
+                .await?;
             let job = SheetJob {
                 file: spooled,
                 spool_usage,
@@ -607,12 +626,16 @@ impl Importer {
                 Some((mut text, member)) => {
                     if resuming {
                         // Skipped, not parsed: these rows are in the commit already.
-                        let skipped = tokio::io::copy(
-                            &mut (&mut text.reader).take(checkpoint.byte_offset),
-                            &mut tokio::io::sink(),
-                        )
-                        .await
-                        .map_err(|error| read_error(file, 0, error))?;
+                        let skipped = self
+                            .unless_stopped(async {
+                                tokio::io::copy(
+                                    &mut (&mut text.reader).take(checkpoint.byte_offset),
+                                    &mut tokio::io::sink(),
+                                )
+                                .await
+                                .map_err(|error| read_error(file, 0, error).into())
+                            })
+                            .await?;
                         if skipped != checkpoint.byte_offset {
                             return Err(ImportError::Resume(format!(
                                 "{file}: the decoded text ends at byte {skipped}, before the \

@@ -229,14 +229,23 @@ async fn cli_import_caught_mid_file(
 /// Waits for the child to exit without blocking the runtime (the slow store it reads
 /// from is served by this test's own tasks).
 async fn exit_of(child: &mut std::process::Child, stderr: &tempfile::NamedTempFile) -> i32 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    exit_within(child, stderr, Duration::from_secs(120)).await
+}
+
+/// Waits up to `limit` for the child to exit, as [`exit_of`] does.
+async fn exit_within(
+    child: &mut std::process::Child,
+    stderr: &tempfile::NamedTempFile,
+    limit: Duration,
+) -> i32 {
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status.code().unwrap_or(-1);
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the import did not exit; its stderr:\n{}",
+            "the import did not exit within {limit:?}; its stderr:\n{}",
             std::fs::read_to_string(stderr.path()).unwrap()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -294,6 +303,85 @@ async fn ctrl_c_pauses_an_import_that_resume_then_finishes() {
         run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
     assert!(resumed.resumed_from_byte > 0);
     crate::faults::assert_commit_is_the_file(&app, run_id, &csv, "interrupted").await;
+}
+
+/// A workbook of `rows` rows of five 16-digit hex strings, all different, so that it
+/// compresses poorly: about 50 bytes of object a row.
+fn incompressible_workbook(rows: u32) -> Vec<u8> {
+    let mut workbook = rust_xlsxwriter::Workbook::new();
+    let sheet = workbook.add_worksheet().set_name("data").unwrap();
+    for column in 0..5u16 {
+        sheet.write_string(0, column, format!("c{column}")).unwrap();
+    }
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for row in 1..=rows {
+        for column in 0..5u16 {
+            // xorshift: cheap, and no two of these values repeat.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            sheet
+                .write_string(row, column, format!("{state:016x}"))
+                .unwrap();
+        }
+    }
+    workbook.save_to_buffer().unwrap()
+}
+
+#[tokio::test]
+async fn ctrl_c_while_a_spreadsheet_is_spooled_pauses_the_import_at_once() {
+    let app = spawn_app().await;
+    let workbook = incompressible_workbook(30_000);
+    assert!(workbook.len() > 1_000_000, "{} bytes", workbook.len());
+    app.put("spooled.xlsx", workbook).await;
+    let source = format!("s3://{}/spooled.xlsx", app.bucket);
+    // At 5 kB/s a connection, spooling the whole object takes minutes.
+    let slow = crate::process::slow_endpoint(5_000).await;
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut child = app
+        .cli()
+        .env("S3_ENDPOINT", &slow)
+        .args(["import", "--dataset", "spooled", &source])
+        .stdout(Stdio::null())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let claimed = || async {
+        sqlx::query_scalar::<_, uuid::Uuid>(
+            "SELECT id FROM dsa_jobs.analysis_runs WHERE status = 'running'",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the import to claim its run",
+        || async { claimed().await.is_some() },
+    )
+    .await;
+    let run_id = claimed().await.unwrap();
+    // SAFETY: kill(2) on a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    // Well before the spool could have finished.
+    let code = exit_within(&mut child, &stderr, Duration::from_secs(20)).await;
+    let log = std::fs::read_to_string(stderr.path()).unwrap();
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains(&format!("dsa-ingest import --resume {run_id}")),
+        "{log}"
+    );
+    let (status, owner): (String, Option<String>) = sqlx::query_as(
+        "SELECT status::text, lease_owner FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), owner), ("running", None));
+    let resumed: ImportSummary =
+        run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
+    assert_eq!(resumed.rows, 30_000);
 }
 
 #[tokio::test]
