@@ -360,12 +360,23 @@ pub async fn release(
     Ok(updated == 1)
 }
 
+/// The batches a run's checkpoint counts as committed (0 before the first), as a SQL
+/// expression over `dsa_jobs.analysis_runs`, for `concat!`: the one count that the
+/// loader's checkpoint, finalise and the command line's retry compare.
+macro_rules! committed_batches_sql {
+    () => {
+        "coalesce((checkpoint->>'batches')::bigint, 0)"
+    };
+}
+pub(crate) use committed_batches_sql;
+
 /// How many batches the run has committed, from its checkpoint (0 before the first).
 pub async fn committed_batches(pool: &PgPool, run_id: Uuid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce((checkpoint->>'batches')::bigint, 0)
-           FROM dsa_jobs.analysis_runs WHERE id = $1",
-    )
+    sqlx::query_scalar(concat!(
+        "SELECT ",
+        committed_batches_sql!(),
+        " FROM dsa_jobs.analysis_runs WHERE id = $1"
+    ))
     .bind(run_id)
     .fetch_one(pool)
     .await

@@ -212,7 +212,7 @@ pub async fn finalise(
     }
     done.source = Some(facts.source.clone());
     let output = summary(&done);
-    let completed = sqlx::query(
+    let completed = sqlx::query(concat!(
         "UPDATE dsa_jobs.analysis_runs
             SET status = 'completed', completed_at = now(), output_summary = $3,
                 progress = coalesce(progress, '{}'::jsonb)
@@ -222,8 +222,10 @@ pub async fn finalise(
                                                  'rows_processed', $4::bigint),
                 lease_owner = NULL, lease_expires_at = NULL, error_message = NULL
           WHERE id = $1 AND lease_token = $2 AND status = 'running'
-            AND coalesce((checkpoint->>'batches')::bigint, 0) = $5",
-    )
+            AND ",
+        crate::runs::committed_batches_sql!(),
+        " = $5"
+    ))
     .bind(lease.run_id)
     .bind(lease.token)
     .bind(&output)

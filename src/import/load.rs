@@ -1223,15 +1223,16 @@ pub async fn save_checkpoint(
         .batches
         .checked_sub(1)
         .map(|batches| batches as i64);
-    let updated = sqlx::query(
+    let updated = sqlx::query(concat!(
         "UPDATE dsa_jobs.analysis_runs
             SET checkpoint = $3,
                 progress = coalesce($4, progress),
                 lease_expires_at = now() + make_interval(secs => $5)
           WHERE id = $1 AND lease_token = $2 AND status = 'running'
-            AND ($6::bigint IS NULL
-                 OR coalesce((checkpoint->>'batches')::bigint, 0) = $6)",
-    )
+            AND ($6::bigint IS NULL OR ",
+        crate::runs::committed_batches_sql!(),
+        " = $6)"
+    ))
     .bind(lease.run_id)
     .bind(lease.token)
     .bind(sqlx::types::Json(checkpoint))
@@ -1274,10 +1275,11 @@ pub async fn checkpoint_lost(
     lease: &Lease,
     batches: u64,
 ) -> Result<Option<LoadError>, sqlx::Error> {
-    let found: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT lease_token, coalesce((checkpoint->>'batches')::bigint, 0)
-           FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'",
-    )
+    let found: Option<(i64, i64)> = sqlx::query_as(concat!(
+        "SELECT lease_token, ",
+        crate::runs::committed_batches_sql!(),
+        " FROM dsa_jobs.analysis_runs WHERE id = $1 AND status = 'running'"
+    ))
     .bind(lease.run_id)
     .fetch_optional(conn)
     .await?;
