@@ -47,6 +47,19 @@ pub enum LoadError {
         run_id: uuid::Uuid,
         waited: Duration,
     },
+    /// With several batches storing at once, a batch waited too long for a lock on a
+    /// whole table it writes, which another session holds.
+    #[error(
+        "run {run_id}: a batch waited more than {} ms for a lock on a table it writes, \
+         which another session holds (a schema change, VACUUM FULL, REINDEX or LOCK \
+         TABLE; see pg_locks); the import stepped back (a consumer retries it from its \
+         checkpoint)",
+        waited.as_millis()
+    )]
+    TableLocked {
+        run_id: uuid::Uuid,
+        waited: Duration,
+    },
     /// The run's checkpoint is older than the one this import last wrote: a batch
     /// committed without waiting for its flush was lost (see [`save_checkpoint`]).
     #[error(
@@ -587,9 +600,18 @@ impl Loader {
             (Err(sqlx::Error::Database(error)), Some(waited))
                 if error.code().as_deref() == Some("55P03") =>
             {
-                return Err(LoadError::RowsHeld {
-                    run_id: self.lease.run_id,
-                    waited,
+                let run_id = self.lease.run_id;
+                // A wait for another transaction's row names the tuple in the error's
+                // context ("while inserting index tuple (0,2) in relation ..."); a wait
+                // for a lock on the whole table names none.
+                let on_a_row = error
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .and_then(|error| error.r#where())
+                    .is_some_and(|context| context.contains("tuple ("));
+                return Err(if on_a_row {
+                    LoadError::RowsHeld { run_id, waited }
+                } else {
+                    LoadError::TableLocked { run_id, waited }
                 });
             }
             (written, _) => written?,

@@ -207,6 +207,8 @@ impl ImportError {
             ImportError::Load(LoadError::RowsCollected { .. }) => true,
             // Two imports waited on each other's rows; this one steps back.
             ImportError::Load(LoadError::RowsHeld { .. }) => true,
+            // Another session held a table lock (a schema change, say) too long.
+            ImportError::Load(LoadError::TableLocked { .. }) => true,
             // A batch committed without its flush was lost in a crash; resume.
             ImportError::Load(LoadError::CheckpointLost { .. })
             | ImportError::Finalise(FinaliseError::Load(LoadError::CheckpointLost { .. })) => true,

@@ -1233,6 +1233,36 @@ async fn a_bounded_wait_for_a_row_another_batch_holds_steps_back_and_the_retry_s
     assert_eq!(second.new_rows, 0);
 }
 
+/// Under the same bound, a wait for a lock on a whole table (another session's schema
+/// change or LOCK TABLE) is cut off too, and named as that, not as another import's rows.
+#[tokio::test]
+async fn a_bounded_wait_for_a_table_another_session_locked_is_named_as_such() {
+    let app = spawn_app().await;
+    let (loader, start) = loader_of_a_running_import(&app).await;
+    let loader = loader.bound_row_waits(Some(Duration::from_millis(300)));
+    let content = r#"{"id":"locked out"}"#.to_owned();
+    let row = (1, row_hash(content.as_bytes()), content.clone());
+
+    let mut locker = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE dsa_core.rows IN SHARE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let mut batch = positional_batch(&start, "People", &[row.clone()], 1);
+    let error = stage_held(&loader, &mut batch).await;
+    assert!(matches!(error, LoadError::TableLocked { .. }), "{error}");
+    assert!(error.to_string().contains("lock on a table"), "{error}");
+    assert!(matches!(
+        dsa_ingest::import::ImportError::from(error).outcome(),
+        dsa_ingest::import::Outcome::Transient
+    ));
+
+    locker.rollback().await.unwrap();
+    let mut again = positional_batch(&start, "People", &[row], 1);
+    let outcome = load_batch(&loader, &mut again).await.unwrap();
+    assert_eq!(outcome.new_rows, 1);
+}
+
 /// A positional batch writes its `commit_rows` entries as it is staged, beside the
 /// rows, under the same bound: a batch whose id another uncommitted batch has written
 /// (a worker that lost its lease and the one that took the run over) steps back with
