@@ -108,7 +108,14 @@ async fn health_readiness_and_metrics_are_served_over_http() {
         .await
         .expect("server task did not panic")
         .expect("server ended cleanly");
-    assert!(TcpStream::connect(addr).await.is_err());
+    // Nothing listens there any more: the address can be bound again. (A connection
+    // attempt would prove less: to a closed port in the ephemeral range it can, rarely,
+    // connect to itself, or reach a listener another test was just given the port for.)
+    let rebound = tokio::net::TcpListener::bind(addr).await;
+    assert!(
+        rebound.is_ok(),
+        "the server still listens on {addr}: {rebound:?}"
+    );
 }
 
 #[tokio::test]
