@@ -226,6 +226,18 @@ async fn cli_import_caught_mid_file(
     (child, run_id, csv, stdout, stderr)
 }
 
+/// Asserts that the run is paused: still `running`, with its lease given back.
+async fn assert_paused(app: &crate::helpers::TestApp, run_id: uuid::Uuid) {
+    let (status, owner): (String, Option<String>) = sqlx::query_as(
+        "SELECT status::text, lease_owner FROM dsa_jobs.analysis_runs WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), owner), ("running", None));
+}
+
 /// Waits for the child to exit without blocking the runtime (the slow store it reads
 /// from is served by this test's own tasks).
 async fn exit_of(child: &mut std::process::Child, stderr: &tempfile::NamedTempFile) -> i32 {
@@ -289,15 +301,8 @@ async fn ctrl_c_pauses_an_import_that_resume_then_finishes() {
         "{log}"
     );
     // Paused, not failed: its lease given back and its batches kept.
-    let (status, owner, loaded): (String, Option<String>, i64) = sqlx::query_as(
-        "SELECT status::text, lease_owner, (checkpoint->>'loaded_rows')::bigint
-           FROM dsa_jobs.analysis_runs WHERE id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!((status.as_str(), owner), ("running", None));
+    assert_paused(&app, run_id).await;
+    let loaded = crate::process::loaded_rows(&app, run_id).await;
     assert!(loaded >= 1_000 && loaded < 20_000, "{loaded}");
     let resumed: ImportSummary =
         run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
@@ -371,14 +376,7 @@ async fn ctrl_c_while_a_spreadsheet_is_spooled_pauses_the_import_at_once() {
         log.contains(&format!("dsa-ingest import --resume {run_id}")),
         "{log}"
     );
-    let (status, owner): (String, Option<String>) = sqlx::query_as(
-        "SELECT status::text, lease_owner FROM dsa_jobs.analysis_runs WHERE id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!((status.as_str(), owner), ("running", None));
+    assert_paused(&app, run_id).await;
     let resumed: ImportSummary =
         run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
     assert_eq!(resumed.rows, 30_000);
