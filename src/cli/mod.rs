@@ -287,8 +287,8 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
         }
         _ => anyhow::bail!("give --dataset NAME and SOURCE, or --resume RUN_ID"),
     };
-    // Ctrl-C or SIGTERM stops the import after the batch it is committing (the run
-    // stays resumable); a second one quits at once.
+    // Ctrl-C or SIGTERM stops the import after the batch it is committing, or at once
+    // before the first batch (the run stays resumable); a second one quits at once.
     let importer = importer.stop_on(stop_on_signals(run_id)?);
     let pool = importer.pool().clone();
     let summary = import_with_retries(
@@ -324,7 +324,7 @@ fn stop_on_signals(run_id: Uuid) -> anyhow::Result<crate::shutdown::Cancellation
                 _ = terminate.recv() => {}
             }
             if signals == 1 {
-                eprintln!("stopping after the batch being committed; Ctrl-C again quits at once");
+                eprintln!("stopping (after the batch being committed, if any); Ctrl-C again quits at once");
                 cancel.cancel();
             } else {
                 eprintln!("quit; continue the run with `dsa-ingest import --resume {run_id}`");

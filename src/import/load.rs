@@ -588,30 +588,40 @@ impl Loader {
             });
         }
         if let Some(limit) = self.row_wait_limit {
+            // The tables' locks are taken first, under the bound: a wait there is for
+            // another session's lock on a whole table (a schema change, say); any later
+            // one is for rows or entries another transaction is writing. (The server's
+            // own messages are translated, so they cannot tell the two apart.)
             sqlx::query(&format!(
                 "SET LOCAL lock_timeout = '{}ms'",
                 limit.as_millis()
             ))
             .execute(&mut *tx)
             .await?;
+            let locked =
+                sqlx::query("LOCK TABLE dsa_core.rows, dsa_core.commit_rows IN ROW EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await;
+            match locked {
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
+                    return Err(LoadError::TableLocked {
+                        run_id: self.lease.run_id,
+                        waited: limit,
+                    });
+                }
+                locked => {
+                    locked?;
+                }
+            }
         }
         let written = store_rows_and_entries(&mut tx, rows, entries_now, &mut outcome).await;
         match (written, self.row_wait_limit) {
             (Err(sqlx::Error::Database(error)), Some(waited))
                 if error.code().as_deref() == Some("55P03") =>
             {
-                let run_id = self.lease.run_id;
-                // A wait for another transaction's row names the tuple in the error's
-                // context ("while inserting index tuple (0,2) in relation ..."); a wait
-                // for a lock on the whole table names none.
-                let on_a_row = error
-                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                    .and_then(|error| error.r#where())
-                    .is_some_and(|context| context.contains("tuple ("));
-                return Err(if on_a_row {
-                    LoadError::RowsHeld { run_id, waited }
-                } else {
-                    LoadError::TableLocked { run_id, waited }
+                return Err(LoadError::RowsHeld {
+                    run_id: self.lease.run_id,
+                    waited,
                 });
             }
             (written, _) => written?,
