@@ -588,40 +588,24 @@ impl Loader {
             });
         }
         if let Some(limit) = self.row_wait_limit {
-            // The tables' locks are taken first, under the bound: a wait there is for
-            // another session's lock on a whole table (a schema change, say); any later
-            // one is for rows or entries another transaction is writing. (The server's
-            // own messages are translated, so they cannot tell the two apart.)
             sqlx::query(&format!(
                 "SET LOCAL lock_timeout = '{}ms'",
                 limit.as_millis()
             ))
             .execute(&mut *tx)
             .await?;
-            let locked =
-                sqlx::query("LOCK TABLE dsa_core.rows, dsa_core.commit_rows IN ROW EXCLUSIVE MODE")
-                    .execute(&mut *tx)
-                    .await;
-            match locked {
-                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
-                    return Err(LoadError::TableLocked {
-                        run_id: self.lease.run_id,
-                        waited: limit,
-                    });
-                }
-                locked => {
-                    locked?;
-                }
-            }
         }
         let written = store_rows_and_entries(&mut tx, rows, entries_now, &mut outcome).await;
         match (written, self.row_wait_limit) {
             (Err(sqlx::Error::Database(error)), Some(waited))
                 if error.code().as_deref() == Some("55P03") =>
             {
-                return Err(LoadError::RowsHeld {
-                    run_id: self.lease.run_id,
-                    waited,
+                let run_id = self.lease.run_id;
+                drop(tx);
+                return Err(if tables_locked_by_another_session(&self.pool).await {
+                    LoadError::TableLocked { run_id, waited }
+                } else {
+                    LoadError::RowsHeld { run_id, waited }
                 });
             }
             (written, _) => written?,
@@ -1019,6 +1003,24 @@ const LOOKUP_SAMPLE: usize = 64;
 /// Batches looked up without the parent's entries after one whose rows they did not
 /// mostly hold; then the parent is tried again.
 const PARENT_SKIPS_AFTER_A_MISS: u32 = 7;
+
+/// Whether another session holds a lock on `dsa_core.rows` or `dsa_core.commit_rows`
+/// that keeps a batch from writing them (a schema change, `VACUUM FULL`, `LOCK
+/// TABLE`): asked once a bounded wait has timed out, to tell such a wait from one for
+/// rows another transaction is writing. The server's own messages cannot tell them
+/// apart reliably (their context is translated), and asking costs the batches
+/// nothing while no wait times out. A lock released in the meantime reads as a wait
+/// for rows; either way the import steps back with a transient error.
+async fn tables_locked_by_another_session(pool: &PgPool) -> bool {
+    let Ok(mut tx) = pool.begin().await else {
+        return false;
+    };
+    let locked =
+        sqlx::query("LOCK TABLE dsa_core.rows, dsa_core.commit_rows IN ROW EXCLUSIVE MODE NOWAIT")
+            .execute(&mut *tx)
+            .await;
+    matches!(locked, Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03"))
+}
 
 /// The hashes of `parent`'s entries whose ids lie between the smallest and the largest
 /// of the batch's ids (in the primary key's byte order), at most a quarter more than
