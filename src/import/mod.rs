@@ -340,7 +340,8 @@ impl Importer {
     }
 
     /// Imports stop between batches once `stop` is cancelled (and before the first,
-    /// while a spreadsheet is spooled or a compressed text is skipped to a checkpoint).
+    /// while a spreadsheet is spooled, or a compressed or encoded text is opened and
+    /// skipped to a checkpoint).
     pub fn stop_on(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
         self.stop = Some(stop);
         self
@@ -360,8 +361,9 @@ impl Importer {
     }
 
     /// Runs `work` unless the stop signal fires first. For the steps before the first
-    /// batch that can take minutes (spooling a large spreadsheet, skipping a compressed
-    /// text to its checkpoint), where the loader does not look for the stop yet.
+    /// batch that can take minutes on a slow store (spooling a large spreadsheet, opening
+    /// a compressed text and skipping it to its checkpoint), where the loader does not
+    /// look for the stop yet.
     async fn unless_stopped<T>(
         &self,
         work: impl std::future::Future<Output = Result<T, ImportError>>,
@@ -608,13 +610,16 @@ impl Importer {
                 // Compressed or encoded text is read from the top on every attempt: a
                 // stream cannot be entered in the middle.
                 _ => Some(
-                    open_text(
-                        &fetcher,
-                        &info,
-                        file,
-                        &parameters.options,
-                        self.settings.max_decompressed_size,
-                    )
+                    self.unless_stopped(async {
+                        Ok(open_text(
+                            &fetcher,
+                            &info,
+                            file,
+                            &parameters.options,
+                            self.settings.max_decompressed_size,
+                        )
+                        .await?)
+                    })
                     .await?,
                 ),
             };

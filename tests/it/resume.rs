@@ -382,6 +382,112 @@ async fn ctrl_c_while_a_spreadsheet_is_spooled_pauses_the_import_at_once() {
     assert_eq!(resumed.rows, 30_000);
 }
 
+/// A compressed text is read again from its top on resume, up to the checkpoint; a
+/// stop during that skip pauses the run at once too.
+#[tokio::test]
+async fn ctrl_c_while_a_resumed_gzip_skips_to_its_checkpoint_pauses_at_once() {
+    let app = spawn_app().await;
+    let csv = sample_csv(200_000, 31);
+    app.put("skipped.csv.gz", crate::formats::gzip(&csv)).await;
+    let source = format!("s3://{}/skipped.csv.gz", app.bucket);
+    let run_in_background = |bytes_per_second: u64, args: Vec<String>| {
+        let app = &app;
+        async move {
+            let slow = crate::process::slow_endpoint(bytes_per_second).await;
+            let stderr = tempfile::NamedTempFile::new().unwrap();
+            let child = app
+                .cli()
+                .env("S3_ENDPOINT", &slow)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(stderr.reopen().unwrap())
+                .spawn()
+                .unwrap();
+            (child, stderr)
+        }
+    };
+    let run_id = || async {
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM dsa_jobs.analysis_runs")
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap()
+    };
+
+    // A first attempt, paused once a tenth of the rows are in.
+    let (mut child, stderr) = run_in_background(
+        400_000,
+        ["import", "--dataset", "skipped", &source]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(60),
+        "the import to commit some batches",
+        || async {
+            match run_id().await {
+                Some(id) => crate::process::loaded_rows(&app, id).await >= 20_000,
+                None => false,
+            }
+        },
+    )
+    .await;
+    let run_id = run_id().await.unwrap();
+    // SAFETY: kill(2) on a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let code = exit_of(&mut child, &stderr).await;
+    assert_eq!(
+        code,
+        1,
+        "{}",
+        std::fs::read_to_string(stderr.path()).unwrap()
+    );
+    assert_paused(&app, run_id).await;
+    let loaded = crate::process::loaded_rows(&app, run_id).await;
+    assert!(loaded < 200_000, "{loaded}");
+
+    // The resume reads the object again from its top, at 2 kB/s a connection: the skip
+    // to the checkpoint alone would take minutes.
+    let (mut child, stderr) = run_in_background(
+        2_000,
+        vec!["import".into(), "--resume".into(), run_id.to_string()],
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(60),
+        "the resume to claim the run",
+        || async {
+            crate::process::status_of(&app, run_id).await == "running"
+                && sqlx::query_scalar::<_, Option<String>>(
+                    "SELECT lease_owner FROM dsa_jobs.analysis_runs WHERE id = $1",
+                )
+                .bind(run_id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let code = exit_within(&mut child, &stderr, Duration::from_secs(20)).await;
+    let log = std::fs::read_to_string(stderr.path()).unwrap();
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains(&format!("dsa-ingest import --resume {run_id}")),
+        "{log}"
+    );
+    assert_paused(&app, run_id).await;
+    assert_eq!(crate::process::loaded_rows(&app, run_id).await, loaded);
+
+    // At full speed the resume then finishes the file.
+    let resumed: ImportSummary =
+        run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
+    assert!(resumed.resumed_from_byte > 0);
+    crate::faults::assert_commit_is_the_file(&app, run_id, &csv, "skipped").await;
+}
+
 #[tokio::test]
 async fn a_local_source_that_cannot_be_read_fails_the_run_without_retrying() {
     let app = spawn_app().await;
