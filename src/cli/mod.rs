@@ -290,14 +290,8 @@ async fn import(settings: Settings, pool: sqlx::PgPool, args: ImportArgs) -> any
     // Ctrl-C or SIGTERM stops the import after the batch it is committing, or at once
     // before the first batch (the run stays resumable); a second one quits at once.
     let importer = importer.stop_on(stop_on_signals(run_id)?);
-    let pool = importer.pool().clone();
-    let summary = import_with_retries(
-        &importer,
-        &pool,
-        run_id,
-        Duration::from_secs(args.retry_for),
-    )
-    .await?;
+    let summary =
+        import_with_retries(&importer, run_id, Duration::from_secs(args.retry_for)).await?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -348,7 +342,6 @@ fn stop_on_signals(_run_id: Uuid) -> anyhow::Result<crate::shutdown::Cancellatio
 /// stopped, is left paused, and the error says how to resume it.
 async fn import_with_retries(
     importer: &Importer,
-    pool: &sqlx::PgPool,
     run_id: Uuid,
     budget: Duration,
 ) -> anyhow::Result<ImportSummary> {
@@ -372,7 +365,7 @@ async fn import_with_retries(
         };
         match error.outcome() {
             Outcome::Transient => {
-                if let Ok(batches) = crate::runs::committed_batches(pool, run_id).await {
+                if let Ok(batches) = crate::runs::committed_batches(importer.pool(), run_id).await {
                     if batches_at_failure.is_some_and(|before| batches > before) {
                         retries = None;
                     }

@@ -298,7 +298,8 @@ pub struct Importer {
     /// for a retry instead of failing it (the queue consumer and `dsa-ingest import`
     /// retry).
     keep_runs_on_transient_failure: bool,
-    /// Cancelled at shutdown: the import stops after the batch it is committing.
+    /// Cancelled at shutdown: the import stops after the batch it is committing (at
+    /// once before the first, see [`Importer::unless_stopped`]).
     stop: Option<tokio_util::sync::CancellationToken>,
     /// Leases this importer (and its clones) gave up on a pause but could not release,
     /// the database being away: run id to fencing token. Its own live lease would keep

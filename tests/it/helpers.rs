@@ -375,7 +375,6 @@ impl TestApp {
         env
     }
 
-    /// `SELECT count(*) FROM {from_where}`: how many rows a table (and condition) holds.
     /// `(logical_row_id, row_hash)` of every entry of `commit_id`, in no set order.
     pub async fn entries(&self, commit_id: &str) -> Vec<(String, Vec<u8>)> {
         sqlx::query_as(
@@ -400,6 +399,7 @@ impl TestApp {
         .expect("terminate the database's client sessions")
     }
 
+    /// `SELECT count(*) FROM {from_where}`: how many rows a table (and condition) holds.
     pub async fn count(&self, from_where: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {from_where}"))
             .fetch_one(&self.pool)

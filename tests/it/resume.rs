@@ -175,36 +175,105 @@ async fn the_cli_reports_a_failed_import_and_marks_the_run() {
     assert!(!unknown.status.success());
 }
 
-/// Starts `dsa-ingest import` of `rows` sample rows into `dataset` from a store served
-/// slowly, and waits until it has committed some batches. Its stdout and stderr go to
-/// the returned files.
+/// A `dsa-ingest` child reading the S3 store through a proxy that serves
+/// `bytes_per_second` a connection, so that it can be caught at a chosen step; its
+/// stdout and stderr go to the returned files.
+struct SlowCli {
+    child: std::process::Child,
+    stdout: tempfile::NamedTempFile,
+    stderr: tempfile::NamedTempFile,
+}
+
+impl SlowCli {
+    async fn start(bytes_per_second: u64, app: &crate::helpers::TestApp, args: &[&str]) -> Self {
+        let slow = crate::process::slow_endpoint(bytes_per_second).await;
+        let stdout = tempfile::NamedTempFile::new().unwrap();
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let child = app
+            .cli()
+            .env("S3_ENDPOINT", &slow)
+            .args(args)
+            .stdout(stdout.reopen().unwrap())
+            .stderr(stderr.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits up to `limit` for the child to exit without blocking the runtime (the
+    /// slow store it reads from is served by this test's own tasks); returns its exit
+    /// code and stderr.
+    async fn exit_within(&mut self, limit: Duration) -> (i32, String) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let log = || std::fs::read_to_string(self.stderr.path()).unwrap();
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the import did not exit within {limit:?}; its stderr:\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGINT (Ctrl-C) and asserts that the import exits within `limit`, paused:
+    /// exit code 1, the `--resume` command named, the run still `running` with its
+    /// lease given back.
+    async fn interrupt_expecting_pause(
+        &mut self,
+        app: &crate::helpers::TestApp,
+        run_id: uuid::Uuid,
+        limit: Duration,
+    ) {
+        // SAFETY: kill(2) on a child this test started and has not reaped.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) },
+            0
+        );
+        let (code, log) = self.exit_within(limit).await;
+        assert_eq!(code, 1, "{log}");
+        assert!(
+            log.contains(&format!("dsa-ingest import --resume {run_id}")),
+            "{log}"
+        );
+        let (status, owner): (String, Option<String>) = sqlx::query_as(
+            "SELECT status::text, lease_owner FROM dsa_jobs.analysis_runs WHERE id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!((status.as_str(), owner), ("running", None));
+    }
+}
+
+/// How long an import that is not held up is given to exit.
+const EXIT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Starts `dsa-ingest import` of `object` (stored as `key`) into `dataset` from a
+/// store served slowly, and waits until it has committed `rows` rows.
 async fn cli_import_caught_mid_file(
     app: &crate::helpers::TestApp,
     dataset: &str,
-    rows: u64,
-    seed: u64,
-) -> (
-    std::process::Child,
-    uuid::Uuid,
-    Vec<u8>,
-    tempfile::NamedTempFile,
-    tempfile::NamedTempFile,
-) {
-    let csv = sample_csv(rows, seed);
-    let key = format!("{dataset}.csv");
-    app.put(&key, csv.clone()).await;
+    key: &str,
+    object: Vec<u8>,
+    rows: i64,
+) -> (SlowCli, uuid::Uuid) {
+    app.put(key, object).await;
     let source = format!("s3://{}/{key}", app.bucket);
-    let slow = crate::process::slow_endpoint(400_000).await;
-    let stdout = tempfile::NamedTempFile::new().unwrap();
-    let stderr = tempfile::NamedTempFile::new().unwrap();
-    let child = app
-        .cli()
-        .env("S3_ENDPOINT", &slow)
-        .args(["import", "--dataset", dataset, &source, "--json"])
-        .stdout(stdout.reopen().unwrap())
-        .stderr(stderr.reopen().unwrap())
-        .spawn()
-        .unwrap();
+    let cli = SlowCli::start(
+        400_000,
+        app,
+        &["import", "--dataset", dataset, &source, "--json"],
+    )
+    .await;
     let loaded = || async {
         sqlx::query_as::<_, (uuid::Uuid, i64)>(
             "SELECT a.id, coalesce((a.checkpoint->>'loaded_rows')::bigint, 0)
@@ -219,65 +288,47 @@ async fn cli_import_caught_mid_file(
     wait_until(
         Duration::from_secs(60),
         "the import to commit some batches",
-        || async { loaded().await.is_some_and(|(_, rows)| rows >= 1_000) },
+        || async { loaded().await.is_some_and(|(_, loaded)| loaded >= rows) },
     )
     .await;
     let (run_id, _) = loaded().await.unwrap();
-    (child, run_id, csv, stdout, stderr)
+    (cli, run_id)
 }
 
-/// Asserts that the run is paused: still `running`, with its lease given back.
-async fn assert_paused(app: &crate::helpers::TestApp, run_id: uuid::Uuid) {
-    let (status, owner): (String, Option<String>) = sqlx::query_as(
-        "SELECT status::text, lease_owner FROM dsa_jobs.analysis_runs WHERE id = $1",
+/// Waits until some process holds the lease of a run (the test's database has one run)
+/// and returns the run.
+async fn claimed_run(app: &crate::helpers::TestApp) -> uuid::Uuid {
+    let claimed = || async {
+        sqlx::query_scalar::<_, uuid::Uuid>(
+            "SELECT id FROM dsa_jobs.analysis_runs WHERE lease_owner IS NOT NULL",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "an import to claim the run",
+        || async { claimed().await.is_some() },
     )
-    .bind(run_id)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!((status.as_str(), owner), ("running", None));
-}
-
-/// Waits for the child to exit without blocking the runtime (the slow store it reads
-/// from is served by this test's own tasks).
-async fn exit_of(child: &mut std::process::Child, stderr: &tempfile::NamedTempFile) -> i32 {
-    exit_within(child, stderr, Duration::from_secs(120)).await
-}
-
-/// Waits up to `limit` for the child to exit, as [`exit_of`] does.
-async fn exit_within(
-    child: &mut std::process::Child,
-    stderr: &tempfile::NamedTempFile,
-    limit: Duration,
-) -> i32 {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().unwrap_or(-1);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the import did not exit within {limit:?}; its stderr:\n{}",
-            std::fs::read_to_string(stderr.path()).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await;
+    claimed().await.unwrap()
 }
 
 #[tokio::test]
 async fn an_import_whose_database_connections_are_cut_retries_from_its_checkpoint() {
     let app = spawn_app().await;
-    let (mut child, run_id, csv, stdout, stderr) =
-        cli_import_caught_mid_file(&app, "cut", 20_000, 23).await;
+    let csv = sample_csv(20_000, 23);
+    let (mut cli, run_id) =
+        cli_import_caught_mid_file(&app, "cut", "cut.csv", csv.clone(), 1_000).await;
     let killed = app.cut_client_connections().await;
     assert!(killed >= 2, "the import's connections were cut ({killed})");
     // The test's own pool lost its connections too; it reconnects on its next query.
-    let code = exit_of(&mut child, &stderr).await;
-    let log = std::fs::read_to_string(stderr.path()).unwrap();
+    let (code, log) = cli.exit_within(EXIT_LIMIT).await;
     assert_eq!(code, 0, "the import did not finish: {log}");
     assert!(log.contains("retrying from the last checkpoint"), "{log}");
     let summary: ImportSummary =
-        serde_json::from_slice(&std::fs::read(stdout.path()).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(cli.stdout.path()).unwrap()).unwrap();
     assert_eq!((summary.run_id, summary.rows), (run_id, 20_000));
     assert!(
         summary.resumed_from_byte > 0,
@@ -289,19 +340,13 @@ async fn an_import_whose_database_connections_are_cut_retries_from_its_checkpoin
 #[tokio::test]
 async fn ctrl_c_pauses_an_import_that_resume_then_finishes() {
     let app = spawn_app().await;
-    let (mut child, run_id, csv, _stdout, stderr) =
-        cli_import_caught_mid_file(&app, "interrupted", 20_000, 24).await;
-    // SAFETY: kill(2) on a child this test started and has not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let code = exit_of(&mut child, &stderr).await;
-    let log = std::fs::read_to_string(stderr.path()).unwrap();
-    assert_eq!(code, 1, "{log}");
-    assert!(
-        log.contains(&format!("dsa-ingest import --resume {run_id}")),
-        "{log}"
-    );
+    let csv = sample_csv(20_000, 24);
+    let (mut cli, run_id) =
+        cli_import_caught_mid_file(&app, "interrupted", "interrupted.csv", csv.clone(), 1_000)
+            .await;
     // Paused, not failed: its lease given back and its batches kept.
-    assert_paused(&app, run_id).await;
+    cli.interrupt_expecting_pause(&app, run_id, EXIT_LIMIT)
+        .await;
     let loaded = crate::process::loaded_rows(&app, run_id).await;
     assert!(loaded >= 1_000 && loaded < 20_000, "{loaded}");
     let resumed: ImportSummary =
@@ -341,42 +386,11 @@ async fn ctrl_c_while_a_spreadsheet_is_spooled_pauses_the_import_at_once() {
     app.put("spooled.xlsx", workbook).await;
     let source = format!("s3://{}/spooled.xlsx", app.bucket);
     // At 5 kB/s a connection, spooling the whole object takes minutes.
-    let slow = crate::process::slow_endpoint(5_000).await;
-    let stderr = tempfile::NamedTempFile::new().unwrap();
-    let mut child = app
-        .cli()
-        .env("S3_ENDPOINT", &slow)
-        .args(["import", "--dataset", "spooled", &source])
-        .stdout(Stdio::null())
-        .stderr(stderr.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let claimed = || async {
-        sqlx::query_scalar::<_, uuid::Uuid>(
-            "SELECT id FROM dsa_jobs.analysis_runs WHERE status = 'running'",
-        )
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap()
-    };
-    wait_until(
-        Duration::from_secs(60),
-        "the import to claim its run",
-        || async { claimed().await.is_some() },
-    )
-    .await;
-    let run_id = claimed().await.unwrap();
-    // SAFETY: kill(2) on a child this test started and has not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let mut cli = SlowCli::start(5_000, &app, &["import", "--dataset", "spooled", &source]).await;
+    let run_id = claimed_run(&app).await;
     // Well before the spool could have finished.
-    let code = exit_within(&mut child, &stderr, Duration::from_secs(20)).await;
-    let log = std::fs::read_to_string(stderr.path()).unwrap();
-    assert_eq!(code, 1, "{log}");
-    assert!(
-        log.contains(&format!("dsa-ingest import --resume {run_id}")),
-        "{log}"
-    );
-    assert_paused(&app, run_id).await;
+    cli.interrupt_expecting_pause(&app, run_id, Duration::from_secs(20))
+        .await;
     let resumed: ImportSummary =
         run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
     assert_eq!(resumed.rows, 30_000);
@@ -388,97 +402,26 @@ async fn ctrl_c_while_a_spreadsheet_is_spooled_pauses_the_import_at_once() {
 async fn ctrl_c_while_a_resumed_gzip_skips_to_its_checkpoint_pauses_at_once() {
     let app = spawn_app().await;
     let csv = sample_csv(200_000, 31);
-    app.put("skipped.csv.gz", crate::formats::gzip(&csv)).await;
-    let source = format!("s3://{}/skipped.csv.gz", app.bucket);
-    let run_in_background = |bytes_per_second: u64, args: Vec<String>| {
-        let app = &app;
-        async move {
-            let slow = crate::process::slow_endpoint(bytes_per_second).await;
-            let stderr = tempfile::NamedTempFile::new().unwrap();
-            let child = app
-                .cli()
-                .env("S3_ENDPOINT", &slow)
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(stderr.reopen().unwrap())
-                .spawn()
-                .unwrap();
-            (child, stderr)
-        }
-    };
-    let run_id = || async {
-        sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM dsa_jobs.analysis_runs")
-            .fetch_optional(&app.pool)
-            .await
-            .unwrap()
-    };
-
     // A first attempt, paused once a tenth of the rows are in.
-    let (mut child, stderr) = run_in_background(
-        400_000,
-        ["import", "--dataset", "skipped", &source]
-            .map(String::from)
-            .to_vec(),
+    let (mut cli, run_id) = cli_import_caught_mid_file(
+        &app,
+        "skipped",
+        "skipped.csv.gz",
+        crate::formats::gzip(&csv),
+        20_000,
     )
     .await;
-    wait_until(
-        Duration::from_secs(60),
-        "the import to commit some batches",
-        || async {
-            match run_id().await {
-                Some(id) => crate::process::loaded_rows(&app, id).await >= 20_000,
-                None => false,
-            }
-        },
-    )
-    .await;
-    let run_id = run_id().await.unwrap();
-    // SAFETY: kill(2) on a child this test started and has not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let code = exit_of(&mut child, &stderr).await;
-    assert_eq!(
-        code,
-        1,
-        "{}",
-        std::fs::read_to_string(stderr.path()).unwrap()
-    );
-    assert_paused(&app, run_id).await;
+    cli.interrupt_expecting_pause(&app, run_id, EXIT_LIMIT)
+        .await;
     let loaded = crate::process::loaded_rows(&app, run_id).await;
     assert!(loaded < 200_000, "{loaded}");
 
     // The resume reads the object again from its top, at 2 kB/s a connection: the skip
     // to the checkpoint alone would take minutes.
-    let (mut child, stderr) = run_in_background(
-        2_000,
-        vec!["import".into(), "--resume".into(), run_id.to_string()],
-    )
-    .await;
-    wait_until(
-        Duration::from_secs(60),
-        "the resume to claim the run",
-        || async {
-            crate::process::status_of(&app, run_id).await == "running"
-                && sqlx::query_scalar::<_, Option<String>>(
-                    "SELECT lease_owner FROM dsa_jobs.analysis_runs WHERE id = $1",
-                )
-                .bind(run_id)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap()
-                .is_some()
-        },
-    )
-    .await;
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let code = exit_within(&mut child, &stderr, Duration::from_secs(20)).await;
-    let log = std::fs::read_to_string(stderr.path()).unwrap();
-    assert_eq!(code, 1, "{log}");
-    assert!(
-        log.contains(&format!("dsa-ingest import --resume {run_id}")),
-        "{log}"
-    );
-    assert_paused(&app, run_id).await;
+    let mut cli = SlowCli::start(2_000, &app, &["import", "--resume", &run_id.to_string()]).await;
+    assert_eq!(claimed_run(&app).await, run_id);
+    cli.interrupt_expecting_pause(&app, run_id, Duration::from_secs(20))
+        .await;
     assert_eq!(crate::process::loaded_rows(&app, run_id).await, loaded);
 
     // At full speed the resume then finishes the file.
