@@ -341,8 +341,8 @@ impl Importer {
     }
 
     /// Imports stop between batches once `stop` is cancelled (and before the first,
-    /// while a spreadsheet is spooled, or a compressed or encoded text is opened and
-    /// skipped to a checkpoint).
+    /// while a spreadsheet is spooled, a text's top is read for its header, or a
+    /// compressed or encoded text is opened and skipped to a checkpoint).
     pub fn stop_on(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
         self.stop = Some(stop);
         self
@@ -362,9 +362,9 @@ impl Importer {
     }
 
     /// Runs `work` unless the stop signal fires first. For the steps before the first
-    /// batch that can take minutes on a slow store (spooling a large spreadsheet, opening
-    /// a compressed text and skipping it to its checkpoint), where the loader does not
-    /// look for the stop yet.
+    /// batch that can take minutes on a slow store (spooling a large spreadsheet, reading
+    /// a text's top for its delimiter and header, opening a compressed text and skipping
+    /// it to its checkpoint), where the loader does not look for the stop yet.
     async fn unless_stopped<T>(
         &self,
         work: impl std::future::Future<Output = Result<T, ImportError>>,
@@ -676,14 +676,18 @@ impl Importer {
                 .unwrap_or(file);
             if TextFormat::of(&parameters.options, read_from) == TextFormat::Jsonl {
                 json_lines = true;
-                let reader = LineReader::open(
-                    input,
-                    file,
-                    checkpoint.byte_offset,
-                    checkpoint.line,
-                    self.settings.max_record_bytes,
-                )
-                .await?;
+                let reader = self
+                    .unless_stopped(async {
+                        Ok(LineReader::open(
+                            input,
+                            file,
+                            checkpoint.byte_offset,
+                            checkpoint.line,
+                            self.settings.max_record_bytes,
+                        )
+                        .await?)
+                    })
+                    .await?;
                 if checkpoint.header.is_none() {
                     checkpoint.byte_offset = reader.next_byte();
                     checkpoint.header = Some(Header::resolve(&[]));
@@ -739,13 +743,28 @@ impl Importer {
                     crlf: checkpoint.header.as_ref().is_some_and(|header| header.crlf),
                     at_top: false,
                 };
-                let mut decoder =
-                    CsvDecoder::open(input, file, start, self.settings.max_record_bytes, format)
-                        .await?;
+                // The top of the text is read here (64 KiB, for the delimiter), which a
+                // slow store can stretch to minutes.
+                let mut decoder = self
+                    .unless_stopped(async {
+                        Ok(CsvDecoder::open(
+                            input,
+                            file,
+                            start,
+                            self.settings.max_record_bytes,
+                            format,
+                        )
+                        .await?)
+                    })
+                    .await?;
                 let header = match checkpoint.header.clone() {
                     Some(header) => header,
                     None => {
-                        let header = decoder.read_header(self.settings.max_sheet_columns).await?;
+                        let header = self
+                            .unless_stopped(async {
+                                Ok(decoder.read_header(self.settings.max_sheet_columns).await?)
+                            })
+                            .await?;
                         if format.header {
                             checkpoint.byte_offset = decoder.next_byte();
                             checkpoint.line = decoder.next_line();

@@ -396,6 +396,27 @@ async fn ctrl_c_while_a_spreadsheet_is_spooled_pauses_the_import_at_once() {
     assert_eq!(resumed.rows, 30_000);
 }
 
+/// Before its first batch a plain CSV's top (64 KiB) is read for its delimiter and
+/// header; a stop during that read pauses the run at once too.
+#[tokio::test]
+async fn ctrl_c_while_a_csv_header_is_read_pauses_the_import_at_once() {
+    let app = spawn_app().await;
+    let csv = sample_csv(20_000, 32);
+    assert!(csv.len() > 64 * 1024, "{} bytes", csv.len());
+    app.put("sniffed.csv", csv.clone()).await;
+    let source = format!("s3://{}/sniffed.csv", app.bucket);
+    // At 1 kB/s a connection, the 64 KiB alone take a minute.
+    let mut cli = SlowCli::start(1_000, &app, &["import", "--dataset", "sniffed", &source]).await;
+    let run_id = claimed_run(&app).await;
+    cli.interrupt_expecting_pause(&app, run_id, Duration::from_secs(20))
+        .await;
+    assert_eq!(crate::process::loaded_rows(&app, run_id).await, 0);
+    let resumed: ImportSummary =
+        run_json(&app, &["import", "--resume", &run_id.to_string(), "--json"]);
+    assert_eq!(resumed.rows, 20_000);
+    crate::faults::assert_commit_is_the_file(&app, run_id, &csv, "sniffed").await;
+}
+
 /// A compressed text is read again from its top on resume, up to the checkpoint; a
 /// stop during that skip pauses the run at once too.
 #[tokio::test]
