@@ -157,10 +157,18 @@ pub async fn finalise(
                 let deleting = merge.mode == ImportMode::Delete;
                 facts.source.keep_parent_columns(&parent, deleting);
             }
+        } else if merge.mode == ImportMode::Delete {
+            // Nothing to delete from: every key of the file is one not found, and the
+            // version is empty.
+            done.keys_not_found = drop_deletion_entries(&mut tx, facts.commit_id).await?;
         }
     }
     if merge.mode != ImportMode::Replace || merge.plan.key.is_some() {
-        let sheets = sheet_order(&merge.plan.parent_sheets, &facts.source.sheet_names());
+        // A replace's version is the file's rows alone, so its sheets are the file's.
+        let sheets = match merge.mode {
+            ImportMode::Replace => facts.source.sheet_names(),
+            _ => sheet_order(&merge.plan.parent_sheets, &facts.source.sheet_names()),
+        };
         let keyed = merge.plan.key.is_some();
         let numeric = match keyed {
             true => numeric_key_sheets(&mut tx, facts.commit_id, &sheets, merge).await?,
@@ -337,13 +345,26 @@ async fn carry_parent_rows(
     .execute(&mut **tx)
     .await?;
     if merge.mode == ImportMode::Delete {
+        drop_deletion_entries(tx, commit_id).await?;
+    }
+    Ok(())
+}
+
+/// Removes a `delete` import's deletion entries (see `BatchWriter::push_tombstone`)
+/// from its new version, once they have kept the parent's rows of their keys out;
+/// returns how many there were.
+async fn drop_deletion_entries(
+    tx: &mut Transaction<'_, Postgres>,
+    commit_id: &str,
+) -> Result<u64, FinaliseError> {
+    Ok(
         sqlx::query("DELETE FROM dsa_core.commit_rows WHERE commit_id = $1 AND row_hash = $2")
             .bind(commit_id)
             .bind(&TOMBSTONE[..])
             .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+            .await?
+            .rows_affected(),
+    )
 }
 
 /// The sheets of the new version in logical order: the parent's, then the file's new

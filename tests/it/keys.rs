@@ -271,6 +271,32 @@ async fn append_upsert_and_delete_give_exactly_the_expected_rows() {
     );
 }
 
+/// A `delete` into a dataset without a version deletes nothing: an empty version, every
+/// key counted as not found, and no deletion entry left in it.
+#[tokio::test]
+async fn a_delete_as_a_datasets_first_import_makes_an_empty_version() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    app.put("gone.csv", csv(&["id,name", "1,a", "2,b"])).await;
+    let deleted = import_as(
+        &app,
+        &importer,
+        "nothing-yet",
+        "gone.csv",
+        keyed(&["id"], ImportMode::Delete),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (deleted.rows, deleted.deleted_rows, deleted.keys_not_found),
+        (0, 0, 2)
+    );
+    assert_eq!(main_rows(&app, "nothing-yet").await, BTreeMap::new());
+    assert_eq!(app.count("dsa_core.commit_rows").await, 0);
+    // Exits 0 only when every entry's row is stored and the tree hash is the version's.
+    app.cli_text(&["verify", "nothing-yet"]);
+}
+
 #[tokio::test]
 async fn positional_append_continues_the_numbering() {
     let app = spawn_app().await;
@@ -1115,4 +1141,53 @@ async fn a_spreadsheet_upsert_keeps_the_columns_and_sheets_of_its_parent() {
         app.cli_text(&["export", "stock", "--sheet", "B"]),
         "id,colour\nb1,red\n"
     );
+}
+
+/// A keyed replace is the file's rows alone: the sheets of the parent that the new
+/// workbook lacks are not the version's, and its readers see the new sheet only.
+#[tokio::test]
+async fn a_keyed_replace_by_a_workbook_with_other_sheets_lists_only_its_own() {
+    let app = spawn_app().await;
+    let importer = app.importer(test_settings());
+    let book = |sheets: &[(&str, &[&str])]| {
+        let mut workbook = Workbook::new();
+        for (name, ids) in sheets {
+            let sheet = workbook.add_worksheet().set_name(*name).unwrap();
+            sheet.write(0, 0, "id").unwrap();
+            for (row, id) in ids.iter().enumerate() {
+                sheet.write(row as u32 + 1, 0, *id).unwrap();
+            }
+        }
+        workbook.save_to_buffer().unwrap()
+    };
+    app.put("two.xlsx", book(&[("A", &["a1"]), ("B", &["b1"])]))
+        .await;
+    app.put("one.xlsx", book(&[("Only", &["o1"])])).await;
+    import_as(
+        &app,
+        &importer,
+        "swap",
+        "two.xlsx",
+        keyed(&["id"], ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    let replaced = import_as(
+        &app,
+        &importer,
+        "swap",
+        "one.xlsx",
+        mode(ImportMode::Replace),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replaced.rows, 1);
+    let source: Value =
+        sqlx::query_scalar("SELECT source FROM dsa_core.commits WHERE commit_id = $1")
+            .bind(&replaced.commit_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(source["sheet_order"], json!(["Only"]), "{source}");
+    assert_eq!(app.cli_text(&["export", "swap"]), "id\no1\n");
 }
