@@ -220,11 +220,17 @@ pub enum KeyValue<'v> {
     Number(f64),
     Bool(bool),
     Null,
+    /// A JSON Lines array or object (named so): no key.
+    Nested(&'static str),
 }
 
 impl KeyValue<'_> {
+    /// Whether the value cannot be a key (`write_key` refuses it).
     fn is_empty(&self) -> bool {
-        matches!(self, KeyValue::Null | KeyValue::Text(""))
+        matches!(
+            self,
+            KeyValue::Null | KeyValue::Text("") | KeyValue::Nested(_)
+        )
     }
 
     fn write_text(&self, out: &mut String) {
@@ -232,7 +238,7 @@ impl KeyValue<'_> {
             KeyValue::Text(text) => out.push_str(text),
             KeyValue::Number(number) => push_number(*number, out),
             KeyValue::Bool(flag) => out.push_str(if *flag { "true" } else { "false" }),
-            KeyValue::Null => out.push_str("null"),
+            KeyValue::Null | KeyValue::Nested(_) => out.push_str("null"),
         }
     }
 

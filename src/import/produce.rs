@@ -19,7 +19,7 @@ use super::decode::sheet::cells::CellValue;
 use super::decode::sheet::rows::{Flow, SheetEvent, TypedRowEncoder};
 use super::decode::sheet::{inspect::inspect, workbook::Workbook};
 use super::decode::sheet::{SheetError, SheetFormat};
-use super::decode::{DecodeError, Header, RowProblem};
+use super::decode::{DecodeError, EncodedRow, Header, RowProblem};
 use super::hash::{self, RowHash, TreeHasher};
 use super::load::{Batch, BatchWriter, Lookup, RejectedRow};
 use super::plan::{write_key, KeyValue};
@@ -60,9 +60,14 @@ impl RowIdentity {
         };
         let mut key = String::new();
         write_key(columns.iter().map(|&column| values(column)), &mut key).map_err(|index| {
-            RowProblem::EmptyKey {
-                column: columns[index] + 1,
-                name: names[index].clone(),
+            let (column, name) = (columns[index] + 1, names[index].clone());
+            match values(columns[index]) {
+                KeyValue::Nested(found) => RowProblem::NestedKey {
+                    column,
+                    name,
+                    found,
+                },
+                _ => RowProblem::EmptyKey { column, name },
             }
         })?;
         match seen.lines.entry(key) {
@@ -436,21 +441,28 @@ pub(super) fn encode_batch(
         .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
     let mut writer = BatchWriter::new(&next.commit_id, &next.sheet, records.len());
     let mut rejected = Vec::new();
-    let mut json = Vec::with_capacity(512);
+    let mut row = EncodedRow::default();
     let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
     let mut seen = BatchKeys::default();
     for record in records {
         next.records += 1;
         let n = next.records;
         let (byte, line) = start.position_of(record);
-        json.clear();
-        let pushed = encoder.encode(record, byte, &mut json).and_then(|()| {
-            let row_hash = hash::row_hash(&json);
+        let pushed = encoder.encode(record, byte, &mut row).and_then(|()| {
+            let row_hash = hash::row_hash(row.canonical());
             // Fields are valid UTF-8 once the encoder accepted the record.
             let field = |column: usize| {
                 KeyValue::Text(std::str::from_utf8(&record[column]).unwrap_or_default())
             };
-            let keyed = identity.push(&mut writer, &mut seen, n, line, field, &row_hash, &json)?;
+            let keyed = identity.push(
+                &mut writer,
+                &mut seen,
+                n,
+                line,
+                field,
+                &row_hash,
+                row.stored(),
+            )?;
             let key = keyed.then_some(seen.last.as_str());
             identity.chain(key, n, &mut next, &mut tree, &mut logical_row_id, &row_hash);
             Ok(())
@@ -535,7 +547,9 @@ fn encode_json_batch(
                         KeyValue::Number(number.as_f64().unwrap_or_default())
                     }
                     Some(Value::Bool(flag)) => KeyValue::Bool(*flag),
-                    _ => KeyValue::Null,
+                    Some(Value::Array(_)) => KeyValue::Nested("an array"),
+                    Some(Value::Object(_)) => KeyValue::Nested("an object"),
+                    Some(Value::Null) | None => KeyValue::Null,
                 };
             let keyed = identity.push(
                 &mut writer,
@@ -682,7 +696,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
         let mut rejected: Vec<RejectedRow> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut batch_started = Instant::now();
-        let mut json = Vec::with_capacity(512);
+        let mut row = EncodedRow::default();
         let mut logical_row_id = String::with_capacity(planned.name.len() + 12);
         let mut height = 0u64;
         let mut gone = false;
@@ -757,9 +771,8 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                     cursor.sheet_records = n;
                     let pushed = values.and_then(|values| {
                         let encoder = encoder.as_ref().expect("the header comes first");
-                        json.clear();
-                        encoder.encode(values, &mut json);
-                        let row_hash = hash::row_hash(&json);
+                        encoder.encode(values, &mut row);
+                        let row_hash = hash::row_hash(row.canonical());
                         let cell = |column: usize| match values.get(column) {
                             Some(CellValue::Text(text)) => KeyValue::Text(text),
                             Some(CellValue::Number(number)) => KeyValue::Number(*number),
@@ -773,7 +786,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             sheet_row,
                             cell,
                             &row_hash,
-                            &json,
+                            row.stored(),
                         )?;
                         let key = keyed.then_some(seen.last.as_str());
                         identity.chain(
@@ -784,7 +797,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             &mut logical_row_id,
                             &row_hash,
                         );
-                        batch_bytes += json.len();
+                        batch_bytes += row.canonical().len();
                         Ok(())
                     });
                     match pushed {

@@ -746,6 +746,81 @@ async fn json_lines_keep_their_types_and_grow_their_columns() {
     assert_eq!(named.rows, 3);
 }
 
+/// A line whose data would not be stored as it is written fails its row, naming the
+/// line: an integer no double keeps, a key named twice in one object, and (keyed) a
+/// key column holding an object.
+#[tokio::test]
+async fn json_lines_that_could_not_be_stored_as_written_fail_their_rows() {
+    let app = spawn_app().await;
+    let lines = [
+        r#"{"id":1,"n":9007199254740992}"#,
+        r#"{"id":2,"n":9007199254740993}"#,
+        r#"{"id":3,"a":1,"a":2}"#,
+        r#"{"id":{"x":1}}"#,
+        r#"{"id":5,"n":"9007199254740993"}"#,
+    ];
+    app.put(
+        "exact.jsonl",
+        format!("{}\n", lines.join("\n")).into_bytes(),
+    )
+    .await;
+    let (_, result) = import_with(
+        &app,
+        test_settings(),
+        "exact",
+        "exact.jsonl",
+        ImportOptions::default(),
+    )
+    .await;
+    let message = result.unwrap_err().to_string();
+    assert!(
+        message.starts_with("exact.jsonl: line 2, byte 30: the line cannot be stored as written: ")
+            && message.contains(
+                "the integer 9007199254740993 at column 13 would be stored as 9007199254740992"
+            ),
+        "{message}"
+    );
+
+    let options = ImportOptions {
+        skip_bad_rows: true,
+        key: Some(vec!["id".to_owned()]),
+        ..ImportOptions::default()
+    };
+    let summary = import(&app, "exact-skip", "exact.jsonl", options).await;
+    assert_eq!((summary.rows, summary.rejected_rows), (2, 3));
+    assert_eq!(
+        app.commit_rows(&summary.commit_id).await,
+        vec![
+            (
+                "exact:1".to_owned(),
+                json!({"id": 1, "n": 9007199254740992u64})
+            ),
+            (
+                "exact:5".to_owned(),
+                json!({"id": 5, "n": "9007199254740993"})
+            ),
+        ]
+    );
+    let rejected: Vec<(i64, String)> =
+        sqlx::query_as("SELECT line, error FROM dsa_jobs.rejected_rows ORDER BY line")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let lines: Vec<i64> = rejected.iter().map(|(line, _)| *line).collect();
+    assert_eq!(lines, vec![2, 3, 4]);
+    assert!(
+        rejected[1]
+            .1
+            .contains(r#"the object has the key "a" twice"#),
+        "{}",
+        rejected[1].1
+    );
+    assert_eq!(
+        rejected[2].1,
+        r#"key column "id" holds an object; a key is a string, a number or a boolean"#
+    );
+}
+
 #[tokio::test]
 async fn a_json_line_that_is_not_an_object_fails_its_row() {
     let app = spawn_app().await;

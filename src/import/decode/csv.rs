@@ -2,16 +2,17 @@
 //! line positions for errors and checkpoints, and records written straight into
 //! canonical JSON by [`RowEncoder`].
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord};
+use csv_async::{AsyncReader, AsyncReaderBuilder, ByteRecord, Position};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::text::TextError;
-use super::{CanonicalKeys, DecodeError, Header, RowProblem};
+use super::{CanonicalKeys, DecodeError, EncodedRow, Header, RowProblem};
 use crate::import::fetch::FetchError;
 use crate::import::hash::write_json_string;
 
@@ -54,6 +55,13 @@ impl Default for CsvFormat {
 /// one that gives the first line more fields, then the first in that order. Delimiters
 /// inside quotes do not count; a candidate the first line lacks is not one. Without
 /// any, the text is one column and `,` is as good as another.
+/// Whether the top of a text has a NUL or a byte sequence that is not UTF-8 in its
+/// first 512 bytes (a sequence cut off by their end does not count).
+fn looks_binary(top: &[u8]) -> bool {
+    let head = &top[..top.len().min(512)];
+    head.contains(&0) || std::str::from_utf8(head).is_err_and(|error| error.error_len().is_some())
+}
+
 pub fn sniff_delimiter(sample: &[u8], quote: u8, complete: bool) -> u8 {
     let mut lines: Vec<[usize; 4]> = Vec::new();
     let mut counts = [0usize; 4];
@@ -88,8 +96,9 @@ pub fn sniff_delimiter(sample: &[u8], quote: u8, complete: bool) -> u8 {
             }
         }
     }
-    // A last line cut off by the sample's end would count short.
-    if complete && length > 0 && lines.len() < SNIFF_LINES {
+    // A last line cut off by the sample's end would count short; unless it is the
+    // first, a header longer than the sample, whose delimiters are all there is to go by.
+    if (complete || lines.is_empty()) && length > 0 && lines.len() < SNIFF_LINES {
         lines.push(counts);
     }
     let Some(first) = lines.first() else {
@@ -132,20 +141,23 @@ impl RowEncoder {
         self
     }
 
-    /// Appends the record's canonical JSON to `out`; on error `out` is left as it was.
-    /// `record_byte` is the record's absolute byte offset, used to place a UTF-8 error.
+    /// Writes the record as a row (`row` is cleared first); on error the row's JSON is
+    /// left empty. `record_byte` is the record's absolute byte offset, used to place a UTF-8
+    /// error (see [`not_utf8`]).
     pub fn encode(
         &self,
         record: &ByteRecord,
         record_byte: u64,
-        out: &mut Vec<u8>,
+        row: &mut EncodedRow,
     ) -> Result<(), RowProblem> {
+        row.clear();
         if record.len() != self.keys.len() {
             return Err(RowProblem::Ragged {
                 expected: self.keys.len(),
                 found: record.len(),
             });
         }
+        let (out, starts) = row.parts();
         let start = out.len();
         if self.keys.is_empty() {
             out.extend_from_slice(b"{}");
@@ -153,33 +165,61 @@ impl RowEncoder {
         }
         for (prefix, column) in self.keys.fields() {
             let field = &record[column];
-            let text = match std::str::from_utf8(field) {
-                Ok(text) => text,
-                Err(error) => {
-                    out.truncate(start);
-                    let column = column + 1;
-                    let byte =
-                        record_byte + field_offset(record, column - 1) + error.valid_up_to() as u64;
-                    return Err(match &self.encoding {
-                        Some(encoding) => RowProblem::InvalidEncoding {
-                            column,
-                            byte,
-                            encoding: encoding.clone(),
-                        },
-                        None => RowProblem::InvalidUtf8 { column, byte },
-                    });
-                }
+            let Ok(text) = std::str::from_utf8(field) else {
+                out.truncate(start);
+                let (column, byte) =
+                    not_utf8(record, record_byte).unwrap_or((column + 1, record_byte));
+                return Err(match &self.encoding {
+                    Some(encoding) => RowProblem::InvalidEncoding {
+                        column,
+                        byte,
+                        encoding: encoding.clone(),
+                    },
+                    None => RowProblem::InvalidUtf8 { column, byte },
+                });
             };
             if field.contains(&0) {
                 out.truncate(start);
                 return Err(RowProblem::NulCharacter { column: column + 1 });
             }
+            starts.push(out.len());
             out.extend_from_slice(prefix);
             write_json_string(text, out);
         }
         out.push(b'}');
+        self.keys.store(row);
         Ok(())
     }
+}
+
+/// A record position's record number when the record is all UTF-8 (see
+/// [`CsvDecoder::place`]).
+const NO_NOT_UTF8: u64 = u64::MAX;
+
+/// Where a record the decoder read has its first byte that is not UTF-8, from the
+/// record's first byte.
+fn not_utf8_offset(record: &ByteRecord) -> Option<u64> {
+    let offset = record.position()?.record();
+    (offset != NO_NOT_UTF8).then_some(offset)
+}
+
+/// The record's first field (in the file's order, 1-based) that is not UTF-8, and the
+/// file byte where it goes wrong; `record_byte` is where the record starts.
+///
+/// The byte is exact for a record the decoder read: it noted where the first byte that
+/// is not UTF-8 lies in the text itself (see [`MarkWatch`]), quotes and all. Otherwise
+/// (a record made up, or the decoder's marks given up on) it is counted from the values,
+/// which misses quotes: see [`field_offset`].
+fn not_utf8(record: &ByteRecord, record_byte: u64) -> Option<(usize, u64)> {
+    let (column, error) = record
+        .iter()
+        .enumerate()
+        .find_map(|(column, field)| Some((column, std::str::from_utf8(field).err()?)))?;
+    let byte = match not_utf8_offset(record) {
+        Some(offset) => record_byte + offset,
+        None => record_byte + field_offset(record, column) + error.valid_up_to() as u64,
+    };
+    Some((column + 1, byte))
 }
 
 /// Approximate offset of a field inside its record: the lengths of the fields before it
@@ -194,9 +234,11 @@ fn field_offset(record: &ByteRecord, column: usize) -> u64 {
 /// Where a CSV read starts: the top of the object, or a checkpoint after the header.
 ///
 /// The CSV parser ends a CRLF record after its `\r` and consumes the `\n` as the start
-/// of the next record, counting lines at each `\n`. Checkpoints keep the parser's own
-/// positions (resuming there reads the same records), while [`Self::position_of`]
-/// corrects them for people when the file's lines end in CRLF.
+/// of the next record, skips empty lines before a record as part of reading it, ends
+/// records at a lone `\r` too and counts lines at each `\n` only. Checkpoints keep the
+/// parser's own positions (resuming there reads the same records), while the decoder
+/// gives each record the position a person counts (see [`CsvDecoder::read_record`]),
+/// which [`Self::position_of`] makes absolute.
 #[derive(Clone, Copy, Debug)]
 pub struct CsvStart {
     pub byte: u64,
@@ -211,20 +253,21 @@ pub struct CsvStart {
 
 impl CsvStart {
     /// Absolute byte offset and line number of the first character of `record`, read
-    /// from here, as a person opening the file would count them.
+    /// from here by a [`CsvDecoder`], as a person opening the file would count them.
     pub fn position_of(&self, record: &ByteRecord) -> (u64, u64) {
-        let relative = record
-            .position()
-            .map(|position| position.byte())
-            .unwrap_or(0);
-        let (byte, line) = match record.position() {
+        match record.position() {
             Some(position) => (self.byte + position.byte(), self.line + position.line() - 1),
             None => (self.byte, self.line),
-        };
-        if self.crlf && !(self.at_top && relative == 0) {
-            (byte + 1, line + 1)
+        }
+    }
+
+    /// The line end the parser's lines are assumed to end in where no mark says
+    /// otherwise (see [`Marks`]).
+    fn usual_line_end(&self) -> LineEnd {
+        if self.crlf {
+            LineEnd::CrLf
         } else {
-            (byte, line)
+            LineEnd::Lf
         }
     }
 }
@@ -422,6 +465,401 @@ impl AsyncRead for QuoteWatch {
     }
 }
 
+/// The most marks kept for text the parser has not finished reading (its buffer, and
+/// the record it is in): two a line at most, and in practice only for odd lines. Past
+/// it the marks are given up on (see [`Marks::given_up`]), which bounds the memory
+/// whatever the text.
+const MAX_MARKS: usize = 1 << 16;
+
+/// What ends a line, as an editor counts lines: `\r\n`, `\n`, or a lone `\r`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LineEnd {
+    Lf,
+    CrLf,
+    Cr,
+}
+
+impl LineEnd {
+    fn len(self) -> u64 {
+        match self {
+            LineEnd::CrLf => 2,
+            LineEnd::Lf | LineEnd::Cr => 1,
+        }
+    }
+}
+
+/// Something in the text at an absolute byte that the parser's positions do not tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mark {
+    /// A line end starting here that is not simply the file's usual one after a line
+    /// with something on it: another kind (a lone `\r` always is), or the end of an empty
+    /// line.
+    LineEnd(u64, LineEnd),
+    /// The first byte of a sequence that is not UTF-8, the first such on its line.
+    NotUtf8(u64),
+}
+
+impl Mark {
+    fn byte(self) -> u64 {
+        match self {
+            Mark::LineEnd(byte, _) | Mark::NotUtf8(byte) => byte,
+        }
+    }
+}
+
+/// The marks [`MarkWatch`] made in the text the parser was given and the decoder has
+/// not placed records in yet, in the text's order. A plain LF or CRLF file has none.
+#[derive(Debug, Default)]
+struct Marks {
+    queue: VecDeque<Mark>,
+    /// Set when more than [`MAX_MARKS`] were waiting: none are kept after, and records
+    /// are placed as if there were none.
+    given_up: bool,
+}
+
+/// Where a record the parser read starts for a person, and what is in it.
+#[derive(Debug, PartialEq, Eq)]
+struct Span {
+    /// The record's first byte.
+    first: u64,
+    /// `\n`s between where the parser started reading and `first` (the parser's line
+    /// number at `first` is its line number where it started plus these).
+    newlines: u64,
+    /// Lone `\r`s before `first`, since the previous record.
+    lone_crs_before: u64,
+    /// Lone `\r`s inside the record (in quoted values).
+    lone_crs_inside: u64,
+    /// The record's first byte that is not UTF-8.
+    not_utf8: Option<u64>,
+}
+
+impl Marks {
+    /// Places a record the parser read from `from` to `end` (absolute bytes) and lets go
+    /// of its marks. `after` is the line end the record follows, `None` for the first
+    /// record at the top of the text: a mark there says otherwise, and the empty lines
+    /// that follow it (the parser skips them) are marked.
+    fn take(&mut self, from: u64, end: u64, after: Option<LineEnd>) -> Span {
+        let (first, newlines, lone_crs_before, used) = self.gap(from, after);
+        // Marks before `from`'s line end were left by records not read (empty lines at
+        // the end of the text, a failed read).
+        while self
+            .queue
+            .front()
+            .is_some_and(|mark| mark.byte() + 1 < from)
+        {
+            self.queue.pop_front();
+        }
+        self.queue.drain(..used);
+        let mut span = Span {
+            first,
+            newlines,
+            lone_crs_before,
+            lone_crs_inside: 0,
+            not_utf8: None,
+        };
+        while let Some(&mark) = self.queue.front() {
+            match mark {
+                // The record's own line end is the next record's `after`.
+                Mark::LineEnd(byte, _) if byte + 1 >= end => break,
+                Mark::NotUtf8(byte) if byte >= end => break,
+                Mark::LineEnd(_, kind) => span.lone_crs_inside += u64::from(kind == LineEnd::Cr),
+                Mark::NotUtf8(byte) => {
+                    span.not_utf8.get_or_insert(byte);
+                }
+            }
+            self.queue.pop_front();
+        }
+        span
+    }
+
+    /// Where the record the parser started reading at `from` starts (see [`Self::take`]):
+    /// its first byte, the `\n`s and lone `\r`s before it, and how many marks say so.
+    fn gap(&self, from: u64, after: Option<LineEnd>) -> (u64, u64, u64, usize) {
+        let mut marks = self
+            .queue
+            .iter()
+            .skip_while(|mark| mark.byte() + 1 < from)
+            .peekable();
+        let (mut at, mut newlines, mut lone_crs, mut used) = (from, 0, 0, 0);
+        if let Some(usual) = after {
+            let kind = match marks.peek() {
+                Some(&&Mark::LineEnd(byte, kind)) if byte + 1 == from => {
+                    marks.next();
+                    used += 1;
+                    kind
+                }
+                _ => usual,
+            };
+            // The parser ended the previous record after a `\r` or `\n`; a CRLF's `\n`
+            // is left, and read as part of this record.
+            match kind {
+                LineEnd::Lf => {}
+                LineEnd::Cr => lone_crs += 1,
+                LineEnd::CrLf => {
+                    newlines += 1;
+                    at += 1;
+                }
+            }
+        }
+        while let Some(&&Mark::LineEnd(byte, kind)) = marks.peek() {
+            if byte != at {
+                break;
+            }
+            marks.next();
+            used += 1;
+            match kind {
+                LineEnd::Lf | LineEnd::CrLf => newlines += 1,
+                LineEnd::Cr => lone_crs += 1,
+            }
+            at += kind.len();
+        }
+        (at, newlines, lone_crs, used)
+    }
+}
+
+/// Passes the text through unchanged, marking what the parser's positions leave out
+/// (see [`Mark`]): the line ends a person counts that the parser does not (a lone `\r`),
+/// the empty lines it skips without a trace, and bytes that are not UTF-8, which the
+/// values alone cannot place once quotes were taken out of them.
+///
+/// The cost on plain text is a look at each line end and a UTF-8 check of each read.
+struct MarkWatch {
+    inner: Pin<Box<dyn AsyncRead + Send>>,
+    marks: Arc<Mutex<Marks>>,
+    /// The line end not marked after a line with something on it.
+    usual: LineEnd,
+    /// The absolute byte the next byte read is.
+    next: u64,
+    /// Where the current line starts: a line end there ends an empty line.
+    line_start: u64,
+    /// A `\r` last in a read, which the next byte makes a CRLF or a lone `\r`; and
+    /// whether it is only assumed (a resumed CRLF read starts on the `\n`).
+    pending_cr: Option<(u64, bool)>,
+    /// A UTF-8 sequence cut off by the end of a read: its first byte and its bytes.
+    partial: Option<(u64, [u8; 4], usize)>,
+    /// Whether a byte on the current line was marked not UTF-8.
+    marked_on_line: bool,
+    /// At the end of the text, or the marks were given up on.
+    done: bool,
+}
+
+impl MarkWatch {
+    fn new(
+        inner: Pin<Box<dyn AsyncRead + Send>>,
+        marks: Arc<Mutex<Marks>>,
+        start: CsvStart,
+    ) -> Self {
+        Self {
+            inner,
+            marks,
+            usual: start.usual_line_end(),
+            next: start.byte,
+            line_start: start.byte,
+            // Resumed in a CRLF file, the text starts after the `\r` of the line end the
+            // last record read ended on.
+            pending_cr: (start.crlf && !start.at_top && start.byte > 0)
+                .then(|| (start.byte - 1, true)),
+            partial: None,
+            marked_on_line: false,
+            done: false,
+        }
+    }
+
+    /// Marks `bytes`, the next read, and hands the marks to the decoder.
+    fn scan(&mut self, bytes: &[u8]) {
+        let base = self.next;
+        self.next += bytes.len() as u64;
+        if self.done {
+            return;
+        }
+        let mut not_utf8 = Vec::new();
+        self.scan_utf8(bytes, base, &mut not_utf8);
+        let mut line_ends = Vec::new();
+        self.scan_line_ends(bytes, base, &mut line_ends);
+        self.publish(not_utf8, line_ends);
+    }
+
+    /// At the end of the text: a `\r` or a UTF-8 sequence left open is what it is.
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut not_utf8 = Vec::new();
+        if let Some((byte, ..)) = self.partial.take() {
+            self.not_utf8(byte, &mut not_utf8);
+        }
+        let mut line_ends = Vec::new();
+        self.resolve_cr(false, &mut line_ends);
+        self.publish(not_utf8, line_ends);
+        self.done = true;
+    }
+
+    fn scan_utf8(&mut self, bytes: &[u8], base: u64, out: &mut Vec<Mark>) {
+        let mut at = 0;
+        if let Some((byte, mut sequence, length)) = self.partial.take() {
+            let width = match sequence[0] {
+                0xF0.. => 4,
+                0xE0.. => 3,
+                _ => 2,
+            };
+            let more = (width - length).min(bytes.len());
+            sequence[length..length + more].copy_from_slice(&bytes[..more]);
+            match std::str::from_utf8(&sequence[..length + more]) {
+                Ok(_) => at = more,
+                Err(error) => match error.error_len() {
+                    // Still cut off: the read was shorter than the rest of the sequence.
+                    None => {
+                        self.partial = Some((byte, sequence, length + more));
+                        return;
+                    }
+                    Some(bad) => {
+                        self.not_utf8(byte, out);
+                        at = bad.saturating_sub(length);
+                    }
+                },
+            }
+        }
+        // Only the first byte not UTF-8 on a line is marked (a record starts on a line of
+        // its own); `checked` is how far the bytes were looked at for a line end since.
+        let mut checked = at;
+        while let Err(error) = std::str::from_utf8(&bytes[at..]) {
+            let bad = at + error.valid_up_to();
+            if self.marked_on_line && memchr::memchr2(b'\n', b'\r', &bytes[checked..bad]).is_some()
+            {
+                self.marked_on_line = false;
+            }
+            checked = bad;
+            match error.error_len() {
+                Some(length) => {
+                    self.not_utf8(base + bad as u64, out);
+                    at = bad + length;
+                }
+                None => {
+                    let mut sequence = [0; 4];
+                    sequence[..bytes.len() - bad].copy_from_slice(&bytes[bad..]);
+                    self.partial = Some((base + bad as u64, sequence, bytes.len() - bad));
+                    return;
+                }
+            }
+        }
+        if self.marked_on_line && memchr::memchr2(b'\n', b'\r', &bytes[checked..]).is_some() {
+            self.marked_on_line = false;
+        }
+    }
+
+    fn not_utf8(&mut self, byte: u64, out: &mut Vec<Mark>) {
+        if !self.marked_on_line {
+            out.push(Mark::NotUtf8(byte));
+            self.marked_on_line = true;
+        }
+    }
+
+    fn scan_line_ends(&mut self, bytes: &[u8], base: u64, out: &mut Vec<Mark>) {
+        let Some(&first) = bytes.first() else {
+            return;
+        };
+        // The `\n` of a CRLF whose `\r` ended the last read.
+        let mut taken = None;
+        if self.pending_cr.is_some() {
+            self.resolve_cr(first == b'\n', out);
+            taken = (first == b'\n').then_some(0);
+        }
+        for index in memchr::memchr2_iter(b'\n', b'\r', bytes) {
+            if taken == Some(index) {
+                continue;
+            }
+            let byte = base + index as u64;
+            if bytes[index] == b'\n' {
+                self.line_end(byte, LineEnd::Lf, out);
+            } else {
+                match bytes.get(index + 1) {
+                    Some(b'\n') => {
+                        self.line_end(byte, LineEnd::CrLf, out);
+                        taken = Some(index + 1);
+                    }
+                    Some(_) => self.line_end(byte, LineEnd::Cr, out),
+                    None => self.pending_cr = Some((byte, false)),
+                }
+            }
+        }
+    }
+
+    /// Ends the line a pending `\r` is in, now that it is known whether a `\n` follows.
+    fn resolve_cr(&mut self, lf_follows: bool, out: &mut Vec<Mark>) {
+        let Some((byte, assumed)) = self.pending_cr.take() else {
+            return;
+        };
+        let kind = match (lf_follows, assumed) {
+            (true, _) => LineEnd::CrLf,
+            // A resumed read's last line end was not a CRLF after all, and whatever it
+            // was is behind the text's start.
+            (false, true) => LineEnd::Lf,
+            (false, false) => LineEnd::Cr,
+        };
+        self.line_end(byte, kind, out);
+    }
+
+    fn line_end(&mut self, byte: u64, kind: LineEnd, out: &mut Vec<Mark>) {
+        if kind != self.usual || byte == self.line_start {
+            out.push(Mark::LineEnd(byte, kind));
+        }
+        self.line_start = byte + kind.len();
+    }
+
+    /// Adds the marks of a read, in the text's order, to those the decoder takes.
+    fn publish(&mut self, not_utf8: Vec<Mark>, line_ends: Vec<Mark>) {
+        if not_utf8.is_empty() && line_ends.is_empty() {
+            return;
+        }
+        let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        if marks.given_up {
+            self.done = true;
+            return;
+        }
+        let (mut a, mut b) = (
+            not_utf8.into_iter().peekable(),
+            line_ends.into_iter().peekable(),
+        );
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.byte() <= y.byte() => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, _) => b.next(),
+            };
+            let Some(mark) = next else { break };
+            marks.queue.push_back(mark);
+        }
+        if marks.queue.len() > MAX_MARKS {
+            marks.given_up = true;
+            marks.queue = VecDeque::new();
+            self.done = true;
+        }
+    }
+}
+
+impl AsyncRead for MarkWatch {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = self.inner.as_mut().poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &poll {
+            let added = &buf.filled()[before..];
+            if added.is_empty() {
+                if buf.remaining() > 0 {
+                    self.finish();
+                }
+            } else {
+                self.scan(added);
+            }
+        }
+        poll
+    }
+}
+
 /// Turns an I/O error under the parser into a decode error, keeping a failed fetch
 /// (object changed, store down) and a decompression problem visible as what they are.
 pub fn read_error(file: &str, byte: u64, error: std::io::Error) -> DecodeError {
@@ -466,13 +904,14 @@ fn resolve_header(first: &PositionedRecord, file: &str) -> Result<Header, Decode
                 problem: RowProblem::NulCharacter { column: index + 1 },
             });
         }
-        let name = std::str::from_utf8(field).map_err(|error| DecodeError::BadHeader {
-            file: file.to_owned(),
-            problem: RowProblem::InvalidUtf8 {
-                column: index + 1,
-                byte: first.byte + field_offset(&first.record, index) + error.valid_up_to() as u64,
-            },
-        })?;
+        let Ok(name) = std::str::from_utf8(field) else {
+            let (column, byte) =
+                not_utf8(&first.record, first.byte).unwrap_or((index + 1, first.byte));
+            return Err(DecodeError::BadHeader {
+                file: file.to_owned(),
+                problem: RowProblem::InvalidUtf8 { column, byte },
+            });
+        };
         names.push(name.to_owned());
     }
     Ok(Header::resolve(&names))
@@ -502,6 +941,10 @@ pub struct CsvDecoder {
     quote_open_at_end: Arc<AtomicBool>,
     /// Where the last record read started (byte, line): a quote left open is in it.
     last_record: (u64, u64),
+    /// What the text has that the parser's positions do not tell (see [`MarkWatch`]).
+    marks: Arc<Mutex<Marks>>,
+    /// Lone `\r`s before the next record: line ends for a person, not for the parser.
+    lone_crs: u64,
 }
 
 impl CsvDecoder {
@@ -548,6 +991,16 @@ impl CsvDecoder {
                     found,
                 });
             }
+            // Other binary formats (an image, a PDF, xz or tar, say) would fail on a NUL
+            // or a byte that is not UTF-8 somewhere in the header, which does not say
+            // what the file is. A magic number alone is not enough: a header may start
+            // with `MZ` or `PAR1`.
+            if let Some(found) = super::sniff::binary_kind(&top).filter(|_| looks_binary(&top)) {
+                return Err(DecodeError::Unreadable {
+                    file: file.to_owned(),
+                    found,
+                });
+            }
             if top.starts_with(UTF8_BOM) {
                 top.drain(..UTF8_BOM.len());
                 start.byte = UTF8_BOM.len() as u64;
@@ -586,10 +1039,13 @@ impl CsvDecoder {
             },
             open_at_end: quote_open_at_end.clone(),
         };
-        let mut decoder = Self::new(Box::pin(watched), file, start, format);
+        let marks = Arc::new(Mutex::new(Marks::default()));
+        let marked = MarkWatch::new(Box::pin(watched), marks.clone(), start);
+        let mut decoder = Self::new(Box::pin(marked), file, start, format);
         decoder.since_record = since_record;
         decoder.quote_open_at_end = quote_open_at_end;
         decoder.sniffed = sniffed;
+        decoder.marks = marks;
         Ok(decoder)
     }
 
@@ -620,6 +1076,8 @@ impl CsvDecoder {
             pending: None,
             quote_open_at_end: Arc::new(AtomicBool::new(false)),
             last_record: (start.byte, start.line),
+            marks: Arc::new(Mutex::new(Marks::default())),
+            lone_crs: 0,
         }
     }
 
@@ -685,6 +1143,9 @@ impl CsvDecoder {
     }
 
     /// Reads the next record into `record`, reusing its allocation; `false` at the end.
+    ///
+    /// The record's position is where a person finds it, for [`CsvStart::position_of`]
+    /// (see [`Self::place`]).
     pub async fn read_record(&mut self, record: &mut ByteRecord) -> Result<bool, DecodeError> {
         if let Some(pending) = self.pending.take() {
             *record = pending;
@@ -697,6 +1158,7 @@ impl CsvDecoder {
                 // bounds the next record's length.
                 self.since_record.store(0, Ordering::Relaxed);
                 if more {
+                    self.place(record);
                     self.last_record = self.start.position_of(record);
                 } else if self.quote_open_at_end.load(Ordering::Relaxed) {
                     let (byte, line) = self.last_record;
@@ -708,15 +1170,61 @@ impl CsvDecoder {
                 }
                 Ok(more)
             }
-            Err(error) => Err(match error.into_kind() {
-                csv_async::ErrorKind::Io(io) => read_error(&self.file, record_start, io),
-                other => DecodeError::Read {
-                    file: self.file.clone(),
-                    byte: record_start,
-                    message: format!("{other:?}"),
-                },
-            }),
+            Err(error) => {
+                // Past the empty lines the parser skipped, if it got that far.
+                let record_start = self
+                    .marks
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .gap(record_start, self.line_end_before(record_start))
+                    .0;
+                Err(match error.into_kind() {
+                    csv_async::ErrorKind::Io(io) => read_error(&self.file, record_start, io),
+                    other => DecodeError::Read {
+                        file: self.file.clone(),
+                        byte: record_start,
+                        message: format!("{other:?}"),
+                    },
+                })
+            }
         }
+    }
+
+    /// Gives a record just read the position a person counts, in place of the parser's:
+    /// the byte of its first character rather than of the empty lines before it (or the
+    /// `\n` of a CRLF), and its line with lone `\r`s counted as line ends, as editors
+    /// count them. Both stay relative to [`Self::start`].
+    ///
+    /// The position's record number becomes the offset of the record's first byte that
+    /// is not UTF-8 from its first byte, or `u64::MAX` (see [`not_utf8_offset`]): the
+    /// record is all the encoder is given, and nothing reads the record number.
+    fn place(&mut self, record: &mut ByteRecord) {
+        let Some(parsed) = record.position() else {
+            return;
+        };
+        let from = self.start.byte + parsed.byte();
+        let span = self
+            .marks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(from, self.next_byte(), self.line_end_before(from));
+        let line = parsed.line() + span.newlines + self.lone_crs + span.lone_crs_before;
+        self.lone_crs += span.lone_crs_before + span.lone_crs_inside;
+        let mut position = Position::new();
+        position
+            .set_byte(span.first - self.start.byte)
+            .set_line(line)
+            .set_record(
+                span.not_utf8
+                    .map_or(NO_NOT_UTF8, |byte| byte.saturating_sub(span.first)),
+            );
+        record.set_position(Some(position));
+    }
+
+    /// The line end a record the parser starts reading at `from` follows, unless marked
+    /// otherwise: none for the first at the top of the text.
+    fn line_end_before(&self, from: u64) -> Option<LineEnd> {
+        (!(self.start.at_top && from == self.start.byte)).then(|| self.start.usual_line_end())
     }
 
     /// Where this decoder started reading; positions in records are relative to it.
@@ -747,20 +1255,47 @@ mod tests {
     fn rows_are_written_in_canonical_key_order() {
         let header = Header::resolve(&["b".into(), "a".into(), "\u{20ac}".into()]);
         let encoder = RowEncoder::new(&header);
-        let mut out = Vec::new();
+        let mut row = EncodedRow::default();
         let record = ByteRecord::from(vec!["1", "x\"y\n", "€"]);
-        encoder.encode(&record, 0, &mut out).unwrap();
+        encoder.encode(&record, 0, &mut row).unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            std::str::from_utf8(row.canonical()).unwrap(),
             "{\"a\":\"x\\\"y\\n\",\"b\":\"1\",\"€\":\"€\"}"
         );
+        // jsonb's order: "a" and "b" (one byte) before "€" (three).
+        assert_eq!(row.stored(), row.canonical());
+    }
+
+    #[test]
+    fn rows_are_sent_with_their_keys_in_jsonbs_order() {
+        let header = Header::resolve(&["id".into(), "amount".into(), "b\"".into(), "€".into()]);
+        let encoder = RowEncoder::new(&header);
+        let mut row = EncodedRow::default();
+        let record = ByteRecord::from(vec!["7", "1,5", "q\"", "x"]);
+        encoder.encode(&record, 0, &mut row).unwrap();
+        assert_eq!(
+            std::str::from_utf8(row.canonical()).unwrap(),
+            r#"{"amount":"1,5","b\"":"q\"","id":"7","€":"x"}"#
+        );
+        // Shortest first (`b"` and `id` are two bytes, `€` three), then byte by byte.
+        assert_eq!(
+            std::str::from_utf8(row.stored()).unwrap(),
+            r#"{"b\"":"q\"","id":"7","€":"x","amount":"1,5"}"#
+        );
+        let parsed = |json: &[u8]| serde_json::from_slice::<serde_json::Value>(json).unwrap();
+        assert_eq!(parsed(row.stored()), parsed(row.canonical()));
+        // A refused record leaves nothing of the row before it.
+        assert!(encoder
+            .encode(&ByteRecord::from(vec!["1"]), 0, &mut row)
+            .is_err());
+        assert_eq!((row.canonical(), row.stored()), (&b""[..], &b""[..]));
     }
 
     #[test]
     fn ragged_and_invalid_rows_are_refused_without_output() {
         let header = Header::resolve(&["a".into(), "b".into()]);
         let encoder = RowEncoder::new(&header);
-        let mut out = b"keep".to_vec();
+        let mut out = EncodedRow::default();
         let ragged = ByteRecord::from(vec!["1"]);
         assert_eq!(
             encoder.encode(&ragged, 0, &mut out),
@@ -777,7 +1312,7 @@ mod tests {
                 byte: 103
             })
         );
-        assert_eq!(out, b"keep");
+        assert_eq!(out.canonical(), b"");
     }
 
     async fn read_all(data: &'static [u8], start: CsvStart) -> (Vec<PositionedRecord>, u64) {
@@ -1067,6 +1602,47 @@ mod tests {
         assert_eq!(sniff_delimiter(b"", b'"', true), b',');
         // A cut-off last line does not count against a delimiter.
         assert_eq!(sniff_delimiter(b"a;b;c\n1;2;3\n4;5", b'"', false), b';');
+        // A first line longer than the sample is sniffed from what the sample has.
+        let long: Vec<u8> = (0..3_000)
+            .flat_map(|n| format!("column_name_number_{n:06};").into_bytes())
+            .collect();
+        assert_eq!(sniff_delimiter(&long[..SNIFF_BYTES], b'"', false), b';');
+    }
+
+    #[tokio::test]
+    async fn binary_files_under_a_text_name_are_named() {
+        for (data, found) in [
+            (
+                &b"\xFD7zXZ\x00\x00\x04\xE6\xD6\xB4\x46"[..],
+                "xz-compressed data",
+            ),
+            (&b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"[..], "a PNG image"),
+            (
+                &b"%PDF-1.7\n%\xE2\xE3\xCF\xD3\n1 0 obj"[..],
+                "a PDF document",
+            ),
+        ] {
+            let opened = CsvDecoder::open(
+                Box::pin(data),
+                "f.csv",
+                top(),
+                1 << 20,
+                CsvFormat::default(),
+            )
+            .await;
+            let message = opened.err().expect("refused").to_string();
+            assert!(
+                message.starts_with(&format!(
+                    "f.csv: the content is {found}, which is not read here"
+                )),
+                "{message}"
+            );
+        }
+        // A header that happens to start like a magic number is a header.
+        for data in [&b"MZ_code,name\n1,x\n"[..], b"PAR1,PAR2\n1,2\n"] {
+            let mut decoder = open_at_top(data, CsvFormat::default()).await;
+            assert_eq!(decoder.read_header(100).await.unwrap().columns.len(), 2);
+        }
     }
 
     #[tokio::test]
@@ -1096,5 +1672,304 @@ mod tests {
         let positions: Vec<_> = records.iter().map(|r| (r.byte, r.line)).collect();
         assert_eq!(positions, vec![(0, 1), (6, 2), (14, 4)]);
         assert_eq!(end, data.len() as u64);
+    }
+
+    /// Gives its text `step` bytes a read, so every boundary between reads is tried.
+    struct Trickle {
+        data: &'static [u8],
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let length = self.step.min(self.data.len()).min(buf.remaining());
+            let (head, tail) = self.data.split_at(length);
+            buf.put_slice(head);
+            self.data = tail;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Every record of `data` from `start` read `step` bytes at a time: its position,
+    /// and the column and byte of its first field that is not UTF-8.
+    async fn places(
+        data: &'static [u8],
+        start: CsvStart,
+        step: usize,
+    ) -> Vec<((u64, u64), Option<(usize, u64)>)> {
+        let input = Trickle {
+            data: &data[start.byte as usize..],
+            step,
+        };
+        let mut decoder = CsvDecoder::open(
+            Box::pin(input),
+            "t.csv",
+            start,
+            1 << 20,
+            CsvFormat::default(),
+        )
+        .await
+        .unwrap();
+        let mut places = Vec::new();
+        while let Some(record) = decoder.next_record().await.unwrap() {
+            places.push((
+                (record.byte, record.line),
+                not_utf8(&record.record, record.byte),
+            ));
+        }
+        places
+    }
+
+    /// The positions of every record of `data`, read from its top.
+    async fn positions(data: &'static [u8]) -> Vec<(u64, u64)> {
+        let (records, _) = read_all(data, top()).await;
+        records.iter().map(|r| (r.byte, r.line)).collect()
+    }
+
+    /// The problem `encoder` finds in `record`, placed where the decoder put it.
+    fn problem(header: &[&str], record: &PositionedRecord) -> RowProblem {
+        let names: Vec<String> = header.iter().map(|name| name.to_string()).collect();
+        let encoder = RowEncoder::new(&Header::resolve(&names));
+        let mut row = EncodedRow::default();
+        encoder
+            .encode(&record.record, record.byte, &mut row)
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_record_after_empty_lines_is_placed_on_its_own_line() {
+        // The parser skips the empty lines as part of reading the record, and started
+        // reading it at line 3, byte 8.
+        let data: &'static [u8] = b"a,b\n1,2\n\n\n3\n";
+        let (records, _) = read_all(data, top()).await;
+        let places: Vec<_> = records.iter().map(|r| (r.byte, r.line)).collect();
+        assert_eq!(places, vec![(0, 1), (4, 2), (10, 5)]);
+        assert_eq!(
+            problem(&["a", "b"], &records[2]),
+            RowProblem::Ragged {
+                expected: 2,
+                found: 1
+            }
+        );
+
+        let data: &'static [u8] = b"a,b\n\n\n1,x\xff\n";
+        let (records, _) = read_all(data, top()).await;
+        assert_eq!((records[1].byte, records[1].line), (6, 4));
+        assert_eq!(
+            problem(&["a", "b"], &records[1]),
+            RowProblem::InvalidUtf8 { column: 2, byte: 9 }
+        );
+
+        // CRLF empty lines, empty lines before the header, and both.
+        assert_eq!(
+            positions(b"a,b\r\n\r\n\r\n1,2\r\n3,4\r\n").await,
+            vec![(0, 1), (9, 4), (14, 5)]
+        );
+        assert_eq!(positions(b"\n\na,b\n1,2\n").await, vec![(2, 3), (6, 4)]);
+        assert_eq!(
+            positions(b"\xEF\xBB\xBF\r\n\r\na,b\r\n1,2\r\n\n3,4\r\n").await,
+            vec![(7, 3), (12, 4), (18, 6)]
+        );
+        // A line that only has spaces is a record, not an empty line.
+        assert_eq!(
+            positions(b"a\n \n\n1\n").await,
+            vec![(0, 1), (2, 2), (5, 4)]
+        );
+
+        // Errors that name the record's start name its first byte too.
+        let error = read_to_end(b"id,name\n1,a\n\n\n2,\"open\n3,c\n", CsvFormat::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DecodeError::UnterminatedQuote {
+                    line: 5,
+                    byte: 14,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let mut data = b"a,b\n1,2\n\n\n3,\"open".to_vec();
+        data.extend(std::iter::repeat_n(b'x', 4 << 20));
+        let data: &'static [u8] = Box::leak(data.into_boxed_slice());
+        let mut decoder = open_at_top(data, CsvFormat::default()).await;
+        decoder.read_header(4096).await.unwrap();
+        let mut record = ByteRecord::new();
+        assert!(decoder.read_record(&mut record).await.unwrap());
+        let error = decoder.read_record(&mut record).await.unwrap_err();
+        assert!(
+            matches!(error, DecodeError::RecordTooLong { byte: 10, .. }),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_byte_not_utf8_in_a_quoted_value_is_placed_exactly() {
+        // The values alone would put each one byte (or more) early: they lost the opening
+        // quote and one of each doubled quote.
+        for (data, byte) in [
+            (&b"a,b\n1,\"x\"\"y\"\"z\xff\"\n"[..], 14),
+            (b"a,b\n1,\"xy\xff\"\n", 9),
+            (b"a,b\n1,\"x\ny\xff\"\n", 10),
+            (b"a,b\n\"\",\"\xe2\x82\xac\xe2\x82\"\n", 11),
+            (b"a,b\r\n\"1\",\"\"\"\xc3\xa9\xfe\"\r\n", 14),
+        ] {
+            let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
+            let (records, _) = read_all(data, top()).await;
+            assert_eq!(
+                problem(&["a", "b"], &records[1]),
+                RowProblem::InvalidUtf8 { column: 2, byte },
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
+        // With several, the first in the file, whatever the order of the keys.
+        let (records, _) = read_all(b"b,a\n\"x\xfe\",\xff\n", top()).await;
+        assert_eq!(
+            problem(&["b", "a"], &records[1]),
+            RowProblem::InvalidUtf8 { column: 1, byte: 6 }
+        );
+        // In the header.
+        let mut decoder = open_at_top(b"a,\"\"\"b\xff\"\n1,2\n", CsvFormat::default()).await;
+        let error = decoder.read_header(4096).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                DecodeError::BadHeader {
+                    problem: RowProblem::InvalidUtf8 { column: 2, byte: 6 },
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn lone_cr_line_ends_count_as_lines() {
+        // The parser ends records at a lone `\r` but counts lines at `\n` only.
+        let data: &'static [u8] = b"a,b\r1,2\r3\r";
+        let mut decoder = open_at_top(data, CsvFormat::default()).await;
+        let mut places = Vec::new();
+        while let Some(record) = decoder.next_record().await.unwrap() {
+            places.push((record.byte, record.line));
+        }
+        assert_eq!(places, vec![(0, 1), (4, 2), (8, 3)]);
+        // Checkpoints keep the parser's own count.
+        assert_eq!((decoder.next_byte(), decoder.next_line()), (10, 1));
+
+        // In a quoted value too, and in files of CRLF or LF lines.
+        assert_eq!(
+            positions(b"a,b\r1,\"x\ry\"\r2,3\r").await,
+            vec![(0, 1), (4, 2), (12, 4)]
+        );
+        assert_eq!(
+            positions(b"a,b\r\n1,2\r3,4\r\n5,6\r\n").await,
+            vec![(0, 1), (5, 2), (9, 3), (14, 4)]
+        );
+        assert_eq!(
+            positions(b"a,b\n1,2\r\n3,4\n5\r6\n").await,
+            vec![(0, 1), (4, 2), (9, 3), (13, 4), (15, 5)]
+        );
+        // An empty line of a lone `\r`.
+        assert_eq!(positions(b"a,b\n\r1,2\n").await, vec![(0, 1), (5, 3)]);
+    }
+
+    #[tokio::test]
+    async fn resumed_reads_place_records_after_empty_lines() {
+        for data in [
+            &b"a,b\n1,2\n\n\n3,4\n"[..],
+            b"a,b\r\n1,2\r\n\r\n\r\n3,4\r\n",
+            b"a,b\r\n1,2\n\n\n3,\"\xff\"\r\n",
+        ] {
+            let data: &'static [u8] = Box::leak(data.to_vec().into_boxed_slice());
+            let mut decoder = open_at_top(data, CsvFormat::default()).await;
+            let header = decoder.read_header(4096).await.unwrap();
+            let after_header = CsvStart {
+                byte: decoder.next_byte(),
+                line: decoder.next_line(),
+                crlf: header.crlf,
+                at_top: false,
+            };
+            let first = decoder.next_record().await.unwrap().unwrap();
+            let resume = CsvStart {
+                byte: decoder.next_byte(),
+                line: decoder.next_line(),
+                crlf: header.crlf,
+                at_top: false,
+            };
+            let last = decoder.next_record().await.unwrap().unwrap();
+            let whole = vec![
+                ((first.byte, first.line), None),
+                ((last.byte, last.line), not_utf8(&last.record, last.byte)),
+            ];
+            assert_eq!(whole[1].0 .1, 5, "{:?}", String::from_utf8_lossy(data));
+            // Whatever the reads, and from either checkpoint.
+            for step in [1, 2, 3, 64] {
+                assert_eq!(places(data, after_header, step).await, whole);
+                assert_eq!(places(data, resume, step).await, whole[1..]);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn marks_are_the_same_however_the_text_is_split_into_reads() {
+        for (data, crlf) in [
+            (&b"a\r\n\r\nb\n\nc\rd\r\r\n\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80,x\xff\xfe\n\xe2\x82\n\xe2\r"[..], true),
+            (b"\n\r\n\xf0\x9f\x98\n\xc3\xc3\xa9\xed\xa0\x80\r", false),
+            (b"x\xe2\x82\xac\xe2\x82\xac\xf0\x9f\x98", false),
+        ] {
+            let start = CsvStart {
+                byte: 0,
+                line: 1,
+                crlf,
+                at_top: true,
+            };
+            let mut all = Vec::new();
+            for step in 1..=data.len() {
+                let marks = Arc::new(Mutex::new(Marks::default()));
+                let mut watch =
+                    MarkWatch::new(Box::pin(Trickle { data, step }), marks.clone(), start);
+                let mut text = Vec::new();
+                watch.read_to_end(&mut text).await.unwrap();
+                assert_eq!(text, data);
+                let marks: Vec<Mark> = marks.lock().unwrap().queue.iter().copied().collect();
+                all.push(marks);
+            }
+            let whole = all.last().unwrap().clone();
+            for (step, marks) in all.iter().enumerate() {
+                assert_eq!(marks, &whole, "{:?} in reads of {}", String::from_utf8_lossy(data), step + 1);
+            }
+        }
+        // One text spelled out: what is marked, and what is not.
+        let data: &'static [u8] = b"a\r\n\r\nb\n\nc\rd\xff\xfe\r\ne\xe2\x82";
+        let marks = Arc::new(Mutex::new(Marks::default()));
+        let start = CsvStart {
+            byte: 100,
+            line: 1,
+            crlf: true,
+            at_top: false,
+        };
+        let mut watch = MarkWatch::new(Box::pin(data), marks.clone(), start);
+        watch.read_to_end(&mut Vec::new()).await.unwrap();
+        let marks: Vec<Mark> = marks.lock().unwrap().queue.iter().copied().collect();
+        assert_eq!(
+            marks,
+            vec![
+                // The resumed read's first line end was not the CRLF assumed.
+                Mark::LineEnd(99, LineEnd::Lf),
+                Mark::LineEnd(103, LineEnd::CrLf),
+                Mark::LineEnd(106, LineEnd::Lf),
+                Mark::LineEnd(107, LineEnd::Lf),
+                Mark::LineEnd(109, LineEnd::Cr),
+                Mark::NotUtf8(111),
+                Mark::NotUtf8(116),
+            ]
+        );
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! A row's data is the object itself, its values' JSON types kept; the columns are the
 //! union of the keys seen so far, in the order they were first seen (one line's new keys
-//! in sorted order), and grow as new keys come. Blank lines are skipped (they still count as lines). A line that is not valid
-//! JSON, or not an object, fails the row.
+//! in sorted order), and grow as new keys come. Blank lines are skipped (they still
+//! count as lines). A line that is not valid JSON, not an object, or not storable as
+//! written (a key twice in one object, an integer no double keeps) fails the row.
 
 use std::pin::Pin;
 
@@ -124,9 +125,36 @@ pub struct JsonRow {
 
 /// Parses one line into an object, adding its new keys to `header`.
 pub fn parse_line(text: &[u8], header: &mut Header) -> Result<JsonRow, RowProblem> {
-    let value: Value = serde_json::from_slice(text).map_err(|error| RowProblem::InvalidJson {
-        message: error.to_string(),
+    let changed = |(column, literal, stored): (usize, &str, String)| RowProblem::NotStorable {
+        message: changed_integer(literal, Some(column), &stored),
+    };
+    let Exact(value) = serde_json::from_slice(text).map_err(|error| {
+        if error.classify() != serde_json::error::Category::Data {
+            return RowProblem::InvalidJson {
+                message: error.to_string(),
+            };
+        }
+        // Refused by `Exact`: named with the column the literal starts at, or the one
+        // the parser stopped at.
+        match changed_integer_literal(text) {
+            Some(found) => changed(found),
+            None => {
+                let message = error.to_string();
+                let place = format!(" at line {} column {}", error.line(), error.column());
+                RowProblem::NotStorable {
+                    message: match message.strip_suffix(&place) {
+                        Some(message) => format!("{message} (column {})", error.column()),
+                        None => message,
+                    },
+                }
+            }
+        }
     })?;
+    if has_large_double(&value) {
+        if let Some(found) = changed_integer_literal(text) {
+            return Err(changed(found));
+        }
+    }
     let Value::Object(object) = value else {
         return Err(RowProblem::NotAnObject {
             found: json_type(&value),
@@ -153,6 +181,185 @@ pub fn parse_line(text: &[u8], header: &mut Header) -> Result<JsonRow, RowProble
         }
     }
     Ok(JsonRow { object, canonical })
+}
+
+/// Integers up to 2^53 in magnitude are doubles, written back with all their digits.
+const EXACT_INTEGERS: f64 = 9_007_199_254_740_992.0;
+
+/// A JSON value as `serde_json::Value` reads it, except that what the stored row could
+/// not keep as the line has it is refused: an object that names a key twice (a `Value`
+/// keeps the last one), and an integer whose canonical form is another number (RFC 8785
+/// numbers are IEEE 754 doubles written with at most 17 significant digits, so
+/// `9007199254740993` would be stored as `9007199254740992`). Integers beyond 64 bits
+/// reach the visitor as doubles already; [`changed_integer_literal`] finds those in
+/// the text.
+struct Exact(Value);
+
+impl<'de> serde::Deserialize<'de> for Exact {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ExactVisitor).map(Exact)
+    }
+}
+
+struct ExactVisitor;
+
+impl ExactVisitor {
+    fn integer<E: serde::de::Error>(value: Value, magnitude: u64, double: f64) -> Result<Value, E> {
+        if magnitude <= EXACT_INTEGERS as u64 {
+            return Ok(value);
+        }
+        let literal = value.to_string();
+        match stored_as(literal.trim_start_matches('-'), double) {
+            None => Ok(value),
+            Some(stored) => Err(E::custom(changed_integer(&literal, None, &stored))),
+        }
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ExactVisitor {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Value, E> {
+        Self::integer(Value::from(value), value, value as f64)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Value, E> {
+        Self::integer(Value::from(value), value.unsigned_abs(), value as f64)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(value)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom(format!("the number {value} is not finite")))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Value, A::Error> {
+        let mut array = Vec::with_capacity(items.size_hint().unwrap_or(0).min(4096));
+        while let Some(Exact(item)) = items.next_element()? {
+            array.push(item);
+        }
+        Ok(Value::Array(array))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut members: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = members.next_key::<String>()? {
+            let Exact(member) = members.next_value()?;
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the object has the key {} twice",
+                    Value::String(key)
+                )));
+            }
+            object.insert(key, member);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+fn changed_integer(literal: &str, column: Option<usize>, stored: &str) -> String {
+    let at = column
+        .map(|column| format!(" at column {column}"))
+        .unwrap_or_default();
+    format!(
+        "the integer {literal}{at} would be stored as {stored}: JSON numbers are kept as \
+         IEEE 754 doubles (RFC 8785), exact for integers up to 9007199254740992; write it \
+         as a string to keep its digits"
+    )
+}
+
+/// The canonical form of `double`, read from an integer literal whose digits (without
+/// its sign) are `digits`, when that form is another number; `None` when it is the
+/// same number (`10000000000000000000000` is written `1e+22`, and kept).
+fn stored_as(digits: &str, double: f64) -> Option<String> {
+    let mut canonical = Vec::new();
+    hash::write_json_number(double, &mut canonical);
+    let canonical = String::from_utf8(canonical).expect("a number is ASCII");
+    let unsigned = canonical.trim_start_matches('-');
+    // The canonical form as a whole number's digits: `d[.ddd]e+N` shifted, or as is.
+    let whole = match unsigned.split_once("e+") {
+        Some((mantissa, exponent)) => {
+            let (int, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+            let zeros = exponent.parse::<usize>().ok()?.checked_sub(fraction.len());
+            zeros.map(|zeros| format!("{int}{fraction}{}", "0".repeat(zeros)))
+        }
+        None => Some(unsigned.to_owned()),
+    };
+    let written = match digits.trim_start_matches('0') {
+        "" => "0",
+        digits => digits,
+    };
+    (whole.as_deref() != Some(written)).then_some(canonical)
+}
+
+/// Whether `value` holds a double beyond 2^53: what an integer literal too long for 64
+/// bits reads as (so do exponents such as `1e300`).
+fn has_large_double(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => {
+            number.is_f64() && number.as_f64().is_some_and(|d| d.abs() > EXACT_INTEGERS)
+        }
+        Value::Array(items) => items.iter().any(has_large_double),
+        Value::Object(members) => members.values().any(has_large_double),
+        _ => false,
+    }
+}
+
+/// The first integer literal of a JSON text (no fraction, no exponent) whose canonical
+/// form is another number: its column (1-based byte in `text`), the literal, and what
+/// it would be stored as.
+fn changed_integer_literal(text: &[u8]) -> Option<(usize, &str, String)> {
+    let mut at = 0;
+    while at < text.len() {
+        match text[at] {
+            b'"' => {
+                // Past the string, whose escapes may hide a quote.
+                at += 1;
+                while at < text.len() && text[at] != b'"' {
+                    at += if text[at] == b'\\' { 2 } else { 1 };
+                }
+                at += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = at;
+                while at < text.len()
+                    && matches!(text[at], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    at += 1;
+                }
+                let literal = std::str::from_utf8(&text[start..at]).ok()?;
+                let digits = literal.trim_start_matches('-');
+                if digits.bytes().all(|byte| byte.is_ascii_digit()) {
+                    let double: f64 = literal.parse().ok()?;
+                    if let Some(stored) = stored_as(digits, double) {
+                        return Some((start + 1, literal, stored));
+                    }
+                }
+            }
+            _ => at += 1,
+        }
+    }
+    None
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -214,5 +421,91 @@ mod tests {
             parse_line(br#"{"a":"x\u0000"}"#, &mut header),
             Err(RowProblem::InvalidJson { .. })
         ));
+    }
+
+    fn refusal(line: &str) -> String {
+        match parse_line(line.as_bytes(), &mut Header::resolve(&[])) {
+            Err(RowProblem::NotStorable { message }) => message,
+            other => panic!(
+                "{line} was not refused: {:?}",
+                other.map(|row| row.canonical)
+            ),
+        }
+    }
+
+    #[test]
+    fn a_key_named_twice_is_refused_at_any_depth() {
+        let message = refusal(r#"{"a":1,"a":2}"#);
+        assert_eq!(message, r#"the object has the key "a" twice (column 13)"#);
+        let message = refusal(r#"{"x":[{"k":null,"k":null}]}"#);
+        assert!(message.contains(r#"the key "k" twice"#), "{message}");
+        // The same name in two objects is no repeat.
+        parse_line(
+            br#"{"a":{"a":1},"b":[{"a":2},{"a":3}]}"#,
+            &mut Header::resolve(&[]),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn integers_whose_canonical_form_is_another_number_are_refused_not_rounded() {
+        for (line, literal, stored) in [
+            (
+                r#"{"id":9007199254740993}"#,
+                "9007199254740993 at column 7",
+                "9007199254740992",
+            ),
+            (
+                r#"{"id":-9007199254740993}"#,
+                "-9007199254740993 at column 7",
+                "-9007199254740992",
+            ),
+            // 2^60 is a double, but written with 17 digits it is another number.
+            (
+                r#"{"id":1152921504606846976}"#,
+                "1152921504606846976 at column 7",
+                "1152921504606847000",
+            ),
+            (
+                r#"{"id":18446744073709551615}"#,
+                "18446744073709551615 at column 7",
+                "18446744073709552000",
+            ),
+            (
+                r#"{"n":[1,{"id":12345678901234567890123}]}"#,
+                "12345678901234567890123 at column 15",
+                "1.2345678901234568e+22",
+            ),
+        ] {
+            let message = refusal(line);
+            assert!(
+                message.contains(&format!(
+                    "the integer {literal} would be stored as {stored}:"
+                )),
+                "{message}"
+            );
+            assert!(message.contains("write it as a string"), "{message}");
+        }
+        // Integers whose canonical form is the same number are kept, however long; so
+        // are fractions and exponents, decimal approximations by nature, and digits in
+        // strings.
+        for (line, canonical) in [
+            (r#"{"id":9007199254740992}"#, r#"{"id":9007199254740992}"#),
+            (r#"{"id":-9007199254740992}"#, r#"{"id":-9007199254740992}"#),
+            (r#"{"id":9007199254740994}"#, r#"{"id":9007199254740994}"#),
+            (r#"{"id":10000000000000000000000}"#, r#"{"id":1e+22}"#),
+            (r#"{"x":1e300,"y":0.1}"#, r#"{"x":1e+300,"y":0.1}"#),
+            (
+                r#"{"s":"9007199254740993\"","n":1e22}"#,
+                r#"{"n":1e+22,"s":"9007199254740993\""}"#,
+            ),
+        ] {
+            let row = parse_line(line.as_bytes(), &mut Header::resolve(&[])).unwrap();
+            assert_eq!(
+                std::str::from_utf8(&row.canonical).unwrap(),
+                canonical,
+                "{line}"
+            );
+        }
     }
 }

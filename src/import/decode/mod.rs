@@ -37,6 +37,12 @@ pub enum DecodeError {
          (.xlsx, .xlsb, .xls, .ods) to import it as a spreadsheet"
     )]
     NotCsv { file: String, found: &'static str },
+    #[error(
+        "{file}: the content is {found}, which is not read here: text is read as CSV, TSV or \
+         JSON Lines, plain or compressed (gzip, zstd, bzip2, or one member of a zip \
+         archive), and workbooks as xlsx, xlsb, xls or ods"
+    )]
+    Unreadable { file: String, found: &'static str },
     #[error("{file}: the file is empty; a CSV needs a header row")]
     MissingHeader { file: String },
     #[error("{file}: header (line 1): {problem}")]
@@ -101,6 +107,10 @@ pub enum RowProblem {
     /// JSON Lines: a line that is not valid JSON (or not storable).
     #[error("the line is not valid JSON: {message}")]
     InvalidJson { message: String },
+    /// JSON Lines: valid JSON whose data would not be stored as written (a key twice in
+    /// one object, an integer whose canonical form is another number).
+    #[error("the line cannot be stored as written: {message}")]
+    NotStorable { message: String },
     /// JSON Lines: a line that is JSON but not an object.
     #[error("the line is a JSON {found}, not an object")]
     NotAnObject { found: &'static str },
@@ -111,6 +121,13 @@ pub enum RowProblem {
     /// A key column that is empty (or a null cell): the row has no identity.
     #[error("key column {name:?} is empty")]
     EmptyKey { column: usize, name: String },
+    /// A key column whose value is a JSON array or object (`found` names which).
+    #[error("key column {name:?} holds {found}; a key is a string, a number or a boolean")]
+    NestedKey {
+        column: usize,
+        name: String,
+        found: &'static str,
+    },
     /// A key that an earlier row of the same file has already (at `first_line` when
     /// that row was in the same batch).
     #[error("key {key} repeats the key of {}", earlier(*.first_line))]
@@ -129,6 +146,7 @@ impl RowProblem {
         match self {
             RowProblem::Ragged { .. }
             | RowProblem::InvalidJson { .. }
+            | RowProblem::NotStorable { .. }
             | RowProblem::NotAnObject { .. }
             | RowProblem::OutsideHeader { .. }
             | RowProblem::RepeatedKey { .. }
@@ -136,7 +154,8 @@ impl RowProblem {
             RowProblem::InvalidUtf8 { column, .. }
             | RowProblem::InvalidEncoding { column, .. }
             | RowProblem::NulCharacter { column }
-            | RowProblem::EmptyKey { column, .. } => Some(*column),
+            | RowProblem::EmptyKey { column, .. }
+            | RowProblem::NestedKey { column, .. } => Some(*column),
         }
     }
 }
@@ -238,6 +257,8 @@ pub struct CanonicalKeys {
     order: Vec<usize>,
     /// `{"key":` for the first key and `,"key":` for the others, already escaped.
     prefixes: Vec<Vec<u8>>,
+    /// The keys' canonical positions in jsonb's order, when it is not the canonical one.
+    stored_order: Option<Vec<usize>>,
 }
 
 impl CanonicalKeys {
@@ -254,7 +275,22 @@ impl CanonicalKeys {
                 prefix
             })
             .collect();
-        Self { order, prefixes }
+        // jsonb keeps an object's keys shortest first, then byte by byte (names are
+        // unique, so no two compare equal).
+        let mut stored: Vec<usize> = (0..order.len()).collect();
+        stored.sort_by_key(|&position| {
+            let name = header.columns[order[position]].as_bytes();
+            (name.len(), name)
+        });
+        let in_order = stored
+            .iter()
+            .enumerate()
+            .all(|(at, &position)| at == position);
+        Self {
+            order,
+            prefixes,
+            stored_order: (!in_order).then_some(stored),
+        }
     }
 
     /// Number of columns.
@@ -272,6 +308,71 @@ impl CanonicalKeys {
             .iter()
             .map(Vec::as_slice)
             .zip(self.order.iter().copied())
+    }
+
+    /// Writes `row.stored`: the object an encoder wrote into `row.canonical` (noting
+    /// where each field starts) with its keys in jsonb's order, field by field.
+    pub fn store(&self, row: &mut EncodedRow) {
+        let Some(order) = &self.stored_order else {
+            row.reordered = false;
+            return;
+        };
+        let canonical = &row.canonical;
+        // Each field runs from its `{` or `,` to the next field's, the last one to the
+        // closing brace.
+        let end = canonical.len() - 1;
+        row.stored.clear();
+        for (at, &position) in order.iter().enumerate() {
+            row.stored.push(if at == 0 { b'{' } else { b',' });
+            let from = row.starts[position] + 1;
+            let to = row.starts.get(position + 1).copied().unwrap_or(end);
+            row.stored.extend_from_slice(&canonical[from..to]);
+        }
+        row.stored.push(b'}');
+        row.reordered = true;
+    }
+}
+
+/// One row as an encoder wrote it: its canonical JSON, which the row hash is taken of,
+/// and the same object as it is sent to the server for `dsa_core.rows.data`, with its
+/// keys in jsonb's own order (shortest first) instead. jsonb sorts an object's keys as
+/// it parses it, and its sort returns at once on keys already in order: parsing 1M
+/// ten-key rows took about a quarter less server time so. The stored value is the
+/// same either way.
+#[derive(Debug, Default)]
+pub struct EncodedRow {
+    canonical: Vec<u8>,
+    /// Where each field starts in `canonical` (its `{` or `,`), in canonical order.
+    starts: Vec<usize>,
+    stored: Vec<u8>,
+    /// Whether `stored` holds this row (the keys' orders differ).
+    reordered: bool,
+}
+
+impl EncodedRow {
+    pub fn clear(&mut self) {
+        self.canonical.clear();
+        self.starts.clear();
+        self.reordered = false;
+    }
+
+    /// The canonical JSON (RFC 8785) the row hash is taken of.
+    pub fn canonical(&self) -> &[u8] {
+        &self.canonical
+    }
+
+    /// The JSON sent to the server: the canonical object with its keys in jsonb's order.
+    pub fn stored(&self) -> &[u8] {
+        if self.reordered {
+            &self.stored
+        } else {
+            &self.canonical
+        }
+    }
+
+    /// For an encoder: where the canonical JSON is written, and where its fields start.
+    pub fn parts(&mut self) -> (&mut Vec<u8>, &mut Vec<usize>) {
+        (&mut self.canonical, &mut self.starts)
     }
 }
 

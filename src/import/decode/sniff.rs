@@ -62,9 +62,14 @@ fn is_text_container(head: &[u8]) -> bool {
     .any(|magic| head.starts_with(magic))
 }
 
-/// What a binary file seems to be, from its magic number; `None` for anything else
-/// (text, or bytes no format claims).
-fn binary_kind(head: &[u8]) -> Option<&'static str> {
+/// What a binary file seems to be, from its magic number (and, given 262 bytes or
+/// more, a tar archive's signature after its NUL-padded header); `None` for anything else (text, or bytes no format
+/// claims).
+pub fn binary_kind(head: &[u8]) -> Option<&'static str> {
+    // The signature follows a NUL-padded header, which no text has.
+    if head.get(257..262) == Some(b"ustar") && head[..257].contains(&0) {
+        return Some("a tar archive");
+    }
     const KINDS: &[(&[u8], &str)] = &[
         (ZIP, "a zip archive (xlsx, xlsb or ods?)"),
         (EMPTY_ZIP, "a zip archive (empty)"),
@@ -80,6 +85,8 @@ fn binary_kind(head: &[u8]) -> Option<&'static str> {
         (b"MZ", "a Windows executable"),
         (b"SQLite format 3", "an SQLite database"),
         (b"PAR1", "a Parquet file"),
+        (b"\xFD7zXZ\x00", "xz-compressed data"),
+        (&[0x04, 0x22, 0x4D, 0x18], "LZ4-compressed data"),
     ];
     KINDS
         .iter()
@@ -101,6 +108,13 @@ mod tests {
         assert!(empty.contains("a zip archive (empty)"), "{empty}");
         let xls = refuse_content("a.csv", &[0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1]);
         assert!(xls.unwrap().contains("OLE2"));
+        let xz = refuse_content("a.csv.xz", b"\xFD7zXZ\x00\x00\x04").unwrap();
+        assert!(xz.contains("xz-compressed data"), "{xz}");
+        let mut tar = b"data.csv".to_vec();
+        tar.resize(257, 0);
+        tar.extend_from_slice(b"ustar\x0000");
+        assert_eq!(binary_kind(&tar), Some("a tar archive"));
+        assert_eq!(binary_kind(&tar[..HEAD_BYTES]), None);
     }
 
     #[test]
