@@ -19,7 +19,7 @@ use super::decode::sheet::cells::CellValue;
 use super::decode::sheet::rows::{Flow, SheetEvent, TypedRowEncoder};
 use super::decode::sheet::{inspect::inspect, workbook::Workbook};
 use super::decode::sheet::{SheetError, SheetFormat};
-use super::decode::{DecodeError, EncodedRow, Header, RowProblem};
+use super::decode::{DecodeError, Header, RowProblem};
 use super::hash::{self, RowHash, TreeHasher};
 use super::load::{Batch, BatchWriter, Lookup, RejectedRow};
 use super::plan::{write_key, KeyValue};
@@ -441,28 +441,21 @@ pub(super) fn encode_batch(
         .map_err(|error| ImportError::Resume(format!("checkpoint tree hash: {error}")))?;
     let mut writer = BatchWriter::new(&next.commit_id, &next.sheet, records.len());
     let mut rejected = Vec::new();
-    let mut row = EncodedRow::default();
+    let mut json = Vec::with_capacity(512);
     let mut logical_row_id = String::with_capacity(next.sheet.len() + 12);
     let mut seen = BatchKeys::default();
     for record in records {
         next.records += 1;
         let n = next.records;
         let (byte, line) = start.position_of(record);
-        let pushed = encoder.encode(record, byte, &mut row).and_then(|()| {
-            let row_hash = hash::row_hash(row.canonical());
+        json.clear();
+        let pushed = encoder.encode(record, byte, &mut json).and_then(|()| {
+            let row_hash = hash::row_hash(&json);
             // Fields are valid UTF-8 once the encoder accepted the record.
             let field = |column: usize| {
                 KeyValue::Text(std::str::from_utf8(&record[column]).unwrap_or_default())
             };
-            let keyed = identity.push(
-                &mut writer,
-                &mut seen,
-                n,
-                line,
-                field,
-                &row_hash,
-                row.stored(),
-            )?;
+            let keyed = identity.push(&mut writer, &mut seen, n, line, field, &row_hash, &json)?;
             let key = keyed.then_some(seen.last.as_str());
             identity.chain(key, n, &mut next, &mut tree, &mut logical_row_id, &row_hash);
             Ok(())
@@ -696,7 +689,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
         let mut rejected: Vec<RejectedRow> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut batch_started = Instant::now();
-        let mut row = EncodedRow::default();
+        let mut json = Vec::with_capacity(512);
         let mut logical_row_id = String::with_capacity(planned.name.len() + 12);
         let mut height = 0u64;
         let mut gone = false;
@@ -771,8 +764,9 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                     cursor.sheet_records = n;
                     let pushed = values.and_then(|values| {
                         let encoder = encoder.as_ref().expect("the header comes first");
-                        encoder.encode(values, &mut row);
-                        let row_hash = hash::row_hash(row.canonical());
+                        json.clear();
+                        encoder.encode(values, &mut json);
+                        let row_hash = hash::row_hash(&json);
                         let cell = |column: usize| match values.get(column) {
                             Some(CellValue::Text(text)) => KeyValue::Text(text),
                             Some(CellValue::Number(number)) => KeyValue::Number(*number),
@@ -786,7 +780,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             sheet_row,
                             cell,
                             &row_hash,
-                            row.stored(),
+                            &json,
                         )?;
                         let key = keyed.then_some(seen.last.as_str());
                         identity.chain(
@@ -797,7 +791,7 @@ pub(super) fn read_sheets(job: SheetJob, sender: &Pipe) -> Result<bool, ImportEr
                             &mut logical_row_id,
                             &row_hash,
                         );
-                        batch_bytes += row.canonical().len();
+                        batch_bytes += json.len();
                         Ok(())
                     });
                     match pushed {

@@ -12,7 +12,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::text::TextError;
-use super::{CanonicalKeys, DecodeError, EncodedRow, Header, RowProblem};
+use super::{CanonicalKeys, DecodeError, Header, RowProblem};
 use crate::import::fetch::FetchError;
 use crate::import::hash::write_json_string;
 
@@ -141,23 +141,21 @@ impl RowEncoder {
         self
     }
 
-    /// Writes the record as a row (`row` is cleared first); on error the row's JSON is
-    /// left empty. `record_byte` is the record's absolute byte offset, used to place a UTF-8
-    /// error (see [`not_utf8`]).
+    /// Appends the record's canonical JSON to `out`; on error `out` is left as it was.
+    /// `record_byte` is the record's absolute byte offset, used to place a UTF-8 error
+    /// (see [`not_utf8`]).
     pub fn encode(
         &self,
         record: &ByteRecord,
         record_byte: u64,
-        row: &mut EncodedRow,
+        out: &mut Vec<u8>,
     ) -> Result<(), RowProblem> {
-        row.clear();
         if record.len() != self.keys.len() {
             return Err(RowProblem::Ragged {
                 expected: self.keys.len(),
                 found: record.len(),
             });
         }
-        let (out, starts) = row.parts();
         let start = out.len();
         if self.keys.is_empty() {
             out.extend_from_slice(b"{}");
@@ -182,12 +180,10 @@ impl RowEncoder {
                 out.truncate(start);
                 return Err(RowProblem::NulCharacter { column: column + 1 });
             }
-            starts.push(out.len());
             out.extend_from_slice(prefix);
             write_json_string(text, out);
         }
         out.push(b'}');
-        self.keys.store(row);
         Ok(())
     }
 }
@@ -1255,47 +1251,20 @@ mod tests {
     fn rows_are_written_in_canonical_key_order() {
         let header = Header::resolve(&["b".into(), "a".into(), "\u{20ac}".into()]);
         let encoder = RowEncoder::new(&header);
-        let mut row = EncodedRow::default();
+        let mut out = Vec::new();
         let record = ByteRecord::from(vec!["1", "x\"y\n", "€"]);
-        encoder.encode(&record, 0, &mut row).unwrap();
+        encoder.encode(&record, 0, &mut out).unwrap();
         assert_eq!(
-            std::str::from_utf8(row.canonical()).unwrap(),
+            String::from_utf8(out).unwrap(),
             "{\"a\":\"x\\\"y\\n\",\"b\":\"1\",\"€\":\"€\"}"
         );
-        // jsonb's order: "a" and "b" (one byte) before "€" (three).
-        assert_eq!(row.stored(), row.canonical());
-    }
-
-    #[test]
-    fn rows_are_sent_with_their_keys_in_jsonbs_order() {
-        let header = Header::resolve(&["id".into(), "amount".into(), "b\"".into(), "€".into()]);
-        let encoder = RowEncoder::new(&header);
-        let mut row = EncodedRow::default();
-        let record = ByteRecord::from(vec!["7", "1,5", "q\"", "x"]);
-        encoder.encode(&record, 0, &mut row).unwrap();
-        assert_eq!(
-            std::str::from_utf8(row.canonical()).unwrap(),
-            r#"{"amount":"1,5","b\"":"q\"","id":"7","€":"x"}"#
-        );
-        // Shortest first (`b"` and `id` are two bytes, `€` three), then byte by byte.
-        assert_eq!(
-            std::str::from_utf8(row.stored()).unwrap(),
-            r#"{"b\"":"q\"","id":"7","€":"x","amount":"1,5"}"#
-        );
-        let parsed = |json: &[u8]| serde_json::from_slice::<serde_json::Value>(json).unwrap();
-        assert_eq!(parsed(row.stored()), parsed(row.canonical()));
-        // A refused record leaves nothing of the row before it.
-        assert!(encoder
-            .encode(&ByteRecord::from(vec!["1"]), 0, &mut row)
-            .is_err());
-        assert_eq!((row.canonical(), row.stored()), (&b""[..], &b""[..]));
     }
 
     #[test]
     fn ragged_and_invalid_rows_are_refused_without_output() {
         let header = Header::resolve(&["a".into(), "b".into()]);
         let encoder = RowEncoder::new(&header);
-        let mut out = EncodedRow::default();
+        let mut out = b"keep".to_vec();
         let ragged = ByteRecord::from(vec!["1"]);
         assert_eq!(
             encoder.encode(&ragged, 0, &mut out),
@@ -1312,7 +1281,7 @@ mod tests {
                 byte: 103
             })
         );
-        assert_eq!(out.canonical(), b"");
+        assert_eq!(out, b"keep");
     }
 
     async fn read_all(data: &'static [u8], start: CsvStart) -> (Vec<PositionedRecord>, u64) {
@@ -1734,9 +1703,8 @@ mod tests {
     fn problem(header: &[&str], record: &PositionedRecord) -> RowProblem {
         let names: Vec<String> = header.iter().map(|name| name.to_string()).collect();
         let encoder = RowEncoder::new(&Header::resolve(&names));
-        let mut row = EncodedRow::default();
         encoder
-            .encode(&record.record, record.byte, &mut row)
+            .encode(&record.record, record.byte, &mut Vec::new())
             .unwrap_err()
     }
 

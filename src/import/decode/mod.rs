@@ -257,8 +257,6 @@ pub struct CanonicalKeys {
     order: Vec<usize>,
     /// `{"key":` for the first key and `,"key":` for the others, already escaped.
     prefixes: Vec<Vec<u8>>,
-    /// The keys' canonical positions in jsonb's order, when it is not the canonical one.
-    stored_order: Option<Vec<usize>>,
 }
 
 impl CanonicalKeys {
@@ -275,22 +273,7 @@ impl CanonicalKeys {
                 prefix
             })
             .collect();
-        // jsonb keeps an object's keys shortest first, then byte by byte (names are
-        // unique, so no two compare equal).
-        let mut stored: Vec<usize> = (0..order.len()).collect();
-        stored.sort_by_key(|&position| {
-            let name = header.columns[order[position]].as_bytes();
-            (name.len(), name)
-        });
-        let in_order = stored
-            .iter()
-            .enumerate()
-            .all(|(at, &position)| at == position);
-        Self {
-            order,
-            prefixes,
-            stored_order: (!in_order).then_some(stored),
-        }
+        Self { order, prefixes }
     }
 
     /// Number of columns.
@@ -308,71 +291,6 @@ impl CanonicalKeys {
             .iter()
             .map(Vec::as_slice)
             .zip(self.order.iter().copied())
-    }
-
-    /// Writes `row.stored`: the object an encoder wrote into `row.canonical` (noting
-    /// where each field starts) with its keys in jsonb's order, field by field.
-    pub fn store(&self, row: &mut EncodedRow) {
-        let Some(order) = &self.stored_order else {
-            row.reordered = false;
-            return;
-        };
-        let canonical = &row.canonical;
-        // Each field runs from its `{` or `,` to the next field's, the last one to the
-        // closing brace.
-        let end = canonical.len() - 1;
-        row.stored.clear();
-        for (at, &position) in order.iter().enumerate() {
-            row.stored.push(if at == 0 { b'{' } else { b',' });
-            let from = row.starts[position] + 1;
-            let to = row.starts.get(position + 1).copied().unwrap_or(end);
-            row.stored.extend_from_slice(&canonical[from..to]);
-        }
-        row.stored.push(b'}');
-        row.reordered = true;
-    }
-}
-
-/// One row as an encoder wrote it: its canonical JSON, which the row hash is taken of,
-/// and the same object as it is sent to the server for `dsa_core.rows.data`, with its
-/// keys in jsonb's own order (shortest first) instead. jsonb sorts an object's keys as
-/// it parses it, and its sort returns at once on keys already in order: parsing 1M
-/// ten-key rows took about a quarter less server time so. The stored value is the
-/// same either way.
-#[derive(Debug, Default)]
-pub struct EncodedRow {
-    canonical: Vec<u8>,
-    /// Where each field starts in `canonical` (its `{` or `,`), in canonical order.
-    starts: Vec<usize>,
-    stored: Vec<u8>,
-    /// Whether `stored` holds this row (the keys' orders differ).
-    reordered: bool,
-}
-
-impl EncodedRow {
-    pub fn clear(&mut self) {
-        self.canonical.clear();
-        self.starts.clear();
-        self.reordered = false;
-    }
-
-    /// The canonical JSON (RFC 8785) the row hash is taken of.
-    pub fn canonical(&self) -> &[u8] {
-        &self.canonical
-    }
-
-    /// The JSON sent to the server: the canonical object with its keys in jsonb's order.
-    pub fn stored(&self) -> &[u8] {
-        if self.reordered {
-            &self.stored
-        } else {
-            &self.canonical
-        }
-    }
-
-    /// For an encoder: where the canonical JSON is written, and where its fields start.
-    pub fn parts(&mut self) -> (&mut Vec<u8>, &mut Vec<usize>) {
-        (&mut self.canonical, &mut self.starts)
     }
 }
 

@@ -2,7 +2,7 @@
 //! row written as canonical JSON.
 
 use crate::config::ImportSettings;
-use crate::import::decode::{CanonicalKeys, EncodedRow, Header, RowProblem};
+use crate::import::decode::{CanonicalKeys, Header, RowProblem};
 use crate::import::hash::{write_json_number, write_json_string};
 
 use super::cells::{column_letters, CellValue};
@@ -263,16 +263,12 @@ impl TypedRowEncoder {
         }
     }
 
-    /// Writes the values as a row (`row` is cleared first).
-    pub fn encode(&self, values: &[CellValue], row: &mut EncodedRow) {
-        row.clear();
-        let (out, starts) = row.parts();
+    pub fn encode(&self, values: &[CellValue], out: &mut Vec<u8>) {
         if self.keys.is_empty() {
             out.extend_from_slice(b"{}");
             return;
         }
         for (prefix, column) in self.keys.fields() {
-            starts.push(out.len());
             out.extend_from_slice(prefix);
             match values.get(column).unwrap_or(&CellValue::Null) {
                 CellValue::Null => out.extend_from_slice(b"null"),
@@ -283,7 +279,6 @@ impl TypedRowEncoder {
             }
         }
         out.push(b'}');
-        self.keys.store(row);
     }
 }
 
