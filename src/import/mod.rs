@@ -611,16 +611,13 @@ impl Importer {
                 // Compressed or encoded text is read from the top on every attempt: a
                 // stream cannot be entered in the middle.
                 _ => Some(
-                    self.unless_stopped(async {
-                        Ok(open_text(
-                            &fetcher,
-                            &info,
-                            file,
-                            &parameters.options,
-                            self.settings.max_decompressed_size,
-                        )
-                        .await?)
-                    })
+                    self.unless_stopped(open_text(
+                        &fetcher,
+                        &info,
+                        file,
+                        &parameters.options,
+                        self.settings.max_decompressed_size,
+                    ))
                     .await?,
                 ),
             };

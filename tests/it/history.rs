@@ -1248,7 +1248,7 @@ async fn a_bounded_wait_for_a_table_another_session_locked_is_named_as_such() {
         .execute(&mut *locker)
         .await
         .unwrap();
-    let mut batch = positional_batch(&start, "People", &[row.clone()], 1);
+    let mut batch = positional_batch(&start, "People", std::slice::from_ref(&row), 1);
     let error = stage_held(&loader, &mut batch).await;
     assert!(matches!(error, LoadError::TableLocked { .. }), "{error}");
     assert!(error.to_string().contains("lock on a table"), "{error}");

@@ -316,9 +316,7 @@ mod tests {
         use calamine::{ExcelDateTime, ExcelDateTimeType};
         let by_chrono = |serial: f64| {
             let value = ExcelDateTime::new(serial, ExcelDateTimeType::DateTime, false);
-            let Some(datetime) = value.as_datetime() else {
-                return None;
-            };
+            let datetime = value.as_datetime()?;
             let millis = chrono::Timelike::nanosecond(&datetime) / 1_000_000;
             let time = match millis {
                 0 => datetime.format("%H:%M:%S").to_string(),
