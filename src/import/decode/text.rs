@@ -206,7 +206,10 @@ fn pump(
     let raw = io::BufReader::with_capacity(CHUNK_BYTES, io::Cursor::new(magic).chain(raw));
     let inflated: Box<dyn Read + Send> = match compression {
         None => Box::new(raw),
-        Some(Compression::Gzip) => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        Some(Compression::Gzip) => Box::new(GzMembers {
+            member: Some(flate2::bufread::GzDecoder::new(raw)),
+            source: None,
+        }),
         Some(Compression::Zstd) => Box::new(ZstdFrames {
             source: raw,
             decoder: ruzstd::decoding::FrameDecoder::new(),
@@ -376,6 +379,55 @@ impl Read for Inflated {
     }
 }
 
+/// gzip content of one or more members, as one stream. Zero bytes after the last
+/// member (padding to a block size, which `gzip -d` ignores too) end it; anything else
+/// after a member must be another member.
+struct GzMembers<R: BufRead> {
+    member: Option<flate2::bufread::GzDecoder<R>>,
+    /// The bytes after a finished member, looked at before the next one starts.
+    source: Option<R>,
+}
+
+impl<R: BufRead> Read for GzMembers<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(member) = &mut self.member {
+                let read = member.read(buffer)?;
+                if read > 0 || buffer.is_empty() {
+                    return Ok(read);
+                }
+                let finished = self.member.take().expect("a member is being read");
+                self.source = Some(finished.into_inner());
+            }
+            let Some(mut source) = self.source.take() else {
+                return Ok(0);
+            };
+            let rest = source.fill_buf()?;
+            if rest.is_empty() {
+                return Ok(0);
+            }
+            if rest[0] == 0 {
+                // Padding: all zeros to the end, or it is not padding.
+                loop {
+                    let rest = source.fill_buf()?;
+                    if rest.is_empty() {
+                        return Ok(0);
+                    }
+                    let zeros = rest.iter().take_while(|&&byte| byte == 0).count();
+                    if zeros < rest.len() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "bytes other than zeros after zero padding that follows the gzip data",
+                        ));
+                    }
+                    source.consume(zeros);
+                }
+            }
+            self.member = Some(flate2::bufread::GzDecoder::new(source));
+        }
+    }
+}
+
 /// zstd content of one or more frames (skippable frames are skipped), as one stream.
 struct ZstdFrames<R> {
     source: R,
@@ -464,6 +516,27 @@ mod tests {
         let (out, text) = text_of(data, None).await;
         assert_eq!(out, b"a,b\n1,2\n3,4\n");
         assert_eq!(text.compression, Some(Compression::Gzip));
+    }
+
+    #[tokio::test]
+    async fn zero_padding_after_the_gzip_data_ends_it_and_other_bytes_do_not() {
+        let mut data = gzip(b"a,b\n1,2\n");
+        data.extend(gzip(b"3,4\n"));
+        data.extend(vec![0u8; 70_000]);
+        let (out, _) = text_of(data.clone(), None).await;
+        assert_eq!(out, b"a,b\n1,2\n3,4\n");
+
+        data.push(b'x');
+        let mut text = decode(data, None, u64::MAX).await.unwrap();
+        let mut out = Vec::new();
+        let error = text.reader.read_to_end(&mut out).await.unwrap_err();
+        let inner = error.into_inner().unwrap().downcast::<TextError>().unwrap();
+        assert!(
+            inner
+                .to_string()
+                .contains("bytes other than zeros after zero padding"),
+            "{inner}"
+        );
     }
 
     #[tokio::test]
