@@ -55,13 +55,6 @@ impl Default for CsvFormat {
 /// one that gives the first line more fields, then the first in that order. Delimiters
 /// inside quotes do not count; a candidate the first line lacks is not one. Without
 /// any, the text is one column and `,` is as good as another.
-/// Whether the top of a text has a NUL or a byte sequence that is not UTF-8 in its
-/// first 512 bytes (a sequence cut off by their end does not count).
-fn looks_binary(top: &[u8]) -> bool {
-    let head = &top[..top.len().min(512)];
-    head.contains(&0) || std::str::from_utf8(head).is_err_and(|error| error.error_len().is_some())
-}
-
 pub fn sniff_delimiter(sample: &[u8], quote: u8, complete: bool) -> u8 {
     let mut lines: Vec<[usize; 4]> = Vec::new();
     let mut counts = [0usize; 4];
@@ -188,8 +181,8 @@ impl RowEncoder {
     }
 }
 
-/// A record position's record number when the record is all UTF-8 (see
-/// [`CsvDecoder::place`]).
+/// A record position's record number when the record is all UTF-8, or the marks were
+/// given up on (see [`CsvDecoder::place`]).
 const NO_NOT_UTF8: u64 = u64::MAX;
 
 /// Where a record the decoder read has its first byte that is not UTF-8, from the
@@ -462,9 +455,11 @@ impl AsyncRead for QuoteWatch {
 }
 
 /// The most marks kept for text the parser has not finished reading (its buffer, and
-/// the record it is in): two a line at most, and in practice only for odd lines. Past
-/// it the marks are given up on (see [`Marks::given_up`]), which bounds the memory
-/// whatever the text.
+/// the record it is in): two a line at most, and none for the lines of a plain LF or
+/// CRLF file, but one for each empty line or lone `\r`, so a single read of very
+/// short such lines can pass it. Past it the marks are given up on for the rest of the
+/// text (see [`Marks::given_up`]; positions are then counted as the parser counts
+/// them), which bounds the memory whatever the text.
 const MAX_MARKS: usize = 1 << 16;
 
 /// What ends a line, as an editor counts lines: `\r\n`, `\n`, or a lone `\r`.
@@ -989,9 +984,8 @@ impl CsvDecoder {
             }
             // Other binary formats (an image, a PDF, xz or tar, say) would fail on a NUL
             // or a byte that is not UTF-8 somewhere in the header, which does not say
-            // what the file is. A magic number alone is not enough: a header may start
-            // with `MZ` or `PAR1`.
-            if let Some(found) = super::sniff::binary_kind(&top).filter(|_| looks_binary(&top)) {
+            // what the file is.
+            if let Some(found) = super::sniff::binary_kind_of_text(&top) {
                 return Err(DecodeError::Unreadable {
                     file: file.to_owned(),
                     found,
@@ -1193,7 +1187,9 @@ impl CsvDecoder {
     ///
     /// The position's record number becomes the offset of the record's first byte that
     /// is not UTF-8 from its first byte, or `u64::MAX` (see [`not_utf8_offset`]): the
-    /// record is all the encoder is given, and nothing reads the record number.
+    /// record is all the encoder is given, and nothing but [`not_utf8_offset`] reads
+    /// the record number (csv-async would, in its unequal-lengths error, which the
+    /// decoder's flexible reader never raises).
     fn place(&mut self, record: &mut ByteRecord) {
         let Some(parsed) = record.position() else {
             return;
@@ -1607,8 +1603,13 @@ mod tests {
                 "{message}"
             );
         }
-        // A header that happens to start like a magic number is a header.
-        for data in [&b"MZ_code,name\n1,x\n"[..], b"PAR1,PAR2\n1,2\n"] {
+        // A header that happens to start like a magic number is a header, in a Latin-1
+        // file too.
+        for data in [
+            &b"MZ_code,name\n1,x\n"[..],
+            b"PAR1,PAR2\n1,2\n",
+            b"MZ_code,name\n1,M\xfcller\n",
+        ] {
             let mut decoder = open_at_top(data, CsvFormat::default()).await;
             assert_eq!(decoder.read_header(100).await.unwrap().columns.len(), 2);
         }

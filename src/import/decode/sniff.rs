@@ -94,6 +94,21 @@ pub fn binary_kind(head: &[u8]) -> Option<&'static str> {
         .map(|(_, kind)| *kind)
 }
 
+/// What the top of a text read as CSV or JSON Lines is, when it is binary: a
+/// [`binary_kind`] with a NUL in the first 512 bytes, or, for a magic number that is
+/// not plain ASCII (and `%PDF`, whose second line is binary by custom), a byte sequence
+/// there that is not UTF-8. A header may start `MZ`, `PAR1` or `GIF8` in a Latin-1 file.
+pub fn binary_kind_of_text(top: &[u8]) -> Option<&'static str> {
+    let kind = binary_kind(top)?;
+    let head = &top[..top.len().min(512)];
+    if head.contains(&0) {
+        return Some(kind);
+    }
+    let text_like = head.iter().take(4).all(u8::is_ascii_graphic) && !head.starts_with(b"%PDF");
+    let not_utf8 = std::str::from_utf8(head).is_err_and(|error| error.error_len().is_some());
+    (not_utf8 && !text_like).then_some(kind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
