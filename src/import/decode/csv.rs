@@ -144,6 +144,11 @@ impl RowEncoder {
         out: &mut Vec<u8>,
     ) -> Result<(), RowProblem> {
         if record.len() != self.keys.len() {
+            // Bytes the encoding does not have come first: they are often why the fields
+            // do not add up (a UTF-16 file with an odd byte at its end, say).
+            if let Some((column, byte)) = not_utf8(record, record_byte) {
+                return Err(self.not_in_encoding(column, byte));
+            }
             return Err(RowProblem::Ragged {
                 expected: self.keys.len(),
                 found: record.len(),
@@ -160,14 +165,7 @@ impl RowEncoder {
                 out.truncate(start);
                 let (column, byte) =
                     not_utf8(record, record_byte).unwrap_or((column + 1, record_byte));
-                return Err(match &self.encoding {
-                    Some(encoding) => RowProblem::InvalidEncoding {
-                        column,
-                        byte,
-                        encoding: encoding.clone(),
-                    },
-                    None => RowProblem::InvalidUtf8 { column, byte },
-                });
+                return Err(self.not_in_encoding(column, byte));
             };
             if field.contains(&0) {
                 out.truncate(start);
@@ -178,6 +176,18 @@ impl RowEncoder {
         }
         out.push(b'}');
         Ok(())
+    }
+
+    /// Column `column`'s bytes from file byte `byte` on are not text in the encoding read.
+    fn not_in_encoding(&self, column: usize, byte: u64) -> RowProblem {
+        match &self.encoding {
+            Some(encoding) => RowProblem::InvalidEncoding {
+                column,
+                byte,
+                encoding: encoding.clone(),
+            },
+            None => RowProblem::InvalidUtf8 { column, byte },
+        }
     }
 }
 
@@ -1267,6 +1277,22 @@ mod tests {
             Err(RowProblem::Ragged {
                 expected: 2,
                 found: 1
+            })
+        );
+        // A record that is short and holds a byte that is not UTF-8 is named for the
+        // byte, which is often why it is short.
+        let short = ByteRecord::from(vec![&b"\xff"[..]]);
+        assert_eq!(
+            encoder.encode(&short, 7, &mut out),
+            Err(RowProblem::InvalidUtf8 { column: 1, byte: 7 })
+        );
+        let decoded = RowEncoder::new(&header).decoded_from("utf-16le");
+        assert_eq!(
+            decoded.encode(&short, 7, &mut out),
+            Err(RowProblem::InvalidEncoding {
+                column: 1,
+                byte: 7,
+                encoding: "utf-16le".to_owned()
             })
         );
         let invalid = ByteRecord::from(vec![&b"ok"[..], &b"\xff"[..]]);
