@@ -1055,25 +1055,27 @@ async fn a_merged_commit_keeps_the_parents_columns_for_its_readers() {
 /// A sheet to write: its name, its header, and its rows of text cells.
 type SheetSpec<'a> = (&'a str, &'a [&'a str], &'a [&'a [&'a str]]);
 
+/// An xlsx workbook of these sheets.
+fn book(sheets: &[SheetSpec]) -> Vec<u8> {
+    let mut workbook = Workbook::new();
+    for (name, header, rows) in sheets {
+        let sheet = workbook.add_worksheet().set_name(*name).unwrap();
+        for (column, title) in header.iter().enumerate() {
+            sheet.write(0, column as u16, *title).unwrap();
+        }
+        for (row, cells) in rows.iter().enumerate() {
+            for (column, cell) in cells.iter().enumerate() {
+                sheet.write(row as u32 + 1, column as u16, *cell).unwrap();
+            }
+        }
+    }
+    workbook.save_to_buffer().unwrap()
+}
+
 #[tokio::test]
 async fn a_spreadsheet_upsert_keeps_the_columns_and_sheets_of_its_parent() {
     let app = spawn_app().await;
     let importer = app.importer(test_settings());
-    let book = |sheets: &[SheetSpec]| {
-        let mut workbook = Workbook::new();
-        for (name, header, rows) in sheets {
-            let sheet = workbook.add_worksheet().set_name(*name).unwrap();
-            for (column, title) in header.iter().enumerate() {
-                sheet.write(0, column as u16, *title).unwrap();
-            }
-            for (row, cells) in rows.iter().enumerate() {
-                for (column, cell) in cells.iter().enumerate() {
-                    sheet.write(row as u32 + 1, column as u16, *cell).unwrap();
-                }
-            }
-        }
-        workbook.save_to_buffer().unwrap()
-    };
     app.put(
         "base.xlsx",
         book(&[
@@ -1149,20 +1151,14 @@ async fn a_spreadsheet_upsert_keeps_the_columns_and_sheets_of_its_parent() {
 async fn a_keyed_replace_by_a_workbook_with_other_sheets_lists_only_its_own() {
     let app = spawn_app().await;
     let importer = app.importer(test_settings());
-    let book = |sheets: &[(&str, &[&str])]| {
-        let mut workbook = Workbook::new();
-        for (name, ids) in sheets {
-            let sheet = workbook.add_worksheet().set_name(*name).unwrap();
-            sheet.write(0, 0, "id").unwrap();
-            for (row, id) in ids.iter().enumerate() {
-                sheet.write(row as u32 + 1, 0, *id).unwrap();
-            }
-        }
-        workbook.save_to_buffer().unwrap()
-    };
-    app.put("two.xlsx", book(&[("A", &["a1"]), ("B", &["b1"])]))
+    let id = ["id"];
+    app.put(
+        "two.xlsx",
+        book(&[("A", &id, &[&["a1"]]), ("B", &id, &[&["b1"]])]),
+    )
+    .await;
+    app.put("one.xlsx", book(&[("Only", &id, &[&["o1"]])]))
         .await;
-    app.put("one.xlsx", book(&[("Only", &["o1"])])).await;
     import_as(
         &app,
         &importer,

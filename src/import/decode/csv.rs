@@ -446,22 +446,48 @@ impl AsyncRead for QuoteWatch {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = self.inner.as_mut().poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &poll {
-            let added = &buf.filled()[before..];
-            if added.is_empty() {
-                if buf.remaining() > 0 {
-                    self.open_at_end
-                        .store(self.quoting.is_open(), Ordering::Relaxed);
-                }
-            } else {
+        let (poll, passed) = poll_through(self.inner.as_mut(), cx, buf);
+        match passed {
+            Passed::Bytes(added) => {
                 let rules = self.rules;
-                self.quoting = self.quoting.after(added, rules);
+                self.quoting = self.quoting.after(&buf.filled()[added], rules);
             }
+            Passed::End => self
+                .open_at_end
+                .store(self.quoting.is_open(), Ordering::Relaxed),
+            Passed::Nothing => {}
         }
         poll
     }
+}
+
+/// What one read of a text that a watching reader passes through brought.
+enum Passed {
+    /// These bytes of the read buffer.
+    Bytes(std::ops::Range<usize>),
+    /// The end of the text: nothing, though there was room.
+    End,
+    /// Not ready, an error, or no room to read into.
+    Nothing,
+}
+
+/// Reads from `inner` into `buf` for a reader that watches the text go by (the quoting,
+/// the marks), and says what the read brought.
+fn poll_through(
+    inner: Pin<&mut (dyn AsyncRead + Send)>,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut tokio::io::ReadBuf<'_>,
+) -> (std::task::Poll<std::io::Result<()>>, Passed) {
+    let before = buf.filled().len();
+    let poll = inner.poll_read(cx, buf);
+    let passed = match &poll {
+        std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => {
+            Passed::Bytes(before..buf.filled().len())
+        }
+        std::task::Poll::Ready(Ok(())) if buf.remaining() > 0 => Passed::End,
+        _ => Passed::Nothing,
+    };
+    (poll, passed)
 }
 
 /// The most marks kept for text the parser has not finished reading (its buffer, and
@@ -845,17 +871,11 @@ impl AsyncRead for MarkWatch {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = self.inner.as_mut().poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(())) = &poll {
-            let added = &buf.filled()[before..];
-            if added.is_empty() {
-                if buf.remaining() > 0 {
-                    self.finish();
-                }
-            } else {
-                self.scan(added);
-            }
+        let (poll, passed) = poll_through(self.inner.as_mut(), cx, buf);
+        match passed {
+            Passed::Bytes(added) => self.scan(&buf.filled()[added]),
+            Passed::End => self.finish(),
+            Passed::Nothing => {}
         }
         poll
     }
