@@ -129,6 +129,19 @@ impl Fetcher {
                         message: "it is a directory".to_owned(),
                     });
                 }
+                if !metadata.is_file() {
+                    // A pipe, socket or device has no size to report progress against
+                    // and cannot be read again from a checkpoint.
+                    return Err(FetchError::Unreadable {
+                        source_location: self.location.to_string(),
+                        message: format!(
+                            "it is {}, not a regular file; an import reads a file it can \
+                             measure and read again from a checkpoint, so write the data to \
+                             a file (or upload it) and import that",
+                            special_file_kind(&metadata)
+                        ),
+                    });
+                }
                 // A local file has no ETag; its size and modification time stand in for
                 // one, so a resume notices a file that was replaced meanwhile.
                 let modified = metadata
@@ -401,6 +414,29 @@ impl Fetcher {
 }
 
 /// Splits `offset..size` into consecutive `[start, end)` ranges of `chunk` bytes.
+/// What a local path that is neither a file nor a directory is, in words.
+fn special_file_kind(metadata: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = metadata.file_type();
+        if kind.is_fifo() {
+            return "a named pipe (FIFO)";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_char_device() {
+            return "a character device";
+        }
+        if kind.is_block_device() {
+            return "a block device";
+        }
+    }
+    let _ = metadata;
+    "a special file"
+}
+
 fn chunk_ranges(offset: u64, size: u64, chunk: u64) -> Vec<(u64, u64)> {
     let chunk = chunk.max(1);
     (offset..size)

@@ -476,3 +476,33 @@ async fn a_local_source_that_cannot_be_read_fails_the_run_without_retrying() {
         .unwrap();
     assert_eq!(status, "failed");
 }
+
+#[tokio::test]
+async fn a_named_pipe_as_source_fails_the_run_at_once_and_says_what_it_is() {
+    let app = spawn_app().await;
+    let directory = tempfile::tempdir().unwrap();
+    let fifo = directory.path().join("events.csv");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Nobody writes to the pipe: an import that opened it would wait for ever.
+    let output = app
+        .cli()
+        .args(["import", "--dataset", "piped", fifo.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("it is a named pipe (FIFO), not a regular file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    let status: String = sqlx::query_scalar("SELECT status::text FROM dsa_jobs.analysis_runs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "failed");
+}
