@@ -957,37 +957,54 @@ async fn an_ods_whose_repeats_expand_to_a_billion_cells_is_refused() {
 }
 
 #[tokio::test]
-async fn an_error_value_the_reader_does_not_know_fails_the_run_naming_the_sheet() {
+async fn error_values_of_newer_excel_are_read_as_their_text_in_their_cells() {
     let app = spawn_app().await;
     let mut workbook = Workbook::new();
     let sheet = workbook.add_worksheet().set_name("Dynamic").unwrap();
     sheet.write_string(0, 0, "value").unwrap();
+    sheet.write_string(0, 1, "after").unwrap();
+    sheet.write_string(0, 2, "known").unwrap();
     sheet.write_string(1, 0, "SPILL-HERE").unwrap();
+    sheet.write_string(1, 1, "b2").unwrap();
+    sheet.write_string(1, 2, "DIV-HERE").unwrap();
+    sheet.write_string(3, 1, "CALC-HERE").unwrap();
+    sheet.write_string(3, 2, "c4").unwrap();
     let original = workbook.save_to_buffer().unwrap();
-    // Excel writes a spilled array's blocked anchor as an error cell `#SPILL!`.
+    // Excel 365 writes a spilled array's blocked anchor as `#SPILL!` and a failed
+    // array calculation as `#CALC!`; calamine knows neither, but knows `#DIV/0!`.
     let body = rewrite_zip(&original, |name, content| {
         (name == "xl/worksheets/sheet1.xml").then(|| {
-            let text = String::from_utf8_lossy(content);
-            let start = text.find("<c r=\"A2\"").unwrap();
-            let end = start + text[start..].find("</c>").unwrap() + 4;
-            format!(
-                "{}<c r=\"A2\" t=\"e\"><f>SEQUENCE(3)</f><v>#SPILL!</v></c>{}",
-                &text[..start],
-                &text[end..]
-            )
-            .into_bytes()
+            let mut text = String::from_utf8_lossy(content).into_owned();
+            for (cell, error) in [("A2", "#SPILL!"), ("C2", "#DIV/0!"), ("B4", "#CALC!")] {
+                let start = text.find(&format!("<c r=\"{cell}\"")).unwrap();
+                let end = start + text[start..].find("</c>").unwrap() + 4;
+                text.replace_range(
+                    start..end,
+                    &format!("<c r=\"{cell}\" t=\"e\"><f>F()</f><v>{error}</v></c>"),
+                );
+            }
+            text.into_bytes()
         })
     });
     app.put("spill.xlsx", body).await;
-    let (run_id, result) = app
-        .import_with(test_settings(), "spill", "spill.xlsx", false)
-        .await;
-    let message = result.unwrap_err().to_string();
+    let summary = app.import("spill", "spill.xlsx").await;
     assert_eq!(
-        message,
-        "spill.xlsx: sheet \"Dynamic\": a cell holds the error value \"#SPILL!\", which this reader does not know (at or after row 1)"
+        app.commit_rows(&summary.commit_id).await,
+        vec![
+            (
+                "Dynamic:1".to_owned(),
+                json!({"value": "#SPILL!", "after": "b2", "known": "#DIV/0!"})
+            ),
+            (
+                "Dynamic:2".to_owned(),
+                json!({"value": null, "after": null, "known": null})
+            ),
+            (
+                "Dynamic:3".to_owned(),
+                json!({"value": null, "after": "#CALC!", "known": "c4"})
+            ),
+        ]
     );
-    assert_eq!(app.run_state(run_id).await.0, "failed");
 }
 
 #[tokio::test]

@@ -266,6 +266,7 @@ pub struct PlannedSheet {
 }
 
 pub mod cells;
+mod errors;
 pub mod inspect;
 pub mod rows;
 pub mod spool;

@@ -8,12 +8,14 @@ use calamine::{Data, Dimensions, Ods, Range, Reader, SheetType, SheetVisible, Xl
 use crate::config::ImportSettings;
 
 use super::cells::{column_letters, CellValue};
+use super::errors::{unknown_error_cells, ErrorPlaces};
 use super::rows::{assemble_rows, Flow, SheetEvent};
 use super::{PlannedSheet, SheetError, SheetFormat, DENSE_CELL_BYTES};
 
 /// An open workbook of any supported format.
 pub enum Workbook {
-    Xlsx(Xlsx<File>),
+    /// With a second handle on the same file, for [`unknown_error_cells`].
+    Xlsx(Xlsx<File>, File),
     Xlsb(Xlsb<File>),
     Xls(Xls<File>),
     Ods(Ods<File>),
@@ -28,7 +30,13 @@ impl Workbook {
         };
         Ok(match format {
             SheetFormat::Xlsx | SheetFormat::Xlsm => {
-                Workbook::Xlsx(Xlsx::new(handle).map_err(|error| corrupt(error.to_string()))?)
+                let second = handle
+                    .try_clone()
+                    .map_err(|error| corrupt(error.to_string()))?;
+                Workbook::Xlsx(
+                    Xlsx::new(handle).map_err(|error| corrupt(error.to_string()))?,
+                    second,
+                )
             }
             SheetFormat::Xlsb => {
                 Workbook::Xlsb(Xlsb::new(handle).map_err(|error| corrupt(error.to_string()))?)
@@ -44,7 +52,7 @@ impl Workbook {
 
     fn metadata(&self) -> &[calamine::Sheet] {
         match self {
-            Workbook::Xlsx(book) => book.sheets_metadata(),
+            Workbook::Xlsx(book, _) => book.sheets_metadata(),
             Workbook::Xlsb(book) => book.sheets_metadata(),
             Workbook::Xls(book) => book.sheets_metadata(),
             Workbook::Ods(book) => book.sheets_metadata(),
@@ -127,21 +135,44 @@ impl Workbook {
             message,
         };
         match self {
-            Workbook::Xlsx(book) => {
+            Workbook::Xlsx(book, handle) => {
                 let mut cells = book
                     .worksheet_cells_reader(sheet)
                     .map_err(|error| read_error(error.to_string()))?;
                 check_dimensions(cells.dimensions(), file, sheet, settings, None)?;
                 let height = declared_height(cells.dimensions());
+                // Found on the first such cell of the sheet, then taken one by one.
+                let mut unknown_errors: Option<ErrorPlaces> = None;
                 let mut next = || match cells.next_cell() {
                     Ok(Some(cell)) => {
                         let (row, column) = cell.get_position();
                         Ok(Some((row, column, CellValue::from_ref(cell.get_value()))))
                     }
                     Ok(None) => Ok(None),
-                    Err(calamine::XlsxError::CellError(value)) => Err(read_error(format!(
-                        "a cell holds the error value {value:?}, which this reader does not know"
-                    ))),
+                    // calamine stopped on the cell without placing it; the cell after it
+                    // is read by the next call.
+                    Err(calamine::XlsxError::CellError(value)) => {
+                        let not_placed = |why: String| {
+                            read_error(format!(
+                                "a cell holds the error value {value:?}, which this reader \
+                                 does not know, and it could not be placed: {why}"
+                            ))
+                        };
+                        let places = match &mut unknown_errors {
+                            Some(places) => places,
+                            None => unknown_errors
+                                .insert(unknown_error_cells(handle, sheet).map_err(not_placed)?),
+                        };
+                        match places.pop_front() {
+                            Some((row, column, text)) if text == value => {
+                                Ok(Some((row, column, CellValue::Text(text))))
+                            }
+                            _ => Err(not_placed(
+                                "the sheet's XML does not hold it where the reader met it"
+                                    .to_owned(),
+                            )),
+                        }
+                    }
                     Err(error) => Err(read_error(error.to_string())),
                 };
                 assemble_rows(&mut next, height, file, sheet, settings, visit)
