@@ -29,6 +29,15 @@ pub enum CellValue {
     Text(String),
 }
 
+/// An error cell's value as Excel shows it. calamine writes the one it calls
+/// `GettingData` as `#DATA!`, which Excel never shows.
+fn error_text(error: &calamine::CellErrorType) -> String {
+    match error {
+        calamine::CellErrorType::GettingData => "#GETTING_DATA".to_owned(),
+        other => other.to_string(),
+    }
+}
+
 impl CellValue {
     pub(super) fn from_ref(value: &DataRef<'_>) -> Self {
         match value {
@@ -41,7 +50,7 @@ impl CellValue {
             DataRef::DateTime(datetime) => CellValue::Text(excel_datetime_iso(datetime)),
             DataRef::DateTimeIso(text) => CellValue::Text(text.clone()),
             DataRef::DurationIso(text) => CellValue::Text(ods_duration(text)),
-            DataRef::Error(error) => CellValue::Text(error.to_string()),
+            DataRef::Error(error) => CellValue::Text(error_text(error)),
         }
     }
 
@@ -55,7 +64,7 @@ impl CellValue {
             Data::DateTime(datetime) => CellValue::Text(excel_datetime_iso(datetime)),
             Data::DateTimeIso(text) => CellValue::Text(text.clone()),
             Data::DurationIso(text) => CellValue::Text(ods_duration(text)),
-            Data::Error(error) => CellValue::Text(error.to_string()),
+            Data::Error(error) => CellValue::Text(error_text(error)),
         }
     }
 

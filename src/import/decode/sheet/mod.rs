@@ -281,6 +281,18 @@ mod tests {
     use crate::import::decode::Header;
 
     #[test]
+    fn error_cells_read_as_excel_shows_them() {
+        use calamine::{CellErrorType, Data};
+        let text = |error| match CellValue::from_data(&Data::Error(error)) {
+            CellValue::Text(text) => text,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text(CellErrorType::NA), "#N/A");
+        assert_eq!(text(CellErrorType::Div0), "#DIV/0!");
+        assert_eq!(text(CellErrorType::GettingData), "#GETTING_DATA");
+    }
+
+    #[test]
     fn prologs_with_declarations_are_refused() {
         assert_eq!(
             scan_prolog(b"<?xml version=\"1.0\"?>\n<worksheet>"),
